@@ -1,0 +1,624 @@
+//! `palisade.toml`: raw serde types that reject unknown keys, validated into one resolved
+//! [`Config`] before any port is bound.
+//!
+//! Stages: TOML text → [`raw`] structs (`deny_unknown_fields`, errors carry the key path) →
+//! [`Config::validate`] → the resolved form every other crate reads. This crate does no I/O beyond
+//! reading the file it is given.
+
+use http::{Method, Uri};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Path prefixes the server itself serves; routes may not shadow them.
+pub const RESERVED_PREFIXES: &[&str] = &["/api", "/oauth2", "/.well-known", "/healthz", "/access"];
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    source_name: String,
+    message: String,
+}
+
+impl ConfigError {
+    fn new(source_name: &str, message: impl Into<String>) -> Self {
+        Self {
+            source_name: source_name.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The raw shapes of the TOML file.
+pub mod raw {
+    use serde::Deserialize;
+
+    /// The whole file.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct File {
+        #[serde(default)]
+        pub server: Server,
+        #[serde(default)]
+        pub oauth: OAuth,
+        #[serde(default)]
+        pub policy: Policy,
+        #[serde(default)]
+        pub gateway: Gateway,
+        #[serde(default)]
+        pub routes: Vec<Route>,
+    }
+
+    /// `[server]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Server {
+        pub listen: Option<String>,
+        pub data_dir: Option<String>,
+        pub issuer: Option<String>,
+    }
+
+    /// `[oauth]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct OAuth {
+        pub access_token_ttl_minutes: Option<i64>,
+        pub default_audience: Option<String>,
+        pub leeway_seconds: Option<i64>,
+    }
+
+    /// `[policy]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Policy {
+        pub dir: Option<String>,
+    }
+
+    /// `[gateway]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Gateway {
+        pub max_body_bytes: Option<u64>,
+        pub upstream_timeout_seconds: Option<u64>,
+        pub connect_timeout_seconds: Option<u64>,
+    }
+
+    /// `[[routes]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Route {
+        pub name: String,
+        pub path_prefix: String,
+        pub upstream: String,
+        pub audience: Option<String>,
+        #[serde(default)]
+        pub strip_prefix: bool,
+        pub timeout_seconds: Option<u64>,
+        #[serde(default)]
+        pub rules: Vec<Rule>,
+    }
+
+    /// `[[routes.rules]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Rule {
+        #[serde(default)]
+        pub methods: Vec<String>,
+        pub path: String,
+        pub action: String,
+        pub resource: Option<String>,
+    }
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[oauth]`.
+    pub oauth: OAuthConfig,
+    /// `[policy]`.
+    pub policy: PolicyConfig,
+    /// `[gateway]`.
+    pub gateway: GatewayConfig,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Where the server listens and keeps its state.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Listen address (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// Data directory (default `./palisade-data`).
+    pub data_dir: PathBuf,
+    /// Token issuer URL (default `http://<listen>`).
+    pub issuer: String,
+    /// Whether `issuer` was derived from `listen` (and follows the bound port).
+    pub issuer_derived: bool,
+}
+
+/// Token service settings.
+#[derive(Clone, Debug)]
+pub struct OAuthConfig {
+    /// Access token lifetime, seconds (15 min default, 30 min at most).
+    pub access_token_ttl_secs: i64,
+    /// Audience when a token request names no `resource`.
+    pub default_audience: String,
+    /// Whether `default_audience` was derived from the issuer.
+    pub default_audience_derived: bool,
+    /// Clock skew tolerance, seconds (at most 60).
+    pub leeway_secs: i64,
+}
+
+/// Policy settings.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    /// Directory of `.cedar` files, if any beyond the built-in baseline.
+    pub dir: Option<PathBuf>,
+}
+
+/// Gateway limits.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Largest request body forwarded.
+    pub max_body_bytes: u64,
+    /// Time allowed for the upstream's response head.
+    pub upstream_timeout_secs: u64,
+    /// Time allowed to connect to an upstream.
+    pub connect_timeout_secs: u64,
+}
+
+/// One upstream behind the gateway.
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    /// Route name; the Cedar resource is `Route::"<name>"`.
+    pub name: String,
+    /// Request paths equal to this or under it (`<prefix>/...`) use this route.
+    pub path_prefix: String,
+    /// Upstream base URI (`http://host:port[/base]`).
+    pub upstream: Uri,
+    /// The `aud` a token must carry here.
+    pub audience: String,
+    /// Whether `audience` is the default audience.
+    pub audience_derived: bool,
+    /// Whether the prefix is removed before forwarding.
+    pub strip_prefix: bool,
+    /// Upstream timeout, seconds.
+    pub timeout_secs: u64,
+    /// Method+path rules, first match wins; unmatched requests use the method's action class.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// The action class of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionClass {
+    /// Reads (GET, HEAD, OPTIONS).
+    Read,
+    /// Changes (POST, PUT, PATCH).
+    Write,
+    /// Destruction (DELETE).
+    Destructive,
+}
+
+impl ActionClass {
+    /// Lowercase name, the Cedar action id.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Destructive => "destructive",
+        }
+    }
+
+    /// The default class of an HTTP method; unknown methods count as writes.
+    pub fn of_method(method: &Method) -> Self {
+        match *method {
+            Method::GET | Method::HEAD | Method::OPTIONS => Self::Read,
+            Method::DELETE => Self::Destructive,
+            _ => Self::Write,
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            "destructive" => Some(Self::Destructive),
+            _ => None,
+        }
+    }
+}
+
+/// A method+path override of the action class and resource.
+#[derive(Clone, Debug)]
+pub struct RuleConfig {
+    /// Methods it applies to; empty means all.
+    pub methods: Vec<Method>,
+    /// Path pattern: `*` matches one segment, a trailing `**` any rest.
+    pub path: String,
+    /// The action class to use.
+    pub action: ActionClass,
+    /// A resource name for Cedar (`Resource::"<route>/<name>"`), instead of the route.
+    pub resource: Option<String>,
+}
+
+impl RuleConfig {
+    /// Whether the rule applies to this request.
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method)) && path_matches(&self.path, path)
+    }
+}
+
+/// Glob match of `/`-separated segments: `*` one segment, final `**` the rest (zero or more).
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut pat = pattern
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty());
+    let mut segs = path.trim_matches('/').split('/').filter(|s| !s.is_empty());
+    loop {
+        match (pat.next(), segs.next()) {
+            (Some("**"), _) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(p), Some(s)) if p == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl RouteConfig {
+    /// Whether `path` falls under this route's prefix.
+    pub fn covers(&self, path: &str) -> bool {
+        self.path_prefix == "/"
+            || path == self.path_prefix
+            || (path.starts_with(&self.path_prefix)
+                && path.as_bytes().get(self.path_prefix.len()) == Some(&b'/'))
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&name, format!("cannot read the config file: {e}")))?;
+        Self::from_toml(&text, &name)
+    }
+
+    /// Parses and validates TOML text; `source_name` prefixes every error.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new(source_name, e.to_string()))?;
+        let raw: raw::File = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim_end();
+            if path == "." {
+                ConfigError::new(source_name, inner.to_string())
+            } else {
+                ConfigError::new(source_name, format!("key `{path}`: {inner}"))
+            }
+        })?;
+        Self::validate(raw).map_err(|m| ConfigError::new(source_name, m))
+    }
+
+    /// Validates raw values into the resolved form.
+    pub fn validate(raw: raw::File) -> Result<Self, String> {
+        let listen_text = raw.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| format!("key `server.listen`: `{listen_text}` is not an address; write e.g. \"127.0.0.1:8080\""))?;
+        let issuer_derived = raw.server.issuer.is_none();
+        let issuer = raw
+            .server
+            .issuer
+            .unwrap_or_else(|| format!("http://{listen}"));
+        check_http_url("server.issuer", &issuer)?;
+        let issuer = issuer.trim_end_matches('/').to_string();
+        let data_dir = PathBuf::from(raw.server.data_dir.as_deref().unwrap_or("./palisade-data"));
+
+        let ttl_min = raw.oauth.access_token_ttl_minutes.unwrap_or(15);
+        if !(1..=30).contains(&ttl_min) {
+            return Err(format!(
+                "key `oauth.access_token_ttl_minutes`: must be 1 to 30 minutes, got {ttl_min}"
+            ));
+        }
+        let leeway = raw.oauth.leeway_seconds.unwrap_or(60);
+        if !(0..=60).contains(&leeway) {
+            return Err(format!(
+                "key `oauth.leeway_seconds`: must be 0 to 60, got {leeway}"
+            ));
+        }
+        let default_audience_derived = raw.oauth.default_audience.is_none();
+        let default_audience = raw.oauth.default_audience.unwrap_or_else(|| issuer.clone());
+        check_http_url("oauth.default_audience", &default_audience)?;
+
+        let gateway = GatewayConfig {
+            max_body_bytes: raw.gateway.max_body_bytes.unwrap_or(10 * 1024 * 1024),
+            upstream_timeout_secs: raw.gateway.upstream_timeout_seconds.unwrap_or(30),
+            connect_timeout_secs: raw.gateway.connect_timeout_seconds.unwrap_or(5),
+        };
+        if gateway.upstream_timeout_secs == 0 || gateway.connect_timeout_secs == 0 {
+            return Err("key `gateway`: timeouts must be at least 1 second".into());
+        }
+
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let route = validate_route(&at, r, &default_audience, &gateway)?;
+            if let Some(other) = routes.iter().find(|o| o.name == route.name) {
+                return Err(format!(
+                    "key `{at}.name`: `{}` is used twice; route names are unique",
+                    other.name
+                ));
+            }
+            if let Some(other) = routes.iter().find(|o| o.path_prefix == route.path_prefix) {
+                return Err(format!(
+                    "key `{at}.path_prefix`: `{}` is already the prefix of route `{}`",
+                    route.path_prefix, other.name
+                ));
+            }
+            routes.push(route);
+        }
+        // Longest prefix first, so `/a/b` wins over `/a`.
+        routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+
+        Ok(Self {
+            server: ServerConfig {
+                listen,
+                data_dir,
+                issuer,
+                issuer_derived,
+            },
+            oauth: OAuthConfig {
+                access_token_ttl_secs: ttl_min * 60,
+                default_audience,
+                default_audience_derived,
+                leeway_secs: leeway,
+            },
+            policy: PolicyConfig {
+                dir: raw.policy.dir.map(PathBuf::from),
+            },
+            gateway,
+            routes,
+        })
+    }
+
+    /// Points derived URLs at the address actually bound (listening on port 0 picks a port).
+    pub fn bind_to(&mut self, addr: SocketAddr) {
+        self.server.listen = addr;
+        if self.server.issuer_derived {
+            self.server.issuer = format!("http://{addr}");
+            if self.oauth.default_audience_derived {
+                self.oauth.default_audience = self.server.issuer.clone();
+            }
+        }
+        for route in &mut self.routes {
+            if route.audience_derived {
+                route.audience = self.oauth.default_audience.clone();
+            }
+        }
+    }
+
+    /// The route serving `path`, longest prefix first.
+    pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.covers(path))
+    }
+}
+
+fn check_http_url(key: &str, text: &str) -> Result<(), String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("key `{key}`: `{text}` is not a URL"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => Err(format!(
+            "key `{key}`: `{text}` must be an absolute http:// or https:// URL"
+        )),
+    }
+}
+
+fn validate_route(
+    at: &str,
+    r: raw::Route,
+    default_audience: &str,
+    gateway: &GatewayConfig,
+) -> Result<RouteConfig, String> {
+    let slug_ok = !r.name.is_empty()
+        && r.name.len() <= 63
+        && r.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !slug_ok {
+        return Err(format!(
+            "key `{at}.name`: `{}` must be 1 to 63 lowercase letters, digits, `-` or `_`",
+            r.name
+        ));
+    }
+    let prefix = r.path_prefix.trim_end_matches('/');
+    let prefix = if prefix.is_empty() { "/" } else { prefix };
+    if !prefix.starts_with('/') || prefix.contains("//") || prefix.contains(['?', '#', '*']) {
+        return Err(format!(
+            "key `{at}.path_prefix`: `{}` must be a plain path starting with `/`",
+            r.path_prefix
+        ));
+    }
+    if let Some(reserved) = RESERVED_PREFIXES
+        .iter()
+        .find(|p| prefix == "/" || prefix == **p || prefix.starts_with(&format!("{p}/")))
+    {
+        return Err(format!(
+            "key `{at}.path_prefix`: `{prefix}` would shadow `{reserved}`, which Palisade serves itself"
+        ));
+    }
+    let upstream: Uri = r
+        .upstream
+        .parse()
+        .map_err(|_| format!("key `{at}.upstream`: `{}` is not a URL", r.upstream))?;
+    match (upstream.scheme_str(), upstream.authority()) {
+        (Some("http"), Some(_)) => {}
+        (Some("https"), Some(_)) => {
+            return Err(format!(
+                "key `{at}.upstream`: https upstreams are not supported yet; use http:// on a trusted network"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "key `{at}.upstream`: `{}` must look like http://host:port",
+                r.upstream
+            ));
+        }
+    }
+    if upstream.query().is_some() {
+        return Err(format!(
+            "key `{at}.upstream`: a query string is not allowed in an upstream"
+        ));
+    }
+    let audience_derived = r.audience.is_none();
+    let audience = r.audience.unwrap_or_else(|| default_audience.to_string());
+    check_http_url(&format!("{at}.audience"), &audience)?;
+    let mut rules = Vec::new();
+    for (j, rule) in r.rules.into_iter().enumerate() {
+        let rat = format!("{at}.rules[{j}]");
+        let action = ActionClass::parse(&rule.action).ok_or_else(|| {
+            format!(
+                "key `{rat}.action`: `{}` is not one of read, write, destructive",
+                rule.action
+            )
+        })?;
+        let mut methods = Vec::new();
+        for m in &rule.methods {
+            let upper = m.to_ascii_uppercase();
+            methods.push(
+                Method::from_bytes(upper.as_bytes())
+                    .map_err(|_| format!("key `{rat}.methods`: `{m}` is not an HTTP method"))?,
+            );
+        }
+        if !rule.path.starts_with('/') {
+            return Err(format!(
+                "key `{rat}.path`: `{}` must start with `/`",
+                rule.path
+            ));
+        }
+        if let Some(res) = &rule.resource
+            && (res.is_empty() || res.contains('"'))
+        {
+            return Err(format!(
+                "key `{rat}.resource`: `{res}` must be a non-empty name without quotes"
+            ));
+        }
+        rules.push(RuleConfig {
+            methods,
+            path: rule.path,
+            action,
+            resource: rule.resource,
+        });
+    }
+    Ok(RouteConfig {
+        name: r.name,
+        path_prefix: prefix.to_string(),
+        upstream,
+        audience,
+        audience_derived,
+        strip_prefix: r.strip_prefix,
+        timeout_secs: r.timeout_seconds.unwrap_or(gateway.upstream_timeout_secs),
+        rules,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "test.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let cases = [
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n",
+                "unknown field `bogus`",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://127.0.0.1:1\"\ncolour = 1\n",
+                "routes[0]",
+            ),
+            (
+                "[oauth]\naccess_token_ttl_minutes = 45\n",
+                "1 to 30 minutes",
+            ),
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/api/x\"\nupstream = \"http://127.0.0.1:1\"\n",
+                "shadow `/api`",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"ftp://x\"\n",
+                "routes[0].upstream",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://h:1\"\n[[routes.rules]]\npath = \"/t/*\"\naction = \"nuke\"\n",
+                "routes[0].rules[0].action",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://h:1\"\n[[routes]]\nname = \"t\"\npath_prefix = \"/u\"\nupstream = \"http://h:1\"\n",
+                "used twice",
+            ),
+            ("this is not toml", "test.toml"),
+        ];
+        for (text, expected) in cases {
+            let e = err(text);
+            assert!(
+                e.contains(expected),
+                "for {text:?} expected {expected:?} in {e:?}"
+            );
+            assert!(e.starts_with("test.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_nested_key_reports_its_path() {
+        let e = err("[gateway]\nmax_body_bytes = 10\nmax_bdy = 1\n");
+        assert!(e.contains("gateway"), "{e}");
+        assert!(e.contains("max_bdy"), "{e}");
+    }
+
+    #[test]
+    fn defaults_bind_loopback() {
+        let c = Config::from_toml("", "defaults").unwrap();
+        assert!(c.server.listen.ip().is_loopback());
+        assert_eq!(c.oauth.access_token_ttl_secs, 900);
+        assert_eq!(c.server.issuer, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn routes_match_by_longest_prefix_and_rules_by_glob() {
+        let c = Config::from_toml(
+            "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://h:1\"\n[[routes]]\nname = \"ab\"\npath_prefix = \"/a/b/\"\nupstream = \"http://h:1\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.route_for("/a/b/c").map(|r| r.name.as_str()), Some("ab"));
+        assert_eq!(c.route_for("/a/bc").map(|r| r.name.as_str()), Some("a"));
+        assert_eq!(c.route_for("/a").map(|r| r.name.as_str()), Some("a"));
+        assert!(c.route_for("/ab").is_none());
+        assert!(path_matches("/t/*/close", "/t/42/close"));
+        assert!(!path_matches("/t/*/close", "/t/42/open"));
+        assert!(path_matches("/t/**", "/t/1/2/3"));
+        assert!(path_matches("/t/**", "/t"));
+        assert!(!path_matches("/t/*", "/t"));
+    }
+}

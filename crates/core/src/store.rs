@@ -1,0 +1,133 @@
+//! The storage port. Domain services call these methods and never see SQL; `palisade-store`
+//! implements it for SQLite, and a PostgreSQL backend implements the same trait later.
+//!
+//! The trait is synchronous on purpose: the SQLite backend is blocking, the audit writer runs on
+//! its own thread, and async callers hop onto the blocking pool. A networked backend can wrap a
+//! blocking client the same way.
+
+use crate::{Principal, PrincipalId, PrincipalKind, Timestamp};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A row with the same key exists.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// The row to change does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// The backend failed (I/O, corruption, lock).
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// A stored hash of a client secret (the secret itself is never stored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSecretRecord {
+    /// Short public id of this secret, shown in listings.
+    pub secret_id: String,
+    /// SHA-256 of the secret.
+    pub hash: [u8; 32],
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it stops working (set when a rotation starts its overlap window).
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A token signing key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SigningKeyRecord {
+    /// Key id, the JWT `kid`.
+    pub kid: String,
+    /// JOSE algorithm name, e.g. `EdDSA`.
+    pub alg: String,
+    /// Private key bytes.
+    pub private_key: Vec<u8>,
+    /// Public key bytes.
+    pub public_key: Vec<u8>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it stopped signing (rotated out); it verifies until every token it signed expired.
+    pub retired_at: Option<Timestamp>,
+}
+
+/// A revoked token, kept until the token would have expired anyway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The token's `jti`.
+    pub jti: String,
+    /// The token's `exp`.
+    pub expires_at: Timestamp,
+}
+
+/// An audit event as stored, with its place in the hash chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAuditEvent {
+    /// Position in the chain, from 1, without gaps.
+    pub seq: u64,
+    /// Unique event id.
+    pub event_id: String,
+    /// Event time, nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    /// Event kind, e.g. `gateway.decision`.
+    pub kind: String,
+    /// The acting principal, if any.
+    pub principal: Option<String>,
+    /// The canonical JSON body that the hash covers.
+    pub body: String,
+    /// Hex SHA-256 of the previous event (64 zeros for the first).
+    pub prev_hash: String,
+    /// Hex SHA-256 of this event.
+    pub hash: String,
+}
+
+/// Persistent state of one Palisade deployment.
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new principal; `Conflict` if the id exists.
+    fn insert_principal(&self, principal: &Principal) -> Result<(), StoreError>;
+    /// Replaces an existing principal; `NotFound` if it does not exist.
+    fn update_principal(&self, principal: &Principal) -> Result<(), StoreError>;
+    /// One principal.
+    fn get_principal(&self, id: &PrincipalId) -> Result<Option<Principal>, StoreError>;
+    /// All principals, optionally of one kind, ordered by id.
+    fn list_principals(&self, kind: Option<PrincipalKind>) -> Result<Vec<Principal>, StoreError>;
+
+    /// Adds a client secret hash for a principal.
+    fn add_client_secret(
+        &self,
+        principal: &PrincipalId,
+        secret: &ClientSecretRecord,
+    ) -> Result<(), StoreError>;
+    /// The principal's client secrets, newest first, expired ones included.
+    fn client_secrets(
+        &self,
+        principal: &PrincipalId,
+    ) -> Result<Vec<ClientSecretRecord>, StoreError>;
+    /// Sets an expiry on every current secret that has none or a later one (rotation overlap).
+    fn expire_client_secrets(
+        &self,
+        principal: &PrincipalId,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// Deletes every client secret of a principal (deprovisioning).
+    fn delete_client_secrets(&self, principal: &PrincipalId) -> Result<(), StoreError>;
+
+    /// Adds a signing key.
+    fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<(), StoreError>;
+    /// Marks a key as no longer signing.
+    fn retire_signing_key(&self, kid: &str, at: Timestamp) -> Result<(), StoreError>;
+    /// Every signing key, oldest first.
+    fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError>;
+
+    /// Records a revoked token.
+    fn insert_revocation(&self, revocation: &RevocationRecord) -> Result<(), StoreError>;
+    /// Revocations whose tokens have not expired by `now`.
+    fn live_revocations(&self, now: Timestamp) -> Result<Vec<RevocationRecord>, StoreError>;
+
+    /// The last event of the audit chain.
+    fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
+    /// Appends events durably in one transaction (group commit); all or none.
+    fn append_audit(&self, events: &[StoredAuditEvent]) -> Result<(), StoreError>;
+    /// Events with `seq > after`, ascending, at most `limit`.
+    fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<StoredAuditEvent>, StoreError>;
+}

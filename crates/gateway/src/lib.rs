@@ -1,0 +1,594 @@
+//! The enforcement point for HTTP APIs: every request through a route passes these phases, in
+//! this order, and each later feature (sessions and limits, inspection, credential injection,
+//! approvals) becomes one more phase in the list:
+//!
+//! 1. **route**: longest path prefix; no route → 404 (not audited: nothing was decided).
+//! 2. **authenticate**: bearer access token for the route's audience, principal still active,
+//!    token not revoked → else 401 with `WWW-Authenticate`.
+//! 3. **classify**: method + route rules → action class and resource.
+//! 4. **limit**: declared body size over the limit → 413.
+//! 5. **decide**: the policy decision point → else 403 naming the deciding policies.
+//! 6. **forward**: hop-by-hop headers and the bearer token removed, pooled upstream connection,
+//!    timeouts → 502/504 on failure; bodies stream both ways.
+//! 7. **audit**: one event per decision, durable before the response is released; if the audit
+//!    write fails the client gets 503 instead.
+//!
+//! This crate never sees a token's signature or the store: authentication and decisions come in
+//! through the [`Authenticator`] and [`DecisionPoint`] traits, which the server implements.
+
+use axum::body::Body;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::Limited;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade_audit::{AuditEvent, AuditLog, DecisionRecord, Outcome, PrincipalRef};
+use palisade_config::{ActionClass, Config, RouteConfig};
+use palisade_core::Principal;
+use palisade_policy::{Action, Decision, RequestContext, Target};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// An authenticated caller of the gateway.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The principal, as the registry holds it now.
+    pub principal: Arc<Principal>,
+    /// The token's `jti`.
+    pub token_id: String,
+}
+
+/// Why authentication failed; the text is safe to return and to log.
+#[derive(Clone, Debug)]
+pub struct AuthFailure {
+    /// The principal the token named, if the signature was good.
+    pub subject: Option<String>,
+    /// Safe reason text.
+    pub reason: String,
+}
+
+/// Checks bearer tokens (the server's token service implements it).
+pub trait Authenticator: Send + Sync + 'static {
+    /// Verifies `token` for `audience` and returns the live principal.
+    fn authenticate(&self, token: &str, audience: &str) -> Result<Caller, AuthFailure>;
+}
+
+/// Answers policy questions (the server's current policy engine implements it).
+pub trait DecisionPoint: Send + Sync + 'static {
+    /// Decides, returning the decision and the policy-set version that made it.
+    fn decide(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> (Decision, String);
+}
+
+/// The HTTP gateway.
+pub struct Gateway {
+    config: Arc<Config>,
+    client: Client<HttpConnector, Body>,
+    auth: Arc<dyn Authenticator>,
+    pdp: Arc<dyn DecisionPoint>,
+    audit: AuditLog,
+}
+
+// RFC 9110 §7.6.1 hop-by-hop fields, plus proxy credentials; never forwarded either way.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+struct Classified {
+    action: ActionClass,
+    resource: Option<String>,
+}
+
+impl Gateway {
+    /// Builds a gateway with a pooled keep-alive upstream client.
+    pub fn new(
+        config: Arc<Config>,
+        auth: Arc<dyn Authenticator>,
+        pdp: Arc<dyn DecisionPoint>,
+        audit: AuditLog,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(
+            config.gateway.connect_timeout_secs,
+        )));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(512)
+            .build(connector);
+        Self {
+            config,
+            client,
+            auth,
+            pdp,
+            audit,
+        }
+    }
+
+    /// Whether a path belongs to some route.
+    pub fn serves(&self, path: &str) -> bool {
+        self.config.route_for(path).is_some()
+    }
+
+    /// Runs the phases for one request.
+    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let started = Instant::now();
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let path = req.uri().path().to_string();
+        let Some(route) = self.config.route_for(&path) else {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &request_id,
+                json!({
+                    "error": "not_found",
+                    "message": format!("no route serves `{path}`; routes are configured in palisade.toml"),
+                }),
+            );
+        };
+        let method = req.method().clone();
+        let bytes_in = content_length(req.headers());
+        let mut event = AuditEvent::new("gateway.decision");
+        event.request_id = Some(request_id.clone());
+        event.detail = json!({ "route": route.name, "method": method.as_str(), "path": path });
+
+        // Phase 2: authenticate.
+        let caller = match bearer(req.headers()) {
+            Err(reason) => {
+                return self
+                    .refuse_401(event, started, &request_id, None, reason, bytes_in)
+                    .await;
+            }
+            Ok(token) => match self.auth.authenticate(token, &route.audience) {
+                Ok(c) => c,
+                Err(f) => {
+                    let reason = f.reason.clone();
+                    return self
+                        .refuse_401(
+                            event,
+                            started,
+                            &request_id,
+                            f.subject,
+                            Some(reason),
+                            bytes_in,
+                        )
+                        .await;
+                }
+            },
+        };
+        event.principal = Some(principal_ref(&caller.principal));
+        if let serde_json::Value::Object(d) = &mut event.detail {
+            d.insert("token_id".into(), json!(caller.token_id));
+        }
+
+        // Phase 3: classify.
+        let class = classify(route, &method, &path);
+        let resource_name = match &class.resource {
+            Some(r) => format!("Palisade::Resource::\"{}/{r}\"", route.name),
+            None => format!("Palisade::Route::\"{}\"", route.name),
+        };
+        event.action = Some(class.action.as_str().to_string());
+        event.resource = Some(resource_name);
+
+        // Phase 4: limit.
+        if bytes_in.is_some_and(|n| n > self.config.gateway.max_body_bytes) {
+            let body = json!({
+                "error": "payload_too_large",
+                "message": format!("the request body is larger than the gateway's limit of {} bytes", self.config.gateway.max_body_bytes),
+            });
+            return self
+                .finish(
+                    event,
+                    started,
+                    &request_id,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    bytes_in,
+                    body,
+                )
+                .await;
+        }
+
+        // Phase 5: decide.
+        let action = match class.action {
+            ActionClass::Read => Action::Read,
+            ActionClass::Write => Action::Write,
+            ActionClass::Destructive => Action::Destructive,
+        };
+        let target = Target {
+            route: &route.name,
+            resource: class.resource.as_deref(),
+        };
+        let ctx = RequestContext {
+            method: method.as_str(),
+            path: &path,
+        };
+        let (decision, version) = self.pdp.decide(&caller.principal, action, &target, &ctx);
+        event.decision = Some(DecisionRecord {
+            allowed: decision.allowed,
+            policies: decision.policies.clone(),
+            policy_version: Some(version.clone()),
+        });
+        if !decision.allowed {
+            let body = json!({
+                "error": "forbidden",
+                "message": format!(
+                    "{} may not perform `{}` on {} (decided by {})",
+                    caller.principal.id, action.as_str(), target_text(&target), decision.policies.join(", ")
+                ),
+                "deciding_policies": decision.policies,
+                "policy_version": version,
+            });
+            return self
+                .finish(
+                    event,
+                    started,
+                    &request_id,
+                    StatusCode::FORBIDDEN,
+                    bytes_in,
+                    body,
+                )
+                .await;
+        }
+
+        // Phase 6: forward.
+        let upstream_req = match self.upstream_request(route, req, &request_id) {
+            Ok(r) => r,
+            Err(message) => {
+                let body = json!({ "error": "bad_request", "message": message });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::BAD_REQUEST,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            }
+        };
+        let timeout = Duration::from_secs(route.timeout_secs);
+        let upstream = tokio::time::timeout(timeout, self.client.request(upstream_req)).await;
+        let response = match upstream {
+            Err(_) => {
+                let body = json!({ "error": "upstream_timeout", "message": format!("route `{}` did not answer within {}s", route.name, route.timeout_secs) });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.name, error = %e, "upstream request failed");
+                let body = json!({ "error": "bad_gateway", "message": format!("route `{}`'s upstream could not be reached", route.name) });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::BAD_GATEWAY,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        // Phase 7: audit, then release the response.
+        let status = response.status();
+        let bytes_out = content_length(response.headers());
+        event.outcome = Some(Outcome {
+            status: status.as_u16(),
+            bytes_in,
+            bytes_out,
+            error: None,
+        });
+        event.latency_us = Some(elapsed_us(started));
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "audit write failed; withholding the upstream response");
+            return audit_unavailable(&request_id);
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-request-id"), v);
+        }
+        Response::from_parts(parts, Body::new(body))
+    }
+
+    async fn refuse_401(
+        &self,
+        mut event: AuditEvent,
+        started: Instant,
+        request_id: &str,
+        subject: Option<String>,
+        reason: Option<String>,
+        bytes_in: Option<u64>,
+    ) -> Response<Body> {
+        event.principal = subject.map(|id| PrincipalRef {
+            id,
+            ..PrincipalRef::default()
+        });
+        let www = match &reason {
+            None => r#"Bearer realm="palisade""#.to_string(),
+            Some(r) => format!(
+                r#"Bearer realm="palisade", error="invalid_token", error_description="{}""#,
+                r.replace('"', "'")
+            ),
+        };
+        let message = reason.clone().unwrap_or_else(|| {
+            "a bearer access token is required: get one at /oauth2/token".into()
+        });
+        event.decision = Some(DecisionRecord {
+            allowed: false,
+            policies: vec![],
+            policy_version: None,
+        });
+        let body = json!({ "error": "unauthorized", "message": message });
+        let mut resp = self
+            .finish(
+                event,
+                started,
+                request_id,
+                StatusCode::UNAUTHORIZED,
+                bytes_in,
+                body,
+            )
+            .await;
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let Ok(v) = HeaderValue::from_str(&www)
+        {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        resp
+    }
+
+    /// Audits a refusal, then answers with `body`.
+    async fn finish(
+        &self,
+        mut event: AuditEvent,
+        started: Instant,
+        request_id: &str,
+        status: StatusCode,
+        bytes_in: Option<u64>,
+        body: serde_json::Value,
+    ) -> Response<Body> {
+        let error = body
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_string);
+        event.outcome = Some(Outcome {
+            status: status.as_u16(),
+            bytes_in,
+            bytes_out: None,
+            error,
+        });
+        event.latency_us = Some(elapsed_us(started));
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "audit write failed");
+            return audit_unavailable(request_id);
+        }
+        json_response(status, request_id, body)
+    }
+
+    fn upstream_request(
+        &self,
+        route: &RouteConfig,
+        req: Request<Body>,
+        request_id: &str,
+    ) -> Result<Request<Body>, String> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path();
+        let rest = if route.strip_prefix && route.path_prefix != "/" {
+            path.get(route.path_prefix.len()..).unwrap_or("")
+        } else {
+            path
+        };
+        let base = route.upstream.path().trim_end_matches('/');
+        let rest = if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        };
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{base}{rest}?{q}"),
+            None => format!("{base}{rest}"),
+        };
+        let mut builder = Uri::builder().path_and_query(path_and_query);
+        if let Some(scheme) = route.upstream.scheme() {
+            builder = builder.scheme(scheme.clone());
+        }
+        if let Some(authority) = route.upstream.authority() {
+            builder = builder.authority(authority.clone());
+        }
+        parts.uri = builder
+            .build()
+            .map_err(|e| format!("cannot build the upstream URL: {e}"))?;
+        strip_hop_by_hop(&mut parts.headers);
+        // INVARIANT (token-stays-here): the agent's bearer token is never forwarded upstream.
+        parts.headers.remove(header::AUTHORIZATION);
+        parts.headers.remove(header::HOST);
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-request-id"), v);
+        }
+        parts.version = http::Version::HTTP_11;
+        let limited = Body::new(Limited::new(
+            body,
+            usize::try_from(self.config.gateway.max_body_bytes).unwrap_or(usize::MAX),
+        ));
+        Ok(Request::from_parts(parts, limited))
+    }
+}
+
+fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
+    match route.rules.iter().find(|r| r.matches(method, path)) {
+        Some(rule) => Classified {
+            action: rule.action,
+            resource: rule.resource.clone(),
+        },
+        None => Classified {
+            action: ActionClass::of_method(method),
+            resource: None,
+        },
+    }
+}
+
+fn target_text(t: &Target<'_>) -> String {
+    match t.resource {
+        Some(r) => format!("resource `{}/{r}`", t.route),
+        None => format!("route `{}`", t.route),
+    }
+}
+
+fn principal_ref(p: &Principal) -> PrincipalRef {
+    PrincipalRef {
+        id: p.id.to_string(),
+        model: p
+            .agent()
+            .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
+        owner: p.owner().map(ToString::to_string),
+    }
+}
+
+/// The bearer token of a request, or why there is none usable (`None`: no credentials at all).
+fn bearer(headers: &HeaderMap) -> Result<&str, Option<String>> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(None);
+    };
+    if values.next().is_some() {
+        return Err(Some("send exactly one Authorization header".into()));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| Some("the Authorization header is not ASCII".to_string()))?;
+    let (scheme, token) = text
+        .split_once(' ')
+        .ok_or_else(|| Some("use `Authorization: Bearer <token>`".to_string()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(Some("use `Authorization: Bearer <token>`".into()));
+    }
+    Ok(token.trim())
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn elapsed_us(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn audit_unavailable(request_id: &str) -> Response<Body> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        request_id,
+        json!({ "error": "audit_unavailable", "message": "the audit log cannot record this request, so it is refused; check the server log and disk" }),
+    )
+}
+
+fn json_response(
+    status: StatusCode,
+    request_id: &str,
+    mut body: serde_json::Value,
+) -> Response<Body> {
+    if let serde_json::Value::Object(map) = &mut body {
+        map.insert("request_id".into(), json!(request_id));
+    }
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing_refuses_everything_but_one_bearer() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), Err(None));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(bearer(&h).is_err());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer tok"),
+        );
+        assert_eq!(bearer(&h), Ok("tok"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer other"),
+        );
+        assert!(bearer(&h).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-keep").is_some());
+    }
+}

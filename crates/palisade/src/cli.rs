@@ -1,0 +1,777 @@
+//! Command-line arguments and their execution.
+
+use crate::client::Client;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use palisade_config::Config;
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Palisade: zero-trust identity, policy and audit for AI agents.
+#[derive(Parser)]
+#[command(name = "palisade", version, about)]
+pub struct Cli {
+    /// Server address for client commands.
+    #[arg(
+        long,
+        env = "PALISADE_ADDR",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    addr: String,
+    /// Admin token for client commands (default: <data-dir>/admin.token).
+    #[arg(long, env = "PALISADE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Data directory (server state; also where client commands look for admin.token).
+    #[arg(long, env = "PALISADE_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Manage humans.
+    #[command(subcommand)]
+    Human(SimpleCmd<HumanFields>),
+    /// Manage teams.
+    #[command(subcommand)]
+    Team(SimpleCmd<TeamFields>),
+    /// Manage service accounts.
+    #[command(subcommand, name = "service-account")]
+    ServiceAccount(SimpleCmd<ServiceAccountFields>),
+    /// Token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file (palisade.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Run with a demo upstream, owner, agent and policy.
+    #[arg(long)]
+    demo: bool,
+    /// Listen address, overriding the config.
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Register an agent; prints its client secret once.
+    Register(AgentRegister),
+    /// List agents.
+    List,
+    /// Show one agent.
+    Show { id: String },
+    /// Change fields of an agent (JSON merge patch of editable fields).
+    Update {
+        id: String,
+        /// Fields as JSON, e.g. '{"model_version":"2026-06-01"}'.
+        #[arg(long)]
+        set: String,
+    },
+    /// Suspend an agent: its tokens stop working at once.
+    Suspend(Lifecycle),
+    /// Reactivate a suspended agent.
+    Resume(Lifecycle),
+    /// Retire an agent for good and destroy its credentials.
+    Deprovision(Lifecycle),
+    /// Issue a new client secret; old ones keep working during the overlap.
+    RotateSecret {
+        id: String,
+        /// Seconds the previous secrets stay valid (default 3600).
+        #[arg(long)]
+        overlap_seconds: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+struct Lifecycle {
+    id: String,
+    /// Why (recorded with the status change and in the audit log).
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Args)]
+struct AgentRegister {
+    /// Agent id, e.g. pr-reviewer or agent:pr-reviewer.
+    id: String,
+    /// Owner: human:NAME or team:NAME.
+    #[arg(long)]
+    owner: String,
+    /// What the agent is designed to do.
+    #[arg(long)]
+    purpose: String,
+    /// Machine-readable purpose, e.g. pull-request-review.
+    #[arg(long)]
+    purpose_tag: String,
+    /// Model provider, e.g. anthropic.
+    #[arg(long)]
+    model_provider: String,
+    /// Model, e.g. claude-opus-4.
+    #[arg(long)]
+    model: String,
+    /// Model version.
+    #[arg(long)]
+    model_version: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Route it may reach (repeatable).
+    #[arg(long = "allow-route")]
+    allowed_resources: Vec<String>,
+    /// OAuth scope it may request (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// Days between access reviews (default 90).
+    #[arg(long)]
+    review_cadence_days: Option<u32>,
+    /// Max session minutes (default 30, at most 240).
+    #[arg(long)]
+    max_session_minutes: Option<u32>,
+    /// Max concurrent sessions (default 5).
+    #[arg(long)]
+    max_concurrent_sessions: Option<u32>,
+    /// Files per session limit.
+    #[arg(long)]
+    max_files_per_session: Option<u32>,
+    /// Allow data to leave the organisation.
+    #[arg(long)]
+    data_egress_allowed: bool,
+}
+
+#[derive(Subcommand)]
+enum SimpleCmd<F: Args> {
+    /// Add one.
+    Add {
+        /// Id, e.g. alice or human:alice.
+        id: String,
+        #[command(flatten)]
+        fields: F,
+    },
+    /// List them.
+    List,
+    /// Show one.
+    Show { id: String },
+    /// Suspend one.
+    Suspend(Lifecycle),
+    /// Reactivate one.
+    Resume(Lifecycle),
+    /// Retire one for good.
+    Deprovision(Lifecycle),
+}
+
+trait Fields {
+    fn to_json(&self) -> Map<String, Value>;
+}
+
+#[derive(Args)]
+struct HumanFields {
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Email address.
+    #[arg(long)]
+    email: Option<String>,
+    /// Team membership (repeatable).
+    #[arg(long = "team")]
+    teams: Vec<String>,
+}
+
+impl Fields for HumanFields {
+    fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        put(&mut m, "display_name", &self.name);
+        put(&mut m, "email", &self.email);
+        m.insert("teams".into(), json!(self.teams));
+        m
+    }
+}
+
+#[derive(Args)]
+struct TeamFields {
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// What the team does.
+    #[arg(long, default_value = "")]
+    description: String,
+}
+
+impl Fields for TeamFields {
+    fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        put(&mut m, "display_name", &self.name);
+        m.insert("description".into(), json!(self.description));
+        m
+    }
+}
+
+#[derive(Args)]
+struct ServiceAccountFields {
+    /// Owner: human:NAME or team:NAME.
+    #[arg(long)]
+    owner: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// What the workload is.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Route it may reach (repeatable).
+    #[arg(long = "allow-route")]
+    allowed_resources: Vec<String>,
+    /// OAuth scope it may request (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+}
+
+impl Fields for ServiceAccountFields {
+    fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        put(&mut m, "display_name", &self.name);
+        m.insert("owner".into(), json!(self.owner));
+        m.insert("description".into(), json!(self.description));
+        m.insert("allowed_resources".into(), json!(self.allowed_resources));
+        m.insert("scopes".into(), json!(self.scopes));
+        m
+    }
+}
+
+fn put(m: &mut Map<String, Value>, key: &str, v: &Option<String>) {
+    if let Some(v) = v {
+        m.insert(key.into(), json!(v));
+    }
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Start signing with a new key; the old key stays in the JWKS until its tokens expired.
+    Rotate,
+    /// Show the key set.
+    List,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Show the newest events (and keep following with --follow).
+    Tail {
+        /// How many events.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Keep printing new events.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Check the hash chain in the database file; names the first bad event.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a config file (and its policy directory) without starting.
+    Check { file: PathBuf },
+}
+
+const EXIT_CONFIG: u8 = 64;
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./palisade-data"));
+    let client = || Client::from_env(&cli.addr, cli.token.clone(), &data_dir);
+    match cli.command {
+        Command::Serve(args) => serve(args, cli.data_dir).await,
+        Command::Agent(cmd) => {
+            let c = client()?;
+            let out = match cmd {
+                AgentCmd::Register(a) => {
+                    let body = json!({
+                        "id": a.id, "owner": a.owner, "purpose": a.purpose, "purpose_tag": a.purpose_tag,
+                        "model_provider": a.model_provider, "model": a.model, "model_version": a.model_version,
+                        "display_name": a.name, "allowed_resources": a.allowed_resources, "scopes": a.scopes,
+                        "review_cadence_days": a.review_cadence_days, "max_session_minutes": a.max_session_minutes,
+                        "max_concurrent_sessions": a.max_concurrent_sessions, "max_files_per_session": a.max_files_per_session,
+                        "data_egress_allowed": a.data_egress_allowed,
+                    });
+                    let body = strip_nulls(body);
+                    let v = c.call(Method::POST, "/agents", Some(body)).await?;
+                    print_created(&v, cli.json);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                AgentCmd::List => c.call(Method::GET, "/agents", None).await?,
+                AgentCmd::Show { id } => {
+                    c.call(Method::GET, &format!("/agents/{id}"), None).await?
+                }
+                AgentCmd::Update { id, set } => {
+                    let patch: Value = serde_json::from_str(&set)
+                        .context("--set must be a JSON object, e.g. '{\"model_version\":\"2\"}'")?;
+                    c.call(Method::PATCH, &format!("/agents/{id}"), Some(patch))
+                        .await?
+                }
+                AgentCmd::Suspend(l) => lifecycle(&c, "agents", "suspend", l).await?,
+                AgentCmd::Resume(l) => lifecycle(&c, "agents", "resume", l).await?,
+                AgentCmd::Deprovision(l) => lifecycle(&c, "agents", "deprovision", l).await?,
+                AgentCmd::RotateSecret {
+                    id,
+                    overlap_seconds,
+                } => {
+                    let body = strip_nulls(json!({ "overlap_seconds": overlap_seconds }));
+                    let v = c
+                        .call(
+                            Method::POST,
+                            &format!("/agents/{id}/rotate-secret"),
+                            Some(body),
+                        )
+                        .await?;
+                    if cli.json {
+                        println!("{}", pretty(&v));
+                    } else {
+                        println!("client_id:     {}", v["client_id"].as_str().unwrap_or(""));
+                        println!(
+                            "client_secret: {}",
+                            v["client_secret"].as_str().unwrap_or("")
+                        );
+                        println!(
+                            "previous secrets expire at {}",
+                            v["previous_secrets_expire_at"].as_str().unwrap_or("now")
+                        );
+                        println!("Store the secret now: it is shown only once.");
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+            };
+            print_principals(&out, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Human(cmd) => simple(&client()?, "humans", cmd, cli.json).await,
+        Command::Team(cmd) => simple(&client()?, "teams", cmd, cli.json).await,
+        Command::ServiceAccount(cmd) => simple(&client()?, "service-accounts", cmd, cli.json).await,
+        Command::Keys(cmd) => {
+            let c = client()?;
+            let v = match cmd {
+                KeysCmd::Rotate => c.call(Method::POST, "/keys/rotate", None).await?,
+                KeysCmd::List => c.call(Method::GET, "/keys", None).await?,
+            };
+            if cli.json {
+                println!("{}", pretty(&v));
+            } else {
+                println!("active key: {}", v["active_kid"].as_str().unwrap_or("-"));
+                if let Some(keys) = v.pointer("/jwks/keys").and_then(Value::as_array) {
+                    println!(
+                        "keys in the JWKS: {}",
+                        keys.iter()
+                            .filter_map(|k| k["kid"].as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCmd::Tail { limit, follow }) => {
+            audit_tail(&client()?, limit, follow, cli.json).await
+        }
+        Command::Audit(AuditCmd::Verify) => audit_verify(&data_dir, cli.json),
+        Command::Config(ConfigCmd::Check { file }) => match check_config(&file) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(EXIT_CONFIG))
+            }
+        },
+    }
+}
+
+fn check_config(file: &std::path::Path) -> Result<String, String> {
+    let config = Config::load(file).map_err(|e| e.to_string())?;
+    let engine = palisade_server::policy_engine_for(config.policy.dir.as_deref())
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{}: valid ({} routes, {} policies, policy version {})",
+        file.display(),
+        config.routes.len(),
+        engine.policy_count(),
+        engine.version()
+    ))
+}
+
+async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
+    init_tracing();
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let mut options = palisade_server::StartOptions::default();
+    let config = if args.demo && args.config.is_none() {
+        let upstream = palisade_server::demo::start_upstream()
+            .await
+            .context("cannot start the demo upstream")?;
+        let dir = data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./palisade-data"));
+        options.extra_policies.push((
+            "<demo policy>".into(),
+            palisade_server::demo::DEMO_POLICY.into(),
+        ));
+        match palisade_server::demo::config(&listen, &dir.display().to_string(), upstream) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        }
+    } else {
+        let file = args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("palisade.toml"));
+        let mut config = match Config::load(&file) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                if args.config.is_none() {
+                    eprintln!(
+                        "hint: pass --config FILE, or run `palisade serve --demo` to try Palisade"
+                    );
+                }
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        };
+        if let Some(l) = &args.listen {
+            config.server.listen = match l.parse() {
+                Ok(a) => a,
+                Err(_) => {
+                    eprintln!("error: --listen `{l}` is not an address; write e.g. 127.0.0.1:8080");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            if config.server.issuer_derived {
+                config.server.issuer = format!("http://{l}");
+            }
+        }
+        if let Some(d) = data_dir {
+            config.server.data_dir = d;
+        }
+        if args.demo {
+            options.extra_policies.push((
+                "<demo policy>".into(),
+                palisade_server::demo::DEMO_POLICY.into(),
+            ));
+        }
+        config
+    };
+    let data_dir_text = config.server.data_dir.display().to_string();
+    let server = match palisade_server::start(config, options).await {
+        Ok(s) => s,
+        Err(e @ palisade_server::StartError::Policy(_)) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => bail!(e),
+    };
+    if args.demo {
+        let registry = server.app.registry.clone();
+        let secret = tokio::task::spawn_blocking(move || palisade_server::demo::seed(&registry))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        println!(
+            "{}",
+            palisade_server::demo::instructions(&server.url(), &secret, &data_dir_text)
+        );
+    } else {
+        println!(
+            "palisade listening on {} (admin token in {})",
+            server.url(),
+            server.admin_token_path.display()
+        );
+    }
+    server.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PALISADE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn lifecycle(c: &Client, collection: &str, verb: &str, l: Lifecycle) -> Result<Value> {
+    c.call(
+        Method::POST,
+        &format!("/{collection}/{}/{verb}", l.id),
+        Some(json!({ "reason": l.reason })),
+    )
+    .await
+}
+
+async fn simple<F: Args + Fields>(
+    c: &Client,
+    collection: &str,
+    cmd: SimpleCmd<F>,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let out = match cmd {
+        SimpleCmd::Add { id, fields } => {
+            let mut body = fields.to_json();
+            body.insert("id".into(), json!(id));
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/{collection}"),
+                    Some(Value::Object(body)),
+                )
+                .await?;
+            print_created(&v, as_json);
+            return Ok(ExitCode::SUCCESS);
+        }
+        SimpleCmd::List => c.call(Method::GET, &format!("/{collection}"), None).await?,
+        SimpleCmd::Show { id } => {
+            c.call(Method::GET, &format!("/{collection}/{id}"), None)
+                .await?
+        }
+        SimpleCmd::Suspend(l) => lifecycle(c, collection, "suspend", l).await?,
+        SimpleCmd::Resume(l) => lifecycle(c, collection, "resume", l).await?,
+        SimpleCmd::Deprovision(l) => lifecycle(c, collection, "deprovision", l).await?,
+    };
+    print_principals(&out, as_json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        other => other,
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn print_created(v: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", pretty(v));
+        return;
+    }
+    let p = &v["principal"];
+    println!(
+        "registered {} ({})",
+        p["id"].as_str().unwrap_or("?"),
+        p["display_name"].as_str().unwrap_or("")
+    );
+    if let Some(c) = v.get("credentials") {
+        println!("client_id:     {}", c["client_id"].as_str().unwrap_or(""));
+        println!(
+            "client_secret: {}",
+            c["client_secret"].as_str().unwrap_or("")
+        );
+        println!("Store the secret now: it is shown only once.");
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// Prints a table of principals (a list response) or the fields of one.
+fn print_principals(v: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", pretty(v));
+        return;
+    }
+    match v.get("items").and_then(Value::as_array) {
+        Some(items) => {
+            let cols = [
+                "id",
+                "status",
+                "owner",
+                "purpose_tag",
+                "model",
+                "next_review_at",
+            ];
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|i| cols.iter().map(|c| cell(&i[*c])).collect())
+                .collect();
+            print_table(&cols, &rows);
+        }
+        None => {
+            if let Some(map) = v.as_object() {
+                let width = map.keys().map(String::len).max().unwrap_or(0);
+                for (k, val) in map {
+                    println!("{k:width$}  {}", cell(val));
+                }
+            }
+        }
+    }
+}
+
+fn print_table(cols: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+async fn audit_tail(c: &Client, limit: usize, follow: bool, as_json: bool) -> Result<ExitCode> {
+    let limit = limit.clamp(1, 1000);
+    // Find the head by paging, then show the last `limit`.
+    let mut after = 0u64;
+    let mut last: Vec<Value> = Vec::new();
+    loop {
+        let v = c
+            .call(
+                Method::GET,
+                &format!("/audit/events?after={after}&limit=1000"),
+                None,
+            )
+            .await?;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        after = items
+            .last()
+            .and_then(|i| i["seq"].as_u64())
+            .unwrap_or(after);
+        last.extend(items);
+        if last.len() > limit {
+            last.drain(..last.len() - limit);
+        }
+    }
+    for item in &last {
+        print_event(item, as_json);
+    }
+    while follow {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let v = c
+            .call(
+                Method::GET,
+                &format!("/audit/events?after={after}&limit=1000"),
+                None,
+            )
+            .await?;
+        for item in v["items"].as_array().cloned().unwrap_or_default() {
+            after = item["seq"].as_u64().unwrap_or(after);
+            print_event(&item, as_json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_event(item: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_string(item).unwrap_or_default());
+        return;
+    }
+    let e = &item["event"];
+    let time = e["time_ns"]
+        .as_i64()
+        .map(|n| palisade_core::Timestamp::from_unix_nanos(i128::from(n)).to_rfc3339())
+        .unwrap_or_default();
+    let decision = match e.pointer("/decision/allowed").and_then(Value::as_bool) {
+        Some(true) => format!("ALLOW {}", cell(&e["decision"]["policies"])),
+        Some(false) => format!("DENY {}", cell(&e["decision"]["policies"])),
+        None => String::new(),
+    };
+    let status = e.pointer("/outcome/status").map(cell).unwrap_or_default();
+    println!(
+        "{:>6} {} {:<16} {:<26} {:<12} {:<28} {} {}",
+        cell(&item["seq"]),
+        time,
+        cell(&e["kind"]),
+        e.pointer("/principal/id")
+            .map(cell)
+            .unwrap_or_else(|| "-".into()),
+        cell(&e["action"]),
+        cell(&e["resource"]),
+        status,
+        decision
+    );
+}
+
+fn audit_verify(data_dir: &std::path::Path, as_json: bool) -> Result<ExitCode> {
+    let store =
+        palisade_store::SqliteStore::open_existing(data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match palisade_audit::verify(&store) {
+        Ok(report) => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({ "ok": true, "events": report.events, "head_hash": report.head_hash })
+                );
+            } else {
+                println!(
+                    "audit chain intact: {} events, head {}",
+                    report.events, report.head_hash
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(palisade_audit::VerifyError::Broken(f)) => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({ "ok": false, "seq": f.seq, "event_id": f.event_id, "reason": f.reason })
+                );
+            } else {
+                eprintln!("{f}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => bail!("cannot verify: {e}"),
+    }
+}

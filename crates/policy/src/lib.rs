@@ -1,0 +1,471 @@
+//! The policy decision point: Cedar policies over one schema for humans, service accounts and
+//! agents.
+//!
+//! Pure: no I/O during decisions, no clock, no async. Loading reads a directory once and returns
+//! an immutable [`PolicyEngine`]; the server swaps engines on reload.
+//!
+//! INVARIANT (fail-closed): a decision is `allow` only if Cedar allows and no policy raised an
+//! evaluation error; an erroring `forbid` could otherwise be skipped silently.
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use palisade_core::{Principal, PrincipalDetail};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The Cedar schema, in Cedar's human-readable format.
+pub const SCHEMA: &str = include_str!("schema.cedarschema");
+/// The built-in baseline policies.
+pub const BASELINE: &str = include_str!("baseline.cedar");
+/// The id reported when no policy permitted a request.
+pub const DEFAULT_DENY: &str = "palisade.default-deny";
+/// The id reported when evaluation errors forced a deny.
+pub const ERROR_DENY: &str = "palisade.evaluation-error";
+
+/// Why the policy set could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    /// File I/O.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Syntax or schema errors, each with file and line.
+    #[error("invalid policy:\n{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// An action class as Cedar sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `Palisade::Action::"read"`.
+    Read,
+    /// `Palisade::Action::"write"`.
+    Write,
+    /// `Palisade::Action::"destructive"`.
+    Destructive,
+}
+
+impl Action {
+    /// The action id.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Destructive => "destructive",
+        }
+    }
+}
+
+/// What the request targets.
+#[derive(Clone, Debug)]
+pub struct Target<'a> {
+    /// The route name.
+    pub route: &'a str,
+    /// A named resource inside the route, from a route rule.
+    pub resource: Option<&'a str>,
+}
+
+/// The request attributes policies see as `context`.
+#[derive(Clone, Debug)]
+pub struct RequestContext<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Request path.
+    pub path: &'a str,
+}
+
+/// The outcome of one decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// The policies that determined it (`palisade.default-deny` when none matched).
+    pub policies: Vec<String>,
+    /// Evaluation errors, if any (they force a deny).
+    pub errors: Vec<String>,
+}
+
+/// A validated, immutable policy set with its schema.
+pub struct PolicyEngine {
+    schema: Schema,
+    policies: PolicySet,
+    version: String,
+    count: usize,
+    authorizer: Authorizer,
+}
+
+struct Source {
+    name: String,
+    text: String,
+}
+
+impl PolicyEngine {
+    /// The baseline plus every `.cedar` file in `dir` (sorted by name), validated against the
+    /// schema.
+    pub fn load(dir: Option<&Path>) -> Result<Self, PolicyLoadError> {
+        let mut sources = vec![Source {
+            name: "<built-in baseline>".into(),
+            text: BASELINE.into(),
+        }];
+        if let Some(dir) = dir {
+            let io = |e: std::io::Error| PolicyLoadError::Io {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| PolicyLoadError::Io {
+                    path: dir.to_path_buf(),
+                    message: format!("cannot read the policy directory: {e}"),
+                })?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+                .collect();
+            files.sort();
+            for file in files {
+                let text = std::fs::read_to_string(&file).map_err(io)?;
+                sources.push(Source {
+                    name: file.display().to_string(),
+                    text,
+                });
+            }
+        }
+        Self::from_sources(sources)
+    }
+
+    /// Builds an engine from in-memory texts (name, text), after the baseline.
+    pub fn from_texts(texts: &[(&str, &str)]) -> Result<Self, PolicyLoadError> {
+        let mut sources = vec![Source {
+            name: "<built-in baseline>".into(),
+            text: BASELINE.into(),
+        }];
+        sources.extend(texts.iter().map(|(n, t)| Source {
+            name: (*n).into(),
+            text: (*t).into(),
+        }));
+        Self::from_sources(sources)
+    }
+
+    fn from_sources(sources: Vec<Source>) -> Result<Self, PolicyLoadError> {
+        let (schema, _warnings) = Schema::from_cedarschema_str(SCHEMA)
+            .map_err(|e| PolicyLoadError::Invalid(vec![format!("built-in schema: {e}")]))?;
+        let mut problems = Vec::new();
+        let mut set = PolicySet::new();
+        let mut origin: HashMap<String, usize> = HashMap::new();
+        let mut hasher = Sha256::new();
+        for (index, source) in sources.iter().enumerate() {
+            hasher.update(source.name.as_bytes());
+            hasher.update([0]);
+            hasher.update(source.text.as_bytes());
+            hasher.update([0]);
+            let parsed = match PolicySet::from_str(&source.text) {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(located(&source.name, &source.text, &e));
+                    continue;
+                }
+            };
+            if parsed.templates().next().is_some() {
+                problems.push(format!(
+                    "{}: policy templates are not supported yet; write static policies",
+                    source.name
+                ));
+                continue;
+            }
+            for (n, policy) in parsed.policies().enumerate() {
+                let id = match policy.annotation("id") {
+                    Some(id) if !id.trim().is_empty() => id.trim().to_string(),
+                    _ => format!("{}#{n}", file_stem(&source.name)),
+                };
+                if let Some(first) = origin.get(&id) {
+                    let first_name = sources.get(*first).map(|s| s.name.as_str()).unwrap_or("?");
+                    problems.push(format!(
+                        "{}: policy id `{id}` is already used in {first_name}; ids must be unique",
+                        source.name
+                    ));
+                    continue;
+                }
+                if id.starts_with("palisade.") && index != 0 {
+                    problems.push(format!(
+                        "{}: policy id `{id}` uses the reserved prefix `palisade.`",
+                        source.name
+                    ));
+                    continue;
+                }
+                let renamed: Policy = policy.new_id(PolicyId::new(&id));
+                if let Err(e) = set.add(renamed) {
+                    problems.push(format!("{}: {e}", source.name));
+                    continue;
+                }
+                origin.insert(id, index);
+            }
+        }
+        if problems.is_empty() {
+            let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+            for error in result.validation_errors() {
+                let id = error.policy_id().to_string();
+                let source = origin.get(&id).and_then(|i| sources.get(*i));
+                match source {
+                    Some(s) => problems.push(format!(
+                        "{} (policy `{id}`)",
+                        located(&s.name, &s.text, error)
+                    )),
+                    None => problems.push(format!("policy `{id}`: {error}")),
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PolicyLoadError::Invalid(problems));
+        }
+        let digest = hasher.finalize();
+        let version = palisade_core::secret::hex(digest.get(..8).unwrap_or(&[]));
+        let count = set.policies().count();
+        Ok(Self {
+            schema,
+            policies: set,
+            version,
+            count,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// A short hash of every policy text: the policy-set version recorded with decisions.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// How many policies are loaded, baseline included.
+    pub fn policy_count(&self) -> usize {
+        self.count
+    }
+
+    /// Decides whether `principal` may do `action` on `target`.
+    pub fn decide(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> Decision {
+        match self.try_decide(principal, action, target, ctx) {
+            Ok(d) => d,
+            Err(message) => Decision {
+                allowed: false,
+                policies: vec![ERROR_DENY.into()],
+                errors: vec![message],
+            },
+        }
+    }
+
+    fn try_decide(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Decision, String> {
+        let principal_entity = principal_entity(principal)?;
+        let route_uid = uid("Route", target.route)?;
+        let route = Entity::new(
+            route_uid.clone(),
+            HashMap::from([(
+                "name".to_string(),
+                RestrictedExpression::new_string(target.route.to_string()),
+            )]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut entities = vec![principal_entity.clone(), route];
+        let resource_uid = match target.resource {
+            Some(name) => {
+                let id = format!("{}/{name}", target.route);
+                let res_uid = uid("Resource", &id)?;
+                entities.push(
+                    Entity::new(
+                        res_uid.clone(),
+                        HashMap::from([
+                            (
+                                "route".to_string(),
+                                RestrictedExpression::new_string(target.route.to_string()),
+                            ),
+                            (
+                                "name".to_string(),
+                                RestrictedExpression::new_string(name.to_string()),
+                            ),
+                        ]),
+                        HashSet::from([route_uid]),
+                    )
+                    .map_err(|e| e.to_string())?,
+                );
+                res_uid
+            }
+            None => route_uid,
+        };
+        // Team entities for a human's memberships, so `principal in Palisade::Team::"x"` works.
+        for team in principal.teams() {
+            let team_uid = uid("Team", team.slug())?;
+            entities.push(
+                Entity::new(
+                    team_uid,
+                    HashMap::from([(
+                        "status".to_string(),
+                        RestrictedExpression::new_string("active".into()),
+                    )]),
+                    HashSet::new(),
+                )
+                .map_err(|e| e.to_string())?,
+            );
+        }
+        let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
+        let context = Context::from_pairs([
+            (
+                "method".to_string(),
+                RestrictedExpression::new_string(ctx.method.to_string()),
+            ),
+            (
+                "path".to_string(),
+                RestrictedExpression::new_string(ctx.path.to_string()),
+            ),
+        ])
+        .map_err(|e| e.to_string())?;
+        let action_uid = EntityUid::from_type_name_and_id(
+            EntityTypeName::from_str("Palisade::Action").map_err(|e| e.to_string())?,
+            EntityId::new(action.as_str()),
+        );
+        let request = Request::new(
+            principal_entity.uid(),
+            action_uid,
+            resource_uid,
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(ToString::to_string)
+            .collect();
+        let mut policies: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        policies.sort();
+        let cedar_allowed = response.decision() == cedar_policy::Decision::Allow;
+        let allowed = cedar_allowed && errors.is_empty();
+        if !allowed && policies.is_empty() || (cedar_allowed && !allowed) {
+            policies = vec![if errors.is_empty() {
+                DEFAULT_DENY.into()
+            } else {
+                ERROR_DENY.into()
+            }];
+        }
+        Ok(Decision {
+            allowed,
+            policies,
+            errors,
+        })
+    }
+}
+
+fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
+    let t =
+        EntityTypeName::from_str(&format!("Palisade::{type_name}")).map_err(|e| e.to_string())?;
+    Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+}
+
+fn string_set(items: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(
+        items
+            .iter()
+            .map(|s| RestrictedExpression::new_string(s.clone())),
+    )
+}
+
+/// The Cedar entity of a principal; its id is the full principal id (`agent:x`).
+pub fn principal_entity(p: &Principal) -> Result<Entity, String> {
+    let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+    let mut attrs = HashMap::from([("status".to_string(), s(p.status.as_str()))]);
+    let mut parents = HashSet::new();
+    let type_name = match &p.detail {
+        PrincipalDetail::Human(h) => {
+            for t in &h.teams {
+                parents.insert(uid("Team", t.slug())?);
+            }
+            "Human"
+        }
+        PrincipalDetail::Team(_) => "Team",
+        PrincipalDetail::ServiceAccount(sa) => {
+            attrs.insert("owner".into(), s(&sa.owner.to_string()));
+            attrs.insert(
+                "allowed_resources".into(),
+                string_set(&sa.allowed_resources),
+            );
+            "ServiceAccount"
+        }
+        PrincipalDetail::Agent(a) => {
+            attrs.insert("owner".into(), s(&a.owner.to_string()));
+            attrs.insert("purpose_tag".into(), s(&a.purpose_tag));
+            attrs.insert("model_provider".into(), s(&a.model_provider));
+            attrs.insert("model".into(), s(&a.model));
+            attrs.insert("model_version".into(), s(&a.model_version));
+            attrs.insert("allowed_resources".into(), string_set(&a.allowed_resources));
+            attrs.insert(
+                "data_egress_allowed".into(),
+                RestrictedExpression::new_bool(a.data_egress_allowed),
+            );
+            "Agent"
+        }
+    };
+    let id = match &p.detail {
+        PrincipalDetail::Team(_) => p.id.slug().to_string(),
+        _ => p.id.to_string(),
+    };
+    Entity::new(uid(type_name, &id)?, attrs, parents).map_err(|e| e.to_string())
+}
+
+fn file_stem(name: &str) -> String {
+    Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// `file:line:column: message` from a Cedar diagnostic's first label.
+fn located(
+    name: &str,
+    text: &str,
+    diag: &(dyn miette::Diagnostic + Send + Sync + 'static),
+) -> String {
+    let offset = diag
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|l| l.offset());
+    let mut message = diag.to_string();
+    if let Some(help) = diag.help() {
+        message.push_str(&format!(" (help: {help})"));
+    }
+    match offset {
+        Some(offset) => {
+            let before = text.get(..offset).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("{name}:{line}:{column}: {message}")
+        }
+        None => format!("{name}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

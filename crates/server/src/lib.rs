@@ -1,0 +1,420 @@
+//! The Palisade server: wires the store, registry, token service, policy engine, audit log and
+//! gateway into one HTTP listener.
+//!
+//! Start-up order is the safety argument: config and policies are validated, the store is opened
+//! and migrated, keys and the admin token exist, the audit writer runs, and only then is the port
+//! bound. Anything that fails stops the start with a message naming the problem.
+
+pub mod admin;
+pub mod demo;
+pub mod oauth;
+pub mod tokens;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use palisade_audit::{AuditEvent, AuditLog};
+use palisade_config::Config;
+use palisade_core::Principal;
+use palisade_core::registry::Registry;
+use palisade_core::store::Store;
+use palisade_gateway::{DecisionPoint, Gateway};
+use palisade_policy::{Action, Decision, PolicyEngine, RequestContext, Target};
+use palisade_store::SqliteStore;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use tokens::TokenService;
+
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Shared state of the running server.
+pub struct App {
+    /// Resolved configuration (issuer follows the bound port).
+    pub config: Arc<Config>,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// Principals.
+    pub registry: Arc<Registry>,
+    /// Tokens.
+    pub tokens: Arc<TokenService>,
+    /// Policies.
+    pub policy: Arc<PolicyHolder>,
+    /// Audit writer handle.
+    pub audit: AuditLog,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: [u8; 32],
+    /// Enforcement point.
+    pub gateway: Arc<Gateway>,
+}
+
+/// The policy engine in force; reload swaps it atomically.
+pub struct PolicyHolder {
+    engine: RwLock<Arc<PolicyEngine>>,
+}
+
+impl PolicyHolder {
+    /// Wraps an engine.
+    pub fn new(engine: PolicyEngine) -> Self {
+        Self {
+            engine: RwLock::new(Arc::new(engine)),
+        }
+    }
+
+    /// The engine in force.
+    pub fn current(&self) -> Arc<PolicyEngine> {
+        self.engine
+            .read()
+            .map(|e| e.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+impl DecisionPoint for PolicyHolder {
+    fn decide(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> (Decision, String) {
+        let engine = self.current();
+        (
+            engine.decide(principal, action, target, ctx),
+            engine.version().to_string(),
+        )
+    }
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Policies failed validation.
+    #[error("{0}")]
+    Policy(#[from] palisade_policy::PolicyLoadError),
+    /// Storage failed.
+    #[error("data directory: {0}")]
+    Store(#[from] palisade_core::store::StoreError),
+    /// The port could not be bound.
+    #[error("cannot listen on {addr}: {message}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        message: String,
+    },
+    /// Anything else at start-up.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Extra start-up inputs beyond the config file.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Policy texts added after the baseline and the policy directory (the demo's).
+    pub extra_policies: Vec<(String, String)>,
+}
+
+/// A running server.
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Shared state.
+    pub app: Arc<App>,
+    /// The admin token file.
+    pub admin_token_path: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    writer: Option<palisade_audit::AuditWriter>,
+}
+
+impl RunningServer {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until the server stops (Ctrl-C in `palisade serve`).
+    pub async fn wait(mut self) {
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+        self.finish().await;
+    }
+
+    /// Stops accepting, finishes in-flight requests, drains the audit log.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+        self.finish().await;
+    }
+
+    async fn finish(mut self) {
+        let writer = self.writer.take();
+        drop(self);
+        if let Some(writer) = writer {
+            // The writer ends once every AuditLog handle is gone; requests still holding one
+            // finish first.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tokio::task::spawn_blocking(move || writer.join()),
+            )
+            .await;
+        }
+    }
+}
+
+/// Validates everything, binds the listener and serves until stopped.
+pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningServer, StartError> {
+    // Policies first: an invalid policy must stop the start before anything else happens.
+    let mut texts: Vec<(String, String)> = Vec::new();
+    if let Some(dir) = &config.policy.dir {
+        texts.extend(read_policy_dir(dir)?);
+    }
+    texts.extend(options.extra_policies);
+    let refs: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let engine = PolicyEngine::from_texts(&refs)?;
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.server.data_dir)?);
+    let registry = Arc::new(Registry::load(store.clone())?);
+    let admin_token_path = config.server.data_dir.join(ADMIN_TOKEN_FILE);
+    let admin_token_hash = ensure_admin_token(&admin_token_path)?;
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| StartError::Bind {
+            addr: config.server.listen,
+            message: e.to_string(),
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    config.bind_to(addr);
+    let config = Arc::new(config);
+
+    let tokens = Arc::new(
+        TokenService::load(config.clone(), store.clone(), registry.clone())
+            .map_err(StartError::Other)?,
+    );
+    let (audit, writer) = AuditLog::start(store.clone())?;
+    let policy = Arc::new(PolicyHolder::new(engine));
+    let gateway = Arc::new(Gateway::new(
+        config.clone(),
+        tokens.clone(),
+        policy.clone(),
+        audit.clone(),
+    ));
+    let app = Arc::new(App {
+        config,
+        store,
+        registry,
+        tokens,
+        policy,
+        audit,
+        admin_token_hash,
+        gateway,
+    });
+
+    let mut event = AuditEvent::new("server.start");
+    event.detail =
+        json!({ "listen": addr.to_string(), "policy_version": app.policy.current().version() });
+    app.audit
+        .record(event)
+        .await
+        .map_err(|e| StartError::Other(e.to_string()))?;
+
+    let router = router(app.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            tokio::select! {
+                _ = rx => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "server stopped with an error");
+        }
+    });
+    Ok(RunningServer {
+        addr,
+        app,
+        admin_token_path,
+        shutdown: Some(tx),
+        task,
+        writer: Some(writer),
+    })
+}
+
+fn read_policy_dir(dir: &std::path::Path) -> Result<Vec<(String, String)>, StartError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| {
+            StartError::Other(format!(
+                "{}: cannot read the policy directory: {e}",
+                dir.display()
+            ))
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            std::fs::read_to_string(&f)
+                .map(|t| (f.display().to_string(), t))
+                .map_err(|e| StartError::Other(format!("{}: {e}", f.display())))
+        })
+        .collect()
+}
+
+/// Reads the admin token file, creating it (mode 0600) with a fresh token on first start.
+fn ensure_admin_token(path: &std::path::Path) -> Result<[u8; 32], StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim();
+            if token.len() < 32 {
+                return Err(StartError::Other(format!(
+                    "{} does not hold a valid admin token; delete it to have a new one created",
+                    path.display()
+                )));
+            }
+            Ok(palisade_core::secret::hash_secret(token))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = palisade_core::secret::generate_secret("pat")
+                .map_err(|e| StartError::Other(e.to_string()))?;
+            write_private(path, secret.expose())?;
+            Ok(secret.hash())
+        }
+        Err(e) => Err(StartError::Other(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn write_private(path: &std::path::Path, content: &str) -> Result<(), StartError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| StartError::Other(format!("cannot create {}: {e}", path.display())))?;
+    file.write_all(content.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| StartError::Other(format!("cannot write {}: {e}", path.display())))
+}
+
+fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/keys", get(admin::keys))
+        .route("/keys/rotate", post(admin::rotate_keys))
+        .route("/audit/events", get(admin::audit_events))
+        .route("/{collection}", get(admin::list).post(admin::create))
+        .route("/{collection}/{id}", get(admin::get).patch(admin::update))
+        .route("/{collection}/{id}/{verb}", post(admin::lifecycle))
+        .fallback(api_not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            admin::require_admin,
+        ))
+        .layer(DefaultBodyLimit::max(64 * 1024));
+    let oauth = Router::new()
+        .route("/oauth2/token", post(oauth::token))
+        .route("/oauth2/introspect", post(oauth::introspect))
+        .route("/oauth2/revoke", post(oauth::revoke))
+        .layer(DefaultBodyLimit::max(16 * 1024));
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(oauth)
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::metadata),
+        )
+        .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({ "status": "ok" })) }),
+        )
+        .fallback(gateway)
+        .with_state(app)
+}
+
+async fn api_not_found() -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such admin endpoint; see README for the /api/v1 reference",
+        None,
+    )
+}
+
+async fn gateway(State(app): State<Arc<App>>, req: axum::extract::Request) -> Response {
+    app.gateway.handle(req).await
+}
+
+/// A JSON error body: `{"error": {"code", "message", "field"?}}`.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    field: Option<&str>,
+) -> Response {
+    let mut error = json!({ "code": code, "message": message });
+    if let Some(f) = field {
+        error["field"] = json!(f);
+    }
+    let mut resp = (status, axum::Json(json!({ "error": error }))).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Records `event`; answers `ok` only once it is durable, else 503.
+pub async fn audit_or_503(app: &App, event: AuditEvent, ok: Response) -> Response {
+    match app.audit.record(event).await {
+        Ok(_) => ok,
+        Err(e) => {
+            tracing::error!(error = %e, "audit write failed; refusing the response");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the audit log could not record this; nothing was acknowledged",
+                None,
+            )
+        }
+    }
+}
+
+/// The policy engine a server with this policy directory would load (for `config check`).
+pub fn policy_engine_for(dir: Option<&std::path::Path>) -> Result<PolicyEngine, StartError> {
+    let texts = match dir {
+        Some(d) => read_policy_dir(d)?,
+        None => Vec::new(),
+    };
+    let refs: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    Ok(PolicyEngine::from_texts(&refs)?)
+}

@@ -1,0 +1,558 @@
+//! The embedded SQLite backend of the [`palisade_core::store::Store`] port.
+//!
+//! One database file, `palisade.db`, in the data directory, in WAL mode with `synchronous=FULL` so
+//! a committed transaction survives power loss. Schema changes are numbered migrations tracked in
+//! `PRAGMA user_version`. Two connections: one for registry/token state, one for the audit chain,
+//! so the audit group-commit writer never waits behind admin work.
+//!
+//! This crate knows SQL and nothing of HTTP, Cedar or tokens.
+
+use palisade_core::store::{
+    ClientSecretRecord, RevocationRecord, SigningKeyRecord, Store, StoreError, StoredAuditEvent,
+};
+use palisade_core::{Principal, PrincipalId, PrincipalKind, Timestamp};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The database file name inside the data directory.
+pub const DB_FILE: &str = "palisade.db";
+
+/// Numbered schema migrations; index + 1 is the version after applying it. Never edit a released
+/// migration: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: principals, credentials, keys, revocations, audit chain.
+    r#"
+    CREATE TABLE principals (
+        id         TEXT PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        owner      TEXT,
+        data       TEXT NOT NULL,
+        created_ns INTEGER NOT NULL,
+        updated_ns INTEGER NOT NULL
+    );
+    CREATE INDEX principals_kind ON principals(kind, id);
+    CREATE INDEX principals_owner ON principals(owner);
+    CREATE TABLE client_secrets (
+        principal_id TEXT NOT NULL REFERENCES principals(id),
+        secret_id    TEXT NOT NULL,
+        hash         BLOB NOT NULL,
+        created_ns   INTEGER NOT NULL,
+        expires_ns   INTEGER,
+        PRIMARY KEY (principal_id, secret_id)
+    );
+    CREATE TABLE signing_keys (
+        kid         TEXT PRIMARY KEY,
+        alg         TEXT NOT NULL,
+        private_key BLOB NOT NULL,
+        public_key  BLOB NOT NULL,
+        created_ns  INTEGER NOT NULL,
+        retired_ns  INTEGER
+    );
+    CREATE TABLE revocations (
+        jti        TEXT PRIMARY KEY,
+        expires_ns INTEGER NOT NULL
+    );
+    CREATE TABLE audit_events (
+        seq       INTEGER PRIMARY KEY,
+        event_id  TEXT NOT NULL UNIQUE,
+        time_ns   INTEGER NOT NULL,
+        kind      TEXT NOT NULL,
+        principal TEXT,
+        body      TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    CREATE INDEX audit_principal_time ON audit_events(principal, time_ns);
+    "#,
+];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    main: Mutex<Connection>,
+    audit: Mutex<Connection>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn ns(t: Timestamp) -> i64 {
+    i64::try_from(t.unix_nanos()).unwrap_or(i64::MAX)
+}
+
+fn ts(ns: i64) -> Timestamp {
+    Timestamp::from_unix_nanos(i128::from(ns))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `data_dir`, applying pending migrations.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        create_private_dir(data_dir)?;
+        Self::open_file(&data_dir.join(DB_FILE))
+    }
+
+    /// Opens the store of an existing data directory; fails if there is none (no empty database
+    /// is created by a mistyped path).
+    pub fn open_existing(data_dir: &Path) -> Result<Self, StoreError> {
+        let file = data_dir.join(DB_FILE);
+        if !file.is_file() {
+            return Err(StoreError::NotFound(format!(
+                "database `{}` (is --data-dir right? the server creates it on first start)",
+                file.display()
+            )));
+        }
+        Self::open_file(&file)
+    }
+
+    fn open_file(file: &Path) -> Result<Self, StoreError> {
+        let main = connect(file)?;
+        migrate(&main)?;
+        let audit = connect(file)?;
+        Ok(Self {
+            path: file.to_path_buf(),
+            main: Mutex::new(main),
+            audit: Mutex::new(audit),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn main(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.main.lock().map_err(|_| backend("store lock poisoned"))
+    }
+
+    fn audit(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.audit
+            .lock()
+            .map_err(|_| backend("audit store lock poisoned"))
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        backend(format!(
+            "cannot create data directory `{}`: {e}",
+            dir.display()
+        ))
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            backend(format!(
+                "cannot restrict data directory `{}` to its owner: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+fn connect(file: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(file)
+        .map_err(|e| backend(format!("cannot open `{}`: {e}", file.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(backend)?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version > known {
+        return Err(backend(format!(
+            "the database schema is version {version}, newer than this palisade knows ({known}); run a newer palisade"
+        )));
+    }
+    for (index, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        let next = index + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {next}; COMMIT;"
+        ))
+        .map_err(|e| backend(format!("migration {next} failed: {e}")))?;
+    }
+    Ok(())
+}
+
+fn kind_name(kind: PrincipalKind) -> &'static str {
+    kind.prefix()
+}
+
+fn principal_from_row(data: String) -> Result<Principal, StoreError> {
+    serde_json::from_str(&data)
+        .map_err(|e| backend(format!("a stored principal does not parse: {e}")))
+}
+
+fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAuditEvent> {
+    let seq: i64 = r.get(0)?;
+    Ok(StoredAuditEvent {
+        seq: u64::try_from(seq).unwrap_or(0),
+        event_id: r.get(1)?,
+        time_ns: r.get(2)?,
+        kind: r.get(3)?,
+        principal: r.get(4)?,
+        body: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn insert_principal(&self, p: &Principal) -> Result<(), StoreError> {
+        let data = serde_json::to_string(p).map_err(backend)?;
+        let result = self.main()?.execute(
+            "INSERT INTO principals (id, kind, status, owner, data, created_ns, updated_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                p.id.to_string(),
+                kind_name(p.kind()),
+                p.status.as_str(),
+                p.owner().map(ToString::to_string),
+                data,
+                ns(p.created_at),
+                ns(p.updated_at)
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Conflict(p.id.to_string()))
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn update_principal(&self, p: &Principal) -> Result<(), StoreError> {
+        let data = serde_json::to_string(p).map_err(backend)?;
+        let changed = self
+            .main()?
+            .execute(
+                "UPDATE principals SET status = ?2, owner = ?3, data = ?4, updated_ns = ?5 WHERE id = ?1",
+                params![p.id.to_string(), p.status.as_str(), p.owner().map(ToString::to_string), data, ns(p.updated_at)],
+            )
+            .map_err(backend)?;
+        if changed == 0 {
+            Err(StoreError::NotFound(p.id.to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn get_principal(&self, id: &PrincipalId) -> Result<Option<Principal>, StoreError> {
+        let data: Option<String> = self
+            .main()?
+            .query_row(
+                "SELECT data FROM principals WHERE id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        data.map(principal_from_row).transpose()
+    }
+
+    fn list_principals(&self, kind: Option<PrincipalKind>) -> Result<Vec<Principal>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT data FROM principals WHERE ?1 IS NULL OR kind = ?1 ORDER BY id")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([kind.map(kind_name)], |r| r.get::<_, String>(0))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        rows.into_iter().map(principal_from_row).collect()
+    }
+
+    fn add_client_secret(
+        &self,
+        principal: &PrincipalId,
+        s: &ClientSecretRecord,
+    ) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "INSERT INTO client_secrets (principal_id, secret_id, hash, created_ns, expires_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![principal.to_string(), s.secret_id, s.hash.as_slice(), ns(s.created_at), s.expires_at.map(ns)],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn client_secrets(
+        &self,
+        principal: &PrincipalId,
+    ) -> Result<Vec<ClientSecretRecord>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT secret_id, hash, created_ns, expires_ns FROM client_secrets WHERE principal_id = ?1 ORDER BY created_ns DESC",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([principal.to_string()], |r| {
+                let hash: Vec<u8> = r.get(1)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    hash,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        rows.into_iter()
+            .map(|(secret_id, hash, created, expires)| {
+                let hash: [u8; 32] = hash
+                    .try_into()
+                    .map_err(|_| backend("a stored secret hash is not 32 bytes"))?;
+                Ok(ClientSecretRecord {
+                    secret_id,
+                    hash,
+                    created_at: ts(created),
+                    expires_at: expires.map(ts),
+                })
+            })
+            .collect()
+    }
+
+    fn expire_client_secrets(
+        &self,
+        principal: &PrincipalId,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "UPDATE client_secrets SET expires_ns = ?2 WHERE principal_id = ?1 AND (expires_ns IS NULL OR expires_ns > ?2)",
+                params![principal.to_string(), ns(at)],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn delete_client_secrets(&self, principal: &PrincipalId) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "DELETE FROM client_secrets WHERE principal_id = ?1",
+                [principal.to_string()],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn insert_signing_key(&self, k: &SigningKeyRecord) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "INSERT INTO signing_keys (kid, alg, private_key, public_key, created_ns, retired_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![k.kid, k.alg, k.private_key, k.public_key, ns(k.created_at), k.retired_at.map(ns)],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn retire_signing_key(&self, kid: &str, at: Timestamp) -> Result<(), StoreError> {
+        let changed = self
+            .main()?
+            .execute(
+                "UPDATE signing_keys SET retired_ns = ?2 WHERE kid = ?1 AND retired_ns IS NULL",
+                params![kid, ns(at)],
+            )
+            .map_err(backend)?;
+        if changed == 0 {
+            Err(StoreError::NotFound(format!("active signing key `{kid}`")))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT kid, alg, private_key, public_key, created_ns, retired_ns FROM signing_keys ORDER BY created_ns, kid")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(SigningKeyRecord {
+                    kid: r.get(0)?,
+                    alg: r.get(1)?,
+                    private_key: r.get(2)?,
+                    public_key: r.get(3)?,
+                    created_at: ts(r.get(4)?),
+                    retired_at: r.get::<_, Option<i64>>(5)?.map(ts),
+                })
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
+    }
+
+    fn insert_revocation(&self, r: &RevocationRecord) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "INSERT OR IGNORE INTO revocations (jti, expires_ns) VALUES (?1, ?2)",
+                params![r.jti, ns(r.expires_at)],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn live_revocations(&self, now: Timestamp) -> Result<Vec<RevocationRecord>, StoreError> {
+        let conn = self.main()?;
+        conn.execute("DELETE FROM revocations WHERE expires_ns <= ?1", [ns(now)])
+            .map_err(backend)?;
+        let mut stmt = conn
+            .prepare_cached("SELECT jti, expires_ns FROM revocations")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RevocationRecord {
+                    jti: r.get(0)?,
+                    expires_at: ts(r.get(1)?),
+                })
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
+    }
+
+    fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError> {
+        self.audit()?
+            .query_row(
+                "SELECT seq, event_id, time_ns, kind, principal, body, prev_hash, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                [],
+                audit_from_row,
+            )
+            .optional()
+            .map_err(backend)
+    }
+
+    fn append_audit(&self, events: &[StoredAuditEvent]) -> Result<(), StoreError> {
+        let mut conn = self.audit()?;
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO audit_events (seq, event_id, time_ns, kind, principal, body, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(backend)?;
+            for e in events {
+                let seq = i64::try_from(e.seq).map_err(backend)?;
+                stmt.execute(params![
+                    seq,
+                    e.event_id,
+                    e.time_ns,
+                    e.kind,
+                    e.principal,
+                    e.body,
+                    e.prev_hash,
+                    e.hash
+                ])
+                .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<StoredAuditEvent>, StoreError> {
+        let conn = self.audit()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, event_id, time_ns, kind, principal, body, prev_hash, hash FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(backend)?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![after, limit], audit_from_row)
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_core::principal::TeamDetail;
+    use palisade_core::{PrincipalDetail, Status};
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("palisade-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn team(slug: &str) -> Principal {
+        let now = Timestamp::now();
+        Principal {
+            id: PrincipalId::new(PrincipalKind::Team, slug).unwrap(),
+            display_name: slug.into(),
+            status: Status::Active,
+            status_change: None,
+            created_at: now,
+            updated_at: now,
+            detail: PrincipalDetail::Team(TeamDetail::default()),
+        }
+    }
+
+    #[test]
+    fn principals_persist_across_reopen_and_duplicates_conflict() {
+        let dir = temp_dir("reopen");
+        {
+            let store = SqliteStore::open(&dir).unwrap();
+            store.insert_principal(&team("alpha")).unwrap();
+            assert!(matches!(
+                store.insert_principal(&team("alpha")),
+                Err(StoreError::Conflict(_))
+            ));
+        }
+        let store = SqliteStore::open(&dir).unwrap();
+        let all = store.list_principals(Some(PrincipalKind::Team)).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].id.to_string(), "team:alpha");
+        assert!(
+            store
+                .list_principals(Some(PrincipalKind::Agent))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_database_from_a_newer_palisade_is_refused() {
+        let dir = temp_dir("newer");
+        drop(SqliteStore::open(&dir).unwrap());
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(conn);
+        let err = SqliteStore::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("newer than this palisade"), "{err}");
+    }
+
+    #[test]
+    fn open_existing_refuses_a_missing_database() {
+        let dir = temp_dir("missing");
+        let err = SqliteStore::open_existing(&dir).err().unwrap().to_string();
+        assert!(err.contains("--data-dir"), "{err}");
+        assert!(!dir.join(DB_FILE).exists());
+    }
+}
