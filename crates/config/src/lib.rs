@@ -286,12 +286,18 @@ impl RouteConfig {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. Relative paths in it (`data_dir`, `policy.dir`) are
+    /// resolved against the file's own directory, so the server behaves the same from any working
+    /// directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(&name, format!("cannot read the config file: {e}")))?;
-        Self::from_toml(&text, &name)
+        let mut config = Self::from_toml(&text, &name)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.server.data_dir = base.join(&config.server.data_dir);
+        config.policy.dir = config.policy.dir.as_deref().map(|dir| base.join(dir));
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `source_name` prefixes every error.
@@ -370,7 +376,7 @@ impl Config {
             routes.push(route);
         }
         // Longest prefix first, so `/a/b` wins over `/a`.
-        routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
 
         Ok(Self {
             server: ServerConfig {

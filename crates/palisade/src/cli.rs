@@ -77,7 +77,7 @@ struct ServeArgs {
 #[derive(Subcommand)]
 enum AgentCmd {
     /// Register an agent; prints its client secret once.
-    Register(AgentRegister),
+    Register(Box<AgentRegister>),
     /// List agents.
     List,
     /// Show one agent.
@@ -695,7 +695,10 @@ async fn audit_tail(c: &Client, limit: usize, follow: bool, as_json: bool) -> Re
     for item in &last {
         print_event(item, as_json);
     }
-    while follow {
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let v = c
             .call(
@@ -709,7 +712,6 @@ async fn audit_tail(c: &Client, limit: usize, follow: bool, as_json: bool) -> Re
             print_event(&item, as_json);
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn print_event(item: &Value, as_json: bool) {

@@ -364,7 +364,7 @@ impl PolicyEngine {
         policies.sort();
         let cedar_allowed = response.decision() == cedar_policy::Decision::Allow;
         let allowed = cedar_allowed && errors.is_empty();
-        if !allowed && policies.is_empty() || (cedar_allowed && !allowed) {
+        if !allowed && (policies.is_empty() || cedar_allowed) {
             policies = vec![if errors.is_empty() {
                 DEFAULT_DENY.into()
             } else {

@@ -1,0 +1,175 @@
+//! Test harness: the real server on port 0 with a real upstream HTTP server, over real sockets.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use palisade_config::Config;
+use palisade_server::{RunningServer, StartOptions};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What the upstream saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A real HTTP upstream that records every request and answers JSON.
+pub async fn upstream() -> Upstream {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let app = Router::new().fallback(
+        |State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: axum::extract::Request| async move {
+            let path = req.uri().path().to_string();
+            seen.lock().unwrap().push(Seen {
+                method: req.method().to_string(),
+                path: path.clone(),
+                headers: req.headers().clone(),
+            });
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap_or_default();
+            axum::Json(json!({ "upstream": "tickets", "path": path, "echo_len": body.len() }))
+        },
+    );
+    let app = app.with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Upstream { addr, seen }
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "palisade-test-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+pub const NO_DELETES: &str = r#"
+@id("tickets.no-deletes")
+forbid (principal, action == Palisade::Action::"destructive", resource == Palisade::Route::"tickets");
+"#;
+
+pub struct Harness {
+    pub server: RunningServer,
+    pub upstream: Upstream,
+    pub data_dir: PathBuf,
+    pub http: reqwest::Client,
+    pub admin: String,
+}
+
+impl Harness {
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, "").await
+    }
+
+    pub async fn start_with(name: &str, extra_toml: &str) -> Self {
+        let upstream = upstream().await;
+        let data_dir = temp_dir(name);
+        let policy_dir = data_dir.with_extension("policies");
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        std::fs::write(policy_dir.join("tickets.cedar"), NO_DELETES).unwrap();
+        let toml = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[policy]
+dir = "{}"
+[gateway]
+max_body_bytes = 4096
+[[routes]]
+name = "tickets"
+path_prefix = "/tickets"
+upstream = "http://{}"
+{extra_toml}
+"#,
+            data_dir.display(),
+            policy_dir.display(),
+            upstream.addr
+        );
+        let config = Config::from_toml(&toml, "test.toml").unwrap();
+        let server = palisade_server::start(config, StartOptions::default()).await.unwrap();
+        let admin = std::fs::read_to_string(&server.admin_token_path).unwrap().trim().to_string();
+        Self { server, upstream, data_dir, http: reqwest::Client::new(), admin }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url())
+    }
+
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(&format!("/api/v1{path}"))).bearer_auth(&self.admin);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers human:alice and an agent allowed on `tickets`; returns the agent's secret.
+    pub async fn owner_and_agent(&self, slug: &str) -> String {
+        let (s, _) = self.api(reqwest::Method::POST, "/humans", Some(json!({ "id": "alice", "email": "alice@example.com" }))).await;
+        assert!(s == 201 || s == 409, "human add: {s}");
+        let (s, body) = self.api(reqwest::Method::POST, "/agents", Some(agent_body(slug))).await;
+        assert_eq!(s, 201, "{body}");
+        body["credentials"]["client_secret"].as_str().unwrap().to_string()
+    }
+
+    pub async fn token_for(&self, client_id: &str, secret: &str) -> String {
+        let resp = self
+            .http
+            .post(self.url("/oauth2/token"))
+            .basic_auth(client_id, Some(secret))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get_tickets(&self, token: &str) -> reqwest::Response {
+        self.http.get(self.url("/tickets/42")).bearer_auth(token).send().await.unwrap()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(args)
+            .env("PALISADE_ADDR", self.server.url())
+            .env("PALISADE_TOKEN", &self.admin)
+            .env("PALISADE_DATA_DIR", &self.data_dir)
+            .output()
+            .unwrap()
+    }
+}
+
+pub fn agent_body(slug: &str) -> Value {
+    json!({
+        "id": format!("agent:{slug}"),
+        "owner": "human:alice",
+        "purpose": "Reviews pull requests and posts comments",
+        "purpose_tag": "pull-request-review",
+        "model_provider": "anthropic",
+        "model": "claude-opus-4",
+        "model_version": "2026-05-01",
+        "allowed_resources": ["tickets"],
+        "scopes": ["tickets:read"],
+        "max_files_per_session": 50
+    })
+}
