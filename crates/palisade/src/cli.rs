@@ -427,10 +427,12 @@ async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| "127.0.0.1:8080".into());
     let mut options = palisade_server::StartOptions::default();
+    let mut demo_upstream = String::from("-");
     let config = if args.demo && args.config.is_none() {
         let upstream = palisade_server::demo::start_upstream()
             .await
             .context("cannot start the demo upstream")?;
+        demo_upstream = format!("http://{upstream}");
         let dir = data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("./palisade-data"));
@@ -501,7 +503,12 @@ async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
             .map_err(anyhow::Error::msg)?;
         println!(
             "{}",
-            palisade_server::demo::instructions(&server.url(), &secret, &data_dir_text)
+            palisade_server::demo::instructions(
+                &server.url(),
+                &secret,
+                &data_dir_text,
+                &demo_upstream
+            )
         );
     } else {
         println!(

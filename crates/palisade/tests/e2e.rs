@@ -21,24 +21,49 @@ async fn whole_loop_token_allow_deny_suspend_verify_and_tamper() {
     {
         let seen = h.upstream.seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
-        assert!(seen[0].headers.get("authorization").is_none(), "bearer token was forwarded upstream");
+        assert!(
+            seen[0].headers.get("authorization").is_none(),
+            "bearer token was forwarded upstream"
+        );
         assert!(seen[0].headers.get("x-request-id").is_some());
     }
 
     // DELETE is refused, naming the forbid policy.
-    let resp = h.http.delete(h.url("/tickets/42")).bearer_auth(&token).send().await.unwrap();
+    let resp = h
+        .http
+        .delete(h.url("/tickets/42"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 403);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["deciding_policies"], json!(["tickets.no-deletes"]));
-    assert_eq!(h.upstream.seen.lock().unwrap().len(), 1, "a denied request reached the upstream");
+    assert_eq!(
+        h.upstream.seen.lock().unwrap().len(),
+        1,
+        "a denied request reached the upstream"
+    );
 
     // Suspension makes the live token fail at once.
-    let (s, _) = h.api(Method::POST, "/agents/pr-reviewer/suspend", Some(json!({ "reason": "incident 7" }))).await;
+    let (s, _) = h
+        .api(
+            Method::POST,
+            "/agents/pr-reviewer/suspend",
+            Some(json!({ "reason": "incident 7" })),
+        )
+        .await;
     assert_eq!(s, 200);
     let resp = h.get_tickets(&token).await;
     assert_eq!(resp.status(), 401);
-    let www = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
-    assert!(www.contains("invalid_token") && www.contains("suspended"), "{www}");
+    let www = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        www.contains("invalid_token") && www.contains("suspended"),
+        "{www}"
+    );
 
     // The audit chain verifies with the real CLI, then a tampered row is named.
     let data_dir = h.data_dir.clone();
@@ -48,7 +73,11 @@ async fn whole_loop_token_allow_deny_suspend_verify_and_tamper() {
         .arg(&data_dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("audit chain intact"), "{stdout}");
 
@@ -61,7 +90,11 @@ async fn whole_loop_token_allow_deny_suspend_verify_and_tamper() {
         )
         .unwrap();
     assert_eq!(kind, "gateway.decision");
-    db.execute("UPDATE audit_events SET body = replace(body, '403', '200') WHERE seq = ?1", [seq]).unwrap();
+    db.execute(
+        "UPDATE audit_events SET body = replace(body, '403', '200') WHERE seq = ?1",
+        [seq],
+    )
+    .unwrap();
     drop(db);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
         .args(["audit", "verify", "--data-dir"])
@@ -94,8 +127,19 @@ async fn every_decision_and_admin_change_is_audited_without_secrets() {
     assert!(!text.contains(&secret), "client secret in the audit log");
     assert!(!text.contains(&token), "access token in the audit log");
     assert!(!text.contains(&h.admin), "admin token in the audit log");
-    let kinds: Vec<&str> = events["items"].as_array().unwrap().iter().map(|i| i["event"]["kind"].as_str().unwrap()).collect();
-    for expected in ["server.start", "admin.change", "token.issued", "gateway.decision", "token.refused"] {
+    let kinds: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["event"]["kind"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "server.start",
+        "admin.change",
+        "token.issued",
+        "gateway.decision",
+        "token.refused",
+    ] {
         assert!(kinds.contains(&expected), "missing {expected} in {kinds:?}");
     }
     let decision = events["items"]
@@ -106,11 +150,17 @@ async fn every_decision_and_admin_change_is_audited_without_secrets() {
         .find(|e| e["kind"] == "gateway.decision")
         .unwrap();
     assert_eq!(decision["principal"]["id"], "agent:auditee");
-    assert_eq!(decision["principal"]["model"], "anthropic/claude-opus-4@2026-05-01");
+    assert_eq!(
+        decision["principal"]["model"],
+        "anthropic/claude-opus-4@2026-05-01"
+    );
     assert_eq!(decision["principal"]["owner"], "human:alice");
     assert_eq!(decision["action"], "read");
     assert_eq!(decision["decision"]["allowed"], true);
-    assert_eq!(decision["decision"]["policies"], json!(["palisade.baseline.agent-read"]));
+    assert_eq!(
+        decision["decision"]["policies"],
+        json!(["palisade.baseline.agent-read"])
+    );
     assert_eq!(decision["outcome"]["status"], 200);
     assert!(decision["latency_us"].as_u64().is_some());
     assert!(decision["request_id"].as_str().is_some());
@@ -125,8 +175,16 @@ async fn registration_validation_names_the_field() {
         (json!({ "owner": "human:nobody" }), 400, "owner"),
         (json!({ "owner": "agent:first" }), 400, "owner"),
         (json!({ "purpose": "" }), 400, "purpose"),
-        (json!({ "max_session_minutes": 500 }), 400, "max_session_minutes"),
-        (json!({ "max_session_minutes": "long" }), 400, "max_session_minutes"),
+        (
+            json!({ "max_session_minutes": 500 }),
+            400,
+            "max_session_minutes",
+        ),
+        (
+            json!({ "max_session_minutes": "long" }),
+            400,
+            "max_session_minutes",
+        ),
         (json!({ "colour": "blue" }), 400, "colour"),
         (json!({ "id": "agent:first" }), 409, "id"),
         (json!({ "id": "human:first" }), 400, "id"),
@@ -143,9 +201,17 @@ async fn registration_validation_names_the_field() {
     // A suspended owner cannot own a new agent.
     let (s, _) = h.api(Method::POST, "/humans/alice/suspend", None).await;
     assert_eq!(s, 200);
-    let (s, resp) = h.api(Method::POST, "/agents", Some(support::agent_body("third"))).await;
+    let (s, resp) = h
+        .api(Method::POST, "/agents", Some(support::agent_body("third")))
+        .await;
     assert_eq!(s, 400);
-    assert!(resp["error"]["message"].as_str().unwrap().contains("suspended"), "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("suspended"),
+        "{resp}"
+    );
     h.server.stop().await;
 }
 
@@ -165,24 +231,58 @@ async fn malformed_and_oversized_admin_bodies_get_clear_errors() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_json");
 
-    let big = format!("{{\"id\":\"x\",\"description\":\"{}\"}}", "a".repeat(100 * 1024));
-    let resp = h.http.post(h.url("/api/v1/teams")).bearer_auth(&h.admin).body(big).send().await.unwrap();
+    let big = format!(
+        "{{\"id\":\"x\",\"description\":\"{}\"}}",
+        "a".repeat(100 * 1024)
+    );
+    let resp = h
+        .http
+        .post(h.url("/api/v1/teams"))
+        .bearer_auth(&h.admin)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 413);
 
     let resp = h.http.get(h.url("/api/v1/agents")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("admin.token"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("admin.token")
+    );
 
-    let resp = h.http.get(h.url("/api/v1/agents")).bearer_auth("pat_wrong").send().await.unwrap();
+    let resp = h
+        .http
+        .get(h.url("/api/v1/agents"))
+        .bearer_auth("pat_wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
 
     // Gateway body limit (4096 in the harness config) and unknown paths.
     let secret = h.owner_and_agent("bodies").await;
     let token = h.token_for("agent:bodies", &secret).await;
-    let resp = h.http.post(h.url("/tickets/1")).bearer_auth(&token).body(vec![b'x'; 10_000]).send().await.unwrap();
+    let resp = h
+        .http
+        .post(h.url("/tickets/1"))
+        .bearer_auth(&token)
+        .body(vec![b'x'; 10_000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 413);
-    let resp = h.http.get(h.url("/nowhere")).bearer_auth(&token).send().await.unwrap();
+    let resp = h
+        .http
+        .get(h.url("/nowhere"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     h.server.stop().await;
 }
@@ -191,18 +291,44 @@ async fn malformed_and_oversized_admin_bodies_get_clear_errors() {
 async fn cli_registers_lists_and_suspends_through_the_api() {
     let h = Harness::start("cli").await;
     let out = h.cli(&["human", "add", "bob", "--email", "bob@example.com"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = h.cli(&[
-        "agent", "register", "cli-bot", "--owner", "human:bob", "--purpose", "triage", "--purpose-tag", "ticket-triage",
-        "--model-provider", "anthropic", "--model", "claude", "--model-version", "1", "--allow-route", "tickets",
+        "agent",
+        "register",
+        "cli-bot",
+        "--owner",
+        "human:bob",
+        "--purpose",
+        "triage",
+        "--purpose-tag",
+        "ticket-triage",
+        "--model-provider",
+        "anthropic",
+        "--model",
+        "claude",
+        "--model-version",
+        "1",
+        "--allow-route",
+        "tickets",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("client_secret: pls_"), "{stdout}");
 
     let out = h.cli(&["agent", "list"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("agent:cli-bot") && stdout.contains("active"), "{stdout}");
+    assert!(
+        stdout.contains("agent:cli-bot") && stdout.contains("active"),
+        "{stdout}"
+    );
 
     let out = h.cli(&["agent", "suspend", "cli-bot", "--reason", "test"]);
     assert!(out.status.success());
@@ -211,10 +337,27 @@ async fn cli_registers_lists_and_suspends_through_the_api() {
     assert_eq!(v["status"], "suspended");
     assert_eq!(v["status_change"]["reason"], "test");
 
-    let out = h.cli(&["agent", "register", "x", "--owner", "human:ghost", "--purpose", "p", "--purpose-tag", "p",
-        "--model-provider", "a", "--model", "b", "--model-version", "c"]);
+    let out = h.cli(&[
+        "agent",
+        "register",
+        "x",
+        "--owner",
+        "human:ghost",
+        "--purpose",
+        "p",
+        "--purpose-tag",
+        "p",
+        "--model-provider",
+        "a",
+        "--model",
+        "b",
+        "--model-version",
+        "c",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("owner: `human:ghost` is not registered"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owner: `human:ghost` is not registered")
+    );
     h.server.stop().await;
 }
 
@@ -223,17 +366,33 @@ fn config_check_rejects_unknown_keys_with_exit_64() {
     let dir = support::temp_dir("config");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("palisade.toml");
-    std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 9\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade")).args(["config", "check"]).arg(&file).output().unwrap();
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:0\"\nlisten_port = 9\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listen_port"), "{stderr}");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(["config", "check", concat!(env!("CARGO_MANIFEST_DIR"), "/../../palisade.example.toml")])
+        .args([
+            "config",
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../palisade.example.toml"),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "example config: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "example config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -241,16 +400,31 @@ fn serve_refuses_an_invalid_policy_before_binding() {
     let dir = support::temp_dir("badpolicy");
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("broken.cedar"), "@id(\"x\")\npermit (principal, action, resource)\nwhen { principal.nope == 1 };\n").unwrap();
+    std::fs::write(
+        policies.join("broken.cedar"),
+        "@id(\"x\")\npermit (principal, action, resource)\nwhen { principal.nope == 1 };\n",
+    )
+    .unwrap();
     let file = dir.join("palisade.toml");
     std::fs::write(
         &file,
-        format!("[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[policy]\ndir = \"{}\"\n", dir.join("data").display(), policies.display()),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[policy]\ndir = \"{}\"\n",
+            dir.join("data").display(),
+            policies.display()
+        ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade")).args(["serve", "--config"]).arg(&file).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("broken.cedar:3:"), "{stderr}");
-    assert!(!dir.join("data").exists(), "the data directory was created before the policy check");
+    assert!(
+        !dir.join("data").exists(),
+        "the data directory was created before the policy check"
+    );
 }

@@ -23,12 +23,30 @@ async fn forge(name: &str) -> Forge {
     let h = Harness::start(name).await;
     let secret = h.owner_and_agent("target").await;
     let good = h.token_for("agent:target", &secret).await;
-    assert_eq!(h.get_tickets(&good).await.status(), 200, "a genuine token must pass");
-    let rec = h.server.app.store.signing_keys().unwrap().into_iter().find(|k| k.retired_at.is_none()).unwrap();
+    assert_eq!(
+        h.get_tickets(&good).await.status(),
+        200,
+        "a genuine token must pass"
+    );
+    let rec = h
+        .server
+        .app
+        .store
+        .signing_keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.retired_at.is_none())
+        .unwrap();
     let key = SigningKey::from_bytes(&rec.private_key.clone().try_into().unwrap());
     let payload = good.split('.').nth(1).unwrap();
     let claims: Value = serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap();
-    Forge { h, kid: rec.kid, key, public: rec.public_key, claims }
+    Forge {
+        h,
+        kid: rec.kid,
+        key,
+        public: rec.public_key,
+        claims,
+    }
 }
 
 impl Forge {
@@ -49,15 +67,25 @@ impl Forge {
     async fn expect_401(self, token: &str, reason: &str) {
         let resp = self.h.get_tickets(token).await;
         assert_eq!(resp.status(), 401);
-        let www = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+        let www = resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
         assert!(www.contains(reason), "expected `{reason}` in {www}");
-        assert_eq!(self.h.upstream.seen.lock().unwrap().len(), 1, "a forged token reached the upstream");
+        assert_eq!(
+            self.h.upstream.seen.lock().unwrap().len(),
+            1,
+            "a forged token reached the upstream"
+        );
         self.h.server.stop().await;
     }
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,13 +149,23 @@ async fn rejects_alg_none_in_any_case() {
     let f = forge("none").await;
     for alg in ["none", "None", "NONE", "nOnE"] {
         let header = json!({ "alg": alg, "typ": "at+jwt", "kid": f.kid });
-        let t = format!("{}.{}.", B64.encode(header.to_string()), B64.encode(f.claims.to_string()));
+        let t = format!(
+            "{}.{}.",
+            B64.encode(header.to_string()),
+            B64.encode(f.claims.to_string())
+        );
         let resp = f.h.get_tickets(&t).await;
         assert_eq!(resp.status(), 401, "alg {alg}");
-        let www = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+        let www = resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
         assert!(www.contains("algorithm is not accepted"), "{alg}: {www}");
     }
-    let t = f.sign(json!({ "alg": "none", "typ": "at+jwt", "kid": f.kid }), f.claims.clone());
+    let t = f.sign(
+        json!({ "alg": "none", "typ": "at+jwt", "kid": f.kid }),
+        f.claims.clone(),
+    );
     f.expect_401(&t, "algorithm is not accepted").await;
 }
 
@@ -140,30 +178,58 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     }
     let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
     let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
-    let inner = Sha256::new().chain_update(&ipad).chain_update(msg).finalize();
-    Sha256::new().chain_update(&opad).chain_update(inner).finalize().to_vec()
+    let inner = Sha256::new()
+        .chain_update(&ipad)
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(&opad)
+        .chain_update(inner)
+        .finalize()
+        .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_hs256_signed_with_our_public_key() {
     let f = forge("hs256").await;
     let header = json!({ "alg": "HS256", "typ": "at+jwt", "kid": f.kid });
-    let input = format!("{}.{}", B64.encode(header.to_string()), B64.encode(f.claims.to_string()));
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(f.claims.to_string())
+    );
     // Both the raw key and its JWK text are classic confusion inputs.
-    let jwks: Value = f.h.http.get(f.h.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwks: Value =
+        f.h.http
+            .get(f.h.url("/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     for key in [f.public.clone(), jwks["keys"][0].to_string().into_bytes()] {
-        let t = format!("{input}.{}", B64.encode(hmac_sha256(&key, input.as_bytes())));
+        let t = format!(
+            "{input}.{}",
+            B64.encode(hmac_sha256(&key, input.as_bytes()))
+        );
         let resp = f.h.get_tickets(&t).await;
         assert_eq!(resp.status(), 401);
     }
-    let t = format!("{input}.{}", B64.encode(hmac_sha256(&f.public, input.as_bytes())));
+    let t = format!(
+        "{input}.{}",
+        B64.encode(hmac_sha256(&f.public, input.as_bytes()))
+    );
     f.expect_401(&t, "algorithm is not accepted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_unknown_kid() {
     let f = forge("kid").await;
-    let t = f.sign(json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": "not-ours" }), f.claims.clone());
+    let t = f.sign(
+        json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": "not-ours" }),
+        f.claims.clone(),
+    );
     f.expect_401(&t, "key id is unknown").await;
 }
 
@@ -176,18 +242,27 @@ async fn rejects_key_pointing_headers_without_fetching() {
     for (name, value) in [
         ("jku", json!(trap_url)),
         ("x5u", json!(trap_url)),
-        ("jwk", json!({ "kty": "OKP", "crv": "Ed25519", "x": B64.encode(&f.public) })),
+        (
+            "jwk",
+            json!({ "kty": "OKP", "crv": "Ed25519", "x": B64.encode(&f.public) }),
+        ),
     ] {
         let mut header = f.header();
         header[name] = value;
         let t = f.sign(header, f.claims.clone());
         let resp = f.h.get_tickets(&t).await;
         assert_eq!(resp.status(), 401, "{name}");
-        let www = resp.headers()["www-authenticate"].to_str().unwrap().to_string();
+        let www = resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
         assert!(www.contains(&format!("`{name}`")), "{name}: {www}");
     }
     let fetched = tokio::time::timeout(std::time::Duration::from_millis(200), trap.accept()).await;
-    assert!(fetched.is_err(), "the server fetched a key URL from a token header");
+    assert!(
+        fetched.is_err(),
+        "the server fetched a key URL from a token header"
+    );
     let mut header = f.header();
     header["jku"] = json!(trap_url);
     let t = f.sign(header, f.claims.clone());
@@ -197,7 +272,10 @@ async fn rejects_key_pointing_headers_without_fetching() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_typ_other_than_at_jwt() {
     let f = forge("typ").await;
-    let t = f.sign(json!({ "alg": "EdDSA", "typ": "JWT", "kid": f.kid }), f.claims.clone());
+    let t = f.sign(
+        json!({ "alg": "EdDSA", "typ": "JWT", "kid": f.kid }),
+        f.claims.clone(),
+    );
     f.expect_401(&t, "type is not at+jwt").await;
 }
 
@@ -215,7 +293,10 @@ async fn rejects_tokens_over_8_kib() {
 async fn rejects_duplicate_claims() {
     let f = forge("dup").await;
     let body = f.claims.to_string();
-    let payload = format!("{},\"sub\":\"agent:someone-else\"}}", body.trim_end_matches('}'));
+    let payload = format!(
+        "{},\"sub\":\"agent:someone-else\"}}",
+        body.trim_end_matches('}')
+    );
     let t = f.sign_raw(&f.header().to_string(), &payload);
     f.expect_401(&t, "repeats the member `sub`").await;
 }
@@ -227,7 +308,12 @@ async fn token_response_carries_rfc9068_and_agent_claims() {
     let resp = h
         .http
         .post(h.url("/oauth2/token"))
-        .form(&[("grant_type", "client_credentials"), ("client_id", "agent:claims"), ("client_secret", &secret), ("scope", "tickets:read")])
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "agent:claims"),
+            ("client_secret", &secret),
+            ("scope", "tickets:read"),
+        ])
         .send()
         .await
         .unwrap();
@@ -238,10 +324,12 @@ async fn token_response_carries_rfc9068_and_agent_claims() {
     assert_eq!(body["expires_in"], 900);
     assert_eq!(body["scope"], "tickets:read");
     let token = body["access_token"].as_str().unwrap();
-    let header: Value = serde_json::from_slice(&B64.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    let header: Value =
+        serde_json::from_slice(&B64.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
     assert_eq!(header["typ"], "at+jwt");
     assert_eq!(header["alg"], "EdDSA");
-    let c: Value = serde_json::from_slice(&B64.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let c: Value =
+        serde_json::from_slice(&B64.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
     assert_eq!(c["iss"], h.server.url());
     assert_eq!(c["sub"], "agent:claims");
     assert_eq!(c["client_id"], "agent:claims");
@@ -257,10 +345,29 @@ async fn token_response_carries_rfc9068_and_agent_claims() {
     assert!(c["jti"].as_str().unwrap().len() >= 16);
 
     // Metadata and JWKS describe the same issuer and key.
-    let meta: Value = h.http.get(h.url("/.well-known/oauth-authorization-server")).send().await.unwrap().json().await.unwrap();
+    let meta: Value = h
+        .http
+        .get(h.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(meta["issuer"], h.server.url());
-    assert_eq!(meta["token_endpoint"], format!("{}/oauth2/token", h.server.url()));
-    let jwks: Value = h.http.get(h.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        meta["token_endpoint"],
+        format!("{}/oauth2/token", h.server.url())
+    );
+    let jwks: Value = h
+        .http
+        .get(h.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(jwks["keys"][0]["kid"], header["kid"]);
     assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
     h.server.stop().await;
@@ -270,7 +377,10 @@ async fn token_error(h: &Harness, req: reqwest::RequestBuilder) -> (u16, Value, 
     let _ = h;
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
-    let www = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
     (status, resp.json().await.unwrap_or(Value::Null), www)
 }
 
@@ -281,41 +391,129 @@ async fn oauth_errors_follow_rfc6749() {
     let url = h.url("/oauth2/token");
     let cc = [("grant_type", "client_credentials")];
 
-    let (s, b, www) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some("pls_wrong")).form(&cc)).await;
+    let (s, b, www) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some("pls_wrong"))
+            .form(&cc),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
     assert!(www.unwrap().starts_with("Basic"));
 
-    let (s, b, www) = token_error(&h, h.http.post(&url).basic_auth("agent:nobody", Some(&secret)).form(&cc)).await;
+    let (s, b, www) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:nobody", Some(&secret))
+            .form(&cc),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
     assert!(www.is_some());
 
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&[("grant_type", "password")])).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("unsupported_grant_type")));
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&[("grant_type", "password")]),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
 
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&[("scope", "x")])).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&[("scope", "x")]),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
 
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).header("content-type", "application/json").body("{\"grant_type\":1")).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .header("content-type", "application/json")
+            .body("{\"grant_type\":1"),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
 
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&[("grant_type", "client_credentials"), ("grant_type", "client_credentials")])).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("grant_type", "client_credentials"),
+            ]),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
 
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&[("grant_type", "client_credentials"), ("scope", "admin:all")])).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&[("grant_type", "client_credentials"), ("scope", "admin:all")]),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_scope")));
 
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&[("grant_type", "client_credentials"), ("resource", "https://payroll.example/api")])).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("resource", "https://payroll.example/api"),
+            ]),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_target")));
 
     // RFC 8707: a known resource becomes the audience.
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&[("grant_type", "client_credentials"), ("resource", &h.server.url())])).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("resource", &h.server.url()),
+            ]),
+    )
+    .await;
     assert_eq!(s, 200, "{b}");
 
     // Suspended clients get no token.
     h.api(Method::POST, "/agents/client/suspend", None).await;
-    let (s, b, _) = token_error(&h, h.http.post(&url).basic_auth("agent:client", Some(&secret)).form(&cc)).await;
+    let (s, b, _) = token_error(
+        &h,
+        h.http
+            .post(&url)
+            .basic_auth("agent:client", Some(&secret))
+            .form(&cc),
+    )
+    .await;
     assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
-    assert!(b["error_description"].as_str().unwrap().contains("suspended"));
+    assert!(
+        b["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("suspended")
+    );
     h.server.stop().await;
 }
 
@@ -323,14 +521,33 @@ async fn oauth_errors_follow_rfc6749() {
 async fn secret_rotation_overlap_then_expiry() {
     let h = Harness::start("rotate-secret").await;
     let old = h.owner_and_agent("rot").await;
-    let (s, b) = h.api(Method::POST, "/agents/rot/rotate-secret", Some(json!({ "overlap_seconds": 3600 }))).await;
+    let (s, b) = h
+        .api(
+            Method::POST,
+            "/agents/rot/rotate-secret",
+            Some(json!({ "overlap_seconds": 3600 })),
+        )
+        .await;
     assert_eq!(s, 200);
     let new = b["client_secret"].as_str().unwrap().to_string();
     h.token_for("agent:rot", &old).await;
     h.token_for("agent:rot", &new).await;
-    let (s, _) = h.api(Method::POST, "/agents/rot/rotate-secret", Some(json!({ "overlap_seconds": 0 }))).await;
+    let (s, _) = h
+        .api(
+            Method::POST,
+            "/agents/rot/rotate-secret",
+            Some(json!({ "overlap_seconds": 0 })),
+        )
+        .await;
     assert_eq!(s, 200);
-    let resp = h.http.post(h.url("/oauth2/token")).basic_auth("agent:rot", Some(&new)).form(&[("grant_type", "client_credentials")]).send().await.unwrap();
+    let resp = h
+        .http
+        .post(h.url("/oauth2/token"))
+        .basic_auth("agent:rot", Some(&new))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401, "a secret past its overlap still works");
     h.server.stop().await;
 }
@@ -345,14 +562,23 @@ async fn key_rotation_keeps_old_tokens_valid_and_publishes_both_keys() {
     let new_kid = b["active_kid"].as_str().unwrap().to_string();
     let after = h.token_for("agent:keys", &secret).await;
     let kid_of = |t: &str| -> String {
-        let header: Value = serde_json::from_slice(&B64.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
+        let header: Value =
+            serde_json::from_slice(&B64.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
         header["kid"].as_str().unwrap().to_string()
     };
     assert_eq!(kid_of(&after), new_kid);
     assert_ne!(kid_of(&before), new_kid);
     assert_eq!(h.get_tickets(&before).await.status(), 200);
     assert_eq!(h.get_tickets(&after).await.status(), 200);
-    let jwks: Value = h.http.get(h.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwks: Value = h
+        .http
+        .get(h.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
     h.server.stop().await;
 }
@@ -363,24 +589,63 @@ async fn revocation_and_introspection() {
     let secret = h.owner_and_agent("rev").await;
     let token = h.token_for("agent:rev", &secret).await;
     let introspect = |t: String| {
-        h.http.post(h.url("/oauth2/introspect")).bearer_auth(&h.admin).form(&[("token", t)]).send()
+        h.http
+            .post(h.url("/oauth2/introspect"))
+            .bearer_auth(&h.admin)
+            .form(&[("token", t)])
+            .send()
     };
-    let v: Value = introspect(token.clone()).await.unwrap().json().await.unwrap();
+    let v: Value = introspect(token.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["active"], true);
     assert_eq!(v["sub"], "agent:rev");
     // Unauthenticated introspection is refused.
-    let resp = h.http.post(h.url("/oauth2/introspect")).form(&[("token", &token)]).send().await.unwrap();
+    let resp = h
+        .http
+        .post(h.url("/oauth2/introspect"))
+        .form(&[("token", &token)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
     // The client revokes its own token.
-    let resp = h.http.post(h.url("/oauth2/revoke")).basic_auth("agent:rev", Some(&secret)).form(&[("token", &token)]).send().await.unwrap();
+    let resp = h
+        .http
+        .post(h.url("/oauth2/revoke"))
+        .basic_auth("agent:rev", Some(&secret))
+        .form(&[("token", &token)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let v: Value = introspect(token.clone()).await.unwrap().json().await.unwrap();
+    let v: Value = introspect(token.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v, json!({ "active": false }));
     let resp = h.get_tickets(&token).await;
     assert_eq!(resp.status(), 401);
-    assert!(resp.headers()["www-authenticate"].to_str().unwrap().contains("revoked"));
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("revoked")
+    );
     // Revoking garbage is still 200 (RFC 7009 §2.2).
-    let resp = h.http.post(h.url("/oauth2/revoke")).basic_auth("agent:rev", Some(&secret)).form(&[("token", "garbage")]).send().await.unwrap();
+    let resp = h
+        .http
+        .post(h.url("/oauth2/revoke"))
+        .basic_auth("agent:rev", Some(&secret))
+        .form(&[("token", "garbage")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     h.server.stop().await;
 }

@@ -108,9 +108,9 @@ struct Source {
 }
 
 impl PolicyEngine {
-    /// The baseline plus every `.cedar` file in `dir` (sorted by name), validated against the
-    /// schema.
-    pub fn load(dir: Option<&Path>) -> Result<Self, PolicyLoadError> {
+    /// The baseline, every `.cedar` file in `dir` (sorted by name), then `extra` (name, text)
+    /// sources, validated together against the schema.
+    pub fn load(dir: Option<&Path>, extra: &[(&str, &str)]) -> Result<Self, PolicyLoadError> {
         let mut sources = vec![Source {
             name: "<built-in baseline>".into(),
             text: BASELINE.into(),
@@ -138,20 +138,16 @@ impl PolicyEngine {
                 });
             }
         }
+        sources.extend(extra.iter().map(|(n, t)| Source {
+            name: (*n).into(),
+            text: (*t).into(),
+        }));
         Self::from_sources(sources)
     }
 
     /// Builds an engine from in-memory texts (name, text), after the baseline.
     pub fn from_texts(texts: &[(&str, &str)]) -> Result<Self, PolicyLoadError> {
-        let mut sources = vec![Source {
-            name: "<built-in baseline>".into(),
-            text: BASELINE.into(),
-        }];
-        sources.extend(texts.iter().map(|(n, t)| Source {
-            name: (*n).into(),
-            text: (*t).into(),
-        }));
-        Self::from_sources(sources)
+        Self::load(None, texts)
     }
 
     fn from_sources(sources: Vec<Source>) -> Result<Self, PolicyLoadError> {

@@ -137,13 +137,14 @@ pub fn seed(registry: &Registry) -> Result<String, String> {
 }
 
 /// The text `serve --demo` prints.
-pub fn instructions(base: &str, secret: &str, data_dir: &str) -> String {
+pub fn instructions(base: &str, secret: &str, data_dir: &str, upstream: &str) -> String {
     format!(
         r#"
 Palisade demo is running at {base}
   demo owner  {DEMO_OWNER}
   demo agent  {DEMO_AGENT}   (may read /tickets, may comment, may never delete)
   admin token {data_dir}/admin.token
+  upstream    {upstream}   (the demo tickets API behind route `tickets`)
 
 Paste these three commands in another terminal:
 

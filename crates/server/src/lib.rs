@@ -173,16 +173,12 @@ impl RunningServer {
 /// Validates everything, binds the listener and serves until stopped.
 pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningServer, StartError> {
     // Policies first: an invalid policy must stop the start before anything else happens.
-    let mut texts: Vec<(String, String)> = Vec::new();
-    if let Some(dir) = &config.policy.dir {
-        texts.extend(read_policy_dir(dir)?);
-    }
-    texts.extend(options.extra_policies);
-    let refs: Vec<(&str, &str)> = texts
+    let extra: Vec<(&str, &str)> = options
+        .extra_policies
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_str()))
         .collect();
-    let engine = PolicyEngine::from_texts(&refs)?;
+    let engine = PolicyEngine::load(config.policy.dir.as_deref(), &extra)?;
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.server.data_dir)?);
     let registry = Arc::new(Registry::load(store.clone())?);
@@ -256,29 +252,6 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         task,
         writer: Some(writer),
     })
-}
-
-fn read_policy_dir(dir: &std::path::Path) -> Result<Vec<(String, String)>, StartError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| {
-            StartError::Other(format!(
-                "{}: cannot read the policy directory: {e}",
-                dir.display()
-            ))
-        })?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            std::fs::read_to_string(&f)
-                .map(|t| (f.display().to_string(), t))
-                .map_err(|e| StartError::Other(format!("{}: {e}", f.display())))
-        })
-        .collect()
 }
 
 /// Reads the admin token file, creating it (mode 0600) with a fresh token on first start.
@@ -408,13 +381,5 @@ pub async fn audit_or_503(app: &App, event: AuditEvent, ok: Response) -> Respons
 
 /// The policy engine a server with this policy directory would load (for `config check`).
 pub fn policy_engine_for(dir: Option<&std::path::Path>) -> Result<PolicyEngine, StartError> {
-    let texts = match dir {
-        Some(d) => read_policy_dir(d)?,
-        None => Vec::new(),
-    };
-    let refs: Vec<(&str, &str)> = texts
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.as_str()))
-        .collect();
-    Ok(PolicyEngine::from_texts(&refs)?)
+    Ok(PolicyEngine::load(dir, &[])?)
 }

@@ -342,23 +342,30 @@ fn caller_of(
     }
 }
 
+/// The shared prologue of introspection and revocation: form, caller, `token` parameter.
+fn token_request(
+    app: &App,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Option<String>, String), OAuthError> {
+    let form = parse_form(headers, body)?;
+    let caller = caller_of(app, headers, &form)?;
+    match single(&form, "token")? {
+        Some(t) => Ok((caller, t.to_string())),
+        None => Err(OAuthError::new(
+            "invalid_request",
+            "parameter `token` is missing",
+        )),
+    }
+}
+
 /// `POST /oauth2/introspect` (RFC 7662).
 pub async fn introspect(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = match parse_form(&headers, &body) {
-        Ok(f) => f,
+    let (_caller, token) = match token_request(&app, &headers, &body) {
+        Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = caller_of(&app, &headers, &form) {
-        return e.into_response();
-    }
-    let token = match single(&form, "token") {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return OAuthError::new("invalid_request", "parameter `token` is missing")
-                .into_response();
-        }
-        Err(e) => return e.into_response(),
-    };
+    let token = token.as_str();
     let inactive = || {
         (
             StatusCode::OK,
@@ -384,22 +391,11 @@ pub async fn introspect(State(app): State<Arc<App>>, headers: HeaderMap, body: B
 /// `POST /oauth2/revoke` (RFC 7009): always 200 for a token the caller may revoke or that is
 /// not valid; a client may revoke only its own tokens.
 pub async fn revoke(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    let form = match parse_form(&headers, &body) {
-        Ok(f) => f,
+    let (caller, token) = match token_request(&app, &headers, &body) {
+        Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let caller = match caller_of(&app, &headers, &form) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    let token = match single(&form, "token") {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return OAuthError::new("invalid_request", "parameter `token` is missing")
-                .into_response();
-        }
-        Err(e) => return e.into_response(),
-    };
+    let token = token.as_str();
     let ok = || (StatusCode::OK, no_store()).into_response();
     let Ok(verified) = app.tokens.verify(token, None) else {
         return ok();

@@ -36,7 +36,9 @@ pub async fn upstream() -> Upstream {
                 path: path.clone(),
                 headers: req.headers().clone(),
             });
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap_or_default();
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
             axum::Json(json!({ "upstream": "tickets", "path": path, "echo_len": body.len() }))
         },
     );
@@ -102,17 +104,36 @@ upstream = "http://{}"
             upstream.addr
         );
         let config = Config::from_toml(&toml, "test.toml").unwrap();
-        let server = palisade_server::start(config, StartOptions::default()).await.unwrap();
-        let admin = std::fs::read_to_string(&server.admin_token_path).unwrap().trim().to_string();
-        Self { server, upstream, data_dir, http: reqwest::Client::new(), admin }
+        let server = palisade_server::start(config, StartOptions::default())
+            .await
+            .unwrap();
+        let admin = std::fs::read_to_string(&server.admin_token_path)
+            .unwrap()
+            .trim()
+            .to_string();
+        Self {
+            server,
+            upstream,
+            data_dir,
+            http: reqwest::Client::new(),
+            admin,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.url())
     }
 
-    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, self.url(&format!("/api/v1{path}"))).bearer_auth(&self.admin);
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.url(&format!("/api/v1{path}")))
+            .bearer_auth(&self.admin);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -123,11 +144,22 @@ upstream = "http://{}"
 
     /// Registers human:alice and an agent allowed on `tickets`; returns the agent's secret.
     pub async fn owner_and_agent(&self, slug: &str) -> String {
-        let (s, _) = self.api(reqwest::Method::POST, "/humans", Some(json!({ "id": "alice", "email": "alice@example.com" }))).await;
+        let (s, _) = self
+            .api(
+                reqwest::Method::POST,
+                "/humans",
+                Some(json!({ "id": "alice", "email": "alice@example.com" })),
+            )
+            .await;
         assert!(s == 201 || s == 409, "human add: {s}");
-        let (s, body) = self.api(reqwest::Method::POST, "/agents", Some(agent_body(slug))).await;
+        let (s, body) = self
+            .api(reqwest::Method::POST, "/agents", Some(agent_body(slug)))
+            .await;
         assert_eq!(s, 201, "{body}");
-        body["credentials"]["client_secret"].as_str().unwrap().to_string()
+        body["credentials"]["client_secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub async fn token_for(&self, client_id: &str, secret: &str) -> String {
@@ -145,7 +177,12 @@ upstream = "http://{}"
     }
 
     pub async fn get_tickets(&self, token: &str) -> reqwest::Response {
-        self.http.get(self.url("/tickets/42")).bearer_auth(token).send().await.unwrap()
+        self.http
+            .get(self.url("/tickets/42"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Gateway throughput and latency: the full check path (token verify + Cedar decision + durable
+# audit append + forward) against the demo upstream, and the same load straight to the upstream,
+# in one run. Needs `wrk` (Debian: apt-get install wrk).
+#
+#   bench/gateway.sh [duration_seconds] [connections]
+#
+# Prints wrk's summaries for: direct upstream (max rate), gateway (max rate), gateway at a fixed
+# 1,000 requests/s (wrk2-style pacing is not available in wrk, so the fixed-rate row uses
+# `--rate` only when wrk2 is installed; otherwise it reports latency at 4 connections).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+CONNS=${2:-32}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/palisade-target}"
+cargo build --release -p palisade >/dev/null
+BIN="$CARGO_TARGET_DIR/release/palisade"
+DATA=$(mktemp -d)
+PORT=18443
+"$BIN" serve --demo --listen 127.0.0.1:$PORT --data-dir "$DATA" >"$DATA/out.txt" 2>"$DATA/err.txt" &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DATA"' EXIT
+for _ in $(seq 50); do grep -q "Press Ctrl-C" "$DATA/out.txt" 2>/dev/null && break; sleep 0.2; done
+SECRET=$(grep -o 'client_secret=[^ ]*' "$DATA/out.txt" | cut -d= -f2)
+UPSTREAM=$(awk '/upstream /{print $2; exit}' "$DATA/out.txt")
+TOKEN=$(curl -s -d grant_type=client_credentials -d client_id=agent:ticket-triage -d client_secret="$SECRET" \
+  http://127.0.0.1:$PORT/oauth2/token | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+echo "== machine: $(nproc) cores, $(awk '/MemTotal/{print int($2/1024/1024)" GiB"}' /proc/meminfo), $(uname -sr)"
+echo "== direct to upstream ($UPSTREAM), ${DURATION}s, $CONNS connections"
+wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$UPSTREAM/tickets/42" | sed -n '1,20p'
+echo "== through the gateway (verify + Cedar + durable audit), ${DURATION}s, $CONNS connections"
+wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/tickets/42" | sed -n '1,20p'
+echo "== through the gateway, ${DURATION}s, 4 connections (low load latency)"
+wrk -t2 -c4 -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/tickets/42" | sed -n '1,20p'
+echo "== direct, ${DURATION}s, 4 connections"
+wrk -t2 -c4 -d"${DURATION}s" --latency "$UPSTREAM/tickets/42" | sed -n '1,20p'
+EVENTS=$("$BIN" audit verify --data-dir "$DATA" || true)
+echo "== $EVENTS"
