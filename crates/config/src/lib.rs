@@ -345,7 +345,11 @@ impl Config {
             ));
         }
         let default_audience_derived = raw.oauth.default_audience.is_none();
-        let default_audience = raw.oauth.default_audience.unwrap_or_else(|| issuer.clone());
+        let default_audience = raw
+            .oauth
+            .default_audience
+            .map(|a| a.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| issuer.clone());
         check_http_url("oauth.default_audience", &default_audience)?;
 
         let gateway = GatewayConfig {
@@ -490,7 +494,11 @@ fn validate_route(
         ));
     }
     let audience_derived = r.audience.is_none();
-    let audience = r.audience.unwrap_or_else(|| default_audience.to_string());
+    // Audiences compare as strings, so one canonical form: no trailing slash.
+    let audience = r
+        .audience
+        .map(|a| a.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| default_audience.to_string());
     check_http_url(&format!("{at}.audience"), &audience)?;
     let mut rules = Vec::new();
     for (j, rule) in r.rules.into_iter().enumerate() {

@@ -248,7 +248,7 @@ impl Registry {
                 other => other.into(),
             })?;
         let issued = if id.kind().is_client() {
-            Some(self.issue_secret(&id, None)?)
+            Some(self.issue_secret(&id, None, now)?)
         } else {
             None
         };
@@ -359,7 +359,7 @@ impl Registry {
         }
         let expire_at = now.plus_seconds(i64::try_from(overlap_seconds).unwrap_or(i64::MAX));
         self.store.expire_client_secrets(id, expire_at)?;
-        self.issue_secret(id, Some(expire_at))
+        self.issue_secret(id, Some(expire_at), now)
     }
 
     /// Checks a client id and secret. Every secret of the client is compared, in constant time.
@@ -395,6 +395,7 @@ impl Registry {
         &self,
         id: &PrincipalId,
         previous_expire_at: Option<Timestamp>,
+        now: Timestamp,
     ) -> Result<IssuedSecret, RegistryError> {
         let secret = secret::generate_secret("pls")?;
         let secret_id = secret::random_id::<6>()?;
@@ -403,7 +404,7 @@ impl Registry {
             &ClientSecretRecord {
                 secret_id: secret_id.clone(),
                 hash: secret.hash(),
-                created_at: Timestamp::now(),
+                created_at: now,
                 expires_at: None,
             },
         )?;

@@ -472,9 +472,6 @@ async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            if config.server.issuer_derived {
-                config.server.issuer = format!("http://{l}");
-            }
         }
         if let Some(d) = data_dir {
             config.server.data_dir = d;

@@ -373,8 +373,28 @@ async fn token_response_carries_rfc9068_and_agent_claims() {
     h.server.stop().await;
 }
 
-async fn token_error(h: &Harness, req: reqwest::RequestBuilder) -> (u16, Value, Option<String>) {
-    let _ = h;
+/// One token request: Basic credentials and form pairs, or a raw body with its content type.
+enum Body<'a> {
+    Form(&'a [(&'a str, &'a str)]),
+    Raw(&'a str, &'a str),
+}
+
+async fn token_request(
+    h: &Harness,
+    client: &str,
+    secret: &str,
+    body: Body<'_>,
+) -> (u16, Value, Option<String>) {
+    let req = h
+        .http
+        .post(h.url("/oauth2/token"))
+        .basic_auth(client, Some(secret));
+    let req = match body {
+        Body::Form(pairs) => req.form(pairs),
+        Body::Raw(content_type, text) => req
+            .header("content-type", content_type)
+            .body(text.to_string()),
+    };
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     let www = resp
@@ -388,125 +408,112 @@ async fn token_error(h: &Harness, req: reqwest::RequestBuilder) -> (u16, Value, 
 async fn oauth_errors_follow_rfc6749() {
     let h = Harness::start("oauth-errors").await;
     let secret = h.owner_and_agent("client").await;
-    let url = h.url("/oauth2/token");
-    let cc = [("grant_type", "client_credentials")];
-
-    let (s, b, www) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some("pls_wrong"))
-            .form(&cc),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
-    assert!(www.unwrap().starts_with("Basic"));
-
-    let (s, b, www) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:nobody", Some(&secret))
-            .form(&cc),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
-    assert!(www.is_some());
-
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&[("grant_type", "password")]),
-    )
-    .await;
-    assert_eq!(
-        (s, b["error"].as_str()),
-        (400, Some("unsupported_grant_type"))
-    );
-
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&[("scope", "x")]),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
-
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .header("content-type", "application/json")
-            .body("{\"grant_type\":1"),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
-
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("grant_type", "client_credentials"),
-            ]),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
-
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&[("grant_type", "client_credentials"), ("scope", "admin:all")]),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_scope")));
-
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&[
+    let own_url = h.server.url();
+    let cc: &[(&str, &str)] = &[("grant_type", "client_credentials")];
+    let cases: Vec<(&str, &str, Body<'_>, u16, &str)> = vec![
+        (
+            "agent:client",
+            "pls_wrong",
+            Body::Form(cc),
+            401,
+            "invalid_client",
+        ),
+        (
+            "agent:nobody",
+            &secret,
+            Body::Form(cc),
+            401,
+            "invalid_client",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Form(&[("grant_type", "password")]),
+            400,
+            "unsupported_grant_type",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Form(&[("scope", "x")]),
+            400,
+            "invalid_request",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Raw("application/json", "{\"grant_type\":1"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Raw(
+                "application/x-www-form-urlencoded",
+                "grant_type=client_credentials&grant_type=client_credentials",
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Form(&[("grant_type", "client_credentials"), ("scope", "admin:all")]),
+            400,
+            "invalid_scope",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Form(&[
                 ("grant_type", "client_credentials"),
                 ("resource", "https://payroll.example/api"),
             ]),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_target")));
+            400,
+            "invalid_target",
+        ),
+        (
+            "agent:client",
+            &secret,
+            Body::Form(&[
+                ("grant_type", "client_credentials"),
+                ("resource", "not a uri"),
+            ]),
+            400,
+            "invalid_target",
+        ),
+    ];
+    for (client, secret, body, status, error) in cases {
+        let (s, b, www) = token_request(&h, client, secret, body).await;
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (status, Some(error)),
+            "{client}: {b}"
+        );
+        assert!(
+            b["error_description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "{b}"
+        );
+        // RFC 6749 §5.2: invalid_client with HTTP Basic answers 401 with WWW-Authenticate.
+        assert_eq!(www.is_some(), status == 401, "{client}: {www:?}");
+    }
 
     // RFC 8707: a known resource becomes the audience.
-    let (s, b, _) = token_error(
+    let (s, b, _) = token_request(
         &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("resource", &h.server.url()),
-            ]),
+        "agent:client",
+        &secret,
+        Body::Form(&[("grant_type", "client_credentials"), ("resource", &own_url)]),
     )
     .await;
     assert_eq!(s, 200, "{b}");
 
     // Suspended clients get no token.
     h.api(Method::POST, "/agents/client/suspend", None).await;
-    let (s, b, _) = token_error(
-        &h,
-        h.http
-            .post(&url)
-            .basic_auth("agent:client", Some(&secret))
-            .form(&cc),
-    )
-    .await;
+    let (s, b, _) = token_request(&h, "agent:client", &secret, Body::Form(cc)).await;
     assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
     assert!(
         b["error_description"]
@@ -540,15 +547,11 @@ async fn secret_rotation_overlap_then_expiry() {
         )
         .await;
     assert_eq!(s, 200);
-    let resp = h
-        .http
-        .post(h.url("/oauth2/token"))
-        .basic_auth("agent:rot", Some(&new))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401, "a secret past its overlap still works");
+    let cc: &[(&str, &str)] = &[("grant_type", "client_credentials")];
+    let (s, b, _) = token_request(&h, "agent:rot", &new, Body::Form(cc)).await;
+    assert_eq!(s, 401, "a secret past its overlap still works: {b}");
+    let (s, _, _) = token_request(&h, "agent:rot", &old, Body::Form(cc)).await;
+    assert_eq!(s, 401, "the first secret outlived two rotations");
     h.server.stop().await;
 }
 

@@ -58,13 +58,14 @@ pub async fn start_upstream() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The demo configuration: one `tickets` route to the demo upstream.
+/// The demo configuration: one `tickets` route to the demo upstream. (`{:?}` quotes and escapes
+/// the strings, which TOML reads back as basic strings.)
 pub fn config(listen: &str, data_dir: &str, upstream: SocketAddr) -> Result<Config, String> {
     let text = format!(
         r#"
 [server]
-listen = "{listen}"
-data_dir = "{data_dir}"
+listen = {listen:?}
+data_dir = {data_dir:?}
 
 [[routes]]
 name = "tickets"

@@ -129,7 +129,7 @@ pub struct RunningServer {
     pub admin_token_path: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    writer: Option<palisade_audit::AuditWriter>,
+    writer: palisade_audit::AuditWriter,
 }
 
 impl RunningServer {
@@ -138,11 +138,24 @@ impl RunningServer {
         format!("http://{}", self.addr)
     }
 
-    /// Waits until the server stops (Ctrl-C in `palisade serve`).
-    pub async fn wait(mut self) {
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+    /// Waits until the server stops (Ctrl-C in `palisade serve`), then drains the audit log.
+    pub async fn wait(self) {
+        let Self {
+            app,
+            task,
+            writer,
+            shutdown,
+            ..
+        } = self;
         let _ = task.await;
-        self.finish().await;
+        drop((app, shutdown));
+        // The writer ends once every AuditLog handle is gone (the router's went with the task),
+        // after writing everything still queued.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::task::spawn_blocking(move || writer.join()),
+        )
+        .await;
     }
 
     /// Stops accepting, finishes in-flight requests, drains the audit log.
@@ -150,23 +163,7 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        let _ = task.await;
-        self.finish().await;
-    }
-
-    async fn finish(mut self) {
-        let writer = self.writer.take();
-        drop(self);
-        if let Some(writer) = writer {
-            // The writer ends once every AuditLog handle is gone; requests still holding one
-            // finish first.
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                tokio::task::spawn_blocking(move || writer.join()),
-            )
-            .await;
-        }
+        self.wait().await;
     }
 }
 
@@ -250,7 +247,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         admin_token_path,
         shutdown: Some(tx),
         task,
-        writer: Some(writer),
+        writer,
     })
 }
 

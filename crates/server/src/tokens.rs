@@ -49,37 +49,36 @@ impl TokenService {
             .into_iter()
             .map(|r| (r.jti, r.expires_at.unix_seconds()))
             .collect();
+        let keys = Self::key_set(&store, config.oauth.leeway_secs).map_err(|e| e.to_string())?;
         let service = Self {
             config,
             store,
             registry,
-            keys: RwLock::new(Arc::new(
-                KeySet::from_records(&[], now, 0, 0).map_err(|e| e.to_string())?,
-            )),
+            keys: RwLock::new(Arc::new(keys)),
             revoked: RwLock::new(revoked),
         };
-        service.reload_keys().map_err(|e| e.to_string())?;
         Ok(service)
     }
 
-    fn max_lifetime(&self) -> i64 {
-        // Keys are retained for the longest lifetime any configuration allows, not just the current
-        // one, so shortening the TTL never orphans a live token.
-        30 * 60
+    /// Keys are retained for the longest lifetime any configuration allows (30 minutes), not
+    /// just the current one, so shortening the TTL never orphans a live token.
+    const MAX_TOKEN_LIFETIME_SECS: i64 = 30 * 60;
+
+    fn key_set(store: &Arc<dyn Store>, leeway_secs: i64) -> Result<KeySet, KeyError> {
+        let records = store
+            .signing_keys()
+            .map_err(|e| KeyError::Corrupt("*".into(), e.to_string()))?;
+        KeySet::from_records(
+            &records,
+            Timestamp::now(),
+            Self::MAX_TOKEN_LIFETIME_SECS,
+            leeway_secs,
+        )
     }
 
     /// Re-reads keys from the store.
     pub fn reload_keys(&self) -> Result<(), KeyError> {
-        let records = self
-            .store
-            .signing_keys()
-            .map_err(|e| KeyError::Corrupt("*".into(), e.to_string()))?;
-        let set = KeySet::from_records(
-            &records,
-            Timestamp::now(),
-            self.max_lifetime(),
-            self.config.oauth.leeway_secs,
-        )?;
+        let set = Self::key_set(&self.store, self.config.oauth.leeway_secs)?;
         if let Ok(mut keys) = self.keys.write() {
             *keys = Arc::new(set);
         }
