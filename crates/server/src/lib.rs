@@ -15,6 +15,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use palisade_audit::{AuditEvent, AuditLog};
 use palisade_config::Config;
 use palisade_core::Principal;
@@ -130,6 +131,7 @@ pub struct RunningServer {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     writer: palisade_audit::AuditWriter,
+    checkpointer: palisade_store::Checkpointer,
 }
 
 impl RunningServer {
@@ -145,6 +147,7 @@ impl RunningServer {
             task,
             writer,
             shutdown,
+            checkpointer,
             ..
         } = self;
         let _ = task.await;
@@ -156,6 +159,8 @@ impl RunningServer {
             tokio::task::spawn_blocking(move || writer.join()),
         )
         .await;
+        // Last: a final checkpoint after the audit log has drained.
+        let _ = tokio::task::spawn_blocking(move || drop(checkpointer)).await;
     }
 
     /// Stops accepting, finishes in-flight requests, drains the audit log.
@@ -177,7 +182,9 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .collect();
     let engine = PolicyEngine::load(config.policy.dir.as_deref(), &extra)?;
 
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.server.data_dir)?);
+    let sqlite = SqliteStore::open(&config.server.data_dir)?;
+    let checkpointer = sqlite.start_checkpointer(std::time::Duration::from_secs(1))?;
+    let store: Arc<dyn Store> = Arc::new(sqlite);
     let registry = Arc::new(Registry::load(store.clone())?);
     let admin_token_path = config.server.data_dir.join(ADMIN_TOKEN_FILE);
     let admin_token_hash = ensure_admin_token(&admin_token_path)?;
@@ -234,6 +241,12 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
+        // Small JSON answers and streamed chunks must leave at once, not wait for Nagle.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         if let Err(e) = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
@@ -248,6 +261,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         shutdown: Some(tx),
         task,
         writer,
+        checkpointer,
     })
 }
 

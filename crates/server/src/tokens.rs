@@ -5,7 +5,12 @@ use palisade_config::Config;
 use palisade_core::store::{RevocationRecord, Store, StoreError};
 use palisade_core::{Principal, PrincipalDetail, Status, Timestamp};
 use palisade_gateway::{AuthFailure, Authenticator, Caller};
-use palisade_token::{AccessTokenClaims, KeyError, KeySet, VerifiedToken, VerifyPolicy};
+use palisade_token::{
+    AccessTokenClaims, KeyError, KeySet, VerifiedToken, VerifyCache, VerifyPolicy,
+};
+
+/// Verified tokens remembered between requests (about 2 KiB each).
+const VERIFY_CACHE_CAPACITY: usize = 16 * 1024;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -16,6 +21,7 @@ pub struct TokenService {
     registry: Arc<palisade_core::registry::Registry>,
     keys: RwLock<Arc<KeySet>>,
     revoked: RwLock<HashMap<String, i64>>,
+    verified: VerifyCache,
 }
 
 /// What a token request asked for, after validation.
@@ -56,6 +62,7 @@ impl TokenService {
             registry,
             keys: RwLock::new(Arc::new(keys)),
             revoked: RwLock::new(revoked),
+            verified: VerifyCache::new(VERIFY_CACHE_CAPACITY),
         };
         Ok(service)
     }
@@ -82,6 +89,7 @@ impl TokenService {
         if let Ok(mut keys) = self.keys.write() {
             *keys = Arc::new(set);
         }
+        self.verified.clear();
         Ok(())
     }
 
@@ -232,8 +240,10 @@ impl TokenService {
             leeway_secs: self.config.oauth.leeway_secs,
             now: Timestamp::now().unix_seconds(),
         };
-        let verified =
-            palisade_token::verify(token, &self.keys(), &policy).map_err(|e| e.to_string())?;
+        let verified = self
+            .verified
+            .verify(token, &self.keys(), &policy)
+            .map_err(|e| e.to_string())?;
         let revoked = self
             .revoked
             .read()

@@ -13,7 +13,8 @@ use palisade_core::store::{
 use palisade_core::{Principal, PrincipalId, PrincipalKind, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The database file name inside the data directory.
 pub const DB_FILE: &str = "palisade.db";
@@ -68,6 +69,21 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
+pub struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The SQLite store.
 pub struct SqliteStore {
     path: PathBuf,
@@ -115,6 +131,46 @@ impl SqliteStore {
             path: file.to_path_buf(),
             main: Mutex::new(main),
             audit: Mutex::new(audit),
+        })
+    }
+
+    /// Moves WAL checkpoints off the commit path: a thread with its own connection runs a
+    /// passive checkpoint every `every`, and the request-serving connections stop checkpointing
+    /// automatically (otherwise the commit that crosses 1,000 WAL pages copies them all into the
+    /// database and fsyncs it while a request waits). Dropping the handle stops the thread.
+    pub fn start_checkpointer(
+        &self,
+        every: std::time::Duration,
+    ) -> Result<Checkpointer, StoreError> {
+        let conn = connect(&self.path)?;
+        for c in [self.main()?, self.audit()?] {
+            c.execute_batch("PRAGMA wal_autocheckpoint=0;")
+                .map_err(backend)?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_thread = stop.clone();
+        let tick = std::time::Duration::from_millis(50).min(every);
+        let thread = std::thread::Builder::new()
+            .name("palisade-checkpoint".into())
+            .spawn(move || {
+                let mut waited = std::time::Duration::ZERO;
+                while !stop_thread.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    waited += tick;
+                    if waited >= every {
+                        waited = std::time::Duration::ZERO;
+                        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                        }
+                    }
+                }
+                // One last checkpoint so a clean stop leaves a short WAL behind.
+                let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);");
+            })
+            .map_err(|e| backend(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
         })
     }
 
@@ -546,6 +602,44 @@ mod tests {
         drop(conn);
         let err = SqliteStore::open(&dir).err().unwrap().to_string();
         assert!(err.contains("newer than this palisade"), "{err}");
+    }
+
+    fn rows_in_main_file(dir: &Path) -> i64 {
+        // `immutable=1` ignores the WAL: only checkpointed pages are visible.
+        let uri = format!("file:{}?immutable=1", dir.join(DB_FILE).display());
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(uri, flags).unwrap();
+        conn.query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0)).unwrap_or(0)
+    }
+
+    fn event(seq: u64) -> StoredAuditEvent {
+        StoredAuditEvent {
+            seq,
+            event_id: format!("e{seq}"),
+            time_ns: 1,
+            kind: "k".into(),
+            principal: None,
+            body: "{}".into(),
+            prev_hash: "p".into(),
+            hash: "h".into(),
+        }
+    }
+
+    #[test]
+    fn the_checkpointer_moves_committed_events_into_the_main_file() {
+        let dir = temp_dir("checkpoint");
+        let store = SqliteStore::open(&dir).unwrap();
+        store.append_audit(&[event(1), event(2)]).unwrap();
+        assert_eq!(rows_in_main_file(&dir), 0, "events should still be only in the WAL");
+        let checkpointer = store.start_checkpointer(std::time::Duration::from_millis(20)).unwrap();
+        store.append_audit(&[event(3)]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while rows_in_main_file(&dir) < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(rows_in_main_file(&dir), 3);
+        drop(checkpointer);
+        assert_eq!(store.read_audit(0, 10).unwrap().len(), 3);
     }
 
     #[test]

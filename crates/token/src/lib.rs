@@ -9,9 +9,11 @@
 //!
 //! This crate does no I/O and reads no clock: `now` comes in as an argument.
 
+mod cache;
 mod jose;
 mod keys;
 
+pub use cache::VerifyCache;
 pub use jose::{AccessTokenClaims, TokenError, VerifiedToken, VerifyPolicy, sign, verify};
 pub use keys::{KeyError, KeySet, generate_signing_key};
 
