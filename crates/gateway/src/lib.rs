@@ -277,9 +277,26 @@ impl Gateway {
                     )
                     .await;
             }
+            Ok(Err(e)) if body_limit_exceeded(&e) => {
+                // A streamed (chunked) body crossed the limit while being forwarded.
+                let body = json!({
+                    "error": "payload_too_large",
+                    "message": format!("the request body is larger than the gateway's limit of {} bytes", self.config.gateway.max_body_bytes),
+                });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(route = %route.name, error = %e, "upstream request failed");
-                let body = json!({ "error": "bad_gateway", "message": format!("route `{}`'s upstream could not be reached", route.name) });
+                let body = json!({ "error": "bad_gateway", "message": format!("route `{}`'s upstream could not be reached or failed mid-request", route.name) });
                 return self
                     .finish(
                         event,
@@ -509,6 +526,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
+}
+
+/// Whether a client error was caused by the request body crossing the size limit.
+fn body_limit_exceeded(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

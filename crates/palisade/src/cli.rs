@@ -494,9 +494,8 @@ async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
         Err(e) => bail!(e),
     };
     if args.demo {
-        let registry = server.app.registry.clone();
-        let secret = tokio::task::spawn_blocking(move || palisade_server::demo::seed(&registry))
-            .await?
+        let secret = palisade_server::demo::seed(&server.app)
+            .await
             .map_err(anyhow::Error::msg)?;
         println!(
             "{}",

@@ -428,3 +428,207 @@ fn serve_refuses_an_invalid_policy_before_binding() {
         "the data directory was created before the policy check"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_streaming_and_chunked_limits() {
+    // A port with nothing listening, for the "upstream down" route.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let up = support::upstream().await;
+    let extra = format!(
+        "[[routes]]\nname = \"slow\"\npath_prefix = \"/slow\"\nupstream = \"http://{}\"\ntimeout_seconds = 1\n\
+         [[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"http://{closed_addr}\"\n",
+        up.addr
+    );
+    let h = Harness::start_with("failures", &extra).await;
+    h.api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    let mut agent = support::agent_body("edge");
+    agent["allowed_resources"] = json!(["tickets", "slow", "down"]);
+    let (s, body) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{body}");
+    let secret = body["credentials"]["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = h.token_for("agent:edge", &secret).await;
+
+    let resp = h
+        .http
+        .get(h.url("/slow/x/slow"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    let resp = h
+        .http
+        .get(h.url("/down/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("`down`"),
+        "{body}"
+    );
+
+    // A streamed response arrives whole, and hop-by-hop headers stay on their hop.
+    let resp = h
+        .http
+        .get(h.url("/tickets/1/stream"))
+        .bearer_auth(&token)
+        .header("x-hop", "secret")
+        .header("connection", "x-hop")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.bytes().await.unwrap();
+    assert_eq!(bytes.len(), 3 * 64 * 1024);
+    assert_eq!(
+        (bytes[0], bytes[64 * 1024], bytes[128 * 1024]),
+        (b'a', b'b', b'c')
+    );
+    {
+        let seen = h.upstream.seen.lock().unwrap();
+        let last = seen.last().unwrap();
+        assert_eq!(last.path, "/tickets/1/stream");
+        assert!(
+            last.headers.get("x-hop").is_none(),
+            "a Connection-listed header was forwarded"
+        );
+    }
+
+    // A chunked body without Content-Length is cut off at the limit (4096 in the harness).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(h.server.addr).await.unwrap();
+    let head = format!(
+        "POST /slow/1 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..4 {
+        let chunk = vec![b'z'; 2000];
+        tcp.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        tcp.write_all(&chunk).await.unwrap();
+        tcp.write_all(b"\r\n").await.unwrap();
+    }
+    tcp.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    h.server.stop().await;
+}
+
+/// The README's first command: `serve --demo` prints three commands, and they do what it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_demo_prints_commands_that_work() {
+    use std::io::BufRead;
+    let data_dir = support::temp_dir("demo");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains("Press Ctrl-C") {
+                break;
+            }
+        }
+        text
+    })
+    .await
+    .unwrap();
+    let base = printed
+        .split("running at ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let secret = printed
+        .split("client_secret=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        printed.contains(&format!(
+            "curl -i -H \"Authorization: Bearer $TOKEN\" {base}/tickets/42"
+        )),
+        "{printed}"
+    );
+
+    let http = reqwest::Client::new();
+    let token: Value = http
+        .post(format!("{base}/oauth2/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "agent:ticket-triage"),
+            ("client_secret", &secret),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap();
+    let get = http
+        .get(format!("{base}/tickets/42"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    let delete = http
+        .delete(format!("{base}/tickets/42"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 403);
+    let body: Value = delete.json().await.unwrap();
+    assert_eq!(body["deciding_policies"], json!(["demo.no-ticket-deletes"]));
+
+    // The demo's own registrations are audited like admin changes.
+    let admin = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
+    let events: Value = http
+        .get(format!("{base}/api/v1/audit/events?limit=1000"))
+        .bearer_auth(admin.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let demo_changes: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["event"]["principal"]["id"] == "demo")
+        .map(|i| i["event"]["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        demo_changes,
+        ["human.register", "agent.register", "agent.rotate-secret"]
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}

@@ -4,6 +4,7 @@
 use axum::Router;
 use axum::extract::Path;
 use axum::routing::get;
+use palisade_audit::{AuditEvent, PrincipalRef};
 use palisade_config::Config;
 use palisade_core::registry::Registry;
 use palisade_core::{PrincipalId, PrincipalKind, Timestamp};
@@ -82,20 +83,43 @@ resource = "comment"
     Config::from_toml(&text, "<demo config>").map_err(|e| e.to_string())
 }
 
-/// Registers the demo owner and agent if missing and gives the agent a fresh secret.
-pub fn seed(registry: &Registry) -> Result<String, String> {
+/// Registers the demo owner and agent if missing, reactivates the agent, and gives it a fresh
+/// secret. Each change is audited as an admin change by `demo`, like one made through the API.
+pub async fn seed(app: &crate::App) -> Result<String, String> {
+    let registry = app.registry.clone();
+    let (changes, secret) = tokio::task::spawn_blocking(move || seed_registry(&registry))
+        .await
+        .map_err(|e| e.to_string())??;
+    for (action, resource) in changes {
+        let mut event = AuditEvent::new("admin.change");
+        event.principal = Some(PrincipalRef {
+            id: "demo".into(),
+            ..PrincipalRef::default()
+        });
+        event.action = Some(action.into());
+        event.resource = Some(resource);
+        app.audit.record(event).await.map_err(|e| e.to_string())?;
+    }
+    Ok(secret)
+}
+
+type Changes = Vec<(&'static str, String)>;
+
+fn seed_registry(registry: &Registry) -> Result<(Changes, String), String> {
     let now = Timestamp::now();
+    let mut changes = Vec::new();
     let owner: PrincipalId = DEMO_OWNER
         .parse()
         .map_err(|e: palisade_core::id::IdError| e.0)?;
     if registry.get(&owner).is_none() {
         registry
             .register(
-                owner,
+                owner.clone(),
                 json!({ "display_name": "Alice (demo owner)", "email": "alice@example.com" }),
                 now,
             )
             .map_err(|e| e.to_string())?;
+        changes.push(("human.register", owner.to_string()));
     }
     let agent = PrincipalId::new(PrincipalKind::Agent, "ticket-triage").map_err(|e| e.0)?;
     if registry.get(&agent).is_none() {
@@ -116,6 +140,7 @@ pub fn seed(registry: &Registry) -> Result<String, String> {
                 now,
             )
             .map_err(|e| e.to_string())?;
+        changes.push(("agent.register", agent.to_string()));
     }
     if registry
         .get(&agent)
@@ -130,11 +155,13 @@ pub fn seed(registry: &Registry) -> Result<String, String> {
                 now,
             )
             .map_err(|e| e.to_string())?;
+        changes.push(("agent.resume", agent.to_string()));
     }
     let issued = registry
         .rotate_secret(&agent, 0, now)
         .map_err(|e| e.to_string())?;
-    Ok(issued.secret.expose().to_string())
+    changes.push(("agent.rotate-secret", agent.to_string()));
+    Ok((changes, issued.secret.expose().to_string()))
 }
 
 /// The text `serve --demo` prints.

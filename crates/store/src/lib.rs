@@ -607,9 +607,11 @@ mod tests {
     fn rows_in_main_file(dir: &Path) -> i64 {
         // `immutable=1` ignores the WAL: only checkpointed pages are visible.
         let uri = format!("file:{}?immutable=1", dir.join(DB_FILE).display());
-        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(uri, flags).unwrap();
-        conn.query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0)).unwrap_or(0)
+        conn.query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0))
+            .unwrap_or(0)
     }
 
     fn event(seq: u64) -> StoredAuditEvent {
@@ -630,8 +632,14 @@ mod tests {
         let dir = temp_dir("checkpoint");
         let store = SqliteStore::open(&dir).unwrap();
         store.append_audit(&[event(1), event(2)]).unwrap();
-        assert_eq!(rows_in_main_file(&dir), 0, "events should still be only in the WAL");
-        let checkpointer = store.start_checkpointer(std::time::Duration::from_millis(20)).unwrap();
+        assert_eq!(
+            rows_in_main_file(&dir),
+            0,
+            "events should still be only in the WAL"
+        );
+        let checkpointer = store
+            .start_checkpointer(std::time::Duration::from_millis(20))
+            .unwrap();
         store.append_audit(&[event(3)]).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while rows_in_main_file(&dir) < 3 && std::time::Instant::now() < deadline {

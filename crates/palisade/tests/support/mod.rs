@@ -25,7 +25,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
 }
 
-/// A real HTTP upstream that records every request and answers JSON.
+/// A real HTTP upstream that records every request and answers JSON. Paths ending in `/slow`
+/// answer after 3 s; paths ending in `/stream` answer 192 KiB in three chunks without a length.
 pub async fn upstream() -> Upstream {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let app = Router::new().fallback(
@@ -39,7 +40,20 @@ pub async fn upstream() -> Upstream {
             let body = axum::body::to_bytes(req.into_body(), 1 << 20)
                 .await
                 .unwrap_or_default();
-            axum::Json(json!({ "upstream": "tickets", "path": path, "echo_len": body.len() }))
+            if path.ends_with("/slow") {
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            }
+            if path.ends_with("/stream") {
+                let chunks = (0..3u8).map(|i| {
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b'a' + i; 64 * 1024]))
+                });
+                return axum::response::Response::new(axum::body::Body::from_stream(iter_stream(
+                    chunks,
+                )));
+            }
+            axum::response::IntoResponse::into_response(axum::Json(
+                json!({ "upstream": "tickets", "path": path, "echo_len": body.len() }),
+            ))
         },
     );
     let app = app.with_state(seen.clone());
@@ -63,6 +77,9 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub const NO_DELETES: &str = r#"
 @id("tickets.no-deletes")
 forbid (principal, action == Palisade::Action::"destructive", resource == Palisade::Route::"tickets");
+
+@id("tests.slow-route-writes")
+permit (principal, action == Palisade::Action::"write", resource == Palisade::Route::"slow");
 "#;
 
 pub struct Harness {
@@ -209,4 +226,23 @@ pub fn agent_body(slug: &str) -> Value {
         "scopes": ["tickets:read"],
         "max_files_per_session": 50
     })
+}
+
+/// A stream over an iterator, yielding between items so chunks leave separately.
+fn iter_stream<I>(items: I) -> impl futures_core::Stream<Item = I::Item> + Send
+where
+    I: Iterator + Send + Unpin + 'static,
+    I::Item: Send,
+{
+    struct It<I>(I);
+    impl<I: Iterator + Unpin> futures_core::Stream for It<I> {
+        type Item = I::Item;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<I::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    It(items)
 }
