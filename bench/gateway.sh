@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Gateway throughput and latency: the full check path (token verify + Cedar decision + durable
 # audit append + forward) against the demo upstream, and the same load straight to the upstream,
-# in one run. Needs `wrk` and `hey` (Debian: apt-get install wrk hey).
+# in one run. Needs `wrk` (Debian: apt-get install wrk); the fixed-rate runs use our own
+# open-loop generator, crates/loadgen.
 #
 #   bench/gateway.sh [duration_seconds] [connections]
 #
 # Prints: maximum throughput (wrk, `connections` connections) direct and through the gateway,
-# then latency at a fixed 1,000 requests/s (hey: 10 workers x 100 req/s) direct and through the
-# gateway. What the check path adds is the difference between the gateway and direct rows.
+# then latency at a fixed, evenly spaced 1,000 requests/s (palisade-loadgen) direct and through
+# the gateway. What the check path adds is the difference between the gateway and direct rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNS=${2:-32}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/palisade-target}"
-cargo build --release -p palisade >/dev/null
+cargo build --release -p palisade -p palisade-loadgen >/dev/null
 BIN="$CARGO_TARGET_DIR/release/palisade"
+LOADGEN="$CARGO_TARGET_DIR/release/palisade-loadgen"
 DATA=$(mktemp -d)
 PORT=18443
 "$BIN" serve --demo --listen 127.0.0.1:$PORT --data-dir "$DATA" >"$DATA/out.txt" 2>"$DATA/err.txt" &
@@ -30,11 +32,8 @@ echo "== direct to upstream ($UPSTREAM), ${DURATION}s, $CONNS connections"
 wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$UPSTREAM/tickets/42" | sed -n '1,20p'
 echo "== through the gateway (verify + Cedar + durable audit), ${DURATION}s, $CONNS connections"
 wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/tickets/42" | sed -n '1,20p'
-for target in "direct $UPSTREAM/tickets/42" "gateway http://127.0.0.1:$PORT/tickets/42"; do
-  set -- $target
-  echo "== $1 at a fixed 1,000 requests/s (hey -c 10 -q 100), ${DURATION}s"
-  if [ "$1" = gateway ]; then AUTH=(-H "Authorization: Bearer $TOKEN"); else AUTH=(); fi
-  hey -z "${DURATION}s" -c 10 -q 100 "${AUTH[@]}" "$2" | sed -n '/Summary/,/Status code/p' | grep -vE '^\s*$|\|'
-done
+echo "== fixed 1,000 requests/s, evenly spaced (palisade-loadgen), ${DURATION}s each"
+"$LOADGEN" --label "direct " --rate 1000 --seconds "$DURATION" "$UPSTREAM/tickets/42"
+"$LOADGEN" --label "gateway" --rate 1000 --seconds "$DURATION" -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/tickets/42"
 EVENTS=$("$BIN" audit verify --data-dir "$DATA" || true)
 echo "== $EVENTS"
