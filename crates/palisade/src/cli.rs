@@ -59,6 +59,36 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Policies: validate and test offline; status and reload on the server.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Args)]
+struct PolicySource {
+    /// Directory of .cedar files (default: the config's policy.dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Config file whose policy.dir to use.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate the baseline and a policy directory against the schema (no server needed).
+    Validate(PolicySource),
+    /// Run a file of table cases against the policies (no server needed); exits 1 on a failure.
+    Test {
+        /// The case file (TOML, see `palisade_policy::cases`).
+        file: PathBuf,
+        #[command(flatten)]
+        source: PolicySource,
+    },
+    /// Show the policy set in force on the server and the last reload error.
+    Status,
+    /// Make the server reload its policy directory now.
+    Reload,
 }
 
 #[derive(Args)]
@@ -394,6 +424,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             audit_tail(&client()?, limit, follow, cli.json).await
         }
         Command::Audit(AuditCmd::Verify) => audit_verify(&data_dir, cli.json),
+        Command::Policy(cmd) => policy(cmd, &client, cli.json).await,
         Command::Config(ConfigCmd::Check { file }) => match check_config(&file) {
             Ok(summary) => {
                 println!("{summary}");
@@ -404,6 +435,125 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(EXIT_CONFIG))
             }
         },
+    }
+}
+
+/// The policy directory named by `--dir`, or by the config file's `policy.dir`.
+fn policy_dir(source: &PolicySource) -> Result<Option<PathBuf>, String> {
+    match (&source.dir, &source.config) {
+        (Some(_), Some(_)) => Err("give --dir or --config, not both".into()),
+        (Some(dir), None) => Ok(Some(dir.clone())),
+        (None, Some(file)) => Ok(Config::load(file).map_err(|e| e.to_string())?.policy.dir),
+        (None, None) => Ok(None),
+    }
+}
+
+async fn policy(
+    cmd: PolicyCmd,
+    client: &dyn Fn() -> Result<Client>,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let load = |source: &PolicySource| -> Result<palisade_policy::PolicyEngine, (u8, String)> {
+        let dir = policy_dir(source).map_err(|e| (EXIT_CONFIG, e))?;
+        palisade_policy::PolicyEngine::load(dir.as_deref(), &[]).map_err(|e| (1, e.to_string()))
+    };
+    match cmd {
+        PolicyCmd::Validate(source) => match load(&source) {
+            Ok(engine) => {
+                println!(
+                    "valid: {} policies, version {}",
+                    engine.policy_count(),
+                    engine.version()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err((code, e)) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(code))
+            }
+        },
+        PolicyCmd::Test { file, source } => {
+            let engine = match load(&source) {
+                Ok(e) => e,
+                Err((code, e)) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(code));
+                }
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let results =
+                match palisade_policy::cases::run(&engine, &text, &file.display().to_string()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(ExitCode::from(EXIT_CONFIG));
+                    }
+                };
+            let failed = results.iter().filter(|r| !r.passed).count();
+            if as_json {
+                let items: Vec<Value> = results
+                    .iter()
+                    .map(|r| json!({ "name": r.name, "passed": r.passed, "message": r.message }))
+                    .collect();
+                println!(
+                    "{}",
+                    pretty(
+                        &json!({ "cases": items, "failed": failed, "policy_version": engine.version() })
+                    )
+                );
+            } else {
+                for r in &results {
+                    println!(
+                        "{} {}: {}",
+                        if r.passed { "ok  " } else { "FAIL" },
+                        r.name,
+                        r.message
+                    );
+                }
+                println!(
+                    "policy cases: {} passed, {failed} failed (policy version {})",
+                    results.len() - failed,
+                    engine.version()
+                );
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        PolicyCmd::Status | PolicyCmd::Reload => {
+            let c = client()?;
+            let v = match cmd {
+                PolicyCmd::Reload => c.call(Method::POST, "/policy/reload", None).await?,
+                _ => c.call(Method::GET, "/policy", None).await?,
+            };
+            if as_json {
+                println!("{}", pretty(&v));
+            } else {
+                println!("version   {}", cell(&v["version"]));
+                println!(
+                    "policies  {}",
+                    v["policies"].as_array().map(Vec::len).unwrap_or(0)
+                );
+                println!("dir       {}", cell(&v["dir"]));
+                println!("loaded at {}", cell(&v["loaded_at"]));
+                if let Some(changed) = v.get("changed") {
+                    println!("changed   {}", cell(changed));
+                }
+                if let Some(err) = v.get("last_reload_error").filter(|e| !e.is_null()) {
+                    println!(
+                        "last reload failed at {}; the version above stays in force:",
+                        cell(&err["at"])
+                    );
+                    for e in err["errors"].as_array().into_iter().flatten() {
+                        println!("  {}", cell(e));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -54,6 +54,16 @@ impl Client {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| text.clone());
+            let details: Vec<&str> = json
+                .pointer("/error/errors")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let message = if details.is_empty() {
+                message
+            } else {
+                format!("{message}\n  {}", details.join("\n  "))
+            };
             bail!("{message} (HTTP {})", status.as_u16());
         }
         Ok(json)

@@ -238,6 +238,17 @@ impl PolicyEngine {
         &self.version
     }
 
+    /// The ids of every loaded policy, sorted, baseline included.
+    pub fn policy_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// How many policies are loaded, baseline included.
     pub fn policy_count(&self) -> usize {
         self.count
@@ -462,6 +473,8 @@ fn located(
         None => format!("{name}: {message}"),
     }
 }
+
+pub mod cases;
 
 #[cfg(test)]
 mod tests;

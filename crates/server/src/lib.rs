@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod demo;
 pub mod oauth;
+pub mod policy;
 pub mod tokens;
 
 use axum::Router;
@@ -18,16 +19,16 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use palisade_audit::{AuditEvent, AuditLog};
 use palisade_config::Config;
-use palisade_core::Principal;
 use palisade_core::registry::Registry;
 use palisade_core::store::Store;
-use palisade_gateway::{DecisionPoint, Gateway};
-use palisade_policy::{Action, Decision, PolicyEngine, RequestContext, Target};
+use palisade_gateway::Gateway;
+use palisade_policy::PolicyEngine;
 use palisade_store::SqliteStore;
+use policy::PolicyHolder;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokens::TokenService;
 
 /// Name of the admin token file in the data directory.
@@ -51,44 +52,6 @@ pub struct App {
     pub admin_token_hash: [u8; 32],
     /// Enforcement point.
     pub gateway: Arc<Gateway>,
-}
-
-/// The policy engine in force; reload swaps it atomically.
-pub struct PolicyHolder {
-    engine: RwLock<Arc<PolicyEngine>>,
-}
-
-impl PolicyHolder {
-    /// Wraps an engine.
-    pub fn new(engine: PolicyEngine) -> Self {
-        Self {
-            engine: RwLock::new(Arc::new(engine)),
-        }
-    }
-
-    /// The engine in force.
-    pub fn current(&self) -> Arc<PolicyEngine> {
-        self.engine
-            .read()
-            .map(|e| e.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
-    }
-}
-
-impl DecisionPoint for PolicyHolder {
-    fn decide(
-        &self,
-        principal: &Principal,
-        action: Action,
-        target: &Target<'_>,
-        ctx: &RequestContext<'_>,
-    ) -> (Decision, String) {
-        let engine = self.current();
-        (
-            engine.decide(principal, action, target, ctx),
-            engine.version().to_string(),
-        )
-    }
 }
 
 /// Why the server did not start.
@@ -132,6 +95,7 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<()>,
     writer: palisade_audit::AuditWriter,
     checkpointer: palisade_store::Checkpointer,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -148,9 +112,11 @@ impl RunningServer {
             writer,
             shutdown,
             checkpointer,
+            watcher,
             ..
         } = self;
         let _ = task.await;
+        watcher.abort();
         drop((app, shutdown));
         // The writer ends once every AuditLog handle is gone (the router's went with the task),
         // after writing everything still queued.
@@ -181,6 +147,11 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .map(|(n, t)| (n.as_str(), t.as_str()))
         .collect();
     let engine = PolicyEngine::load(config.policy.dir.as_deref(), &extra)?;
+    let policy = Arc::new(PolicyHolder::new(
+        engine,
+        config.policy.dir.clone(),
+        options.extra_policies.clone(),
+    ));
 
     let sqlite = SqliteStore::open(&config.server.data_dir)?;
     let checkpointer = sqlite.start_checkpointer(std::time::Duration::from_secs(1))?;
@@ -206,7 +177,6 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
             .map_err(StartError::Other)?,
     );
     let (audit, writer) = AuditLog::start(store.clone())?;
-    let policy = Arc::new(PolicyHolder::new(engine));
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         tokens.clone(),
@@ -232,6 +202,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .await
         .map_err(|e| StartError::Other(e.to_string()))?;
 
+    let watcher = policy::watch(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -262,6 +233,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         task,
         writer,
         checkpointer,
+        watcher,
     })
 }
 
@@ -314,6 +286,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/keys", get(admin::keys))
         .route("/keys/rotate", post(admin::rotate_keys))
         .route("/audit/events", get(admin::audit_events))
+        .route("/policy", get(policy::status))
+        .route("/policy/reload", post(policy::reload))
         .route("/{collection}", get(admin::list).post(admin::create))
         .route("/{collection}/{id}", get(admin::get).patch(admin::update))
         .route("/{collection}/{id}/{verb}", post(admin::lifecycle))

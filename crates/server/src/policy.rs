@@ -1,0 +1,267 @@
+//! The policy set in force, its hot reload, and the `/api/v1/policy` endpoints.
+//!
+//! INVARIANT (keep-last-good): a reload that fails validation changes nothing in force; the
+//! failure is logged, audited (`policy.reload_failed`) and shown by `GET /api/v1/policy` until a
+//! later reload succeeds.
+
+use crate::App;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use palisade_audit::{AuditEvent, PrincipalRef};
+use palisade_core::{Principal, Timestamp};
+use palisade_gateway::DecisionPoint;
+use palisade_policy::{Action, Decision, PolicyEngine, PolicyLoadError, RequestContext, Target};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+/// A failed reload, kept for the status endpoint.
+#[derive(Clone, Debug)]
+pub struct ReloadFailure {
+    /// When it failed.
+    pub at: Timestamp,
+    /// The validation errors, each with file and line where known.
+    pub errors: Vec<String>,
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The texts produced the version already in force.
+    Unchanged(String),
+    /// A new version is in force.
+    Changed {
+        /// The version before.
+        previous: String,
+        /// The version now.
+        current: String,
+    },
+}
+
+/// The policy engine in force and how to rebuild it.
+pub struct PolicyHolder {
+    engine: RwLock<Arc<PolicyEngine>>,
+    dir: Option<PathBuf>,
+    extra: Vec<(String, String)>,
+    loaded_at: Mutex<Timestamp>,
+    last_failure: Mutex<Option<ReloadFailure>>,
+    // Serialises reloads so two triggers cannot interleave their swaps.
+    reloading: Mutex<()>,
+}
+
+impl PolicyHolder {
+    /// Wraps the engine loaded at start-up from `dir` and `extra`.
+    pub fn new(engine: PolicyEngine, dir: Option<PathBuf>, extra: Vec<(String, String)>) -> Self {
+        Self {
+            engine: RwLock::new(Arc::new(engine)),
+            dir,
+            extra,
+            loaded_at: Mutex::new(Timestamp::now()),
+            last_failure: Mutex::new(None),
+            reloading: Mutex::new(()),
+        }
+    }
+
+    /// The engine in force.
+    pub fn current(&self) -> Arc<PolicyEngine> {
+        self.engine
+            .read()
+            .map(|e| e.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The policy directory, if any.
+    pub fn dir(&self) -> Option<&PathBuf> {
+        self.dir.as_ref()
+    }
+
+    /// Re-reads and validates everything; swaps only on success (blocking: call off the runtime).
+    pub fn reload(&self) -> Result<ReloadOutcome, PolicyLoadError> {
+        let _guard = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.as_str()))
+            .collect();
+        let result = PolicyEngine::load(self.dir.as_deref(), &extra);
+        let mut failure = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Err(e) => {
+                let errors = match &e {
+                    PolicyLoadError::Invalid(list) => list.clone(),
+                    other => vec![other.to_string()],
+                };
+                *failure = Some(ReloadFailure {
+                    at: Timestamp::now(),
+                    errors,
+                });
+                Err(e)
+            }
+            Ok(engine) => {
+                *failure = None;
+                let previous = self.current().version().to_string();
+                if engine.version() == previous {
+                    return Ok(ReloadOutcome::Unchanged(previous));
+                }
+                let current = engine.version().to_string();
+                if let Ok(mut slot) = self.engine.write() {
+                    *slot = Arc::new(engine);
+                }
+                if let Ok(mut at) = self.loaded_at.lock() {
+                    *at = Timestamp::now();
+                }
+                Ok(ReloadOutcome::Changed { previous, current })
+            }
+        }
+    }
+
+    /// The status document of `GET /api/v1/policy`.
+    pub fn status(&self) -> Value {
+        let engine = self.current();
+        let failure = self.last_failure.lock().map(|f| f.clone()).unwrap_or(None);
+        json!({
+            "version": engine.version(),
+            "policies": engine.policy_ids(),
+            "dir": self.dir.as_ref().map(|d| d.display().to_string()),
+            "loaded_at": self.loaded_at.lock().map(|t| *t).unwrap_or_else(|_| Timestamp::now()),
+            "last_reload_error": failure.map(|f| json!({ "at": f.at, "errors": f.errors })),
+        })
+    }
+}
+
+impl DecisionPoint for PolicyHolder {
+    fn decide(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> (Decision, String) {
+        let engine = self.current();
+        (
+            engine.decide(principal, action, target, ctx),
+            engine.version().to_string(),
+        )
+    }
+}
+
+/// Reloads, then audits what happened; returns the outcome or the validation errors.
+pub async fn reload_and_audit(app: &App, actor: &str) -> Result<ReloadOutcome, Vec<String>> {
+    let holder = app.policy.clone();
+    let result = tokio::task::spawn_blocking(move || holder.reload())
+        .await
+        .unwrap_or_else(|e| {
+            Err(PolicyLoadError::Invalid(vec![format!(
+                "reload task failed: {e}"
+            )]))
+        });
+    let mut event = AuditEvent::new("policy.reload");
+    event.principal = Some(PrincipalRef {
+        id: actor.to_string(),
+        ..PrincipalRef::default()
+    });
+    event.action = Some("policy.reload".into());
+    let outcome = match result {
+        Ok(ReloadOutcome::Unchanged(version)) => {
+            event.kind = "policy.reload_unchanged".into();
+            event.detail = json!({ "version": version });
+            Ok(ReloadOutcome::Unchanged(version))
+        }
+        Ok(ReloadOutcome::Changed { previous, current }) => {
+            tracing::info!(%previous, %current, "policy set reloaded");
+            event.kind = "policy.reloaded".into();
+            event.detail = json!({ "previous_version": previous, "version": current });
+            Ok(ReloadOutcome::Changed { previous, current })
+        }
+        Err(e) => {
+            let errors = match e {
+                PolicyLoadError::Invalid(list) => list,
+                other => vec![other.to_string()],
+            };
+            let in_force = app.policy.current().version().to_string();
+            tracing::error!(errors = %errors.join("; "), version_in_force = %in_force, "policy reload failed; the previous policy set stays in force");
+            event.kind = "policy.reload_failed".into();
+            event.detail = json!({ "errors": errors, "version_in_force": in_force });
+            Err(errors)
+        }
+    };
+    if let Err(e) = app.audit.record(event).await {
+        tracing::error!(error = %e, "could not audit a policy reload");
+    }
+    outcome
+}
+
+/// A fingerprint of the `.cedar` files in a directory: names, sizes and modification times.
+fn fingerprint(dir: &std::path::Path) -> Vec<(String, u64, Option<SystemTime>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                meta.len(),
+                meta.modified().ok(),
+            ))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Polls the policy directory and reloads when its files change. Ends when the server is gone.
+pub fn watch(app: Weak<App>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(dir) = app.upgrade().and_then(|a| a.policy.dir().cloned()) else {
+            return;
+        };
+        let mut seen = fingerprint(&dir);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let scan_dir = dir.clone();
+            let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&scan_dir)).await else {
+                continue;
+            };
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let Some(app) = app.upgrade() else { return };
+            let _ = reload_and_audit(&app, "policy-watcher").await;
+        }
+    })
+}
+
+/// `GET /api/v1/policy`.
+pub async fn status(State(app): State<Arc<App>>) -> Response {
+    axum::Json(app.policy.status()).into_response()
+}
+
+/// `POST /api/v1/policy/reload`: 200 with the status, or 400 with the errors while the previous
+/// set stays in force.
+pub async fn reload(State(app): State<Arc<App>>) -> Response {
+    match reload_and_audit(&app, "admin").await {
+        Ok(outcome) => {
+            let mut body = app.policy.status();
+            body["changed"] = json!(matches!(outcome, ReloadOutcome::Changed { .. }));
+            axum::Json(body).into_response()
+        }
+        Err(errors) => {
+            let version = app.policy.current().version().to_string();
+            let body = json!({ "error": {
+                "code": "invalid_policy",
+                "message": format!("the policy set did not validate, so version {version} stays in force; fix the files and reload"),
+                "errors": errors,
+                "version_in_force": version,
+            }});
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
+    }
+}
