@@ -48,6 +48,16 @@ pub mod raw {
         pub gateway: Gateway,
         #[serde(default)]
         pub routes: Vec<Route>,
+        #[serde(default)]
+        pub authzen: AuthZen,
+    }
+
+    /// `[authzen]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct AuthZen {
+        pub namespace: Option<String>,
     }
 
     /// `[server]`.
@@ -128,8 +138,18 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// `[gateway]`.
     pub gateway: GatewayConfig,
-    /// `[[routes]]`, in file order.
+    /// `[[routes]]`, longest prefix first.
     pub routes: Vec<RouteConfig>,
+    /// `[authzen]`.
+    pub authzen: AuthZenConfig,
+}
+
+/// The AuthZEN API's mapping onto Cedar.
+#[derive(Clone, Debug)]
+pub struct AuthZenConfig {
+    /// The Cedar namespace of application types and actions (default `App`): subject type `user`
+    /// becomes `<namespace>::user`, action `read` becomes `<namespace>::Action::"read"`.
+    pub namespace: String,
 }
 
 /// Where the server listens and keeps its state.
@@ -382,7 +402,21 @@ impl Config {
         // Longest prefix first, so `/a/b` wins over `/a`.
         routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
 
+        let namespace = raw.authzen.namespace.unwrap_or_else(|| "App".into());
+        let ident_ok = namespace
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ident_ok || namespace == "Palisade" {
+            return Err(format!(
+                "key `authzen.namespace`: `{namespace}` must be a Cedar identifier (letters, digits, `_`) other than `Palisade`"
+            ));
+        }
         Ok(Self {
+            authzen: AuthZenConfig { namespace },
             server: ServerConfig {
                 listen,
                 data_dir,

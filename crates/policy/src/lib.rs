@@ -9,7 +9,7 @@
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    PolicySet, Request, RestrictedExpression, Schema, SchemaFragment, ValidationMode, Validator,
 };
 use palisade_core::{Principal, PrincipalDetail};
 use sha2::{Digest, Sha256};
@@ -100,48 +100,86 @@ pub struct PolicyEngine {
     version: String,
     count: usize,
     authorizer: Authorizer,
+    /// Application entities from `.entities.json` files, by uid, with every ancestor as a parent.
+    entities: HashMap<EntityUid, Entity>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    /// `.cedar`: policies.
+    Policies,
+    /// `.cedarschema`: an application schema fragment, merged with Palisade's.
+    Schema,
+    /// `.entities.json`: application entities in Cedar's JSON format.
+    Entities,
 }
 
 struct Source {
     name: String,
     text: String,
+    kind: SourceKind,
+}
+
+impl Source {
+    fn policies(name: &str, text: &str) -> Self {
+        Self {
+            name: name.into(),
+            text: text.into(),
+            kind: SourceKind::Policies,
+        }
+    }
+}
+
+/// What a policy-directory file is, by its name; `None` for files the engine ignores.
+pub fn source_kind_of(path: &Path) -> Option<&'static str> {
+    let name = path.file_name()?.to_str()?;
+    if name.ends_with(".entities.json") {
+        Some("entities")
+    } else if name.ends_with(".cedarschema") {
+        Some("schema")
+    } else if name.ends_with(".cedar") {
+        Some("policies")
+    } else {
+        None
+    }
 }
 
 impl PolicyEngine {
     /// The baseline, every `.cedar` file in `dir` (sorted by name), then `extra` (name, text)
     /// sources, validated together against the schema.
     pub fn load(dir: Option<&Path>, extra: &[(&str, &str)]) -> Result<Self, PolicyLoadError> {
-        let mut sources = vec![Source {
-            name: "<built-in baseline>".into(),
-            text: BASELINE.into(),
-        }];
+        let mut sources = vec![Source::policies("<built-in baseline>", BASELINE)];
         if let Some(dir) = dir {
-            let io = |e: std::io::Error| PolicyLoadError::Io {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
-            };
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            let mut files: Vec<(PathBuf, SourceKind)> = std::fs::read_dir(dir)
                 .map_err(|e| PolicyLoadError::Io {
                     path: dir.to_path_buf(),
                     message: format!("cannot read the policy directory: {e}"),
                 })?
                 .filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+                .filter_map(|p| {
+                    let kind = match source_kind_of(&p)? {
+                        "entities" => SourceKind::Entities,
+                        "schema" => SourceKind::Schema,
+                        _ => SourceKind::Policies,
+                    };
+                    Some((p, kind))
+                })
                 .collect();
-            files.sort();
-            for file in files {
-                let text = std::fs::read_to_string(&file).map_err(io)?;
+            files.sort_by(|a, b| a.0.cmp(&b.0));
+            for (file, kind) in files {
+                let text = std::fs::read_to_string(&file).map_err(|e| PolicyLoadError::Io {
+                    path: file.clone(),
+                    message: e.to_string(),
+                })?;
                 sources.push(Source {
                     name: file.display().to_string(),
                     text,
+                    kind,
                 });
             }
         }
-        sources.extend(extra.iter().map(|(n, t)| Source {
-            name: (*n).into(),
-            text: (*t).into(),
-        }));
+        sources.extend(extra.iter().map(|(n, t)| Source::policies(n, t)));
         Self::from_sources(sources)
     }
 
@@ -151,9 +189,25 @@ impl PolicyEngine {
     }
 
     fn from_sources(sources: Vec<Source>) -> Result<Self, PolicyLoadError> {
-        let (schema, _warnings) = Schema::from_cedarschema_str(SCHEMA)
-            .map_err(|e| PolicyLoadError::Invalid(vec![format!("built-in schema: {e}")]))?;
         let mut problems = Vec::new();
+        let mut fragments = Vec::new();
+        let schema_sources = std::iter::once(("<built-in schema>", SCHEMA)).chain(
+            sources
+                .iter()
+                .filter(|s| s.kind == SourceKind::Schema)
+                .map(|s| (s.name.as_str(), s.text.as_str())),
+        );
+        for (name, text) in schema_sources {
+            match SchemaFragment::from_cedarschema_str(text) {
+                Ok((fragment, _warnings)) => fragments.push(fragment),
+                Err(e) => problems.push(located(name, text, &e)),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PolicyLoadError::Invalid(problems));
+        }
+        let schema = Schema::from_schema_fragments(fragments)
+            .map_err(|e| PolicyLoadError::Invalid(vec![format!("schema: {e}")]))?;
         let mut set = PolicySet::new();
         let mut origin: HashMap<String, usize> = HashMap::new();
         let mut hasher = Sha256::new();
@@ -162,6 +216,9 @@ impl PolicyEngine {
             hasher.update([0]);
             hasher.update(source.text.as_bytes());
             hasher.update([0]);
+            if source.kind != SourceKind::Policies {
+                continue;
+            }
             let parsed = match PolicySet::from_str(&source.text) {
                 Ok(p) => p,
                 Err(e) => {
@@ -218,6 +275,7 @@ impl PolicyEngine {
                 }
             }
         }
+        let entities = load_entities(&sources, &schema, &mut problems);
         if !problems.is_empty() {
             return Err(PolicyLoadError::Invalid(problems));
         }
@@ -230,6 +288,7 @@ impl PolicyEngine {
             version,
             count,
             authorizer: Authorizer::new(),
+            entities,
         })
     }
 
@@ -355,9 +414,17 @@ impl PolicyEngine {
             Some(&self.schema),
         )
         .map_err(|e| e.to_string())?;
+        Ok(self.authorize(&request, &entities))
+    }
+}
+
+impl PolicyEngine {
+    /// Runs Cedar and applies Palisade's rules: fail closed on evaluation errors, and name the
+    /// default deny.
+    fn authorize(&self, request: &Request, entities: &Entities) -> Decision {
         let response = self
             .authorizer
-            .is_authorized(&request, &self.policies, &entities);
+            .is_authorized(request, &self.policies, entities);
         let errors: Vec<String> = response
             .diagnostics()
             .errors()
@@ -378,12 +445,56 @@ impl PolicyEngine {
                 ERROR_DENY.into()
             }];
         }
-        Ok(Decision {
+        Decision {
             allowed,
             policies,
             errors,
-        })
+        }
     }
+}
+
+/// Parses every `.entities.json` source against the schema into one map, refusing duplicates.
+fn load_entities(
+    sources: &[Source],
+    schema: &Schema,
+    problems: &mut Vec<String>,
+) -> HashMap<EntityUid, Entity> {
+    let mut out: HashMap<EntityUid, Entity> = HashMap::new();
+    for source in sources.iter().filter(|s| s.kind == SourceKind::Entities) {
+        let value: serde_json::Value = match serde_json::from_str(&source.text) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!(
+                    "{}:{}:{}: not JSON: {e}",
+                    source.name,
+                    e.line(),
+                    e.column()
+                ));
+                continue;
+            }
+        };
+        let parsed = match Entities::from_json_value(value, Some(schema)) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(format!("{}: {e}", source.name));
+                continue;
+            }
+        };
+        for entity in parsed.iter() {
+            let (uid, attrs, parents) = entity.clone().into_inner();
+            if out.contains_key(&uid) {
+                problems.push(format!("{}: entity {uid} is defined twice", source.name));
+                continue;
+            }
+            match Entity::new(uid.clone(), attrs, parents) {
+                Ok(e) => {
+                    out.insert(uid, e);
+                }
+                Err(e) => problems.push(format!("{}: entity {uid}: {e}", source.name)),
+            }
+        }
+    }
+    out
 }
 
 fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
@@ -474,6 +585,7 @@ fn located(
     }
 }
 
+pub mod app;
 pub mod cases;
 
 #[cfg(test)]

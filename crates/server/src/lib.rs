@@ -6,6 +6,7 @@
 //! bound. Anything that fails stops the start with a message naming the problem.
 
 pub mod admin;
+pub mod authzen;
 pub mod demo;
 pub mod oauth;
 pub mod policy;
@@ -310,6 +311,19 @@ fn router(app: Arc<App>) -> Router {
             get(oauth::metadata),
         )
         .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route(
+            "/.well-known/authzen-configuration",
+            get(authzen::configuration),
+        )
+        .merge(
+            Router::new()
+                .route("/access/v1/evaluation", post(authzen::evaluation))
+                .route("/access/v1/evaluations", post(authzen::evaluations))
+                .route("/access/v1/search/subject", post(authzen::search_subject))
+                .route("/access/v1/search/resource", post(authzen::search_resource))
+                .route("/access/v1/search/action", post(authzen::search_action))
+                .layer(DefaultBodyLimit::max(1024 * 1024)),
+        )
         .route(
             "/healthz",
             get(|| async { axum::Json(json!({ "status": "ok" })) }),

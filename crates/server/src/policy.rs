@@ -193,14 +193,15 @@ pub async fn reload_and_audit(app: &App, actor: &str) -> Result<ReloadOutcome, V
     outcome
 }
 
-/// A fingerprint of the `.cedar` files in a directory: names, sizes and modification times.
+/// A fingerprint of the policy, schema and entity files in a directory: names, sizes and
+/// modification times.
 fn fingerprint(dir: &std::path::Path) -> Vec<(String, u64, Option<SystemTime>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut files: Vec<_> = entries
         .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
+        .filter(|e| palisade_policy::source_kind_of(&e.path()).is_some())
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
             Some((
