@@ -139,9 +139,20 @@ impl PolicyEngine {
             Some(Value::Null) | None => Context::empty(),
             Some(_) => return Err("the context must be a JSON object".into()),
         };
-        let request = Request::new(subject_uid, action_uid, resource_uid, context, None)
-            .map_err(|e| e.to_string())?;
-        Ok(Some(self.authorize(&request, &entities)))
+        let request = Request::new(
+            subject_uid.clone(),
+            action_uid.clone(),
+            resource_uid,
+            context,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Some(self.authorize(
+            &subject_uid,
+            &action_uid,
+            &request,
+            &entities,
+        )))
     }
 
     fn add_with_ancestors(

@@ -100,6 +100,12 @@ pub struct PolicyEngine {
     version: String,
     count: usize,
     authorizer: Authorizer,
+    /// The policies each (principal, action) can match.
+    index: index::PolicyIndex,
+    /// Cedar entities of principals as last seen, reused while the record is unchanged.
+    principal_entities: std::sync::RwLock<HashMap<palisade_core::PrincipalId, (Principal, Entity)>>,
+    /// Off only to compare against the full set (tests and benchmarks).
+    slicing: bool,
     /// Application entities from `.entities.json` files, by uid, with every ancestor as a parent.
     entities: HashMap<EntityUid, Entity>,
 }
@@ -282,6 +288,7 @@ impl PolicyEngine {
         let digest = hasher.finalize();
         let version = palisade_core::secret::hex(digest.get(..8).unwrap_or(&[]));
         let count = set.policies().count();
+        let index = index::PolicyIndex::new(&set);
         Ok(Self {
             schema,
             policies: set,
@@ -289,6 +296,9 @@ impl PolicyEngine {
             count,
             authorizer: Authorizer::new(),
             entities,
+            index,
+            principal_entities: std::sync::RwLock::new(HashMap::new()),
+            slicing: true,
         })
     }
 
@@ -338,7 +348,7 @@ impl PolicyEngine {
         target: &Target<'_>,
         ctx: &RequestContext<'_>,
     ) -> Result<Decision, String> {
-        let principal_entity = principal_entity(principal)?;
+        let principal_entity = self.cached_principal_entity(principal)?;
         let route_uid = uid("Route", target.route)?;
         let route = Entity::new(
             route_uid.clone(),
@@ -402,29 +412,39 @@ impl PolicyEngine {
             ),
         ])
         .map_err(|e| e.to_string())?;
-        let action_uid = EntityUid::from_type_name_and_id(
-            EntityTypeName::from_str("Palisade::Action").map_err(|e| e.to_string())?,
-            EntityId::new(action.as_str()),
-        );
+        let action_uid = uid("Action", action.as_str())?;
+        // No request validation against the schema here: every part is built above from typed
+        // values, in the shapes the schema declares (the schema validated the policies at load).
         let request = Request::new(
             principal_entity.uid(),
-            action_uid,
+            action_uid.clone(),
             resource_uid,
             context,
-            Some(&self.schema),
+            None,
         )
         .map_err(|e| e.to_string())?;
-        Ok(self.authorize(&request, &entities))
+        Ok(self.authorize(&principal_entity.uid(), &action_uid, &request, &entities))
     }
 }
 
 impl PolicyEngine {
     /// Runs Cedar and applies Palisade's rules: fail closed on evaluation errors, and name the
     /// default deny.
-    fn authorize(&self, request: &Request, entities: &Entities) -> Decision {
-        let response = self
-            .authorizer
-            .is_authorized(request, &self.policies, entities);
+    fn authorize(
+        &self,
+        principal: &EntityUid,
+        action: &EntityUid,
+        request: &Request,
+        entities: &Entities,
+    ) -> Decision {
+        let sliced;
+        let policies: &PolicySet = if self.slicing {
+            sliced = self.index.for_request(principal, action);
+            &sliced
+        } else {
+            &self.policies
+        };
+        let response = self.authorizer.is_authorized(request, policies, entities);
         let errors: Vec<String> = response
             .diagnostics()
             .errors()
@@ -450,6 +470,34 @@ impl PolicyEngine {
             policies,
             errors,
         }
+    }
+}
+
+impl PolicyEngine {
+    /// Turns principal slicing off (or on): every request then evaluates the full set. Only for
+    /// checking slicing against the full set, in tests and benchmarks.
+    pub fn with_slicing(mut self, on: bool) -> Self {
+        self.slicing = on;
+        self
+    }
+
+    /// The principal's Cedar entity, rebuilt only when its record differs from the cached one
+    /// (a whole-record comparison, so no change can be missed).
+    fn cached_principal_entity(&self, principal: &Principal) -> Result<Entity, String> {
+        if let Ok(cache) = self.principal_entities.read()
+            && let Some((seen, entity)) = cache.get(&principal.id)
+            && seen == principal
+        {
+            return Ok(entity.clone());
+        }
+        let entity = principal_entity(principal)?;
+        if let Ok(mut cache) = self.principal_entities.write() {
+            if cache.len() >= 100_000 {
+                cache.clear();
+            }
+            cache.insert(principal.id.clone(), (principal.clone(), entity.clone()));
+        }
+        Ok(entity)
     }
 }
 
@@ -497,9 +545,29 @@ fn load_entities(
     out
 }
 
+/// A `Palisade::` entity uid; the type names are parsed once, not per request.
 fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
-    let t =
-        EntityTypeName::from_str(&format!("Palisade::{type_name}")).map_err(|e| e.to_string())?;
+    static TYPES: std::sync::OnceLock<HashMap<&'static str, EntityTypeName>> =
+        std::sync::OnceLock::new();
+    let types = TYPES.get_or_init(|| {
+        [
+            "Agent",
+            "Human",
+            "ServiceAccount",
+            "Team",
+            "Role",
+            "Route",
+            "Resource",
+            "Action",
+        ]
+        .into_iter()
+        .filter_map(|n| Some((n, EntityTypeName::from_str(&format!("Palisade::{n}")).ok()?)))
+        .collect()
+    });
+    let t = types
+        .get(type_name)
+        .cloned()
+        .ok_or_else(|| format!("unknown Palisade entity type `{type_name}`"))?;
     Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
 }
 
@@ -587,6 +655,7 @@ fn located(
 
 pub mod app;
 pub mod cases;
+mod index;
 
 #[cfg(test)]
 mod tests;
