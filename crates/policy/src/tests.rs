@@ -260,14 +260,30 @@ fn sliced_evaluation_equals_full_evaluation_on_random_requests() {
 fn a_changed_principal_record_is_never_served_from_the_entity_cache() {
     let engine = PolicyEngine::from_texts(&[]).unwrap();
     let active = agent("bot", &["tickets"], Status::Active);
-    assert!(engine.decide(&active, Action::Read, &route("tickets"), &ctx()).allowed);
+    assert!(
+        engine
+            .decide(&active, Action::Read, &route("tickets"), &ctx())
+            .allowed
+    );
     let mut suspended = active.clone();
     suspended.status = Status::Suspended;
-    assert!(!engine.decide(&suspended, Action::Read, &route("tickets"), &ctx()).allowed);
+    assert!(
+        !engine
+            .decide(&suspended, Action::Read, &route("tickets"), &ctx())
+            .allowed
+    );
     let mut narrowed = active.clone();
     if let PrincipalDetail::Agent(a) = &mut narrowed.detail {
         a.allowed_resources = vec!["wiki".into()];
     }
-    assert!(!engine.decide(&narrowed, Action::Read, &route("tickets"), &ctx()).allowed);
-    assert!(engine.decide(&active, Action::Read, &route("tickets"), &ctx()).allowed);
+    assert!(
+        !engine
+            .decide(&narrowed, Action::Read, &route("tickets"), &ctx())
+            .allowed
+    );
+    assert!(
+        engine
+            .decide(&active, Action::Read, &route("tickets"), &ctx())
+            .allowed
+    );
 }
