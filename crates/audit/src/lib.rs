@@ -59,6 +59,17 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// An alert-grade finding attached to an event, for detection rules and the SOC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `low`, `medium`, `high` or `critical`.
+    pub severity: String,
+    /// A stable rule name, e.g. `purpose-violation`.
+    pub rule: String,
+    /// What happened, for a person.
+    pub message: String,
+}
+
 /// One audit event (schema version 1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
@@ -91,6 +102,9 @@ pub struct AuditEvent {
     /// Time from request receipt to response, microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// An alert raised by this event, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<Alert>,
     /// Kind-specific extra fields.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub detail: serde_json::Value,
@@ -112,6 +126,7 @@ impl AuditEvent {
             decision: None,
             outcome: None,
             latency_us: None,
+            alert: None,
             detail: serde_json::Value::Null,
         }
     }

@@ -50,6 +50,17 @@ pub mod raw {
         pub routes: Vec<Route>,
         #[serde(default)]
         pub authzen: AuthZen,
+        #[serde(default)]
+        pub purposes: std::collections::BTreeMap<String, Purpose>,
+    }
+
+    /// `[purposes.<tag>]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Purpose {
+        pub actions: Vec<String>,
+        pub resource_kinds: Vec<String>,
     }
 
     /// `[authzen]`.
@@ -107,6 +118,7 @@ pub mod raw {
         pub path_prefix: String,
         pub upstream: String,
         pub audience: Option<String>,
+        pub kind: Option<String>,
         #[serde(default)]
         pub strip_prefix: bool,
         pub timeout_seconds: Option<u64>,
@@ -124,6 +136,7 @@ pub mod raw {
         pub path: String,
         pub action: String,
         pub resource: Option<String>,
+        pub kind: Option<String>,
     }
 }
 
@@ -142,6 +155,19 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[authzen]`.
     pub authzen: AuthZenConfig,
+    /// `[purposes.<tag>]`: what each purpose tag may do, sorted by tag.
+    pub purposes: Vec<PurposeConfig>,
+}
+
+/// The action classes and resource kinds one purpose needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PurposeConfig {
+    /// The purpose tag.
+    pub tag: String,
+    /// Allowed action classes.
+    pub actions: Vec<ActionClass>,
+    /// Allowed resource kinds.
+    pub resource_kinds: Vec<String>,
 }
 
 /// The AuthZEN API's mapping onto Cedar.
@@ -209,6 +235,8 @@ pub struct RouteConfig {
     pub audience: String,
     /// Whether `audience` is the default audience.
     pub audience_derived: bool,
+    /// What the route holds (`repo`, `email`, ...; default: the route name), for purpose binding.
+    pub kind: String,
     /// Whether the prefix is removed before forwarding.
     pub strip_prefix: bool,
     /// Upstream timeout, seconds.
@@ -268,6 +296,8 @@ pub struct RuleConfig {
     pub action: ActionClass,
     /// A resource name for Cedar (`Resource::"<route>/<name>"`), instead of the route.
     pub resource: Option<String>,
+    /// What the matched request touches (default: the resource name, else the route's kind).
+    pub kind: Option<String>,
 }
 
 impl RuleConfig {
@@ -415,7 +445,35 @@ impl Config {
                 "key `authzen.namespace`: `{namespace}` must be a Cedar identifier (letters, digits, `_`) other than `Palisade`"
             ));
         }
+        let mut purposes = Vec::new();
+        for (tag, p) in raw.purposes {
+            let key = format!("purposes.{tag}");
+            if !is_name(&tag) {
+                return Err(format!(
+                    "key `{key}`: `{tag}` must be a purpose tag of lowercase letters, digits, `-`, `_` or `.`"
+                ));
+            }
+            let mut actions = Vec::new();
+            for a in &p.actions {
+                actions.push(ActionClass::parse(a).ok_or_else(|| {
+                    format!("key `{key}.actions`: `{a}` is not one of read, write, destructive")
+                })?);
+            }
+            for k in &p.resource_kinds {
+                if !is_name(k) {
+                    return Err(format!(
+                        "key `{key}.resource_kinds`: `{k}` must be lowercase letters, digits, `-`, `_` or `.`"
+                    ));
+                }
+            }
+            purposes.push(PurposeConfig {
+                tag,
+                actions,
+                resource_kinds: p.resource_kinds,
+            });
+        }
         Ok(Self {
+            purposes,
             authzen: AuthZenConfig { namespace },
             server: ServerConfig {
                 listen,
@@ -457,6 +515,15 @@ impl Config {
     pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
         self.routes.iter().find(|r| r.covers(path))
     }
+}
+
+/// Lowercase letters, digits, `-`, `_`, `.`; 1 to 63 characters (tags, kinds).
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
 }
 
 fn check_http_url(key: &str, text: &str) -> Result<(), String> {
@@ -564,14 +631,29 @@ fn validate_route(
                 "key `{rat}.resource`: `{res}` must be a non-empty name without quotes"
             ));
         }
+        if let Some(kind) = &rule.kind
+            && !is_name(kind)
+        {
+            return Err(format!(
+                "key `{rat}.kind`: `{kind}` must be lowercase letters, digits, `-`, `_` or `.`"
+            ));
+        }
         rules.push(RuleConfig {
             methods,
             path: rule.path,
             action,
             resource: rule.resource,
+            kind: rule.kind,
         });
     }
+    let kind = r.kind.unwrap_or_else(|| r.name.clone());
+    if !is_name(&kind) {
+        return Err(format!(
+            "key `{at}.kind`: `{kind}` must be lowercase letters, digits, `-`, `_` or `.`"
+        ));
+    }
     Ok(RouteConfig {
+        kind,
         name: r.name,
         path_prefix: prefix.to_string(),
         upstream,

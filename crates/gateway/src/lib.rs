@@ -92,6 +92,7 @@ const HOP_BY_HOP: &[&str] = &[
 struct Classified {
     action: ActionClass,
     resource: Option<String>,
+    kind: String,
 }
 
 impl Gateway {
@@ -211,11 +212,10 @@ impl Gateway {
         let target = Target {
             route: &route.name,
             resource: class.resource.as_deref(),
+            route_kind: &route.kind,
+            kind: &class.kind,
         };
-        let ctx = RequestContext {
-            method: method.as_str(),
-            path: &path,
-        };
+        let ctx = RequestContext::at(method.as_str(), &path, palisade_core::Timestamp::now());
         let (decision, version) = self.pdp.decide(&caller.principal, action, &target, &ctx);
         event.decision = Some(DecisionRecord {
             allowed: decision.allowed,
@@ -223,6 +223,28 @@ impl Gateway {
             policy_version: Some(version.clone()),
         });
         if !decision.allowed {
+            if decision
+                .policies
+                .iter()
+                .any(|p| p.starts_with(palisade_policy::purpose::POLICY_PREFIX))
+            {
+                let purpose = caller
+                    .principal
+                    .agent()
+                    .map(|a| a.purpose_tag.as_str())
+                    .unwrap_or("-");
+                event.alert = Some(palisade_audit::Alert {
+                    severity: "high".into(),
+                    rule: "purpose-violation".into(),
+                    message: format!(
+                        "{} (purpose `{purpose}`) tried to {} `{}` on {}, outside its declared purpose",
+                        caller.principal.id,
+                        action.as_str(),
+                        class.kind,
+                        target_text(&target)
+                    ),
+                });
+            }
             let body = json!({
                 "error": "forbidden",
                 "message": format!(
@@ -466,10 +488,16 @@ fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
         Some(rule) => Classified {
             action: rule.action,
             resource: rule.resource.clone(),
+            kind: rule
+                .kind
+                .clone()
+                .or_else(|| rule.resource.clone())
+                .unwrap_or_else(|| route.kind.clone()),
         },
         None => Classified {
             action: ActionClass::of_method(method),
             resource: None,
+            kind: route.kind.clone(),
         },
     }
 }

@@ -438,13 +438,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The policy directory named by `--dir`, or by the config file's `policy.dir`.
-fn policy_dir(source: &PolicySource) -> Result<Option<PathBuf>, String> {
+/// The engine for `--dir` (policies only) or `--config` (its policy directory and the purposes
+/// it declares); the exit code on failure is 64 for unusable input, 1 for invalid policies.
+fn engine_for(source: &PolicySource) -> Result<palisade_policy::PolicyEngine, (u8, String)> {
     match (&source.dir, &source.config) {
-        (Some(_), Some(_)) => Err("give --dir or --config, not both".into()),
-        (Some(dir), None) => Ok(Some(dir.clone())),
-        (None, Some(file)) => Ok(Config::load(file).map_err(|e| e.to_string())?.policy.dir),
-        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err((EXIT_CONFIG, "give --dir or --config, not both".into())),
+        (Some(dir), None) => {
+            palisade_policy::PolicyEngine::load(Some(dir), &[]).map_err(|e| (1, e.to_string()))
+        }
+        (None, Some(file)) => {
+            let config = Config::load(file).map_err(|e| (EXIT_CONFIG, e.to_string()))?;
+            palisade_server::policy_engine_for(&config).map_err(|e| (1, e.to_string()))
+        }
+        (None, None) => {
+            palisade_policy::PolicyEngine::load(None, &[]).map_err(|e| (1, e.to_string()))
+        }
     }
 }
 
@@ -453,10 +461,7 @@ async fn policy(
     client: &dyn Fn() -> Result<Client>,
     as_json: bool,
 ) -> Result<ExitCode> {
-    let load = |source: &PolicySource| -> Result<palisade_policy::PolicyEngine, (u8, String)> {
-        let dir = policy_dir(source).map_err(|e| (EXIT_CONFIG, e))?;
-        palisade_policy::PolicyEngine::load(dir.as_deref(), &[]).map_err(|e| (1, e.to_string()))
-    };
+    let load = engine_for;
     match cmd {
         PolicyCmd::Validate(source) => match load(&source) {
             Ok(engine) => {
@@ -559,8 +564,7 @@ async fn policy(
 
 fn check_config(file: &std::path::Path) -> Result<String, String> {
     let config = Config::load(file).map_err(|e| e.to_string())?;
-    let engine = palisade_server::policy_engine_for(config.policy.dir.as_deref())
-        .map_err(|e| e.to_string())?;
+    let engine = palisade_server::policy_engine_for(&config).map_err(|e| e.to_string())?;
     Ok(format!(
         "{}: valid ({} routes, {} policies, policy version {})",
         file.display(),

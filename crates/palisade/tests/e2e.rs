@@ -632,3 +632,64 @@ async fn serve_demo_prints_commands_that_work() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// Purpose binding: an agent acting outside its declared purpose is denied by the compiled
+/// purpose policy, and the audit event carries a high-severity alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purpose_binding_denies_and_alerts_outside_the_declared_purpose() {
+    let mail = support::upstream().await;
+    let extra = format!(
+        "[[routes]]\nname = \"mail\"\npath_prefix = \"/mail\"\nupstream = \"http://{}\"\nkind = \"email\"\n\n\
+         [purposes.pull-request-review]\nactions = [\"read\", \"write\"]\nresource_kinds = [\"tickets\"]\n",
+        mail.addr
+    );
+    let h = Harness::start_with("purpose", &extra).await;
+    h.api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    let mut agent = support::agent_body("reviewer");
+    agent["allowed_resources"] = json!(["tickets", "mail"]);
+    let (_, body) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = body["credentials"]["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = h.token_for("agent:reviewer", &secret).await;
+
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+    let resp = h
+        .http
+        .get(h.url("/mail/inbox"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["deciding_policies"],
+        json!(["palisade.purpose.pull-request-review"])
+    );
+    assert!(
+        mail.seen.lock().unwrap().is_empty(),
+        "the denied call reached the mail upstream"
+    );
+
+    let (_, events) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let alerts: Vec<&Value> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["event"].get("alert"))
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["severity"], "high");
+    assert_eq!(alerts[0]["rule"], "purpose-violation");
+    let message = alerts[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("agent:reviewer")
+            && message.contains("pull-request-review")
+            && message.contains("email"),
+        "{message}"
+    );
+    h.server.stop().await;
+}

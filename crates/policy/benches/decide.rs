@@ -78,8 +78,15 @@ fn measure(
         let target = Target {
             route: &route,
             resource,
+            route_kind: &route,
+            kind: resource.unwrap_or(&route),
         };
-        let ctx = RequestContext { method, path: "/x" };
+        let ctx = RequestContext {
+            method,
+            path: "/x",
+            hour: 12,
+            weekday: "wed",
+        };
         let t = Instant::now();
         let d = engine.decide(&agents[i], action, &target, &ctx);
         lat.push(t.elapsed());
@@ -111,10 +118,14 @@ fn main() {
                 &Target {
                     route: "r0",
                     resource: None,
+                    route_kind: "r0",
+                    kind: "r0",
                 },
                 &RequestContext {
                     method: "GET",
                     path: "/",
+                    hour: 12,
+                    weekday: "wed",
                 },
             );
         }

@@ -16,6 +16,10 @@
 //! expect = "allow"
 //! policies = ["palisade.baseline.agent-read"]
 //! ```
+//!
+//! Optional per case: `resource` (a route rule's resource name), `kind` and `route_kind` (default:
+//! the resource name, else the route name), `method`, `path`, `hour` (0-23, default 12) and
+//! `weekday` (`mon`..`sun`, default `wed`).
 
 use crate::{Action, PolicyEngine, RequestContext, Target};
 use palisade_core::principal::{AgentDetail, HumanDetail, ServiceAccountDetail};
@@ -68,10 +72,20 @@ struct Case {
     method: Option<String>,
     #[serde(default)]
     path: Option<String>,
+    #[serde(default)]
+    route_kind: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    hour: Option<u8>,
+    #[serde(default)]
+    weekday: Option<String>,
     expect: String,
     #[serde(default)]
     policies: Option<Vec<String>>,
 }
+
+const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /// The verdict on one case.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,13 +148,42 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
             .to_string()
         });
         let path = case.path.clone().unwrap_or_else(|| "/".into());
+        let route_kind = case
+            .route_kind
+            .clone()
+            .unwrap_or_else(|| case.route.clone());
+        let kind = case
+            .kind
+            .clone()
+            .or_else(|| case.resource.clone())
+            .unwrap_or_else(|| route_kind.clone());
         let target = Target {
             route: &case.route,
             resource: case.resource.as_deref(),
+            route_kind: &route_kind,
+            kind: &kind,
+        };
+        let hour = case.hour.unwrap_or(12);
+        if hour > 23 {
+            return Err(at(format!("hour {hour} is not 0 to 23")));
+        }
+        let weekday = match case.weekday.as_deref().unwrap_or("wed") {
+            day @ ("mon" | "tue" | "wed" | "thu" | "fri" | "sat" | "sun") => WEEKDAYS
+                .iter()
+                .copied()
+                .find(|d| *d == day)
+                .unwrap_or("wed"),
+            other => {
+                return Err(at(format!(
+                    "weekday `{other}` is not one of mon, tue, wed, thu, fri, sat, sun"
+                )));
+            }
         };
         let ctx = RequestContext {
             method: &method,
             path: &path,
+            hour,
+            weekday,
         };
         let decision = engine.decide(principal, action, &target, &ctx);
         let got = if decision.allowed { "allow" } else { "deny" };

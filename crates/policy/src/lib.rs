@@ -71,6 +71,10 @@ pub struct Target<'a> {
     pub route: &'a str,
     /// A named resource inside the route, from a route rule.
     pub resource: Option<&'a str>,
+    /// What the route holds (`repo`, `email`, ...), for purpose binding.
+    pub route_kind: &'a str,
+    /// What the target holds: the resource's kind if a resource is named, else the route's.
+    pub kind: &'a str,
 }
 
 /// The request attributes policies see as `context`.
@@ -80,6 +84,31 @@ pub struct RequestContext<'a> {
     pub method: &'a str,
     /// Request path.
     pub path: &'a str,
+    /// Hour of the day, 0-23, UTC.
+    pub hour: u8,
+    /// Day of the week, `mon` .. `sun`, UTC.
+    pub weekday: &'static str,
+}
+
+impl<'a> RequestContext<'a> {
+    /// A context for `method` and `path` at time `at`.
+    pub fn at(method: &'a str, path: &'a str, at: palisade_core::Timestamp) -> Self {
+        let secs = at.unix_seconds();
+        let days = secs.div_euclid(86_400);
+        let hour = u8::try_from(secs.rem_euclid(86_400) / 3_600).unwrap_or(0);
+        // 1970-01-01 was a Thursday.
+        const WEEKDAYS: [&str; 7] = ["thu", "fri", "sat", "sun", "mon", "tue", "wed"];
+        let weekday = WEEKDAYS
+            .get(usize::try_from(days.rem_euclid(7)).unwrap_or(0))
+            .copied()
+            .unwrap_or("thu");
+        Self {
+            method,
+            path,
+            hour,
+            weekday,
+        }
+    }
 }
 
 /// The outcome of one decision.
@@ -124,6 +153,8 @@ struct Source {
     name: String,
     text: String,
     kind: SourceKind,
+    /// Built into Palisade (baseline, compiled purposes): may use the `palisade.` id prefix.
+    builtin: bool,
 }
 
 impl Source {
@@ -132,6 +163,7 @@ impl Source {
             name: name.into(),
             text: text.into(),
             kind: SourceKind::Policies,
+            builtin: false,
         }
     }
 }
@@ -154,7 +186,24 @@ impl PolicyEngine {
     /// The baseline, every `.cedar` file in `dir` (sorted by name), then `extra` (name, text)
     /// sources, validated together against the schema.
     pub fn load(dir: Option<&Path>, extra: &[(&str, &str)]) -> Result<Self, PolicyLoadError> {
-        let mut sources = vec![Source::policies("<built-in baseline>", BASELINE)];
+        Self::load_all(dir, extra, &[])
+    }
+
+    /// Like [`PolicyEngine::load`], plus `builtin` sources that Palisade generates (compiled
+    /// purposes), which may use the reserved `palisade.` id prefix.
+    pub fn load_all(
+        dir: Option<&Path>,
+        extra: &[(&str, &str)],
+        builtin: &[(&str, &str)],
+    ) -> Result<Self, PolicyLoadError> {
+        let mut sources = vec![Source {
+            builtin: true,
+            ..Source::policies("<built-in baseline>", BASELINE)
+        }];
+        sources.extend(builtin.iter().map(|(n, t)| Source {
+            builtin: true,
+            ..Source::policies(n, t)
+        }));
         if let Some(dir) = dir {
             let mut files: Vec<(PathBuf, SourceKind)> = std::fs::read_dir(dir)
                 .map_err(|e| PolicyLoadError::Io {
@@ -182,6 +231,7 @@ impl PolicyEngine {
                     name: file.display().to_string(),
                     text,
                     kind,
+                    builtin: false,
                 });
             }
         }
@@ -252,7 +302,7 @@ impl PolicyEngine {
                     ));
                     continue;
                 }
-                if id.starts_with("palisade.") && index != 0 {
+                if id.starts_with("palisade.") && !source.builtin {
                     problems.push(format!(
                         "{}: policy id `{id}` uses the reserved prefix `palisade.`",
                         source.name
@@ -352,10 +402,16 @@ impl PolicyEngine {
         let route_uid = uid("Route", target.route)?;
         let route = Entity::new(
             route_uid.clone(),
-            HashMap::from([(
-                "name".to_string(),
-                RestrictedExpression::new_string(target.route.to_string()),
-            )]),
+            HashMap::from([
+                (
+                    "name".to_string(),
+                    RestrictedExpression::new_string(target.route.to_string()),
+                ),
+                (
+                    "kind".to_string(),
+                    RestrictedExpression::new_string(target.route_kind.to_string()),
+                ),
+            ]),
             HashSet::new(),
         )
         .map_err(|e| e.to_string())?;
@@ -375,6 +431,10 @@ impl PolicyEngine {
                             (
                                 "name".to_string(),
                                 RestrictedExpression::new_string(name.to_string()),
+                            ),
+                            (
+                                "kind".to_string(),
+                                RestrictedExpression::new_string(target.kind.to_string()),
                             ),
                         ]),
                         HashSet::from([route_uid]),
@@ -409,6 +469,14 @@ impl PolicyEngine {
             (
                 "path".to_string(),
                 RestrictedExpression::new_string(ctx.path.to_string()),
+            ),
+            (
+                "hour".to_string(),
+                RestrictedExpression::new_long(i64::from(ctx.hour)),
+            ),
+            (
+                "weekday".to_string(),
+                RestrictedExpression::new_string(ctx.weekday.to_string()),
             ),
         ])
         .map_err(|e| e.to_string())?;
@@ -656,6 +724,7 @@ fn located(
 pub mod app;
 pub mod cases;
 mod index;
+pub mod purpose;
 
 #[cfg(test)]
 mod tests;

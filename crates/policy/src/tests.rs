@@ -53,6 +53,8 @@ fn ctx() -> RequestContext<'static> {
     RequestContext {
         method: "GET",
         path: "/tickets/1",
+        hour: 12,
+        weekday: "wed",
     }
 }
 
@@ -60,6 +62,8 @@ fn route(name: &str) -> Target<'_> {
     Target {
         route: name,
         resource: None,
+        route_kind: name,
+        kind: name,
     }
 }
 
@@ -239,10 +243,17 @@ fn sliced_evaluation_equals_full_evaluation_on_random_requests() {
         let resource = if next(3) == 0 { Some("comment") } else { None };
         let method = ["GET", "POST", "DELETE"][next(3) as usize];
         let path = format!("/{}/{}", routes[next(5) as usize], next(100));
-        let target = Target { route, resource };
+        let target = Target {
+            route,
+            resource,
+            route_kind: route,
+            kind: resource.unwrap_or(route),
+        };
         let ctx = RequestContext {
             method,
             path: &path,
+            hour: next(24) as u8,
+            weekday: "mon",
         };
         let a = sliced.decide(who, action, &target, &ctx);
         let b = full.decide(who, action, &target, &ctx);
@@ -284,6 +295,43 @@ fn a_changed_principal_record_is_never_served_from_the_entity_cache() {
     assert!(
         engine
             .decide(&active, Action::Read, &route("tickets"), &ctx())
+            .allowed
+    );
+}
+
+#[test]
+fn the_request_context_carries_utc_hour_and_weekday_for_temporal_policies() {
+    let at = |text: &str| RequestContext::at("GET", "/", Timestamp::parse_rfc3339(text).unwrap());
+    let thursday = at("2026-11-26T15:30:00Z");
+    assert_eq!((thursday.hour, thursday.weekday), (15, "thu"));
+    let sunday = at("2026-11-29T23:59:59Z");
+    assert_eq!((sunday.hour, sunday.weekday), (23, "sun"));
+    let epoch = at("1970-01-01T00:00:00Z");
+    assert_eq!((epoch.hour, epoch.weekday), (0, "thu"));
+
+    let text = r#"
+        @id("office-hours")
+        forbid (principal is Palisade::Agent, action, resource)
+        unless { context.hour >= 8 && context.hour < 18 && !["sat", "sun"].contains(context.weekday) };
+    "#;
+    let engine = PolicyEngine::from_texts(&[("hours.cedar", text)]).unwrap();
+    let a = agent("bot", &["tickets"], Status::Active);
+    assert!(
+        engine
+            .decide(&a, Action::Read, &route("tickets"), &thursday)
+            .allowed
+    );
+    let night = at("2026-11-26T03:00:00Z");
+    assert_eq!(
+        engine
+            .decide(&a, Action::Read, &route("tickets"), &night)
+            .policies,
+        ["office-hours"]
+    );
+    let weekend = at("2026-11-28T11:00:00Z");
+    assert!(
+        !engine
+            .decide(&a, Action::Read, &route("tickets"), &weekend)
             .allowed
     );
 }

@@ -147,11 +147,17 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_str()))
         .collect();
-    let engine = PolicyEngine::load(config.policy.dir.as_deref(), &extra)?;
+    let builtin = policy::builtin_sources(&config);
+    let builtin_refs: Vec<(&str, &str)> = builtin
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let engine = PolicyEngine::load_all(config.policy.dir.as_deref(), &extra, &builtin_refs)?;
     let policy = Arc::new(PolicyHolder::new(
         engine,
         config.policy.dir.clone(),
         options.extra_policies.clone(),
+        builtin,
     ));
 
     let sqlite = SqliteStore::open(&config.server.data_dir)?;
@@ -379,6 +385,15 @@ pub async fn audit_or_503(app: &App, event: AuditEvent, ok: Response) -> Respons
 }
 
 /// The policy engine a server with this policy directory would load (for `config check`).
-pub fn policy_engine_for(dir: Option<&std::path::Path>) -> Result<PolicyEngine, StartError> {
-    Ok(PolicyEngine::load(dir, &[])?)
+pub fn policy_engine_for(config: &Config) -> Result<PolicyEngine, StartError> {
+    let builtin = policy::builtin_sources(config);
+    let refs: Vec<(&str, &str)> = builtin
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    Ok(PolicyEngine::load_all(
+        config.policy.dir.as_deref(),
+        &[],
+        &refs,
+    )?)
 }

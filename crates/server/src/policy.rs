@@ -45,6 +45,7 @@ pub struct PolicyHolder {
     engine: RwLock<Arc<PolicyEngine>>,
     dir: Option<PathBuf>,
     extra: Vec<(String, String)>,
+    builtin: Vec<(String, String)>,
     loaded_at: Mutex<Timestamp>,
     last_failure: Mutex<Option<ReloadFailure>>,
     // Serialises reloads so two triggers cannot interleave their swaps.
@@ -53,11 +54,17 @@ pub struct PolicyHolder {
 
 impl PolicyHolder {
     /// Wraps the engine loaded at start-up from `dir` and `extra`.
-    pub fn new(engine: PolicyEngine, dir: Option<PathBuf>, extra: Vec<(String, String)>) -> Self {
+    pub fn new(
+        engine: PolicyEngine,
+        dir: Option<PathBuf>,
+        extra: Vec<(String, String)>,
+        builtin: Vec<(String, String)>,
+    ) -> Self {
         Self {
             engine: RwLock::new(Arc::new(engine)),
             dir,
             extra,
+            builtin,
             loaded_at: Mutex::new(Timestamp::now()),
             last_failure: Mutex::new(None),
             reloading: Mutex::new(()),
@@ -85,7 +92,12 @@ impl PolicyHolder {
             .iter()
             .map(|(n, t)| (n.as_str(), t.as_str()))
             .collect();
-        let result = PolicyEngine::load(self.dir.as_deref(), &extra);
+        let builtin: Vec<(&str, &str)> = self
+            .builtin
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.as_str()))
+            .collect();
+        let result = PolicyEngine::load_all(self.dir.as_deref(), &extra, &builtin);
         let mut failure = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Err(e) => {
@@ -145,6 +157,34 @@ impl DecisionPoint for PolicyHolder {
             engine.version().to_string(),
         )
     }
+}
+
+/// Policies Palisade generates from the configuration: the purpose bindings.
+pub fn builtin_sources(config: &palisade_config::Config) -> Vec<(String, String)> {
+    let purposes: Vec<palisade_policy::purpose::Purpose> = config
+        .purposes
+        .iter()
+        .map(|p| palisade_policy::purpose::Purpose {
+            tag: p.tag.clone(),
+            actions: p
+                .actions
+                .iter()
+                .map(|a| match a {
+                    palisade_config::ActionClass::Read => Action::Read,
+                    palisade_config::ActionClass::Write => Action::Write,
+                    palisade_config::ActionClass::Destructive => Action::Destructive,
+                })
+                .collect(),
+            resource_kinds: p.resource_kinds.clone(),
+        })
+        .collect();
+    if purposes.is_empty() {
+        return Vec::new();
+    }
+    vec![(
+        "<purposes from the config>".to_string(),
+        palisade_policy::purpose::compile(&purposes),
+    )]
 }
 
 /// Reloads, then audits what happened; returns the outcome or the validation errors.
