@@ -119,6 +119,8 @@ pub mod raw {
         pub upstream: String,
         pub audience: Option<String>,
         pub kind: Option<String>,
+        pub system: Option<String>,
+        pub classification: Option<String>,
         #[serde(default)]
         pub strip_prefix: bool,
         pub timeout_seconds: Option<u64>,
@@ -137,6 +139,7 @@ pub mod raw {
         pub action: String,
         pub resource: Option<String>,
         pub kind: Option<String>,
+        pub classification: Option<String>,
     }
 }
 
@@ -237,6 +240,10 @@ pub struct RouteConfig {
     pub audience_derived: bool,
     /// What the route holds (`repo`, `email`, ...; default: the route name), for purpose binding.
     pub kind: String,
+    /// The system (compute boundary) the route belongs to, if any.
+    pub system: Option<String>,
+    /// The data classification of the route (default `internal`).
+    pub classification: palisade_core::principal::Classification,
     /// Whether the prefix is removed before forwarding.
     pub strip_prefix: bool,
     /// Upstream timeout, seconds.
@@ -298,6 +305,8 @@ pub struct RuleConfig {
     pub resource: Option<String>,
     /// What the matched request touches (default: the resource name, else the route's kind).
     pub kind: Option<String>,
+    /// The classification of what the matched request touches (default: the route's).
+    pub classification: Option<palisade_core::principal::Classification>,
 }
 
 impl RuleConfig {
@@ -638,12 +647,22 @@ fn validate_route(
                 "key `{rat}.kind`: `{kind}` must be lowercase letters, digits, `-`, `_` or `.`"
             ));
         }
+        let classification = rule
+            .classification
+            .as_deref()
+            .map(|c| {
+                palisade_core::principal::Classification::parse(c).ok_or_else(|| {
+                    format!("key `{rat}.classification`: `{c}` is not public, internal, confidential or restricted")
+                })
+            })
+            .transpose()?;
         rules.push(RuleConfig {
             methods,
             path: rule.path,
             action,
             resource: rule.resource,
             kind: rule.kind,
+            classification,
         });
     }
     let kind = r.kind.unwrap_or_else(|| r.name.clone());
@@ -652,8 +671,23 @@ fn validate_route(
             "key `{at}.kind`: `{kind}` must be lowercase letters, digits, `-`, `_` or `.`"
         ));
     }
+    let classification = match r.classification.as_deref() {
+        None => palisade_core::principal::Classification::Internal,
+        Some(c) => palisade_core::principal::Classification::parse(c).ok_or_else(|| {
+            format!("key `{at}.classification`: `{c}` is not public, internal, confidential or restricted")
+        })?,
+    };
+    if let Some(system) = &r.system
+        && !is_name(system)
+    {
+        return Err(format!(
+            "key `{at}.system`: `{system}` must be lowercase letters, digits, `-`, `_` or `.`"
+        ));
+    }
     Ok(RouteConfig {
         kind,
+        system: r.system,
+        classification,
         name: r.name,
         path_prefix: prefix.to_string(),
         upstream,

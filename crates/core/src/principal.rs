@@ -91,6 +91,9 @@ impl Principal {
 }
 
 /// Class-specific fields of a principal.
+// Principals live behind `Arc` in the registry and most of them are agents, so boxing the large
+// variant would add an allocation and an indirection to the common case for no memory gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PrincipalDetail {
@@ -174,6 +177,157 @@ pub struct AgentDetail {
     /// Whether data read by the agent may leave the organisation.
     #[serde(default)]
     pub data_egress_allowed: bool,
+    /// The declared blast radius: ceilings enforced by the built-in policies.
+    #[serde(default)]
+    pub blast_radius: BlastRadius,
+}
+
+/// Data classification, lowest to highest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classification {
+    /// Anyone may see it.
+    Public,
+    /// Inside the organisation.
+    #[default]
+    Internal,
+    /// A need to know.
+    Confidential,
+    /// The most sensitive data.
+    Restricted,
+}
+
+impl Classification {
+    /// 0 (public) to 3 (restricted), as policies compare it.
+    pub fn rank(self) -> i64 {
+        match self {
+            Self::Public => 0,
+            Self::Internal => 1,
+            Self::Confidential => 2,
+            Self::Restricted => 3,
+        }
+    }
+
+    /// Parses `public`, `internal`, `confidential` or `restricted`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "public" => Some(Self::Public),
+            "internal" => Some(Self::Internal),
+            "confidential" => Some(Self::Confidential),
+            "restricted" => Some(Self::Restricted),
+            _ => None,
+        }
+    }
+}
+
+/// The highest action class an agent may perform (without approval, once approvals exist).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionCeiling {
+    /// Read-only: the default.
+    #[default]
+    Read,
+    /// Reads and writes.
+    Write,
+    /// Everything, including destructive actions.
+    Destructive,
+}
+
+impl ActionCeiling {
+    /// 0 (read), 1 (write), 2 (destructive), as policies compare it.
+    pub fn rank(self) -> i64 {
+        match self {
+            Self::Read => 0,
+            Self::Write => 1,
+            Self::Destructive => 2,
+        }
+    }
+}
+
+/// An agent's declared blast radius, in four dimensions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlastRadius {
+    /// Compute: systems whose routes the agent may reach, besides `allowed_resources`.
+    pub systems: Vec<String>,
+    /// Data: the highest classification the agent may touch.
+    pub max_classification: Classification,
+    /// Data: where data may be sent (egress), when `data_egress_allowed`.
+    pub egress_destinations: Vec<String>,
+    /// Action: the highest action class.
+    pub max_action: ActionCeiling,
+    /// Temporal: allowed hours, `[start, end)` in UTC, 0 to 24.
+    pub hours: [u8; 2],
+    /// Temporal: allowed weekdays (`mon` .. `sun`).
+    pub weekdays: Vec<String>,
+}
+
+/// The weekday names, Monday first.
+pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl Default for BlastRadius {
+    fn default() -> Self {
+        Self {
+            systems: Vec::new(),
+            max_classification: Classification::Internal,
+            egress_destinations: Vec::new(),
+            max_action: ActionCeiling::Read,
+            hours: [0, 24],
+            weekdays: WEEKDAYS.iter().map(|d| (*d).to_string()).collect(),
+        }
+    }
+}
+
+impl BlastRadius {
+    /// Checks the values; the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let [start, end] = self.hours;
+        if start >= end || end > 24 {
+            return Err((
+                "blast_radius.hours".into(),
+                format!(
+                    "[{start}, {end}] is not a window; give [start, end] with 0 <= start < end <= 24 (UTC)"
+                ),
+            ));
+        }
+        for d in &self.weekdays {
+            if !WEEKDAYS.contains(&d.as_str()) {
+                return Err((
+                    "blast_radius.weekdays".into(),
+                    format!("`{d}` is not one of mon, tue, wed, thu, fri, sat, sun"),
+                ));
+            }
+        }
+        if self.weekdays.is_empty() {
+            return Err((
+                "blast_radius.weekdays".into(),
+                "is empty, so the agent could never act; list at least one day".into(),
+            ));
+        }
+        for s in &self.systems {
+            if s.is_empty()
+                || !s.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+                })
+            {
+                return Err((
+                    "blast_radius.systems".into(),
+                    format!(
+                        "`{s}` is not a system name (lowercase letters, digits, `-`, `_`, `.`)"
+                    ),
+                ));
+            }
+        }
+        for d in &self.egress_destinations {
+            if d.is_empty() || d.contains(char::is_whitespace) || d.contains('/') {
+                return Err((
+                    "blast_radius.egress_destinations".into(),
+                    format!("`{d}` is not a host name"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The default and bounds of agent record fields.

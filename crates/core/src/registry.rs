@@ -101,6 +101,9 @@ pub struct AgentSpec {
     /// Whether data may leave the organisation.
     #[serde(default)]
     pub data_egress_allowed: bool,
+    /// The blast radius (defaults: internal data, read-only, any time).
+    #[serde(default)]
+    pub blast_radius: Option<crate::principal::BlastRadius>,
 }
 
 /// The user-editable fields of a human.
@@ -638,6 +641,10 @@ impl Registry {
             }
             (None, _) => now.plus_seconds(i64::from(cadence) * 86_400),
         };
+        let blast_radius = spec.blast_radius.clone().unwrap_or_default();
+        blast_radius
+            .validate()
+            .map_err(|(field, message)| invalid(&field, message))?;
         Ok(AgentDetail {
             owner,
             purpose,
@@ -653,6 +660,7 @@ impl Registry {
             scopes: validate_scopes(spec.scopes.clone())?,
             max_files_per_session: spec.max_files_per_session,
             data_egress_allowed: spec.data_egress_allowed,
+            blast_radius,
         })
     }
 }
@@ -746,6 +754,7 @@ fn spec_of(p: &Principal) -> Result<Value, RegistryError> {
             scopes: a.scopes.clone(),
             max_files_per_session: a.max_files_per_session,
             data_egress_allowed: a.data_egress_allowed,
+            blast_radius: Some(a.blast_radius.clone()),
         }),
         PrincipalDetail::Human(h) => serde_json::to_value(HumanSpec {
             display_name,

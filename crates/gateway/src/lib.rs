@@ -93,6 +93,7 @@ struct Classified {
     action: ActionClass,
     resource: Option<String>,
     kind: String,
+    classification: palisade_core::principal::Classification,
 }
 
 impl Gateway {
@@ -214,6 +215,9 @@ impl Gateway {
             resource: class.resource.as_deref(),
             route_kind: &route.kind,
             kind: &class.kind,
+            system: route.system.as_deref().unwrap_or(""),
+            route_classification: route.classification,
+            classification: class.classification,
         };
         let ctx = RequestContext::at(method.as_str(), &path, palisade_core::Timestamp::now());
         let (decision, version) = self.pdp.decide(&caller.principal, action, &target, &ctx);
@@ -488,6 +492,7 @@ fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
         Some(rule) => Classified {
             action: rule.action,
             resource: rule.resource.clone(),
+            classification: rule.classification.unwrap_or(route.classification),
             kind: rule
                 .kind
                 .clone()
@@ -498,6 +503,7 @@ fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
             action: ActionClass::of_method(method),
             resource: None,
             kind: route.kind.clone(),
+            classification: route.classification,
         },
     }
 }

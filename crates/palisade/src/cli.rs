@@ -87,6 +87,12 @@ enum PolicyCmd {
     },
     /// Show the policy set in force on the server and the last reload error.
     Status,
+    /// Show an agent's blast radius and every policy that can apply to it.
+    Show {
+        /// The agent, e.g. pr-reviewer or agent:pr-reviewer.
+        #[arg(long)]
+        agent: String,
+    },
     /// Make the server reload its policy directory now.
     Reload,
 }
@@ -527,6 +533,34 @@ async fn policy(
             } else {
                 ExitCode::FAILURE
             })
+        }
+        PolicyCmd::Show { agent } => {
+            let v = client()?
+                .call(Method::GET, &format!("/policy/agents/{agent}"), None)
+                .await?;
+            if as_json {
+                println!("{}", pretty(&v));
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "agent              {} ({})",
+                cell(&v["agent"]),
+                cell(&v["status"])
+            );
+            println!("purpose            {}", cell(&v["purpose_tag"]));
+            println!("allowed routes     {}", cell(&v["allowed_resources"]));
+            let b = &v["blast_radius"];
+            println!("systems            {}", cell(&b["systems"]));
+            println!("max classification {}", cell(&b["max_classification"]));
+            println!("max action         {}", cell(&b["max_action"]));
+            println!("hours (UTC)        {}", cell(&b["hours"]));
+            println!("weekdays           {}", cell(&b["weekdays"]));
+            println!("egress to          {}", cell(&b["egress_destinations"]));
+            println!("policy version     {}\n", cell(&v["policy_version"]));
+            for p in v["policies"].as_array().into_iter().flatten() {
+                println!("{}\n", p["text"].as_str().unwrap_or_default().trim());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCmd::Status | PolicyCmd::Reload => {
             let c = client()?;

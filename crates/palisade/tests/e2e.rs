@@ -198,6 +198,32 @@ async fn registration_validation_names_the_field() {
         assert_eq!(s, status, "{patch} -> {resp}");
         assert_eq!(resp["error"]["field"], field, "{patch} -> {resp}");
     }
+    // Without a declared blast radius an agent is read-only, whatever a policy grants.
+    let mut plain = support::agent_body("plain");
+    plain.as_object_mut().unwrap().remove("blast_radius");
+    let (s, body) = h.api(Method::POST, "/agents", Some(plain)).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body["principal"]["blast_radius"]["max_action"], "read");
+    assert_eq!(
+        body["principal"]["blast_radius"]["max_classification"],
+        "internal"
+    );
+    let (s, body) = h
+        .api(
+            Method::POST,
+            "/agents",
+            Some({
+                let mut b = support::agent_body("bad-hours");
+                b["blast_radius"] = json!({ "hours": [18, 8] });
+                b
+            }),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["field"].as_str()),
+        (400, Some("blast_radius.hours")),
+        "{body}"
+    );
     // A suspended owner cannot own a new agent.
     let (s, _) = h.api(Method::POST, "/humans/alice/suspend", None).await;
     assert_eq!(s, 200);
@@ -330,6 +356,23 @@ async fn cli_registers_lists_and_suspends_through_the_api() {
         "{stdout}"
     );
 
+    // The effective policy: the blast radius values and every policy that can apply.
+    let out = h.cli(&["policy", "show", "--agent", "cli-bot"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("max action         read"), "{stdout}");
+    assert!(
+        stdout.contains("@id(\"palisade.blast-radius.action\")"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("@id(\"palisade.baseline.agent-read\")"),
+        "{stdout}"
+    );
     let out = h.cli(&["agent", "suspend", "cli-bot", "--reason", "test"]);
     assert!(out.status.success());
     let out = h.cli(&["--json", "agent", "show", "agent:cli-bot"]);
@@ -605,7 +648,11 @@ async fn serve_demo_prints_commands_that_work() {
         .unwrap();
     assert_eq!(delete.status(), 403);
     let body: Value = delete.json().await.unwrap();
-    assert_eq!(body["deciding_policies"], json!(["demo.no-ticket-deletes"]));
+    // Both the demo policy and the agent's blast radius (write at most) refuse a delete.
+    assert_eq!(
+        body["deciding_policies"],
+        json!(["demo.no-ticket-deletes", "palisade.blast-radius.action"])
+    );
 
     // The demo's own registrations are audited like admin changes.
     let admin = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();

@@ -129,6 +129,7 @@ fn policy_validate_and_test_work_offline_for_ci() {
         r#"
 [principals."agent:bot"]
 allowed_resources = ["tickets"]
+blast_radius = { max_action = "destructive" }
 
 [[case]]
 name = "reads tickets"

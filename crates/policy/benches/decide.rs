@@ -33,6 +33,10 @@ fn agent(i: usize) -> Principal {
             scopes: vec![],
             max_files_per_session: None,
             data_egress_allowed: false,
+            blast_radius: palisade_core::principal::BlastRadius {
+                max_action: palisade_core::principal::ActionCeiling::Destructive,
+                ..Default::default()
+            },
         }),
     }
 }
@@ -80,13 +84,15 @@ fn measure(
             resource,
             route_kind: &route,
             kind: resource.unwrap_or(&route),
+            system: "",
+            route_classification: Default::default(),
+            classification: Default::default(),
         };
-        let ctx = RequestContext {
+        let ctx = RequestContext::at(
             method,
-            path: "/x",
-            hour: 12,
-            weekday: "wed",
-        };
+            "/x",
+            palisade_core::Timestamp::from_unix_seconds(1_764_158_400),
+        );
         let t = Instant::now();
         let d = engine.decide(&agents[i], action, &target, &ctx);
         lat.push(t.elapsed());
@@ -120,12 +126,14 @@ fn main() {
                     resource: None,
                     route_kind: "r0",
                     kind: "r0",
+                    system: "",
+                    route_classification: Default::default(),
+                    classification: Default::default(),
                 },
                 &RequestContext {
-                    method: "GET",
-                    path: "/",
                     hour: 12,
                     weekday: "wed",
+                    ..RequestContext::at("GET", "/", palisade_core::Timestamp::from_unix_seconds(0))
                 },
             );
         }

@@ -142,7 +142,7 @@ impl PolicyEngine {
         let request = Request::new(
             subject_uid.clone(),
             action_uid.clone(),
-            resource_uid,
+            resource_uid.clone(),
             context,
             None,
         )
@@ -150,6 +150,7 @@ impl PolicyEngine {
         Ok(Some(self.authorize(
             &subject_uid,
             &action_uid,
+            &resource_uid,
             &request,
             &entities,
         )))

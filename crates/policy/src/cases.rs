@@ -19,7 +19,8 @@
 //!
 //! Optional per case: `resource` (a route rule's resource name), `kind` and `route_kind` (default:
 //! the resource name, else the route name), `method`, `path`, `hour` (0-23, default 12) and
-//! `weekday` (`mon`..`sun`, default `wed`).
+//! `weekday` (`mon`..`sun`, default `wed`), `system` and `classification` (default `internal`).
+//! A principal may declare `blast_radius = { max_action = "write", ... }` like an agent record.
 
 use crate::{Action, PolicyEngine, RequestContext, Target};
 use palisade_core::principal::{AgentDetail, HumanDetail, ServiceAccountDetail};
@@ -57,6 +58,8 @@ struct PrincipalSpec {
     data_egress_allowed: bool,
     #[serde(default)]
     teams: Vec<String>,
+    #[serde(default)]
+    blast_radius: Option<palisade_core::principal::BlastRadius>,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +83,10 @@ struct Case {
     hour: Option<u8>,
     #[serde(default)]
     weekday: Option<String>,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    classification: Option<String>,
     expect: String,
     #[serde(default)]
     policies: Option<Vec<String>>,
@@ -128,9 +135,11 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
             "read" => Action::Read,
             "write" => Action::Write,
             "destructive" => Action::Destructive,
+            "egress" => Action::Egress,
+            "credential" => Action::Credential,
             other => {
                 return Err(at(format!(
-                    "action `{other}` is not one of read, write, destructive"
+                    "action `{other}` is not one of read, write, destructive, egress, credential"
                 )));
             }
         };
@@ -142,7 +151,7 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
         let method = case.method.clone().unwrap_or_else(|| {
             match action {
                 Action::Read => "GET",
-                Action::Write => "POST",
+                Action::Write | Action::Egress | Action::Credential => "POST",
                 Action::Destructive => "DELETE",
             }
             .to_string()
@@ -157,11 +166,21 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
             .clone()
             .or_else(|| case.resource.clone())
             .unwrap_or_else(|| route_kind.clone());
+        let classification = match case.classification.as_deref() {
+            None => palisade_core::principal::Classification::Internal,
+            Some(text) => palisade_core::principal::Classification::parse(text).ok_or_else(|| {
+                at(format!("classification `{text}` is not public, internal, confidential or restricted"))
+            })?,
+        };
+        let system = case.system.clone().unwrap_or_default();
         let target = Target {
             route: &case.route,
             resource: case.resource.as_deref(),
             route_kind: &route_kind,
             kind: &kind,
+            system: &system,
+            route_classification: classification,
+            classification,
         };
         let hour = case.hour.unwrap_or(12);
         if hour > 23 {
@@ -180,10 +199,9 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
             }
         };
         let ctx = RequestContext {
-            method: &method,
-            path: &path,
             hour,
             weekday,
+            ..RequestContext::at(&method, &path, Timestamp::now())
         };
         let decision = engine.decide(principal, action, &target, &ctx);
         let got = if decision.allowed { "allow" } else { "deny" };
@@ -254,6 +272,12 @@ fn build_principal(id: &str, spec: &PrincipalSpec, now: Timestamp) -> Result<Pri
             scopes: Vec::new(),
             max_files_per_session: None,
             data_egress_allowed: spec.data_egress_allowed,
+            blast_radius: {
+                let b = spec.blast_radius.clone().unwrap_or_default();
+                b.validate()
+                    .map_err(|(field, message)| format!("{field}: {message}"))?;
+                b
+            },
         }),
         PrincipalKind::Human => {
             let teams = spec
@@ -337,7 +361,7 @@ expect = "allow"
             results[2].message
         );
         assert!(
-            results[2].message.contains("palisade.default-deny"),
+            results[2].message.contains("palisade.blast-radius.action"),
             "{}",
             results[2].message
         );

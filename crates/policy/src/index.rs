@@ -1,23 +1,27 @@
 //! Policy slicing: a request evaluates only the policies whose scope can match it.
 //!
-//! Policies are grouped by their principal scope (`principal == X`, or anything else) and their
-//! action scope (`action == A`, or anything else). A request for principal P and action A needs
-//! exactly four groups: (any, any), (any, A), (P, any) and (P, A). Other scopes (`in`, `is`,
+//! Policies are grouped by their principal scope (`principal == X`, or anything else), their
+//! action scope (`action == A`, or anything else) and the resource type their scope names
+//! (`resource is T`, `resource == T::"x"`, or none). A request needs the groups that match its
+//! principal, action and resource type, or say "any". Other scopes (`in`, `is` on principals,
 //! action lists, which may involve hierarchies) stay in the "any" groups, so slicing never has to
 //! reason about membership.
 //!
-//! INVARIANT (exact-slicing): a policy scoped `principal == X` or `action == A` cannot apply to a
-//! request with another principal or action, and Cedar checks scopes before conditions, so leaving
+//! INVARIANT (exact-slicing): a policy scoped `principal == X`, `action == A` or to resource type
+//! T cannot apply to a request with another principal, action or resource type, and Cedar checks scopes before conditions, so leaving
 //! it out changes neither the decision, nor the deciding policies, nor the errors. The property
 //! test `sliced_evaluation_equals_full_evaluation_on_random_requests` checks this against the full
 //! set.
 
-use cedar_policy::{ActionConstraint, EntityUid, Policy, PolicySet, PrincipalConstraint};
+use cedar_policy::{
+    ActionConstraint, EntityTypeName, EntityUid, Policy, PolicySet, PrincipalConstraint,
+    ResourceConstraint,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-type GroupKey = (Option<EntityUid>, Option<EntityUid>);
-type SliceKey = (Option<EntityUid>, EntityUid);
+type GroupKey = (Option<EntityUid>, Option<EntityUid>, Option<EntityTypeName>);
+type SliceKey = (Option<EntityUid>, EntityUid, EntityTypeName);
 
 /// Most cached slices kept; past this the cache starts over (it only saves work).
 const CACHE_LIMIT: usize = 200_000;
@@ -44,8 +48,13 @@ impl PolicyIndex {
                 ActionConstraint::Eq(uid) => Some(uid),
                 _ => None,
             };
+            let resource_type = match policy.resource_constraint() {
+                ResourceConstraint::Is(t) | ResourceConstraint::IsIn(t, _) => Some(t),
+                ResourceConstraint::Eq(uid) => Some(uid.type_name().clone()),
+                _ => None,
+            };
             groups
-                .entry((principal, action))
+                .entry((principal, action, resource_type))
                 .or_default()
                 .push(policy.clone());
         }
@@ -56,32 +65,42 @@ impl PolicyIndex {
         }
     }
 
-    /// The policies a request by `principal` for `action` can match.
-    pub(crate) fn for_request(&self, principal: &EntityUid, action: &EntityUid) -> Arc<PolicySet> {
-        // Principals without policies of their own share one slice per action.
+    /// The policies a request by `principal` for `action` on a resource of `resource_type` can
+    /// match.
+    pub(crate) fn for_request(
+        &self,
+        principal: &EntityUid,
+        action: &EntityUid,
+        resource_type: &EntityTypeName,
+    ) -> Arc<PolicySet> {
+        // Principals without policies of their own share one slice per action and resource type.
         let own = self
             .keyed_principals
             .contains(principal)
             .then(|| principal.clone());
-        let key = (own, action.clone());
+        let key = (own, action.clone(), resource_type.clone());
         if let Some(set) = self.cache.read().ok().and_then(|c| c.get(&key).cloned()) {
             return set;
         }
         let mut set = PolicySet::new();
-        let groups = [
-            (None, None),
-            (None, Some(action.clone())),
-            (key.0.clone(), None),
-            (key.0.clone(), Some(action.clone())),
-        ];
-        for (i, group) in groups.iter().enumerate() {
-            // Without own policies the last two groups repeat the first two.
-            if key.0.is_none() && i >= 2 {
-                break;
-            }
-            for policy in self.groups.get(group).into_iter().flatten() {
-                // Ids are unique in the full set, so adding cannot fail.
-                let _ = set.add(policy.clone());
+        let principals = if key.0.is_some() {
+            vec![None, key.0.clone()]
+        } else {
+            vec![None]
+        };
+        for p in &principals {
+            for a in [None, Some(action.clone())] {
+                for r in [None, Some(resource_type.clone())] {
+                    for policy in self
+                        .groups
+                        .get(&(p.clone(), a.clone(), r))
+                        .into_iter()
+                        .flatten()
+                    {
+                        // Ids are unique in the full set, so adding cannot fail.
+                        let _ = set.add(policy.clone());
+                    }
+                }
             }
         }
         let set = Arc::new(set);

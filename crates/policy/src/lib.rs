@@ -51,6 +51,10 @@ pub enum Action {
     Write,
     /// `Palisade::Action::"destructive"`.
     Destructive,
+    /// `Palisade::Action::"egress"`: data leaving the organisation.
+    Egress,
+    /// `Palisade::Action::"credential"`: asking for a credential.
+    Credential,
 }
 
 impl Action {
@@ -60,6 +64,8 @@ impl Action {
             Self::Read => "read",
             Self::Write => "write",
             Self::Destructive => "destructive",
+            Self::Egress => "egress",
+            Self::Credential => "credential",
         }
     }
 }
@@ -75,6 +81,12 @@ pub struct Target<'a> {
     pub route_kind: &'a str,
     /// What the target holds: the resource's kind if a resource is named, else the route's.
     pub kind: &'a str,
+    /// The system (compute boundary) the route belongs to; empty for none.
+    pub system: &'a str,
+    /// The route's data classification.
+    pub route_classification: palisade_core::principal::Classification,
+    /// The target's classification: the resource's if one is named, else the route's.
+    pub classification: palisade_core::principal::Classification,
 }
 
 /// The request attributes policies see as `context`.
@@ -88,6 +100,20 @@ pub struct RequestContext<'a> {
     pub hour: u8,
     /// Day of the week, `mon` .. `sun`, UTC.
     pub weekday: &'static str,
+    /// Calls so far in the session.
+    pub calls: u64,
+    /// Objects read so far in the session.
+    pub objects_read: u64,
+    /// Bytes sent out so far in the session.
+    pub bytes_out: u64,
+    /// Where data is going, for egress.
+    pub destination: Option<&'a str>,
+    /// The human who started the task, when delegated.
+    pub initiating_human: Option<&'a str>,
+    /// `none`, `pending` or `approved`.
+    pub approval: &'static str,
+    /// Labels of what the session has ingested.
+    pub taint: &'a [String],
 }
 
 impl<'a> RequestContext<'a> {
@@ -107,6 +133,13 @@ impl<'a> RequestContext<'a> {
             path,
             hour,
             weekday,
+            calls: 0,
+            objects_read: 0,
+            bytes_out: 0,
+            destination: None,
+            initiating_human: None,
+            approval: "none",
+            taint: &[],
         }
     }
 }
@@ -400,6 +433,11 @@ impl PolicyEngine {
     ) -> Result<Decision, String> {
         let principal_entity = self.cached_principal_entity(principal)?;
         let route_uid = uid("Route", target.route)?;
+        let route_parents = if target.system.is_empty() {
+            HashSet::new()
+        } else {
+            HashSet::from([uid("System", target.system)?])
+        };
         let route = Entity::new(
             route_uid.clone(),
             HashMap::from([
@@ -411,8 +449,16 @@ impl PolicyEngine {
                     "kind".to_string(),
                     RestrictedExpression::new_string(target.route_kind.to_string()),
                 ),
+                (
+                    "system".to_string(),
+                    RestrictedExpression::new_string(target.system.to_string()),
+                ),
+                (
+                    "classification".to_string(),
+                    RestrictedExpression::new_long(target.route_classification.rank()),
+                ),
             ]),
-            HashSet::new(),
+            route_parents,
         )
         .map_err(|e| e.to_string())?;
         let mut entities = vec![principal_entity.clone(), route];
@@ -435,6 +481,14 @@ impl PolicyEngine {
                             (
                                 "kind".to_string(),
                                 RestrictedExpression::new_string(target.kind.to_string()),
+                            ),
+                            (
+                                "system".to_string(),
+                                RestrictedExpression::new_string(target.system.to_string()),
+                            ),
+                            (
+                                "classification".to_string(),
+                                RestrictedExpression::new_long(target.classification.rank()),
                             ),
                         ]),
                         HashSet::from([route_uid]),
@@ -461,7 +515,8 @@ impl PolicyEngine {
             );
         }
         let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
-        let context = Context::from_pairs([
+        let long = |n: u64| RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX));
+        let mut pairs = vec![
             (
                 "method".to_string(),
                 RestrictedExpression::new_string(ctx.method.to_string()),
@@ -478,20 +533,50 @@ impl PolicyEngine {
                 "weekday".to_string(),
                 RestrictedExpression::new_string(ctx.weekday.to_string()),
             ),
-        ])
-        .map_err(|e| e.to_string())?;
+            ("calls".to_string(), long(ctx.calls)),
+            ("objects_read".to_string(), long(ctx.objects_read)),
+            ("bytes_out".to_string(), long(ctx.bytes_out)),
+            (
+                "approval".to_string(),
+                RestrictedExpression::new_string(ctx.approval.to_string()),
+            ),
+            ("taint".to_string(), string_set(ctx.taint)),
+            (
+                "in_window".to_string(),
+                RestrictedExpression::new_bool(in_window(principal, ctx)),
+            ),
+        ];
+        if let Some(d) = ctx.destination {
+            pairs.push((
+                "destination".to_string(),
+                RestrictedExpression::new_string(d.to_string()),
+            ));
+        }
+        if let Some(h) = ctx.initiating_human {
+            pairs.push((
+                "initiating_human".to_string(),
+                RestrictedExpression::new_string(h.to_string()),
+            ));
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
         let action_uid = uid("Action", action.as_str())?;
         // No request validation against the schema here: every part is built above from typed
         // values, in the shapes the schema declares (the schema validated the policies at load).
         let request = Request::new(
             principal_entity.uid(),
             action_uid.clone(),
-            resource_uid,
+            resource_uid.clone(),
             context,
             None,
         )
         .map_err(|e| e.to_string())?;
-        Ok(self.authorize(&principal_entity.uid(), &action_uid, &request, &entities))
+        Ok(self.authorize(
+            &principal_entity.uid(),
+            &action_uid,
+            &resource_uid,
+            &request,
+            &entities,
+        ))
     }
 }
 
@@ -502,12 +587,15 @@ impl PolicyEngine {
         &self,
         principal: &EntityUid,
         action: &EntityUid,
+        resource: &EntityUid,
         request: &Request,
         entities: &Entities,
     ) -> Decision {
         let sliced;
         let policies: &PolicySet = if self.slicing {
-            sliced = self.index.for_request(principal, action);
+            sliced = self
+                .index
+                .for_request(principal, action, resource.type_name());
             &sliced
         } else {
             &self.policies
@@ -547,6 +635,45 @@ impl PolicyEngine {
     pub fn with_slicing(mut self, on: bool) -> Self {
         self.slicing = on;
         self
+    }
+
+    /// The policies that can apply to `principal`, for any action, as `(id, Cedar text)` sorted by
+    /// id: the generic ones whose scope admits its type, and its own. Together with the
+    /// principal's attributes (its blast radius) they are its effective policy.
+    pub fn effective_for(&self, principal: &Principal) -> Result<Vec<(String, String)>, String> {
+        let entity = principal_entity(principal)?;
+        let uid = entity.uid();
+        let mut out: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+        for action in [
+            Action::Read,
+            Action::Write,
+            Action::Destructive,
+            Action::Egress,
+            Action::Credential,
+        ] {
+            let action_uid = crate::uid("Action", action.as_str())?;
+            let mut seen_types = Vec::new();
+            for resource_type in ["Route", "Resource"] {
+                seen_types.push(crate::uid(resource_type, "-")?.type_name().clone());
+            }
+            for policy in seen_types.iter().flat_map(|t| {
+                self.index
+                    .for_request(&uid, &action_uid, t)
+                    .policies()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            }) {
+                let admits_type = match policy.principal_constraint() {
+                    cedar_policy::PrincipalConstraint::Is(t)
+                    | cedar_policy::PrincipalConstraint::IsIn(t, _) => t == *uid.type_name(),
+                    _ => true,
+                };
+                if admits_type {
+                    out.insert(policy.id().to_string(), policy.to_string());
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// The principal's Cedar entity, rebuilt only when its record differs from the cached one
@@ -613,6 +740,19 @@ fn load_entities(
     out
 }
 
+/// Whether the request's hour and weekday fall in the principal's allowed window.
+fn in_window(principal: &Principal, ctx: &RequestContext<'_>) -> bool {
+    match principal.agent() {
+        None => true,
+        Some(a) => {
+            let [start, end] = a.blast_radius.hours;
+            ctx.hour >= start
+                && ctx.hour < end
+                && a.blast_radius.weekdays.iter().any(|d| d == ctx.weekday)
+        }
+    }
+}
+
 /// A `Palisade::` entity uid; the type names are parsed once, not per request.
 fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
     static TYPES: std::sync::OnceLock<HashMap<&'static str, EntityTypeName>> =
@@ -624,6 +764,7 @@ fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
             "ServiceAccount",
             "Team",
             "Role",
+            "System",
             "Route",
             "Resource",
             "Action",
@@ -679,6 +820,29 @@ pub fn principal_entity(p: &Principal) -> Result<Entity, String> {
                 "data_egress_allowed".into(),
                 RestrictedExpression::new_bool(a.data_egress_allowed),
             );
+            let b = &a.blast_radius;
+            attrs.insert("systems".into(), string_set(&b.systems));
+            attrs.insert(
+                "max_classification".into(),
+                RestrictedExpression::new_long(b.max_classification.rank()),
+            );
+            attrs.insert(
+                "egress_destinations".into(),
+                string_set(&b.egress_destinations),
+            );
+            attrs.insert(
+                "max_action".into(),
+                RestrictedExpression::new_long(b.max_action.rank()),
+            );
+            attrs.insert(
+                "hours_start".into(),
+                RestrictedExpression::new_long(i64::from(b.hours[0])),
+            );
+            attrs.insert(
+                "hours_end".into(),
+                RestrictedExpression::new_long(i64::from(b.hours[1])),
+            );
+            attrs.insert("weekdays".into(), string_set(&b.weekdays));
             "Agent"
         }
     };

@@ -95,6 +95,10 @@ mod tests {
                 scopes: vec![],
                 max_files_per_session: None,
                 data_egress_allowed: false,
+                blast_radius: palisade_core::principal::BlastRadius {
+                    max_action: palisade_core::principal::ActionCeiling::Destructive,
+                    ..Default::default()
+                },
             }),
         }
     }
@@ -112,10 +116,9 @@ mod tests {
             PolicyEngine::load_all(None, &[("grants.cedar", grants)], &[("<purposes>", &text)])
                 .unwrap();
         let ctx = RequestContext {
-            method: "GET",
-            path: "/",
             hour: 12,
             weekday: "wed",
+            ..RequestContext::at("GET", "/", palisade_core::Timestamp::from_unix_seconds(0))
         };
         let agent = reviewer();
         let repo = Target {
@@ -123,12 +126,18 @@ mod tests {
             resource: None,
             route_kind: "repo",
             kind: "repo",
+            system: "",
+            route_classification: Default::default(),
+            classification: Default::default(),
         };
         let mail = Target {
             route: "mail",
             resource: None,
             route_kind: "email",
             kind: "email",
+            system: "",
+            route_classification: Default::default(),
+            classification: Default::default(),
         };
         assert!(engine.decide(&agent, Action::Read, &repo, &ctx).allowed);
         let d = engine.decide(&agent, Action::Write, &mail, &ctx);

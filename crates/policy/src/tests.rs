@@ -1,5 +1,7 @@
 use super::*;
-use palisade_core::principal::{AgentDetail, HumanDetail};
+use palisade_core::principal::{
+    ActionCeiling, AgentDetail, BlastRadius, Classification, HumanDetail,
+};
 use palisade_core::{PrincipalId, PrincipalKind, Status, Timestamp};
 
 fn agent(slug: &str, allowed: &[&str], status: Status) -> Principal {
@@ -26,6 +28,10 @@ fn agent(slug: &str, allowed: &[&str], status: Status) -> Principal {
             scopes: vec![],
             max_files_per_session: None,
             data_egress_allowed: false,
+            blast_radius: palisade_core::principal::BlastRadius {
+                max_action: palisade_core::principal::ActionCeiling::Destructive,
+                ..Default::default()
+            },
         }),
     }
 }
@@ -51,10 +57,13 @@ fn human(slug: &str, teams: &[&str]) -> Principal {
 
 fn ctx() -> RequestContext<'static> {
     RequestContext {
-        method: "GET",
-        path: "/tickets/1",
         hour: 12,
         weekday: "wed",
+        ..RequestContext::at(
+            "GET",
+            "/tickets/1",
+            palisade_core::Timestamp::from_unix_seconds(0),
+        )
     }
 }
 
@@ -64,6 +73,9 @@ fn route(name: &str) -> Target<'_> {
         resource: None,
         route_kind: name,
         kind: name,
+        system: "",
+        route_classification: Default::default(),
+        classification: Default::default(),
     }
 }
 
@@ -78,7 +90,12 @@ fn baseline_lets_agents_read_allowed_routes_only() {
             true,
             "palisade.baseline.agent-read",
         ),
-        (Action::Read, "payroll", false, DEFAULT_DENY),
+        (
+            Action::Read,
+            "payroll",
+            false,
+            "palisade.blast-radius.compute",
+        ),
         (Action::Write, "tickets", false, DEFAULT_DENY),
         (Action::Destructive, "tickets", false, DEFAULT_DENY),
     ];
@@ -227,7 +244,31 @@ fn sliced_evaluation_equals_full_evaluation_on_random_requests() {
             } else {
                 Status::Active
             };
-            agent(&format!("a{i}"), &allowed, status)
+            let mut a = agent(&format!("a{i}"), &allowed, status);
+            if let PrincipalDetail::Agent(d) = &mut a.detail {
+                d.blast_radius = BlastRadius {
+                    systems: if next(2) == 0 {
+                        vec!["github".into()]
+                    } else {
+                        vec![]
+                    },
+                    max_classification: [Classification::Internal, Classification::Restricted]
+                        [next(2) as usize],
+                    max_action: [
+                        ActionCeiling::Read,
+                        ActionCeiling::Write,
+                        ActionCeiling::Destructive,
+                    ][next(3) as usize],
+                    hours: [[0, 24], [8, 18]][next(2) as usize],
+                    weekdays: if next(2) == 0 {
+                        vec!["mon".into()]
+                    } else {
+                        BlastRadius::default().weekdays
+                    },
+                    ..BlastRadius::default()
+                };
+            }
+            a
         })
         .collect();
     let humans = [human("ann", &["alpha"]), human("bob", &["beta"])];
@@ -243,17 +284,25 @@ fn sliced_evaluation_equals_full_evaluation_on_random_requests() {
         let resource = if next(3) == 0 { Some("comment") } else { None };
         let method = ["GET", "POST", "DELETE"][next(3) as usize];
         let path = format!("/{}/{}", routes[next(5) as usize], next(100));
+        let classes = [
+            Classification::Public,
+            Classification::Internal,
+            Classification::Confidential,
+            Classification::Restricted,
+        ];
         let target = Target {
             route,
             resource,
             route_kind: route,
             kind: resource.unwrap_or(route),
+            system: ["", "github", "jira"][next(3) as usize],
+            route_classification: classes[next(4) as usize],
+            classification: classes[next(4) as usize],
         };
         let ctx = RequestContext {
-            method,
-            path: &path,
             hour: next(24) as u8,
-            weekday: "mon",
+            weekday: ["mon", "sat"][next(2) as usize],
+            ..RequestContext::at(method, &path, Timestamp::from_unix_seconds(0))
         };
         let a = sliced.decide(who, action, &target, &ctx);
         let b = full.decide(who, action, &target, &ctx);
@@ -332,6 +381,196 @@ fn the_request_context_carries_utc_hour_and_weekday_for_temporal_policies() {
     assert!(
         !engine
             .decide(&a, Action::Read, &route("tickets"), &weekend)
+            .allowed
+    );
+}
+
+/// (name, principal, action, target, context, the policy expected to deny or none for allow)
+type BlastCase<'a> = (
+    &'a str,
+    Principal,
+    Action,
+    Target<'a>,
+    RequestContext<'a>,
+    Option<&'a str>,
+);
+
+/// One table per blast-radius dimension: the agent's declared values decide, over grants.
+#[test]
+fn blast_radius_dimensions_are_ceilings_over_any_grant() {
+    let grant_all = r#"@id("grant-all") permit (principal, action, resource);"#;
+    let engine = PolicyEngine::from_texts(&[("grants.cedar", grant_all)]).unwrap();
+    let with = |f: &dyn Fn(&mut BlastRadius)| {
+        let mut a = agent("bot", &["tickets"], Status::Active);
+        if let PrincipalDetail::Agent(d) = &mut a.detail {
+            d.blast_radius = BlastRadius::default();
+            f(&mut d.blast_radius);
+        }
+        a
+    };
+    let target = |route: &'static str, system: &'static str, class: Classification| Target {
+        route,
+        resource: None,
+        route_kind: route,
+        kind: route,
+        system,
+        route_classification: class,
+        classification: class,
+    };
+    let at = |hour: u8, weekday: &'static str| RequestContext {
+        hour,
+        weekday,
+        ..RequestContext::at("GET", "/", Timestamp::from_unix_seconds(0))
+    };
+    let internal = Classification::Internal;
+    let noon = at(12, "wed");
+    let cases: Vec<BlastCase<'_>> = vec![
+        // action: read-only by default
+        (
+            "default is read-only: read",
+            with(&|_| {}),
+            Action::Read,
+            target("tickets", "", internal),
+            noon.clone(),
+            None,
+        ),
+        (
+            "default is read-only: write",
+            with(&|_| {}),
+            Action::Write,
+            target("tickets", "", internal),
+            noon.clone(),
+            Some("palisade.blast-radius.action"),
+        ),
+        (
+            "write ceiling allows write",
+            with(&|b| b.max_action = ActionCeiling::Write),
+            Action::Write,
+            target("tickets", "", internal),
+            noon.clone(),
+            None,
+        ),
+        (
+            "write ceiling stops delete",
+            with(&|b| b.max_action = ActionCeiling::Write),
+            Action::Destructive,
+            target("tickets", "", internal),
+            noon.clone(),
+            Some("palisade.blast-radius.action"),
+        ),
+        // compute: routes outside allowed_resources, unless their system is listed
+        (
+            "other route",
+            with(&|_| {}),
+            Action::Read,
+            target("payroll", "", internal),
+            noon.clone(),
+            Some("palisade.blast-radius.compute"),
+        ),
+        (
+            "other route in a listed system",
+            with(&|b| b.systems = vec!["github".into()]),
+            Action::Read,
+            target("repos", "github", internal),
+            noon.clone(),
+            None,
+        ),
+        // data: classification ceiling (internal by default)
+        (
+            "confidential over the default ceiling",
+            with(&|_| {}),
+            Action::Read,
+            target("tickets", "", Classification::Confidential),
+            noon.clone(),
+            Some("palisade.blast-radius.data"),
+        ),
+        (
+            "confidential under a raised ceiling",
+            with(&|b| b.max_classification = Classification::Confidential),
+            Action::Read,
+            target("tickets", "", Classification::Confidential),
+            noon.clone(),
+            None,
+        ),
+        // temporal: hours and weekdays
+        (
+            "outside hours",
+            with(&|b| b.hours = [8, 18]),
+            Action::Read,
+            target("tickets", "", internal),
+            at(19, "wed"),
+            Some("palisade.blast-radius.temporal"),
+        ),
+        (
+            "inside hours",
+            with(&|b| b.hours = [8, 18]),
+            Action::Read,
+            target("tickets", "", internal),
+            at(8, "wed"),
+            None,
+        ),
+        (
+            "weekend",
+            with(&|b| {
+                b.weekdays = vec![
+                    "mon".into(),
+                    "tue".into(),
+                    "wed".into(),
+                    "thu".into(),
+                    "fri".into(),
+                ]
+            }),
+            Action::Read,
+            target("tickets", "", internal),
+            at(12, "sat"),
+            Some("palisade.blast-radius.temporal"),
+        ),
+        // egress: only when allowed, and only to listed destinations
+        (
+            "egress not allowed",
+            with(&|_| {}),
+            Action::Egress,
+            target("tickets", "", internal),
+            noon.clone(),
+            Some("palisade.blast-radius.egress"),
+        ),
+    ];
+    for (name, principal, action, target, ctx, denied_by) in cases {
+        let d = engine.decide(&principal, action, &target, &ctx);
+        match denied_by {
+            None => assert!(d.allowed, "{name}: {d:?}"),
+            Some(policy) => {
+                assert!(!d.allowed, "{name}: allowed");
+                assert_eq!(d.policies, [policy], "{name}");
+            }
+        }
+    }
+    let mut egress_ok = with(&|b| b.egress_destinations = vec!["api.github.com".into()]);
+    if let PrincipalDetail::Agent(d) = &mut egress_ok.detail {
+        d.data_egress_allowed = true;
+    }
+    let to = |dest: &'static str| RequestContext {
+        destination: Some(dest),
+        ..noon.clone()
+    };
+    assert!(
+        engine
+            .decide(
+                &egress_ok,
+                Action::Egress,
+                &target("tickets", "", internal),
+                &to("api.github.com")
+            )
+            .allowed
+    );
+    assert!(
+        !engine
+            .decide(
+                &egress_ok,
+                Action::Egress,
+                &target("tickets", "", internal),
+                &to("evil.example")
+            )
             .allowed
     );
 }

@@ -295,6 +295,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/audit/events", get(admin::audit_events))
         .route("/policy", get(policy::status))
         .route("/policy/reload", post(policy::reload))
+        .route("/policy/agents/{id}", get(policy::show_agent))
         .route("/{collection}", get(admin::list).post(admin::create))
         .route("/{collection}/{id}", get(admin::get).patch(admin::update))
         .route("/{collection}/{id}/{verb}", post(admin::lifecycle))

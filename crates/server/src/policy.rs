@@ -280,6 +280,50 @@ pub fn watch(app: Weak<App>, every: Duration) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// `GET /api/v1/policy/agents/{id}`: an agent's blast radius and every policy that can apply
+/// to it.
+pub async fn show_agent(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let id = match palisade_core::PrincipalId::parse_with_default(
+        &id,
+        Some(palisade_core::PrincipalKind::Agent),
+    ) {
+        Ok(id) => id,
+        Err(e) => {
+            return crate::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                &format!("id: {}", e.0),
+                Some("id"),
+            );
+        }
+    };
+    let Some(agent) = app.registry.get(&id) else {
+        return crate::error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("{id} is not registered; `palisade agent list` shows the registered ones"),
+            None,
+        );
+    };
+    let engine = app.policy.current();
+    match engine.effective_for(&agent) {
+        Ok(policies) => axum::Json(json!({
+            "agent": id.to_string(),
+            "status": agent.status.as_str(),
+            "purpose_tag": agent.agent().map(|a| a.purpose_tag.clone()),
+            "allowed_resources": agent.agent().map(|a| a.allowed_resources.clone()),
+            "blast_radius": agent.agent().map(|a| a.blast_radius.clone()),
+            "policy_version": engine.version(),
+            "policies": policies.into_iter().map(|(id, text)| json!({ "id": id, "text": text })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => crate::error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e, None),
+    }
+}
+
 /// `GET /api/v1/policy`.
 pub async fn status(State(app): State<Arc<App>>) -> Response {
     axum::Json(app.policy.status()).into_response()

@@ -224,7 +224,10 @@ pub fn agent_body(slug: &str) -> Value {
         "model_version": "2026-05-01",
         "allowed_resources": ["tickets"],
         "scopes": ["tickets:read"],
-        "max_files_per_session": 50
+        "max_files_per_session": 50,
+        // Wide open on actions, so tests see the policies under test decide; the read-only
+        // default has its own test.
+        "blast_radius": { "max_action": "destructive" }
     })
 }
 
