@@ -164,6 +164,19 @@ pub struct PolicyEngine {
     authorizer: Authorizer,
     /// The policies each (principal, action) can match.
     index: index::PolicyIndex,
+    /// Cedar entities of routes by name, with the attributes they were built from.
+    #[allow(clippy::type_complexity)]
+    route_entities: std::sync::RwLock<
+        HashMap<
+            String,
+            (
+                String,
+                String,
+                palisade_core::principal::Classification,
+                Entity,
+            ),
+        >,
+    >,
     /// Cedar entities of principals as last seen, reused while the record is unchanged.
     principal_entities: std::sync::RwLock<HashMap<palisade_core::PrincipalId, (Principal, Entity)>>,
     /// Off only to compare against the full set (tests and benchmarks).
@@ -381,6 +394,7 @@ impl PolicyEngine {
             entities,
             index,
             principal_entities: std::sync::RwLock::new(HashMap::new()),
+            route_entities: std::sync::RwLock::new(HashMap::new()),
             slicing: true,
         })
     }
@@ -433,34 +447,7 @@ impl PolicyEngine {
     ) -> Result<Decision, String> {
         let principal_entity = self.cached_principal_entity(principal)?;
         let route_uid = uid("Route", target.route)?;
-        let route_parents = if target.system.is_empty() {
-            HashSet::new()
-        } else {
-            HashSet::from([uid("System", target.system)?])
-        };
-        let route = Entity::new(
-            route_uid.clone(),
-            HashMap::from([
-                (
-                    "name".to_string(),
-                    RestrictedExpression::new_string(target.route.to_string()),
-                ),
-                (
-                    "kind".to_string(),
-                    RestrictedExpression::new_string(target.route_kind.to_string()),
-                ),
-                (
-                    "system".to_string(),
-                    RestrictedExpression::new_string(target.system.to_string()),
-                ),
-                (
-                    "classification".to_string(),
-                    RestrictedExpression::new_long(target.route_classification.rank()),
-                ),
-            ]),
-            route_parents,
-        )
-        .map_err(|e| e.to_string())?;
+        let route = self.cached_route_entity(&route_uid, target)?;
         let mut entities = vec![principal_entity.clone(), route];
         let resource_uid = match target.resource {
             Some(name) => {
@@ -674,6 +661,69 @@ impl PolicyEngine {
             }
         }
         Ok(out.into_iter().collect())
+    }
+
+    /// The route's Cedar entity, rebuilt only when its configured attributes differ from the
+    /// cached one's (routes change only with the configuration).
+    fn cached_route_entity(
+        &self,
+        route_uid: &EntityUid,
+        target: &Target<'_>,
+    ) -> Result<Entity, String> {
+        let attrs = (
+            target.route_kind,
+            target.system,
+            target.route_classification,
+        );
+        if let Ok(cache) = self.route_entities.read()
+            && let Some((kind, system, class, entity)) = cache.get(target.route)
+            && (kind.as_str(), system.as_str(), *class) == attrs
+        {
+            return Ok(entity.clone());
+        }
+        let parents = if target.system.is_empty() {
+            HashSet::new()
+        } else {
+            HashSet::from([uid("System", target.system)?])
+        };
+        let entity = Entity::new(
+            route_uid.clone(),
+            HashMap::from([
+                (
+                    "name".to_string(),
+                    RestrictedExpression::new_string(target.route.to_string()),
+                ),
+                (
+                    "kind".to_string(),
+                    RestrictedExpression::new_string(target.route_kind.to_string()),
+                ),
+                (
+                    "system".to_string(),
+                    RestrictedExpression::new_string(target.system.to_string()),
+                ),
+                (
+                    "classification".to_string(),
+                    RestrictedExpression::new_long(target.route_classification.rank()),
+                ),
+            ]),
+            parents,
+        )
+        .map_err(|e| e.to_string())?;
+        if let Ok(mut cache) = self.route_entities.write() {
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+            cache.insert(
+                target.route.to_string(),
+                (
+                    target.route_kind.to_string(),
+                    target.system.to_string(),
+                    target.route_classification,
+                    entity.clone(),
+                ),
+            );
+        }
+        Ok(entity)
     }
 
     /// The principal's Cedar entity, rebuilt only when its record differs from the cached one
