@@ -87,6 +87,26 @@ enum PolicyCmd {
     },
     /// Show the policy set in force on the server and the last reload error.
     Status,
+    /// Explain a decision: deciding policies and, for a deny, each permit considered.
+    Explain {
+        /// The principal, e.g. agent:pr-bot.
+        #[arg(long)]
+        principal: String,
+        /// read, write, destructive, egress or credential.
+        #[arg(long)]
+        action: String,
+        /// A configured route name.
+        #[arg(long)]
+        route: String,
+        /// A rule resource name inside the route.
+        #[arg(long)]
+        resource: Option<String>,
+    },
+    /// List what an agent may do on every configured route and rule resource, now.
+    WhatCan {
+        /// The agent, e.g. pr-bot or agent:pr-bot.
+        agent: String,
+    },
     /// Show an agent's blast radius and every policy that can apply to it.
     Show {
         /// The agent, e.g. pr-reviewer or agent:pr-reviewer.
@@ -533,6 +553,63 @@ async fn policy(
             } else {
                 ExitCode::FAILURE
             })
+        }
+        PolicyCmd::Explain {
+            principal,
+            action,
+            route,
+            resource,
+        } => {
+            let body = strip_nulls(
+                json!({ "principal": principal, "action": action, "route": route, "resource": resource }),
+            );
+            let v = client()?
+                .call(Method::POST, "/policy/explain", Some(body))
+                .await?;
+            if as_json {
+                println!("{}", pretty(&v));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let verdict = if v["allowed"] == true {
+                "ALLOW"
+            } else {
+                "DENY"
+            };
+            println!("{verdict} by {}", cell(&v["deciding_policies"]));
+            for e in v["errors"].as_array().into_iter().flatten() {
+                println!("  evaluation error: {}", cell(e));
+            }
+            for p in v["permits_considered"].as_array().into_iter().flatten() {
+                let why = if p["would_allow_alone"] == true {
+                    "would allow, overridden by a forbid"
+                } else {
+                    "did not match this request"
+                };
+                println!(
+                    "\npermit {} ({why}):\n{}",
+                    cell(&p["id"]),
+                    p["text"].as_str().unwrap_or_default().trim()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCmd::WhatCan { agent } => {
+            let v = client()?
+                .call(Method::GET, &format!("/policy/agents/{agent}/can"), None)
+                .await?;
+            if as_json {
+                println!("{}", pretty(&v));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let cols = ["route", "resource", "action", "allowed", "policies"];
+            let rows: Vec<Vec<String>> = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| cols.iter().map(|c| cell(&i[*c])).collect())
+                .collect();
+            print_table(&cols, &rows);
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCmd::Show { agent } => {
             let v = client()?

@@ -740,3 +740,85 @@ async fn purpose_binding_denies_and_alerts_outside_the_declared_purpose() {
     );
     h.server.stop().await;
 }
+
+/// `policy explain` and `policy what-can` through the real CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_and_what_can() {
+    let h = Harness::start("explain").await;
+    h.owner_and_agent("helper").await;
+
+    let out = h.cli(&[
+        "--json",
+        "policy",
+        "explain",
+        "--principal",
+        "agent:helper",
+        "--action",
+        "write",
+        "--route",
+        "tickets",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["allowed"], false);
+    assert_eq!(v["deciding_policies"], json!(["palisade.default-deny"]));
+    let considered = v["permits_considered"].as_array().unwrap();
+    let slow = considered
+        .iter()
+        .find(|p| p["id"] == "tests.slow-route-writes")
+        .expect("the write permit for another route");
+    assert_eq!(slow["would_allow_alone"], false);
+
+    let out = h.cli(&[
+        "policy",
+        "explain",
+        "--principal",
+        "agent:helper",
+        "--action",
+        "destructive",
+        "--route",
+        "tickets",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("DENY by tickets.no-deletes"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = h.cli(&[
+        "policy",
+        "explain",
+        "--principal",
+        "agent:helper",
+        "--action",
+        "read",
+        "--route",
+        "nope",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("routes are: tickets"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = h.cli(&["--json", "policy", "what-can", "helper"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = v["items"].as_array().unwrap();
+    let find = |action: &str| {
+        items
+            .iter()
+            .find(|i| i["route"] == "tickets" && i["action"] == action)
+            .unwrap()
+    };
+    assert_eq!(find("read")["allowed"], true);
+    assert_eq!(find("write")["allowed"], false);
+    assert_eq!(
+        find("destructive")["policies"],
+        json!(["tickets.no-deletes"])
+    );
+    h.server.stop().await;
+}

@@ -445,6 +445,71 @@ impl PolicyEngine {
         target: &Target<'_>,
         ctx: &RequestContext<'_>,
     ) -> Result<Decision, String> {
+        let built = self.build_request(principal, action, target, ctx)?;
+        Ok(self.authorize(
+            &built.principal,
+            &built.action,
+            &built.resource,
+            &built.request,
+            &built.entities,
+        ))
+    }
+
+    /// Explains a decision: the decision itself and, when it is a deny, every permit that could
+    /// have applied to this principal, action and resource type and what it would decide alone
+    /// (`would_allow: true` means a forbid overrode it; `false` means its scope or condition did
+    /// not match this request).
+    pub fn explain(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Explanation, String> {
+        let built = self.build_request(principal, action, target, ctx)?;
+        let decision = self.authorize(
+            &built.principal,
+            &built.action,
+            &built.resource,
+            &built.request,
+            &built.entities,
+        );
+        let mut permits = Vec::new();
+        if !decision.allowed {
+            let slice =
+                self.index
+                    .for_request(&built.principal, &built.action, built.resource.type_name());
+            for policy in slice
+                .policies()
+                .filter(|p| p.effect() == cedar_policy::Effect::Permit)
+            {
+                let mut alone = PolicySet::new();
+                alone.add(policy.clone()).map_err(|e| e.to_string())?;
+                let response =
+                    self.authorizer
+                        .is_authorized(&built.request, &alone, &built.entities);
+                permits.push(PermitExplanation {
+                    id: policy.id().to_string(),
+                    text: policy.to_string(),
+                    would_allow: response.decision() == cedar_policy::Decision::Allow,
+                    errors: response
+                        .diagnostics()
+                        .errors()
+                        .map(ToString::to_string)
+                        .collect(),
+                });
+            }
+        }
+        Ok(Explanation { decision, permits })
+    }
+
+    fn build_request(
+        &self,
+        principal: &Principal,
+        action: Action,
+        target: &Target<'_>,
+        ctx: &RequestContext<'_>,
+    ) -> Result<BuiltRequest, String> {
         let principal_entity = self.cached_principal_entity(principal)?;
         let route_uid = uid("Route", target.route)?;
         let route = self.cached_route_entity(&route_uid, target)?;
@@ -557,14 +622,44 @@ impl PolicyEngine {
             None,
         )
         .map_err(|e| e.to_string())?;
-        Ok(self.authorize(
-            &principal_entity.uid(),
-            &action_uid,
-            &resource_uid,
-            &request,
-            &entities,
-        ))
+        Ok(BuiltRequest {
+            principal: principal_entity.uid(),
+            action: action_uid,
+            resource: resource_uid,
+            request,
+            entities,
+        })
     }
+}
+
+struct BuiltRequest {
+    principal: EntityUid,
+    action: EntityUid,
+    resource: EntityUid,
+    request: Request,
+    entities: Entities,
+}
+
+/// A decision with the permits that were considered, for `palisade policy explain`.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    /// The decision, as the gateway would make it.
+    pub decision: Decision,
+    /// On a deny: each permit that could apply to this principal, action and resource type.
+    pub permits: Vec<PermitExplanation>,
+}
+
+/// One permit, evaluated alone against the same request.
+#[derive(Clone, Debug)]
+pub struct PermitExplanation {
+    /// Policy id.
+    pub id: String,
+    /// Cedar text.
+    pub text: String,
+    /// Whether it alone would allow (then a forbid overrode it).
+    pub would_allow: bool,
+    /// Evaluation errors it raised.
+    pub errors: Vec<String>,
 }
 
 impl PolicyEngine {

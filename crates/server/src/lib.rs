@@ -296,6 +296,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/policy", get(policy::status))
         .route("/policy/reload", post(policy::reload))
         .route("/policy/agents/{id}", get(policy::show_agent))
+        .route("/policy/agents/{id}/can", get(policy::what_can))
+        .route("/policy/explain", post(policy::explain))
         .route("/{collection}", get(admin::list).post(admin::create))
         .route("/{collection}/{id}", get(admin::get).patch(admin::update))
         .route("/{collection}/{id}/{verb}", post(admin::lifecycle))

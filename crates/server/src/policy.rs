@@ -324,6 +324,221 @@ pub async fn show_agent(
     }
 }
 
+/// The parts of a target the configuration knows for `route` and an optional rule resource.
+struct TargetParts {
+    kind: String,
+    system: String,
+    classification: palisade_core::principal::Classification,
+}
+
+fn target_parts(route: &palisade_config::RouteConfig, resource: Option<&str>) -> TargetParts {
+    let rule = resource.and_then(|r| {
+        route
+            .rules
+            .iter()
+            .find(|rule| rule.resource.as_deref() == Some(r))
+    });
+    TargetParts {
+        kind: rule
+            .and_then(|r| r.kind.clone().or_else(|| r.resource.clone()))
+            .unwrap_or_else(|| route.kind.clone()),
+        system: route.system.clone().unwrap_or_default(),
+        classification: rule
+            .and_then(|r| r.classification)
+            .unwrap_or(route.classification),
+    }
+}
+
+fn parse_action(text: &str) -> Option<Action> {
+    match text {
+        "read" => Some(Action::Read),
+        "write" => Some(Action::Write),
+        "destructive" => Some(Action::Destructive),
+        "egress" => Some(Action::Egress),
+        "credential" => Some(Action::Credential),
+        _ => None,
+    }
+}
+
+fn default_method(action: Action) -> &'static str {
+    match action {
+        Action::Read => "GET",
+        Action::Destructive => "DELETE",
+        _ => "POST",
+    }
+}
+
+/// Body of `POST /api/v1/policy/explain`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    principal: String,
+    action: String,
+    route: String,
+    #[serde(default)]
+    resource: Option<String>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+/// `POST /api/v1/policy/explain`: the decision for a hypothetical gateway request now, with the
+/// permits considered when it is a deny.
+pub async fn explain(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let req: ExplainRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return crate::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &format!("the body is not valid: {e}"),
+                None,
+            );
+        }
+    };
+    let Ok(id) = req.principal.parse::<palisade_core::PrincipalId>() else {
+        return crate::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "principal: give an id such as agent:pr-bot",
+            Some("principal"),
+        );
+    };
+    let Some(principal) = app.registry.get(&id) else {
+        return crate::error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("{id} is not registered"),
+            Some("principal"),
+        );
+    };
+    let Some(action) = parse_action(&req.action) else {
+        return crate::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            &format!(
+                "action: `{}` is not one of read, write, destructive, egress, credential",
+                req.action
+            ),
+            Some("action"),
+        );
+    };
+    let Some(route) = app.config.routes.iter().find(|r| r.name == req.route) else {
+        let names: Vec<&str> = app.config.routes.iter().map(|r| r.name.as_str()).collect();
+        return crate::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            &format!(
+                "route: `{}` is not configured; routes are: {}",
+                req.route,
+                names.join(", ")
+            ),
+            Some("route"),
+        );
+    };
+    let parts = target_parts(route, req.resource.as_deref());
+    let target = Target {
+        route: &route.name,
+        resource: req.resource.as_deref(),
+        route_kind: &route.kind,
+        kind: &parts.kind,
+        system: &parts.system,
+        route_classification: route.classification,
+        classification: parts.classification,
+    };
+    let method = req
+        .method
+        .clone()
+        .unwrap_or_else(|| default_method(action).to_string());
+    let path = req
+        .path
+        .clone()
+        .unwrap_or_else(|| route.path_prefix.clone());
+    let ctx = RequestContext::at(&method, &path, palisade_core::Timestamp::now());
+    let engine = app.policy.current();
+    match engine.explain(&principal, action, &target, &ctx) {
+        Ok(ex) => axum::Json(json!({
+            "allowed": ex.decision.allowed,
+            "deciding_policies": ex.decision.policies,
+            "errors": ex.decision.errors,
+            "policy_version": engine.version(),
+            "permits_considered": ex.permits.iter().map(|p| json!({
+                "id": p.id, "would_allow_alone": p.would_allow, "errors": p.errors, "text": p.text,
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => crate::error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e, None),
+    }
+}
+
+/// `GET /api/v1/policy/agents/{id}/can`: every configured route and rule resource, with each
+/// gateway action class, decided for this agent now.
+pub async fn what_can(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let id = match palisade_core::PrincipalId::parse_with_default(
+        &id,
+        Some(palisade_core::PrincipalKind::Agent),
+    ) {
+        Ok(id) => id,
+        Err(e) => {
+            return crate::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                &format!("id: {}", e.0),
+                Some("id"),
+            );
+        }
+    };
+    let Some(agent) = app.registry.get(&id) else {
+        return crate::error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("{id} is not registered"),
+            None,
+        );
+    };
+    let engine = app.policy.current();
+    let now = palisade_core::Timestamp::now();
+    let mut items = Vec::new();
+    for route in &app.config.routes {
+        let mut resources: Vec<Option<String>> = vec![None];
+        for rule in &route.rules {
+            if let Some(r) = &rule.resource
+                && !resources.contains(&Some(r.clone()))
+            {
+                resources.push(Some(r.clone()));
+            }
+        }
+        for resource in &resources {
+            let parts = target_parts(route, resource.as_deref());
+            let target = Target {
+                route: &route.name,
+                resource: resource.as_deref(),
+                route_kind: &route.kind,
+                kind: &parts.kind,
+                system: &parts.system,
+                route_classification: route.classification,
+                classification: parts.classification,
+            };
+            for action in [Action::Read, Action::Write, Action::Destructive] {
+                let ctx = RequestContext::at(default_method(action), &route.path_prefix, now);
+                let d = engine.decide(&agent, action, &target, &ctx);
+                items.push(json!({
+                    "route": route.name,
+                    "resource": resource,
+                    "action": action.as_str(),
+                    "allowed": d.allowed,
+                    "policies": d.policies,
+                }));
+            }
+        }
+    }
+    axum::Json(json!({ "agent": id.to_string(), "at": now, "policy_version": engine.version(), "items": items })).into_response()
+}
+
 /// `GET /api/v1/policy`.
 pub async fn status(State(app): State<Arc<App>>) -> Response {
     axum::Json(app.policy.status()).into_response()
