@@ -100,6 +100,8 @@ pub struct RequestContext<'a> {
     pub hour: u8,
     /// Day of the week, `mon` .. `sun`, UTC.
     pub weekday: &'static str,
+    /// The time, unix seconds.
+    pub now: i64,
     /// Calls so far in the session.
     pub calls: u64,
     /// Objects read so far in the session.
@@ -133,6 +135,7 @@ impl<'a> RequestContext<'a> {
             path,
             hour,
             weekday,
+            now: secs,
             calls: 0,
             objects_read: 0,
             bytes_out: 0,
@@ -593,6 +596,7 @@ impl PolicyEngine {
                 RestrictedExpression::new_string(ctx.approval.to_string()),
             ),
             ("taint".to_string(), string_set(ctx.taint)),
+            ("now".to_string(), RestrictedExpression::new_long(ctx.now)),
             (
                 "in_window".to_string(),
                 RestrictedExpression::new_bool(in_window(principal, ctx)),
@@ -988,6 +992,10 @@ pub fn principal_entity(p: &Principal) -> Result<Entity, String> {
                 RestrictedExpression::new_long(i64::from(b.hours[1])),
             );
             attrs.insert("weekdays".into(), string_set(&b.weekdays));
+            attrs.insert(
+                "next_review_at".into(),
+                RestrictedExpression::new_long(a.next_review_at.unix_seconds()),
+            );
             "Agent"
         }
     };

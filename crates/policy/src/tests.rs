@@ -574,3 +574,35 @@ fn blast_radius_dimensions_are_ceilings_over_any_grant() {
             .allowed
     );
 }
+
+#[test]
+fn review_state_is_visible_to_policies() {
+    let text = r#"@id("review-overdue") forbid (principal is Palisade::Agent, action, resource) when { principal.next_review_at < context.now };"#;
+    let engine = PolicyEngine::from_texts(&[("review.cedar", text)]).unwrap();
+    let mut a = agent("bot", &["tickets"], Status::Active);
+    let due = Timestamp::parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+    if let PrincipalDetail::Agent(d) = &mut a.detail {
+        d.next_review_at = due;
+    }
+    let before = RequestContext::at(
+        "GET",
+        "/",
+        Timestamp::parse_rfc3339("2026-11-30T12:00:00Z").unwrap(),
+    );
+    let after = RequestContext::at(
+        "GET",
+        "/",
+        Timestamp::parse_rfc3339("2026-12-02T12:00:00Z").unwrap(),
+    );
+    assert!(
+        engine
+            .decide(&a, Action::Read, &route("tickets"), &before)
+            .allowed
+    );
+    assert_eq!(
+        engine
+            .decide(&a, Action::Read, &route("tickets"), &after)
+            .policies,
+        ["review-overdue"]
+    );
+}
