@@ -280,34 +280,42 @@ pub fn watch(app: Weak<App>, every: Duration) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The registered agent named by a path segment (`pr-bot` or `agent:pr-bot`), or the error
+/// response naming the problem.
+fn registered_agent(app: &App, text: &str) -> Result<Arc<palisade_core::Principal>, Box<Response>> {
+    let id = palisade_core::PrincipalId::parse_with_default(
+        text,
+        Some(palisade_core::PrincipalKind::Agent),
+    )
+    .map_err(|e| {
+        Box::new(crate::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            &format!("id: {}", e.0),
+            Some("id"),
+        ))
+    })?;
+    app.registry.get(&id).ok_or_else(|| {
+        Box::new(crate::error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("{id} is not registered; `palisade agent list` shows the registered ones"),
+            None,
+        ))
+    })
+}
+
 /// `GET /api/v1/policy/agents/{id}`: an agent's blast radius and every policy that can apply
 /// to it.
 pub async fn show_agent(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    let id = match palisade_core::PrincipalId::parse_with_default(
-        &id,
-        Some(palisade_core::PrincipalKind::Agent),
-    ) {
-        Ok(id) => id,
-        Err(e) => {
-            return crate::error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("id: {}", e.0),
-                Some("id"),
-            );
-        }
+    let agent = match registered_agent(&app, &id) {
+        Ok(a) => a,
+        Err(resp) => return *resp,
     };
-    let Some(agent) = app.registry.get(&id) else {
-        return crate::error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("{id} is not registered; `palisade agent list` shows the registered ones"),
-            None,
-        );
-    };
+    let id = &agent.id;
     let engine = app.policy.current();
     match engine.effective_for(&agent) {
         Ok(policies) => axum::Json(json!({
@@ -478,28 +486,11 @@ pub async fn what_can(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    let id = match palisade_core::PrincipalId::parse_with_default(
-        &id,
-        Some(palisade_core::PrincipalKind::Agent),
-    ) {
-        Ok(id) => id,
-        Err(e) => {
-            return crate::error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("id: {}", e.0),
-                Some("id"),
-            );
-        }
+    let agent = match registered_agent(&app, &id) {
+        Ok(a) => a,
+        Err(resp) => return *resp,
     };
-    let Some(agent) = app.registry.get(&id) else {
-        return crate::error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("{id} is not registered"),
-            None,
-        );
-    };
+    let id = &agent.id;
     let engine = app.policy.current();
     let now = palisade_core::Timestamp::now();
     let mut items = Vec::new();
