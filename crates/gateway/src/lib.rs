@@ -131,7 +131,19 @@ impl Gateway {
     pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let started = Instant::now();
         let request_id = uuid::Uuid::now_v7().to_string();
-        let path = req.uri().path().to_string();
+        // INVARIANT (one-path): routing, classification, the decision and the forwarded request
+        // all use the same normalised path, so `..` or `%xx` tricks cannot make the gateway judge
+        // one path and the upstream serve another.
+        let path = match normalize_path(req.uri().path()) {
+            Ok(p) => p,
+            Err(message) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &request_id,
+                    json!({ "error": "bad_request", "message": message }),
+                );
+            }
+        };
         let Some(route) = self.config.route_for(&path) else {
             return json_response(
                 StatusCode::NOT_FOUND,
@@ -271,7 +283,7 @@ impl Gateway {
         }
 
         // Phase 6: forward.
-        let upstream_req = match self.upstream_request(route, req, &request_id) {
+        let upstream_req = match self.upstream_request(route, req, &path, &request_id) {
             Ok(r) => r,
             Err(message) => {
                 let body = json!({ "error": "bad_request", "message": message });
@@ -440,10 +452,10 @@ impl Gateway {
         &self,
         route: &RouteConfig,
         req: Request<Body>,
+        path: &str,
         request_id: &str,
     ) -> Result<Request<Body>, String> {
         let (mut parts, body) = req.into_parts();
-        let path = parts.uri.path();
         let rest = if route.strip_prefix && route.path_prefix != "/" {
             path.get(route.path_prefix.len()..).unwrap_or("")
         } else {
@@ -485,6 +497,61 @@ impl Gateway {
         ));
         Ok(Request::from_parts(parts, limited))
     }
+}
+
+/// The request path in one canonical form (RFC 3986 §6.2.2): percent-encoded unreserved
+/// characters decoded, other escapes upper-cased. Refused: dot segments, empty segments,
+/// backslashes, encoded `/` or `\`, and malformed escapes, since upstreams disagree on them.
+pub fn normalize_path(raw: &str) -> Result<String, String> {
+    if !raw.starts_with('/') {
+        return Err("the request path must start with `/`".into());
+    }
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'\\' => return Err("a backslash is not allowed in the request path".into()),
+            b'%' => {
+                let hex = raw
+                    .get(i + 1..i + 3)
+                    .ok_or("a `%` escape in the path is incomplete")?;
+                let value = u8::from_str_radix(hex, 16)
+                    .map_err(|_| format!("`%{hex}` is not a valid escape in the path"))?;
+                match value {
+                    b'/' | b'\\' => {
+                        return Err(
+                            "an encoded `/` or `\\` is not allowed in the request path".into()
+                        );
+                    }
+                    v if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
+                        out.push(char::from(v))
+                    }
+                    _ => {
+                        out.push('%');
+                        out.push_str(&hex.to_ascii_uppercase());
+                    }
+                }
+                i += 3;
+            }
+            _ => {
+                out.push(char::from(b));
+                i += 1;
+            }
+        }
+    }
+    // `raw` is ASCII here (a parsed URI path), so pushing bytes as chars kept it intact.
+    let segments: Vec<&str> = out.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (n, segment) in segments.iter().enumerate() {
+        if *segment == "." || *segment == ".." {
+            return Err("`.` and `..` segments are not allowed in the request path".into());
+        }
+        if segment.is_empty() && n != last {
+            return Err("empty segments (`//`) are not allowed in the request path".into());
+        }
+    }
+    Ok(out)
 }
 
 fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
@@ -619,6 +686,34 @@ fn json_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalised_once_or_refused() {
+        let cases = [
+            ("/tickets/42", Ok("/tickets/42")),
+            ("/tickets/%34%32", Ok("/tickets/42")),
+            ("/hr/%73alaries/all", Ok("/hr/salaries/all")),
+            ("/a/%20b", Ok("/a/%20b")),
+            ("/a/%3f", Ok("/a/%3F")),
+            ("/tickets/", Ok("/tickets/")),
+            ("/tickets/../admin", Err("segments")),
+            ("/tickets/%2e%2e/admin", Err("segments")),
+            ("/tickets/./x", Err("segments")),
+            ("/a//b", Err("empty segments")),
+            ("/a/%2fb", Err("encoded")),
+            ("/a/%5Cb", Err("encoded")),
+            ("/a\\b", Err("backslash")),
+            ("/a/%zz", Err("not a valid escape")),
+            ("/a/%4", Err("incomplete")),
+        ];
+        for (input, expected) in cases {
+            match (normalize_path(input), expected) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{input}"),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{input}: {got}"),
+                (got, want) => panic!("{input}: got {got:?}, expected {want:?}"),
+            }
+        }
+    }
 
     #[test]
     fn bearer_parsing_refuses_everything_but_one_bearer() {

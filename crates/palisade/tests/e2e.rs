@@ -822,3 +822,43 @@ async fn explain_and_what_can() {
     );
     h.server.stop().await;
 }
+
+/// The gateway judges and forwards one normalised path: dot segments and encoded slashes are
+/// refused, encoded unreserved characters are decoded before routing, deciding and forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_routing_deciding_and_forwarding() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start("paths").await;
+    let secret = h.owner_and_agent("walker").await;
+    let token = h.token_for("agent:walker", &secret).await;
+    let raw = |path: &str| {
+        let addr = h.server.addr;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+        );
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            tcp.read_to_string(&mut answer).await.unwrap();
+            answer
+        }
+    };
+    for bad in [
+        "/tickets/../tickets/1",
+        "/tickets/%2e%2e/x",
+        "/tickets/a%2fb",
+        "/tickets//1",
+    ] {
+        let answer = raw(bad).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");
+    }
+    assert!(
+        h.upstream.seen.lock().unwrap().is_empty(),
+        "a refused path reached the upstream"
+    );
+    let answer = raw("/%74ickets/%34%32").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(h.upstream.seen.lock().unwrap()[0].path, "/tickets/42");
+    h.server.stop().await;
+}
