@@ -106,31 +106,24 @@ impl PolicyEngine {
             if included.contains(uid) {
                 continue;
             }
-            let from_request = request_entity(uid, &given)?;
             match self.entities.get(uid) {
-                // Stored attributes win; request properties only fill attributes the store lacks,
-                // and never add parents, so a caller cannot claim a group membership.
+                // INVARIANT (stored-is-authoritative): an entity the PDP holds is used exactly as
+                // stored (attributes, parents, tags); request properties cannot change what the
+                // directory says about it.
                 Some(stored) => {
-                    let entity = match from_request {
-                        None => stored.clone(),
-                        Some(extra) => {
-                            let (uid, mut attrs, parents) = stored.clone().into_inner();
-                            let (_, extra_attrs, _) = extra.into_inner();
-                            for (k, v) in extra_attrs {
-                                attrs.entry(k).or_insert(v);
-                            }
-                            Entity::new(uid, attrs, parents).map_err(|e| e.to_string())?
-                        }
-                    };
-                    self.add_with_ancestors(entity, stored, &mut slice, &mut included);
+                    self.add_with_ancestors(stored, &self.entities, &mut slice, &mut included)
                 }
                 None => {
-                    let entity = from_request
+                    let entity = request_entity(uid, &given)?
                         .unwrap_or_else(|| Entity::new_no_attrs(uid.clone(), HashSet::new()));
                     included.insert(uid.clone());
                     slice.push(entity);
                 }
             }
+        }
+        // The action and its groups, so `action in <group>` works as the schema declares.
+        if let Some(stored) = self.actions.get(&action_uid) {
+            self.add_with_ancestors(stored, &self.actions, &mut slice, &mut included);
         }
         let entities = Entities::from_entities(slice, None).map_err(|e| e.to_string())?;
         let context = match req.context {
@@ -158,22 +151,20 @@ impl PolicyEngine {
 
     fn add_with_ancestors(
         &self,
-        entity: Entity,
-        stored: &Entity,
+        stored: &crate::StoredEntity,
+        store: &std::collections::HashMap<EntityUid, crate::StoredEntity>,
         slice: &mut Vec<Entity>,
         included: &mut HashSet<EntityUid>,
     ) {
-        if !included.insert(entity.uid()) {
+        if !included.insert(stored.entity.uid()) {
             return;
         }
-        slice.push(entity);
-        // Stored entities carry every ancestor as a parent, so one level reaches them all.
-        let (_, _, parents) = stored.clone().into_inner();
-        for parent in parents {
-            if let Some(found) = self.entities.get(&parent)
-                && included.insert(parent)
+        slice.push(stored.entity.clone());
+        for ancestor in &stored.ancestors {
+            if let Some(found) = store.get(ancestor)
+                && included.insert(ancestor.clone())
             {
-                slice.push(found.clone());
+                slice.push(found.entity.clone());
             }
         }
     }
@@ -206,4 +197,105 @@ fn type_name(namespace: &str, name: &str) -> Option<EntityTypeName> {
         return None;
     }
     EntityTypeName::from_str(&format!("{namespace}::{name}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> PolicyEngine {
+        let dir = std::env::temp_dir().join(format!("palisade-app-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("app.cedarschema"),
+            r#"namespace App {
+                entity user;
+                entity doc tags String;
+                action writes;
+                action read appliesTo { principal: [user], resource: [doc] };
+                action edit in [writes] appliesTo { principal: [user], resource: [doc] };
+            }"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("app.cedar"),
+            r#"@id("app.read") permit (principal, action == App::Action::"read", resource);
+               @id("app.writes") permit (principal, action in App::Action::"writes", resource);
+               @id("app.legal-hold") forbid (principal, action, resource is App::doc) when { resource.hasTag("legal_hold") };"#,
+        )
+        .unwrap();
+        // Two entity files: schema-aware parsing adds the action entities to each; they must not
+        // count as duplicates.
+        std::fs::write(
+            dir.join("users.entities.json"),
+            r#"[{"uid":{"type":"App::user","id":"alice"},"attrs":{},"parents":[]}]"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("docs.entities.json"),
+            r#"[{"uid":{"type":"App::doc","id":"d1"},"attrs":{},"parents":[],"tags":{"legal_hold":"case-7"}},
+                {"uid":{"type":"App::doc","id":"d2"},"attrs":{},"parents":[]}]"#,
+        )
+        .unwrap();
+        PolicyEngine::load(Some(&dir), &[]).unwrap()
+    }
+
+    fn ask(engine: &PolicyEngine, action: &str, doc: &str) -> Decision {
+        engine.decide_app(&AppRequest {
+            namespace: "App",
+            subject: AppEntity {
+                entity_type: "user",
+                id: "alice",
+                properties: None,
+            },
+            action,
+            resource: AppEntity {
+                entity_type: "doc",
+                id: doc,
+                properties: None,
+            },
+            context: None,
+        })
+    }
+
+    #[test]
+    fn action_groups_and_entity_tags_reach_the_policies() {
+        let engine = engine();
+        assert_eq!(
+            ask(&engine, "edit", "d2").policies,
+            ["app.writes"],
+            "edit is in the writes group"
+        );
+        assert_eq!(
+            ask(&engine, "edit", "d1").policies,
+            ["app.legal-hold"],
+            "the tag must make the forbid fire"
+        );
+        assert!(!ask(&engine, "read", "d1").allowed);
+        assert!(ask(&engine, "read", "d2").allowed);
+    }
+
+    #[test]
+    fn request_properties_cannot_override_a_stored_entity() {
+        let engine = engine();
+        // d1 is stored with the legal-hold tag; a caller describing it differently changes nothing.
+        let props = serde_json::json!({ "anything": true });
+        let d = engine.decide_app(&AppRequest {
+            namespace: "App",
+            subject: AppEntity {
+                entity_type: "user",
+                id: "alice",
+                properties: None,
+            },
+            action: "edit",
+            resource: AppEntity {
+                entity_type: "doc",
+                id: "d1",
+                properties: Some(&props),
+            },
+            context: None,
+        });
+        assert_eq!(d.policies, ["app.legal-hold"]);
+    }
 }

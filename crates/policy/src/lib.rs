@@ -185,7 +185,9 @@ pub struct PolicyEngine {
     /// Off only to compare against the full set (tests and benchmarks).
     slicing: bool,
     /// Application entities from `.entities.json` files, by uid, with every ancestor as a parent.
-    entities: HashMap<EntityUid, Entity>,
+    entities: HashMap<EntityUid, StoredEntity>,
+    /// Action entities from the schema, with their groups.
+    actions: HashMap<EntityUid, StoredEntity>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -381,6 +383,7 @@ impl PolicyEngine {
             }
         }
         let entities = load_entities(&sources, &schema, &mut problems);
+        let actions = load_actions(&schema, &mut problems);
         if !problems.is_empty() {
             return Err(PolicyLoadError::Invalid(problems));
         }
@@ -395,6 +398,7 @@ impl PolicyEngine {
             count,
             authorizer: Authorizer::new(),
             entities,
+            actions,
             index,
             principal_entities: std::sync::RwLock::new(HashMap::new()),
             route_entities: std::sync::RwLock::new(HashMap::new()),
@@ -845,13 +849,43 @@ impl PolicyEngine {
     }
 }
 
+/// A stored application entity: as parsed (attributes, parents and tags intact) with every
+/// ancestor, so a request can take it and its ancestors into its slice.
+pub(crate) struct StoredEntity {
+    pub(crate) entity: Entity,
+    pub(crate) ancestors: Vec<EntityUid>,
+}
+
+fn stored_from(parsed: &Entities, skip_actions: bool) -> Vec<(EntityUid, StoredEntity)> {
+    parsed
+        .iter()
+        .filter(|e| !(skip_actions && e.uid().type_name().basename() == "Action"))
+        .map(|e| {
+            let uid = e.uid();
+            let ancestors = parsed
+                .ancestors(&uid)
+                .map(|it| it.cloned().collect())
+                .unwrap_or_default();
+            (
+                uid,
+                StoredEntity {
+                    entity: e.clone(),
+                    ancestors,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Parses every `.entities.json` source against the schema into one map, refusing duplicates.
+/// The action entities a schema-aware parse adds to each file are left out here; they come from
+/// the schema once (see `actions`).
 fn load_entities(
     sources: &[Source],
     schema: &Schema,
     problems: &mut Vec<String>,
-) -> HashMap<EntityUid, Entity> {
-    let mut out: HashMap<EntityUid, Entity> = HashMap::new();
+) -> HashMap<EntityUid, StoredEntity> {
+    let mut out: HashMap<EntityUid, StoredEntity> = HashMap::new();
     for source in sources.iter().filter(|s| s.kind == SourceKind::Entities) {
         let value: serde_json::Value = match serde_json::from_str(&source.text) {
             Ok(v) => v,
@@ -872,21 +906,26 @@ fn load_entities(
                 continue;
             }
         };
-        for entity in parsed.iter() {
-            let (uid, attrs, parents) = entity.clone().into_inner();
+        for (uid, stored) in stored_from(&parsed, true) {
             if out.contains_key(&uid) {
                 problems.push(format!("{}: entity {uid} is defined twice", source.name));
                 continue;
             }
-            match Entity::new(uid.clone(), attrs, parents) {
-                Ok(e) => {
-                    out.insert(uid, e);
-                }
-                Err(e) => problems.push(format!("{}: entity {uid}: {e}", source.name)),
-            }
+            out.insert(uid, stored);
         }
     }
     out
+}
+
+/// The schema's action entities (with their action groups as ancestors).
+fn load_actions(schema: &Schema, problems: &mut Vec<String>) -> HashMap<EntityUid, StoredEntity> {
+    match schema.action_entities() {
+        Ok(actions) => stored_from(&actions, false).into_iter().collect(),
+        Err(e) => {
+            problems.push(format!("schema actions: {e}"));
+            HashMap::new()
+        }
+    }
 }
 
 /// Whether the request's hour and weekday fall in the principal's allowed window.
