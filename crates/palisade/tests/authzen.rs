@@ -475,5 +475,11 @@ async fn batch_semantics_paging_and_audit() {
         "{kinds:?}"
     );
     assert!(kinds.contains(&"authzen.search"), "{kinds:?}");
+    // Refused calls (the unknown semantic and the bad page token above) are audited too.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "authzen.refused").count(),
+        2,
+        "{kinds:?}"
+    );
     pdp.server.stop().await;
 }

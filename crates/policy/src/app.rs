@@ -277,6 +277,36 @@ mod tests {
     }
 
     #[test]
+    fn names_chosen_by_callers_do_not_grow_the_slice_cache() {
+        let engine = engine();
+        for i in 0..500 {
+            let action = format!("made-up-{i}");
+            let kind = format!("type{i}");
+            let d = engine.decide_app(&AppRequest {
+                namespace: "App",
+                subject: AppEntity {
+                    entity_type: "user",
+                    id: "alice",
+                    properties: None,
+                },
+                action: &action,
+                resource: AppEntity {
+                    entity_type: &kind,
+                    id: "x",
+                    properties: None,
+                },
+                context: None,
+            });
+            assert!(!d.allowed);
+        }
+        assert!(
+            engine.index.cached_slices() <= 2,
+            "{} slices cached",
+            engine.index.cached_slices()
+        );
+    }
+
+    #[test]
     fn request_properties_cannot_override_a_stored_entity() {
         let engine = engine();
         // d1 is stored with the legal-hold tag; a caller describing it differently changes nothing.

@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 type GroupKey = (Option<EntityUid>, Option<EntityUid>, Option<EntityTypeName>);
-type SliceKey = (Option<EntityUid>, EntityUid, EntityTypeName);
+type SliceKey = (Option<EntityUid>, Option<EntityUid>, Option<EntityTypeName>);
 
 /// Most cached slices kept; past this the cache starts over (it only saves work).
 const CACHE_LIMIT: usize = 200_000;
@@ -29,6 +29,8 @@ const CACHE_LIMIT: usize = 200_000;
 pub(crate) struct PolicyIndex {
     groups: HashMap<GroupKey, Vec<Policy>>,
     keyed_principals: HashSet<EntityUid>,
+    keyed_actions: HashSet<EntityUid>,
+    keyed_types: HashSet<EntityTypeName>,
     cache: RwLock<HashMap<SliceKey, Arc<PolicySet>>>,
 }
 
@@ -58,11 +60,21 @@ impl PolicyIndex {
                 .or_default()
                 .push(policy.clone());
         }
+        let keyed_actions = groups.keys().filter_map(|(_, a, _)| a.clone()).collect();
+        let keyed_types = groups.keys().filter_map(|(_, _, t)| t.clone()).collect();
         Self {
             groups,
             keyed_principals,
+            keyed_actions,
+            keyed_types,
             cache: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// How many slices are cached.
+    #[cfg(test)]
+    pub(crate) fn cached_slices(&self) -> usize {
+        self.cache.read().map(|c| c.len()).unwrap_or(0)
     }
 
     /// The policies a request by `principal` for `action` on a resource of `resource_type` can
@@ -73,27 +85,43 @@ impl PolicyIndex {
         action: &EntityUid,
         resource_type: &EntityTypeName,
     ) -> Arc<PolicySet> {
-        // Principals without policies of their own share one slice per action and resource type.
-        let own = self
-            .keyed_principals
-            .contains(principal)
-            .then(|| principal.clone());
-        let key = (own, action.clone(), resource_type.clone());
+        // Keys are normalised to what some policy is keyed on: principals, actions and types no
+        // policy names share the "any" slice. That keeps the cache bounded by the policy set, not
+        // by what callers send (AuthZEN callers choose action names and types freely).
+        let key: SliceKey = (
+            self.keyed_principals
+                .contains(principal)
+                .then(|| principal.clone()),
+            self.keyed_actions.contains(action).then(|| action.clone()),
+            self.keyed_types
+                .contains(resource_type)
+                .then(|| resource_type.clone()),
+        );
         if let Some(set) = self.cache.read().ok().and_then(|c| c.get(&key).cloned()) {
             return set;
         }
         let mut set = PolicySet::new();
-        let principals = if key.0.is_some() {
-            vec![None, key.0.clone()]
+        let principals: &[Option<EntityUid>] = if key.0.is_some() {
+            &[None, key.0.clone()]
         } else {
-            vec![None]
+            &[None]
         };
-        for p in &principals {
-            for a in [None, Some(action.clone())] {
-                for r in [None, Some(resource_type.clone())] {
+        let actions: &[Option<EntityUid>] = if key.1.is_some() {
+            &[None, key.1.clone()]
+        } else {
+            &[None]
+        };
+        let types: &[Option<EntityTypeName>] = if key.2.is_some() {
+            &[None, key.2.clone()]
+        } else {
+            &[None]
+        };
+        for p in principals {
+            for a in actions {
+                for r in types {
                     for policy in self
                         .groups
-                        .get(&(p.clone(), a.clone(), r))
+                        .get(&(p.clone(), a.clone(), r.clone()))
                         .into_iter()
                         .flatten()
                     {

@@ -181,7 +181,7 @@ fn caller(app: &App, headers: &HeaderMap) -> Result<String, String> {
     Err(reason)
 }
 
-fn unauthorized(reason: String) -> Response {
+fn unauthorized(reason: &str) -> Response {
     let mut resp = (
         StatusCode::UNAUTHORIZED,
         axum::Json(json!({ "error": "unauthorized", "message": reason })),
@@ -232,12 +232,38 @@ fn with_request_id(headers: &HeaderMap, mut resp: Response) -> Response {
     resp
 }
 
-fn bad_request(message: String) -> Response {
+fn bad_request(message: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         axum::Json(json!({ "error": "invalid_request", "message": message })),
     )
         .into_response()
+}
+
+/// Audits a refused call (401 or 400) like any other, then answers with `resp`.
+async fn refused(
+    app: &App,
+    headers: &HeaderMap,
+    caller: Option<&str>,
+    resp: Response,
+    reason: &str,
+) -> Response {
+    let mut event = AuditEvent::new("authzen.refused");
+    event.principal = caller.map(|c| PrincipalRef {
+        id: c.to_string(),
+        ..PrincipalRef::default()
+    });
+    event.request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(128).collect());
+    event.outcome = Some(Outcome {
+        status: resp.status().as_u16(),
+        error: Some(reason.chars().take(500).collect()),
+        ..Outcome::default()
+    });
+    let resp = crate::audit_or_503(app, event, resp).await;
+    with_request_id(headers, resp)
 }
 
 async fn answer(
@@ -275,7 +301,7 @@ fn describe(e: &Eval) -> Value {
 pub async fn evaluation(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let caller = match caller(&app, &headers) {
         Ok(c) => c,
-        Err(reason) => return with_request_id(&headers, unauthorized(reason)),
+        Err(reason) => return refused(&app, &headers, None, unauthorized(&reason), &reason).await,
     };
     let parsed = json_body(&headers, &body).and_then(|b| {
         Ok(Eval {
@@ -287,7 +313,9 @@ pub async fn evaluation(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     });
     let eval = match parsed {
         Ok(e) => e,
-        Err(BadRequest(m)) => return with_request_id(&headers, bad_request(m)),
+        Err(BadRequest(m)) => {
+            return refused(&app, &headers, Some(&caller), bad_request(&m), &m).await;
+        }
     };
     let engine = app.policy.current();
     let decision = eval.decide(&engine, &app.config.authzen.namespace);
@@ -325,11 +353,13 @@ enum Semantic {
 pub async fn evaluations(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let caller = match caller(&app, &headers) {
         Ok(c) => c,
-        Err(reason) => return with_request_id(&headers, unauthorized(reason)),
+        Err(reason) => return refused(&app, &headers, None, unauthorized(&reason), &reason).await,
     };
     let body = match json_body(&headers, &body) {
         Ok(b) => b,
-        Err(BadRequest(m)) => return with_request_id(&headers, bad_request(m)),
+        Err(BadRequest(m)) => {
+            return refused(&app, &headers, Some(&caller), bad_request(&m), &m).await;
+        }
     };
     let parsed = (|| -> Result<_, BadRequest> {
         let defaults = (
@@ -364,7 +394,9 @@ pub async fn evaluations(State(app): State<Arc<App>>, headers: HeaderMap, body: 
     })();
     let ((subject, act, resource, ctx), semantic, items) = match parsed {
         Ok(p) => p,
-        Err(BadRequest(m)) => return with_request_id(&headers, bad_request(m)),
+        Err(BadRequest(m)) => {
+            return refused(&app, &headers, Some(&caller), bad_request(&m), &m).await;
+        }
     };
     let engine = app.policy.current();
     let namespace = app.config.authzen.namespace.clone();
@@ -373,12 +405,8 @@ pub async fn evaluations(State(app): State<Arc<App>>, headers: HeaderMap, body: 
     // Without an evaluations array this is a single evaluation (backwards compatible).
     let Some(items) = items else {
         let (Some(subject), Some(act), Some(resource)) = (subject, act, resource) else {
-            return with_request_id(
-                &headers,
-                bad_request(
-                    "give `subject`, `action` and `resource`, or an `evaluations` array".into(),
-                ),
-            );
+            let m = "give `subject`, `action` and `resource`, or an `evaluations` array";
+            return refused(&app, &headers, Some(&caller), bad_request(m), m).await;
         };
         let eval = Eval {
             subject,
@@ -474,11 +502,13 @@ enum SearchKind {
 async fn search(app: Arc<App>, headers: HeaderMap, body: Bytes, kind: SearchKind) -> Response {
     let caller = match caller(&app, &headers) {
         Ok(c) => c,
-        Err(reason) => return with_request_id(&headers, unauthorized(reason)),
+        Err(reason) => return refused(&app, &headers, None, unauthorized(&reason), &reason).await,
     };
     let body = match json_body(&headers, &body) {
         Ok(b) => b,
-        Err(BadRequest(m)) => return with_request_id(&headers, bad_request(m)),
+        Err(BadRequest(m)) => {
+            return refused(&app, &headers, Some(&caller), bad_request(&m), &m).await;
+        }
     };
     let parsed = (|| -> Result<_, BadRequest> {
         let subject = require(
@@ -498,7 +528,9 @@ async fn search(app: Arc<App>, headers: HeaderMap, body: Bytes, kind: SearchKind
     })();
     let (subject, resource, act, ctx, offset, limit) = match parsed {
         Ok(p) => p,
-        Err(BadRequest(m)) => return with_request_id(&headers, bad_request(m)),
+        Err(BadRequest(m)) => {
+            return refused(&app, &headers, Some(&caller), bad_request(&m), &m).await;
+        }
     };
     let engine = app.policy.current();
     let namespace = &app.config.authzen.namespace;

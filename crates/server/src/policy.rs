@@ -188,7 +188,10 @@ pub fn builtin_sources(config: &palisade_config::Config) -> Vec<(String, String)
 }
 
 /// Reloads, then audits what happened; returns the outcome or the validation errors.
-pub async fn reload_and_audit(app: &App, actor: &str) -> Result<ReloadOutcome, Vec<String>> {
+pub async fn reload_and_audit(
+    app: &App,
+    actor: &str,
+) -> (Result<ReloadOutcome, Vec<String>>, bool) {
     let holder = app.policy.clone();
     let result = tokio::task::spawn_blocking(move || holder.reload())
         .await
@@ -227,10 +230,15 @@ pub async fn reload_and_audit(app: &App, actor: &str) -> Result<ReloadOutcome, V
             Err(errors)
         }
     };
-    if let Err(e) = app.audit.record(event).await {
-        tracing::error!(error = %e, "could not audit a policy reload");
-    }
-    outcome
+    // The swap has happened by now; if it cannot be audited the caller must say so loudly.
+    let audited = match app.audit.record(event).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "could not audit a policy reload; the new policy set is in force without an audit record");
+            false
+        }
+    };
+    (outcome, audited)
 }
 
 /// A fingerprint of the policy, schema and entity files in a directory: names, sizes and
@@ -445,6 +453,32 @@ pub async fn explain(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Re
             Some("route"),
         );
     };
+    if let Some(resource) = &req.resource
+        && !route
+            .rules
+            .iter()
+            .any(|r| r.resource.as_deref() == Some(resource.as_str()))
+    {
+        let known: Vec<&str> = route
+            .rules
+            .iter()
+            .filter_map(|r| r.resource.as_deref())
+            .collect();
+        return crate::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            &format!(
+                "resource: no rule of route `{}` names `{resource}`; its resources are: {}",
+                route.name,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+            Some("resource"),
+        );
+    }
     let parts = target_parts(route, req.resource.as_deref());
     let target = Target {
         route: &route.name,
@@ -538,7 +572,19 @@ pub async fn status(State(app): State<Arc<App>>) -> Response {
 /// `POST /api/v1/policy/reload`: 200 with the status, or 400 with the errors while the previous
 /// set stays in force.
 pub async fn reload(State(app): State<Arc<App>>) -> Response {
-    match reload_and_audit(&app, "admin").await {
+    let (result, audited) = reload_and_audit(&app, "admin").await;
+    if !audited {
+        return crate::error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            &format!(
+                "policy version {} is in force, but the audit log could not record the reload; check the server log and disk",
+                app.policy.current().version()
+            ),
+            None,
+        );
+    }
+    match result {
         Ok(outcome) => {
             let mut body = app.policy.status();
             body["changed"] = json!(matches!(outcome, ReloadOutcome::Changed { .. }));

@@ -50,7 +50,8 @@ impl TokenService {
             store.insert_signing_key(&key).map_err(|e| e.to_string())?;
         }
         let revoked = store
-            .live_revocations(now)
+            // A token is accepted until exp + leeway, so its revocation must outlive that.
+            .live_revocations(now.plus_seconds(-config.oauth.leeway_secs))
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|r| (r.jti, r.expires_at.unix_seconds()))
@@ -264,7 +265,9 @@ impl TokenService {
         })?;
         if let Ok(mut r) = self.revoked.write() {
             let now = Timestamp::now().unix_seconds();
-            r.retain(|_, exp| *exp > now);
+            // A token is accepted until exp + leeway, so its revocation must outlive that.
+            let leeway = self.config.oauth.leeway_secs;
+            r.retain(|_, exp| *exp + leeway > now);
             r.insert(c.jti.clone(), c.exp);
         }
         Ok(())
