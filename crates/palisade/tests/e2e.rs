@@ -302,13 +302,7 @@ async fn malformed_and_oversized_admin_bodies_get_clear_errors() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 413);
-    let resp = h
-        .http
-        .get(h.url("/nowhere"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = h.get_with("/nowhere", &token).await;
     assert_eq!(resp.status(), 404);
     h.server.stop().await;
 }
@@ -485,33 +479,11 @@ async fn upstream_failures_streaming_and_chunked_limits() {
         up.addr
     );
     let h = Harness::start_with("failures", &extra).await;
-    h.api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    let mut agent = support::agent_body("edge");
-    agent["allowed_resources"] = json!(["tickets", "slow", "down"]);
-    let (s, body) = h.api(Method::POST, "/agents", Some(agent)).await;
-    assert_eq!(s, 201, "{body}");
-    let secret = body["credentials"]["client_secret"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = h.token_for("agent:edge", &secret).await;
+    let token = h.agent_token("edge", &["tickets", "slow", "down"]).await;
 
-    let resp = h
-        .http
-        .get(h.url("/slow/x/slow"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = h.get_with("/slow/x/slow", &token).await;
     assert_eq!(resp.status(), 504);
-    let resp = h
-        .http
-        .get(h.url("/down/x"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = h.get_with("/down/x", &token).await;
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
     assert!(
@@ -691,25 +663,10 @@ async fn purpose_binding_denies_and_alerts_outside_the_declared_purpose() {
         mail.addr
     );
     let h = Harness::start_with("purpose", &extra).await;
-    h.api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    let mut agent = support::agent_body("reviewer");
-    agent["allowed_resources"] = json!(["tickets", "mail"]);
-    let (_, body) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = body["credentials"]["client_secret"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = h.token_for("agent:reviewer", &secret).await;
+    let token = h.agent_token("reviewer", &["tickets", "mail"]).await;
 
     assert_eq!(h.get_tickets(&token).await.status(), 200);
-    let resp = h
-        .http
-        .get(h.url("/mail/inbox"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = h.get_with("/mail/inbox", &token).await;
     assert_eq!(resp.status(), 403);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(

@@ -179,6 +179,30 @@ upstream = "http://{}"
             .to_string()
     }
 
+    /// Registers human:alice (if needed) and an agent from `agent_body(slug)` with `allowed`
+    /// routes; returns an access token for it.
+    pub async fn agent_token(&self, slug: &str, allowed: &[&str]) -> String {
+        let (s, _) = self
+            .api(
+                reqwest::Method::POST,
+                "/humans",
+                Some(json!({ "id": "alice" })),
+            )
+            .await;
+        assert!(s == 201 || s == 409, "human add: {s}");
+        let mut agent = agent_body(slug);
+        agent["allowed_resources"] = json!(allowed);
+        let (s, body) = self
+            .api(reqwest::Method::POST, "/agents", Some(agent))
+            .await;
+        assert_eq!(s, 201, "{body}");
+        let secret = body["credentials"]["client_secret"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.token_for(&format!("agent:{slug}"), &secret).await
+    }
+
     pub async fn token_for(&self, client_id: &str, secret: &str) -> String {
         let resp = self
             .http
@@ -194,8 +218,13 @@ upstream = "http://{}"
     }
 
     pub async fn get_tickets(&self, token: &str) -> reqwest::Response {
+        self.get_with("/tickets/42", token).await
+    }
+
+    /// `GET path` through the server with a bearer token.
+    pub async fn get_with(&self, path: &str, token: &str) -> reqwest::Response {
         self.http
-            .get(self.url("/tickets/42"))
+            .get(self.url(path))
             .bearer_auth(token)
             .send()
             .await
