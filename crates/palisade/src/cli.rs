@@ -580,10 +580,11 @@ async fn policy(
                 println!("  evaluation error: {}", cell(e));
             }
             for p in v["permits_considered"].as_array().into_iter().flatten() {
-                let why = if p["would_allow_alone"] == true {
-                    "would allow, overridden by a forbid"
-                } else {
-                    "did not match this request"
+                let errors_denied = v["errors"].as_array().is_some_and(|e| !e.is_empty());
+                let why = match (p["would_allow_alone"] == true, errors_denied) {
+                    (true, false) => "would allow, overridden by a forbid",
+                    (true, true) => "would allow; the deny came from evaluation errors or a forbid",
+                    (false, _) => "did not match this request",
                 };
                 println!(
                     "\npermit {} ({why}):\n{}",
