@@ -107,6 +107,8 @@ pub mod raw {
         pub max_body_bytes: Option<u64>,
         pub upstream_timeout_seconds: Option<u64>,
         pub connect_timeout_seconds: Option<u64>,
+        pub agent_rate_limit: Option<String>,
+        pub max_concurrent_requests_per_agent: Option<u32>,
     }
 
     /// `[[routes]]`.
@@ -124,6 +126,11 @@ pub mod raw {
         #[serde(default)]
         pub strip_prefix: bool,
         pub timeout_seconds: Option<u64>,
+        pub max_body_bytes: Option<u64>,
+        pub max_response_bytes: Option<u64>,
+        pub rate_limit: Option<String>,
+        pub agent_rate_limit: Option<String>,
+        pub max_objects_per_session: Option<u64>,
         #[serde(default)]
         pub rules: Vec<Rule>,
     }
@@ -140,6 +147,8 @@ pub mod raw {
         pub resource: Option<String>,
         pub kind: Option<String>,
         pub classification: Option<String>,
+        #[serde(default)]
+        pub object_read: bool,
     }
 }
 
@@ -223,6 +232,10 @@ pub struct GatewayConfig {
     pub upstream_timeout_secs: u64,
     /// Time allowed to connect to an upstream.
     pub connect_timeout_secs: u64,
+    /// Per-agent request rate across all routes, unless the agent record sets its own.
+    pub agent_rate_limit: Option<palisade_core::rate::RateLimit>,
+    /// Requests one agent may have in flight at once, unless its record sets its own.
+    pub max_concurrent_requests_per_agent: u32,
 }
 
 /// One upstream behind the gateway.
@@ -250,6 +263,16 @@ pub struct RouteConfig {
     pub timeout_secs: u64,
     /// Method+path rules, first match wins; unmatched requests use the method's action class.
     pub rules: Vec<RuleConfig>,
+    /// Largest request body forwarded on this route.
+    pub max_body_bytes: u64,
+    /// Largest response body passed back (`None`: no limit).
+    pub max_response_bytes: Option<u64>,
+    /// Request rate of the route as a whole (all callers together).
+    pub rate_limit: Option<palisade_core::rate::RateLimit>,
+    /// Request rate of each agent on this route.
+    pub agent_rate_limit: Option<palisade_core::rate::RateLimit>,
+    /// Objects (requests of `object_read` rules) one session may read through this route.
+    pub max_objects_per_session: Option<u64>,
 }
 
 /// The action class of a request.
@@ -307,6 +330,8 @@ pub struct RuleConfig {
     pub kind: Option<String>,
     /// The classification of what the matched request touches (default: the route's).
     pub classification: Option<palisade_core::principal::Classification>,
+    /// Whether a matched request counts as reading one object (session volume limits).
+    pub object_read: bool,
 }
 
 impl RuleConfig {
@@ -415,7 +440,18 @@ impl Config {
             max_body_bytes: raw.gateway.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             upstream_timeout_secs: raw.gateway.upstream_timeout_seconds.unwrap_or(30),
             connect_timeout_secs: raw.gateway.connect_timeout_seconds.unwrap_or(5),
+            agent_rate_limit: rate("gateway.agent_rate_limit", raw.gateway.agent_rate_limit)?,
+            max_concurrent_requests_per_agent: raw
+                .gateway
+                .max_concurrent_requests_per_agent
+                .unwrap_or(64),
         };
+        if !(1..=4096).contains(&gateway.max_concurrent_requests_per_agent) {
+            return Err(format!(
+                "key `gateway.max_concurrent_requests_per_agent`: must be 1 to 4096, got {}",
+                gateway.max_concurrent_requests_per_agent
+            ));
+        }
         if gateway.upstream_timeout_secs == 0 || gateway.connect_timeout_secs == 0 {
             return Err("key `gateway`: timeouts must be at least 1 second".into());
         }
@@ -663,7 +699,20 @@ fn validate_route(
             resource: rule.resource,
             kind: rule.kind,
             classification,
+            object_read: rule.object_read,
         });
+    }
+    let max_body_bytes = r.max_body_bytes.unwrap_or(gateway.max_body_bytes);
+    for (key, value) in [
+        ("max_body_bytes", Some(max_body_bytes)),
+        ("max_response_bytes", r.max_response_bytes),
+        ("max_objects_per_session", r.max_objects_per_session),
+    ] {
+        if value == Some(0) {
+            return Err(format!(
+                "key `{at}.{key}`: must be at least 1; leave it out for the default"
+            ));
+        }
     }
     let kind = r.kind.unwrap_or_else(|| r.name.clone());
     if !is_name(&kind) {
@@ -696,7 +745,17 @@ fn validate_route(
         strip_prefix: r.strip_prefix,
         timeout_secs: r.timeout_seconds.unwrap_or(gateway.upstream_timeout_secs),
         rules,
+        max_body_bytes,
+        max_response_bytes: r.max_response_bytes,
+        rate_limit: rate(&format!("{at}.rate_limit"), r.rate_limit)?,
+        agent_rate_limit: rate(&format!("{at}.agent_rate_limit"), r.agent_rate_limit)?,
+        max_objects_per_session: r.max_objects_per_session,
     })
+}
+
+fn rate(key: &str, text: Option<String>) -> Result<Option<palisade_core::rate::RateLimit>, String> {
+    text.map(|t| palisade_core::rate::RateLimit::parse(&t).map_err(|e| format!("key `{key}`: {e}")))
+        .transpose()
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -64,6 +65,48 @@ impl Timestamp {
     }
 }
 
+/// Where services read the time. Everything that decides by time (token lifetimes, session hard
+/// ends, allowed-hours windows) asks a `Clock`, so tests can move time forward instead of sleeping.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// The system clock plus an offset that only moves forward: tests use it to jump past a session's
+/// hard end. Real time keeps flowing underneath, so timeouts and durations still behave.
+#[derive(Debug, Default)]
+pub struct OffsetClock {
+    offset_secs: AtomicI64,
+}
+
+impl OffsetClock {
+    /// A clock that starts at the system time.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `secs` seconds (negative values are ignored).
+    pub fn advance(&self, secs: i64) {
+        self.offset_secs.fetch_add(secs.max(0), Ordering::SeqCst);
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now().plus_seconds(self.offset_secs.load(Ordering::SeqCst))
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_rfc3339())
@@ -93,6 +136,16 @@ mod tests {
         let text = t.to_rfc3339();
         assert_eq!(Timestamp::parse_rfc3339(&text), Ok(t));
         assert_eq!(t.unix_seconds(), 1_764_169_689);
+    }
+
+    #[test]
+    fn the_offset_clock_only_moves_forward() {
+        let clock = OffsetClock::new();
+        let before = SystemClock.now();
+        clock.advance(3_600);
+        clock.advance(-7_200);
+        let moved = clock.now().unix_seconds() - before.unix_seconds();
+        assert!((3_600..3_660).contains(&moved), "moved {moved}s");
     }
 
     #[test]

@@ -7,10 +7,12 @@
 pub mod clock;
 pub mod id;
 pub mod principal;
+pub mod rate;
 pub mod registry;
 pub mod secret;
+pub mod session;
 pub mod store;
 
-pub use clock::Timestamp;
+pub use clock::{Clock, OffsetClock, SystemClock, Timestamp};
 pub use id::{PrincipalId, PrincipalKind};
 pub use principal::{AgentDetail, Principal, PrincipalDetail, Status, StatusChange};

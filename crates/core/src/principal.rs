@@ -180,6 +180,12 @@ pub struct AgentDetail {
     /// The declared blast radius: ceilings enforced by the built-in policies.
     #[serde(default)]
     pub blast_radius: BlastRadius,
+    /// Gateway requests per period across all routes (default: `gateway.agent_rate_limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::rate::RateLimit>,
+    /// Gateway requests in flight at once (default: `gateway.max_concurrent_requests_per_agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// Data classification, lowest to highest.

@@ -104,6 +104,12 @@ pub struct AgentSpec {
     /// The blast radius (defaults: internal data, read-only, any time).
     #[serde(default)]
     pub blast_radius: Option<crate::principal::BlastRadius>,
+    /// Gateway rate limit, e.g. `10/s` or `600/min burst 20`.
+    #[serde(default)]
+    pub rate_limit: Option<crate::rate::RateLimit>,
+    /// Gateway requests in flight at once, 1 to 1024.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// The user-editable fields of a human.
@@ -641,6 +647,20 @@ impl Registry {
             }
             (None, _) => now.plus_seconds(i64::from(cadence) * 86_400),
         };
+        if let Some(n) = spec.max_concurrent_requests
+            && !(1..=1024).contains(&n)
+        {
+            return Err(invalid(
+                "max_concurrent_requests",
+                format!("must be 1 to 1024, got {n}"),
+            ));
+        }
+        if spec.max_files_per_session == Some(0) {
+            return Err(invalid(
+                "max_files_per_session",
+                "must be at least 1; leave it out for no limit",
+            ));
+        }
         let blast_radius = spec.blast_radius.clone().unwrap_or_default();
         blast_radius
             .validate()
@@ -661,6 +681,8 @@ impl Registry {
             max_files_per_session: spec.max_files_per_session,
             data_egress_allowed: spec.data_egress_allowed,
             blast_radius,
+            rate_limit: spec.rate_limit,
+            max_concurrent_requests: spec.max_concurrent_requests,
         })
     }
 }
@@ -755,6 +777,8 @@ fn spec_of(p: &Principal) -> Result<Value, RegistryError> {
             max_files_per_session: a.max_files_per_session,
             data_egress_allowed: a.data_egress_allowed,
             blast_radius: Some(a.blast_radius.clone()),
+            rate_limit: a.rate_limit,
+            max_concurrent_requests: a.max_concurrent_requests,
         }),
         PrincipalDetail::Human(h) => serde_json::to_value(HumanSpec {
             display_name,

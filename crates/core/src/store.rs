@@ -124,6 +124,23 @@ pub trait Store: Send + Sync + 'static {
     /// Revocations whose tokens have not expired by `now`.
     fn live_revocations(&self, now: Timestamp) -> Result<Vec<RevocationRecord>, StoreError>;
 
+    /// Stores a new session.
+    fn insert_session(&self, session: &crate::session::SessionRecord) -> Result<(), StoreError>;
+    /// Records the end (and final counters) of sessions that have not ended yet.
+    fn end_sessions(&self, sessions: &[crate::session::SessionRecord]) -> Result<(), StoreError>;
+    /// Saves the counters of sessions.
+    fn save_session_counters(
+        &self,
+        sessions: &[crate::session::SessionRecord],
+    ) -> Result<(), StoreError>;
+    /// Sessions whose hard end is at or after `since`, ended or not.
+    fn sessions_since(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<crate::session::SessionRecord>, StoreError>;
+    /// One session.
+    fn get_session(&self, sid: &str) -> Result<Option<crate::session::SessionRecord>, StoreError>;
+
     /// The last event of the audit chain.
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
     /// Appends events durably in one transaction (group commit); all or none.

@@ -4,12 +4,17 @@
 //!
 //! 1. **route**: longest path prefix; no route → 404 (not audited: nothing was decided).
 //! 2. **authenticate**: bearer access token for the route's audience, principal still active,
-//!    token not revoked → else 401 with `WWW-Authenticate`.
+//!    token not revoked, the agent's session live → else 401 with `WWW-Authenticate` (and
+//!    `Palisade-Clear-Context` when the session is over). The session counts the call.
 //! 3. **classify**: method + route rules → action class and resource.
-//! 4. **limit**: declared body size over the limit → 413.
+//! 4. **limit**: declared body size over the route's limit → 413; rate limits (agent, route,
+//!    agent×route; GCRA) → 429 with `Retry-After`; requests in flight per agent → 429; the
+//!    session's object-read volume (`max_files_per_session`, route `max_objects_per_session`)
+//!    → 403 with the counter and the limit.
 //! 5. **decide**: the policy decision point → else 403 naming the deciding policies.
 //! 6. **forward**: hop-by-hop headers and the bearer token removed, pooled upstream connection,
-//!    timeouts → 502/504 on failure; bodies stream both ways.
+//!    timeouts → 502/504 on failure; bodies stream both ways, metered into the session's byte
+//!    counters; a response over the route's `max_response_bytes` is cut off.
 //! 7. **audit**: one event per decision, durable before the response is released; if the audit
 //!    write fails the client gets 503 instead.
 //!
@@ -29,6 +34,10 @@ use palisade_core::Principal;
 use palisade_policy::{Action, Decision, RequestContext, Target};
 use serde_json::json;
 use std::sync::Arc;
+
+pub mod limits;
+use limits::{Direction, Limits, Metered};
+use palisade_core::session::{LiveSession, SessionRefusal};
 use std::time::{Duration, Instant};
 
 /// An authenticated caller of the gateway.
@@ -38,6 +47,10 @@ pub struct Caller {
     pub principal: Arc<Principal>,
     /// The token's `jti`.
     pub token_id: String,
+    /// The agent's session (agents only).
+    pub session: Option<Arc<LiveSession>>,
+    /// The token's `max_files_per_session` claim.
+    pub max_files_per_session: Option<u32>,
 }
 
 /// Why authentication failed; the text is safe to return and to log.
@@ -47,6 +60,8 @@ pub struct AuthFailure {
     pub subject: Option<String>,
     /// Safe reason text.
     pub reason: String,
+    /// Set when the token's session is over: the caller must clear its context.
+    pub session: Option<SessionRefusal>,
 }
 
 /// Checks bearer tokens (the server's token service implements it).
@@ -74,6 +89,8 @@ pub struct Gateway {
     auth: Arc<dyn Authenticator>,
     pdp: Arc<dyn DecisionPoint>,
     audit: AuditLog,
+    clock: Arc<dyn palisade_core::Clock>,
+    limits: Limits,
 }
 
 // RFC 9110 §7.6.1 hop-by-hop fields, plus proxy credentials; never forwarded either way.
@@ -90,6 +107,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 struct Classified {
+    object_read: bool,
     action: ActionClass,
     resource: Option<String>,
     kind: String,
@@ -103,6 +121,7 @@ impl Gateway {
         auth: Arc<dyn Authenticator>,
         pdp: Arc<dyn DecisionPoint>,
         audit: AuditLog,
+        clock: Arc<dyn palisade_core::Clock>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(
@@ -113,12 +132,15 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(512)
             .build(connector);
+        let limits = Limits::new(&config);
         Self {
             config,
             client,
             auth,
             pdp,
             audit,
+            clock,
+            limits,
         }
     }
 
@@ -164,7 +186,7 @@ impl Gateway {
         let caller = match bearer(req.headers()) {
             Err(reason) => {
                 return self
-                    .refuse_401(event, started, &request_id, None, reason, bytes_in)
+                    .refuse_401(event, started, &request_id, (None, None), reason, bytes_in)
                     .await;
             }
             Ok(token) => match self.auth.authenticate(token, &route.audience) {
@@ -176,7 +198,7 @@ impl Gateway {
                             event,
                             started,
                             &request_id,
-                            f.subject,
+                            (f.subject, f.session),
                             Some(reason),
                             bytes_in,
                         )
@@ -185,9 +207,19 @@ impl Gateway {
             },
         };
         event.principal = Some(principal_ref(&caller.principal));
+        let calls = caller.session.as_ref().map(|s| s.count_call());
         if let serde_json::Value::Object(d) = &mut event.detail {
             d.insert("token_id".into(), json!(caller.token_id));
+            if let Some(s) = &caller.session {
+                d.insert("session".into(), json!(s.sid));
+            }
         }
+        let route_idx = self
+            .config
+            .routes
+            .iter()
+            .position(|r| std::ptr::eq(r, route))
+            .unwrap_or(usize::MAX);
 
         // Phase 3: classify.
         let class = classify(route, &method, &path);
@@ -199,10 +231,10 @@ impl Gateway {
         event.resource = Some(resource_name);
 
         // Phase 4: limit.
-        if bytes_in.is_some_and(|n| n > self.config.gateway.max_body_bytes) {
+        if bytes_in.is_some_and(|n| n > route.max_body_bytes) {
             let body = json!({
                 "error": "payload_too_large",
-                "message": format!("the request body is larger than the gateway's limit of {} bytes", self.config.gateway.max_body_bytes),
+                "message": format!("the request body is larger than route `{}`'s limit of {} bytes", route.name, route.max_body_bytes),
             });
             return self
                 .finish(
@@ -214,6 +246,131 @@ impl Gateway {
                     body,
                 )
                 .await;
+        }
+
+        let agent_rate = caller
+            .principal
+            .agent()
+            .and_then(|a| a.rate_limit)
+            .or(self.config.gateway.agent_rate_limit);
+        if let Err(l) = self
+            .limits
+            .check(&caller.principal.id, agent_rate, route_idx)
+        {
+            let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
+            let secs = secs.max(1);
+            let who = match l.scope {
+                "route" => format!("route `{}`", route.name),
+                "agent-route" => format!("{} on route `{}`", caller.principal.id, route.name),
+                _ => caller.principal.id.to_string(),
+            };
+            let body = json!({
+                "error": "rate_limited",
+                "message": format!("{who} is over its rate limit of {}; retry in {secs}s", l.limit),
+                "scope": l.scope,
+                "limit": l.limit.to_string(),
+                "retry_after_seconds": secs,
+            });
+            let mut resp = self
+                .finish(
+                    event,
+                    started,
+                    &request_id,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    bytes_in,
+                    body,
+                )
+                .await;
+            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            return resp;
+        }
+        let max_in_flight = caller
+            .principal
+            .agent()
+            .and_then(|a| a.max_concurrent_requests)
+            .unwrap_or(self.config.gateway.max_concurrent_requests_per_agent);
+        let slot = match self.limits.enter(&caller.principal.id, max_in_flight) {
+            Ok(s) => s,
+            Err(max) => {
+                let body = json!({
+                    "error": "too_many_in_flight",
+                    "message": format!("{} already has {max} requests in flight, its limit; retry when one finishes", caller.principal.id),
+                    "limit": max,
+                });
+                let mut resp = self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+                if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                return resp;
+            }
+        };
+        let mut took_object = false;
+        if class.object_read
+            && let Some(s) = &caller.session
+        {
+            let record_limit = caller
+                .principal
+                .agent()
+                .and_then(|a| a.max_files_per_session);
+            let session_limit = match (record_limit, caller.max_files_per_session) {
+                (Some(a), Some(b)) => Some(u64::from(a.min(b))),
+                (a, b) => a.or(b).map(u64::from),
+            };
+            match s.take_object_read(route_idx, session_limit, route.max_objects_per_session) {
+                Ok(_) => took_object = true,
+                Err((in_session, on_route)) => {
+                    let (scope, counter, limit) = match session_limit {
+                        Some(l) if in_session > l => ("session", in_session, l),
+                        _ => (
+                            "route",
+                            on_route,
+                            route.max_objects_per_session.unwrap_or(0),
+                        ),
+                    };
+                    let message = match scope {
+                        "session" => format!(
+                            "object read {counter} refused: session {} may read {limit} objects (max_files_per_session); start a new session for more",
+                            s.sid
+                        ),
+                        _ => format!(
+                            "object read {counter} on route `{}` refused: a session may read {limit} objects there (max_objects_per_session)",
+                            route.name
+                        ),
+                    };
+                    let body = json!({
+                        "error": "volume_limit",
+                        "message": message,
+                        "scope": scope,
+                        "counter": "objects_read",
+                        "count": counter,
+                        "limit": limit,
+                        "session": s.sid,
+                    });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::FORBIDDEN,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+            }
         }
 
         // Phase 5: decide.
@@ -231,8 +388,21 @@ impl Gateway {
             route_classification: route.classification,
             classification: class.classification,
         };
-        let ctx = RequestContext::at(method.as_str(), &path, palisade_core::Timestamp::now());
+        let mut ctx = RequestContext::at(method.as_str(), &path, self.clock.now());
+        if let Some(s) = &caller.session {
+            let c = s.counters();
+            ctx.calls = calls.unwrap_or(c.calls);
+            ctx.objects_read = c.objects_read;
+            ctx.bytes_out = c.bytes_out;
+            ctx.initiating_human = s.initiating_human.as_deref();
+        }
         let (decision, version) = self.pdp.decide(&caller.principal, action, &target, &ctx);
+        if !decision.allowed
+            && took_object
+            && let Some(s) = &caller.session
+        {
+            s.return_object_read(route_idx);
+        }
         event.decision = Some(DecisionRecord {
             allowed: decision.allowed,
             policies: decision.policies.clone(),
@@ -283,22 +453,23 @@ impl Gateway {
         }
 
         // Phase 6: forward.
-        let upstream_req = match self.upstream_request(route, req, &path, &request_id) {
-            Ok(r) => r,
-            Err(message) => {
-                let body = json!({ "error": "bad_request", "message": message });
-                return self
-                    .finish(
-                        event,
-                        started,
-                        &request_id,
-                        StatusCode::BAD_REQUEST,
-                        bytes_in,
-                        body,
-                    )
-                    .await;
-            }
-        };
+        let upstream_req =
+            match self.upstream_request(route, req, &path, &request_id, caller.session.clone()) {
+                Ok(r) => r,
+                Err(message) => {
+                    let body = json!({ "error": "bad_request", "message": message });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::BAD_REQUEST,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+            };
         let timeout = Duration::from_secs(route.timeout_secs);
         let upstream = tokio::time::timeout(timeout, self.client.request(upstream_req)).await;
         let response = match upstream {
@@ -319,7 +490,7 @@ impl Gateway {
                 // A streamed (chunked) body crossed the limit while being forwarded.
                 let body = json!({
                     "error": "payload_too_large",
-                    "message": format!("the request body is larger than the gateway's limit of {} bytes", self.config.gateway.max_body_bytes),
+                    "message": format!("the request body is larger than route `{}`'s limit of {} bytes", route.name, route.max_body_bytes),
                 });
                 return self
                     .finish(
@@ -352,6 +523,24 @@ impl Gateway {
         // Phase 7: audit, then release the response.
         let status = response.status();
         let bytes_out = content_length(response.headers());
+        if let (Some(cap), Some(n)) = (route.max_response_bytes, bytes_out)
+            && n > cap
+        {
+            let body = json!({
+                "error": "upstream_response_too_large",
+                "message": format!("route `{}`'s upstream answered {n} bytes, over the route's max_response_bytes of {cap}", route.name),
+            });
+            return self
+                .finish(
+                    event,
+                    started,
+                    &request_id,
+                    StatusCode::BAD_GATEWAY,
+                    bytes_in,
+                    body,
+                )
+                .await;
+        }
         event.outcome = Some(Outcome {
             status: status.as_u16(),
             bytes_in,
@@ -370,7 +559,14 @@ impl Gateway {
                 .headers
                 .insert(HeaderName::from_static("x-request-id"), v);
         }
-        Response::from_parts(parts, Body::new(body))
+        let metered = Metered::new(
+            Body::new(body),
+            caller.session.clone(),
+            Direction::In,
+            route.max_response_bytes,
+            Some(slot),
+        );
+        Response::from_parts(parts, Body::new(metered))
     }
 
     async fn refuse_401(
@@ -378,7 +574,7 @@ impl Gateway {
         mut event: AuditEvent,
         started: Instant,
         request_id: &str,
-        subject: Option<String>,
+        (subject, session): (Option<String>, Option<SessionRefusal>),
         reason: Option<String>,
         bytes_in: Option<u64>,
     ) -> Response<Body> {
@@ -401,7 +597,10 @@ impl Gateway {
             policies: vec![],
             policy_version: None,
         });
-        let body = json!({ "error": "unauthorized", "message": message });
+        let mut body = json!({ "error": "unauthorized", "message": message });
+        if let Some(r) = &session {
+            body["session"] = json!({ "id": r.sid, "state": r.state, "clear_context": true });
+        }
         let mut resp = self
             .finish(
                 event,
@@ -416,6 +615,9 @@ impl Gateway {
             && let Ok(v) = HeaderValue::from_str(&www)
         {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            if let Some(r) = &session {
+                clear_context(&mut resp, r);
+            }
         }
         resp
     }
@@ -454,6 +656,7 @@ impl Gateway {
         req: Request<Body>,
         path: &str,
         request_id: &str,
+        session: Option<Arc<LiveSession>>,
     ) -> Result<Request<Body>, String> {
         let (mut parts, body) = req.into_parts();
         let rest = if route.strip_prefix && route.path_prefix != "/" {
@@ -493,9 +696,10 @@ impl Gateway {
         parts.version = http::Version::HTTP_11;
         let limited = Body::new(Limited::new(
             body,
-            usize::try_from(self.config.gateway.max_body_bytes).unwrap_or(usize::MAX),
+            usize::try_from(route.max_body_bytes).unwrap_or(usize::MAX),
         ));
-        Ok(Request::from_parts(parts, limited))
+        let metered = Body::new(Metered::new(limited, session, Direction::Out, None, None));
+        Ok(Request::from_parts(parts, metered))
     }
 }
 
@@ -557,6 +761,7 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
 fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
     match route.rules.iter().find(|r| r.matches(method, path)) {
         Some(rule) => Classified {
+            object_read: rule.object_read,
             action: rule.action,
             resource: rule.resource.clone(),
             classification: rule.classification.unwrap_or(route.classification),
@@ -567,6 +772,7 @@ fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {
                 .unwrap_or_else(|| route.kind.clone()),
         },
         None => Classified {
+            object_read: false,
             action: ActionClass::of_method(method),
             resource: None,
             kind: route.kind.clone(),
@@ -652,6 +858,16 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 fn elapsed_us(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The context-clearing contract on a refused request: the header names the session and why it
+/// is over; the JSON body gets a `session` member with `clear_context: true`.
+fn clear_context(resp: &mut Response<Body>, r: &SessionRefusal) {
+    let sid = r.sid.as_deref().unwrap_or("-");
+    if let Ok(v) = HeaderValue::from_str(&format!("sid={sid}; reason={}", r.state)) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("palisade-clear-context"), v);
+    }
 }
 
 fn audit_unavailable(request_id: &str) -> Response<Body> {

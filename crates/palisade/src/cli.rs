@@ -62,6 +62,54 @@ enum Command {
     /// Policies: validate and test offline; status and reload on the server.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Agent sessions: list, show, end.
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// Kill switch for every agent of a human or team.
+    #[command(subcommand)]
+    Owner(OwnerCmd),
+    /// Kill switch for every agent, for incidents: ends all sessions and suspends all agents.
+    Panic(KillArgs),
+}
+
+#[derive(Subcommand)]
+enum SessionCmd {
+    /// List live sessions.
+    List {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Show one session, live or ended, with its counters.
+    Show { sid: String },
+    /// End a session now; the agent must clear its context.
+    End {
+        sid: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OwnerCmd {
+    /// End every session of every agent the owner has, and suspend those agents.
+    Kill {
+        /// human:NAME or team:NAME.
+        id: String,
+        #[command(flatten)]
+        why: KillArgs,
+    },
+}
+
+#[derive(Args)]
+struct KillArgs {
+    /// Why (required; audited).
+    #[arg(long)]
+    reason: String,
+    /// Who is acting (default: $USER), recorded with the kill.
+    #[arg(long, env = "USER")]
+    operator: Option<String>,
 }
 
 #[derive(Args)]
@@ -151,6 +199,12 @@ enum AgentCmd {
     Resume(Lifecycle),
     /// Retire an agent for good and destroy its credentials.
     Deprovision(Lifecycle),
+    /// Kill switch: end every session of the agent at once and suspend it.
+    Kill {
+        id: String,
+        #[command(flatten)]
+        why: KillArgs,
+    },
     /// Issue a new client secret; old ones keep working during the overlap.
     RotateSecret {
         id: String,
@@ -214,6 +268,12 @@ struct AgentRegister {
     /// Allow data to leave the organisation.
     #[arg(long)]
     data_egress_allowed: bool,
+    /// Gateway rate limit across routes, e.g. 10/s or "600/min burst 20".
+    #[arg(long)]
+    rate_limit: Option<String>,
+    /// Gateway requests in flight at once (1 to 1024).
+    #[arg(long)]
+    max_concurrent_requests: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -370,6 +430,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         "review_cadence_days": a.review_cadence_days, "max_session_minutes": a.max_session_minutes,
                         "max_concurrent_sessions": a.max_concurrent_sessions, "max_files_per_session": a.max_files_per_session,
                         "data_egress_allowed": a.data_egress_allowed,
+                        "rate_limit": a.rate_limit, "max_concurrent_requests": a.max_concurrent_requests,
                     });
                     let body = strip_nulls(body);
                     let v = c.call(Method::POST, "/agents", Some(body)).await?;
@@ -389,6 +450,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 AgentCmd::Suspend(l) => lifecycle(&c, "agents", "suspend", l).await?,
                 AgentCmd::Resume(l) => lifecycle(&c, "agents", "resume", l).await?,
                 AgentCmd::Deprovision(l) => lifecycle(&c, "agents", "deprovision", l).await?,
+                AgentCmd::Kill { id, why } => {
+                    let v = kill(&c, &format!("/agents/{id}/kill"), why).await?;
+                    print_kill(&v, cli.json);
+                    return Ok(ExitCode::SUCCESS);
+                }
                 AgentCmd::RotateSecret {
                     id,
                     overlap_seconds,
@@ -451,6 +517,75 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Audit(AuditCmd::Verify) => audit_verify(&data_dir, cli.json),
         Command::Policy(cmd) => policy(cmd, &client, cli.json).await,
+        Command::Owner(OwnerCmd::Kill { id, why }) => {
+            let v = kill(&client()?, &format!("/owners/{id}/kill"), why).await?;
+            print_kill(&v, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Panic(why) => {
+            let v = kill(&client()?, "/panic", why).await?;
+            print_kill(&v, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Session(cmd) => {
+            let c = client()?;
+            match cmd {
+                SessionCmd::List { agent } => {
+                    let path = match agent {
+                        Some(a) => format!(
+                            "/sessions?principal={}",
+                            form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()
+                        ),
+                        None => "/sessions".into(),
+                    };
+                    let v = c.call(Method::GET, &path, None).await?;
+                    if cli.json {
+                        println!("{}", pretty(&v));
+                    } else {
+                        let rows: Vec<Vec<String>> = v["items"]
+                            .as_array()
+                            .map(Vec::as_slice)
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|s| {
+                                vec![
+                                    cell(&s["sid"]),
+                                    cell(&s["principal"]),
+                                    cell(&s["started_at"]),
+                                    cell(&s["hard_end"]),
+                                    cell(&s["counters"]["calls"]),
+                                    cell(&s["counters"]["objects_read"]),
+                                ]
+                            })
+                            .collect();
+                        print_table(
+                            &[
+                                "SESSION", "AGENT", "STARTED", "HARD END", "CALLS", "OBJECTS",
+                            ],
+                            &rows,
+                        );
+                    }
+                }
+                SessionCmd::Show { sid } => {
+                    let v = c
+                        .call(Method::GET, &format!("/sessions/{sid}"), None)
+                        .await?;
+                    println!("{}", pretty(&v));
+                }
+                SessionCmd::End { sid, reason } => {
+                    let body = strip_nulls(json!({ "reason": reason }));
+                    let v = c
+                        .call(Method::POST, &format!("/sessions/{sid}/end"), Some(body))
+                        .await?;
+                    if cli.json {
+                        println!("{}", pretty(&v));
+                    } else {
+                        println!("session {sid} ended; the agent must clear its context");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCmd::Check { file }) => match check_config(&file) {
             Ok(summary) => {
                 println!("{summary}");
@@ -790,6 +925,29 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+async fn kill(c: &Client, path: &str, why: KillArgs) -> Result<Value> {
+    let body = strip_nulls(json!({ "reason": why.reason, "operator": why.operator }));
+    c.call(Method::POST, path, Some(body)).await
+}
+
+fn print_kill(v: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", pretty(v));
+        return;
+    }
+    let count = |k: &str| v[k].as_array().map(Vec::len).unwrap_or(0);
+    println!(
+        "kill switch ({} {}): {} session(s) ended, {} agent(s) suspended",
+        v["scope"].as_str().unwrap_or("-"),
+        v["target"].as_str().unwrap_or("-"),
+        count("sessions_ended"),
+        count("suspended")
+    );
+    if let Some(note) = v["note"].as_str() {
+        println!("{note}");
+    }
 }
 
 async fn lifecycle(c: &Client, collection: &str, verb: &str, l: Lifecycle) -> Result<Value> {

@@ -33,6 +33,8 @@ fn agent(i: usize) -> Principal {
             scopes: vec![],
             max_files_per_session: None,
             data_egress_allowed: false,
+            rate_limit: None,
+            max_concurrent_requests: None,
             blast_radius: palisade_core::principal::BlastRadius {
                 max_action: palisade_core::principal::ActionCeiling::Destructive,
                 ..Default::default()

@@ -272,6 +272,8 @@ fn build_principal(id: &str, spec: &PrincipalSpec, now: Timestamp) -> Result<Pri
             scopes: Vec::new(),
             max_files_per_session: None,
             data_egress_allowed: spec.data_egress_allowed,
+            rate_limit: None,
+            max_concurrent_requests: None,
             blast_radius: {
                 let b = spec.blast_radius.clone().unwrap_or_default();
                 b.validate()

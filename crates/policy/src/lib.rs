@@ -928,8 +928,9 @@ fn load_actions(schema: &Schema, problems: &mut Vec<String>) -> HashMap<EntityUi
     }
 }
 
-/// Whether the request's hour and weekday fall in the principal's allowed window.
-fn in_window(principal: &Principal, ctx: &RequestContext<'_>) -> bool {
+/// Whether the request's hour and weekday fall in the principal's allowed window (the temporal
+/// blast radius; always true for principals without one).
+pub fn in_window(principal: &Principal, ctx: &RequestContext<'_>) -> bool {
     match principal.agent() {
         None => true,
         Some(a) => {

@@ -28,6 +28,8 @@ fn agent(slug: &str, allowed: &[&str], status: Status) -> Principal {
             scopes: vec![],
             max_files_per_session: None,
             data_egress_allowed: false,
+            rate_limit: None,
+            max_concurrent_requests: None,
             blast_radius: palisade_core::principal::BlastRadius {
                 max_action: palisade_core::principal::ActionCeiling::Destructive,
                 ..Default::default()

@@ -375,12 +375,18 @@ pub async fn lifecycle(
                 _ => Status::Deprovisioned,
             };
             let reason2 = reason.clone();
+            let now = app.tokens.now();
             let result = tokio::task::spawn_blocking(move || {
-                registry.set_status(&id2, status, "admin", &reason2, Timestamp::now())
+                registry.set_status(&id2, status, "admin", &reason2, now)
             })
             .await;
             match result {
                 Ok(Ok(p)) => {
+                    if let Err(r) =
+                        crate::sessions::end_for_status_change(&app, &id, status, &reason).await
+                    {
+                        return r;
+                    }
                     audited(
                         &app,
                         &action,

@@ -10,6 +10,7 @@ pub mod authzen;
 pub mod demo;
 pub mod oauth;
 pub mod policy;
+pub mod sessions;
 pub mod tokens;
 
 use axum::Router;
@@ -82,6 +83,9 @@ pub enum StartError {
 pub struct StartOptions {
     /// Policy texts added after the baseline and the policy directory (the demo's).
     pub extra_policies: Vec<(String, String)>,
+    /// The clock every time-based decision reads (the system clock when `None`); tests pass an
+    /// [`palisade_core::OffsetClock`] to jump past session ends without sleeping.
+    pub clock: Option<Arc<dyn palisade_core::Clock>>,
 }
 
 /// A running server.
@@ -97,6 +101,7 @@ pub struct RunningServer {
     writer: palisade_audit::AuditWriter,
     checkpointer: palisade_store::Checkpointer,
     watcher: tokio::task::JoinHandle<()>,
+    sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -114,10 +119,15 @@ impl RunningServer {
             shutdown,
             checkpointer,
             watcher,
+            sweeper,
             ..
         } = self;
         let _ = task.await;
         watcher.abort();
+        sweeper.abort();
+        // Last counters of live sessions, so a restart continues from them.
+        let sessions = app.tokens.sessions.clone();
+        let _ = tokio::task::spawn_blocking(move || sessions.sweep()).await;
         drop((app, shutdown));
         // The writer ends once every AuditLog handle is gone (the router's went with the task),
         // after writing everything still queued.
@@ -179,9 +189,18 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     config.bind_to(addr);
     let config = Arc::new(config);
 
+    let clock = options
+        .clock
+        .clone()
+        .unwrap_or_else(|| Arc::new(palisade_core::SystemClock));
     let tokens = Arc::new(
-        TokenService::load(config.clone(), store.clone(), registry.clone())
-            .map_err(StartError::Other)?,
+        TokenService::load(
+            config.clone(),
+            store.clone(),
+            registry.clone(),
+            clock.clone(),
+        )
+        .map_err(StartError::Other)?,
     );
     let (audit, writer) = AuditLog::start(store.clone())?;
     let gateway = Arc::new(Gateway::new(
@@ -189,6 +208,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         tokens.clone(),
         policy.clone(),
         audit.clone(),
+        clock,
     ));
     let app = Arc::new(App {
         config,
@@ -210,6 +230,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .map_err(|e| StartError::Other(e.to_string()))?;
 
     let watcher = policy::watch(Arc::downgrade(&app), std::time::Duration::from_secs(1));
+    let sweeper = sessions::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -241,6 +262,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         writer,
         checkpointer,
         watcher,
+        sweeper,
     })
 }
 
@@ -298,6 +320,12 @@ fn router(app: Arc<App>) -> Router {
         .route("/policy/agents/{id}", get(policy::show_agent))
         .route("/policy/agents/{id}/can", get(policy::what_can))
         .route("/policy/explain", post(policy::explain))
+        .route("/sessions", get(sessions::list))
+        .route("/sessions/{sid}", get(sessions::get))
+        .route("/sessions/{sid}/end", post(sessions::end))
+        .route("/agents/{id}/kill", post(sessions::kill_agent))
+        .route("/owners/{id}/kill", post(sessions::kill_owner))
+        .route("/panic", post(sessions::panic_all))
         .route("/{collection}", get(admin::list).post(admin::create))
         .route("/{collection}/{id}", get(admin::get).patch(admin::update))
         .route("/{collection}/{id}/{verb}", post(admin::lifecycle))
@@ -311,6 +339,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/oauth2/token", post(oauth::token))
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))
+        .route("/oauth2/session/end", post(sessions::end_own))
         .layer(DefaultBodyLimit::max(16 * 1024));
     Router::new()
         .nest("/api/v1", api)

@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use palisade_audit::{AuditEvent, Outcome, PrincipalRef};
-use palisade_core::Timestamp;
 use palisade_core::registry::ClientAuthError;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -20,6 +19,18 @@ struct OAuthError {
     status: StatusCode,
     code: &'static str,
     description: String,
+    extra: Option<Value>,
+}
+
+impl From<crate::tokens::Refusal> for OAuthError {
+    fn from(r: crate::tokens::Refusal) -> Self {
+        Self {
+            status: StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+            code: r.code,
+            description: r.description,
+            extra: r.extra,
+        }
+    }
 }
 
 impl OAuthError {
@@ -33,18 +44,18 @@ impl OAuthError {
             status,
             code,
             description: description.into(),
+            extra: None,
         }
     }
 }
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
-        let mut resp = (
-            self.status,
-            no_store(),
-            axum::Json(json!({ "error": self.code, "error_description": self.description })),
-        )
-            .into_response();
+        let mut body = json!({ "error": self.code, "error_description": self.description });
+        if let (Value::Object(map), Some(Value::Object(extra))) = (&mut body, self.extra) {
+            map.extend(extra);
+        }
+        let mut resp = (self.status, no_store(), axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -238,7 +249,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
     };
     let principal = match app
         .registry
-        .authenticate_client(&client_id, &secret, Timestamp::now())
+        .authenticate_client(&client_id, &secret, app.tokens.now())
     {
         Ok(p) => p,
         Err(ClientAuthError::Inactive(id, status)) => {
@@ -272,16 +283,36 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         Err(e) => return refuse(&app, e, Some(&client_id), started).await,
     };
     let resources = form.get("resource").cloned().unwrap_or_default();
+    let session_id = match single(&form, "session_id") {
+        Ok(s) => s,
+        Err(e) => return refuse(&app, e, Some(&client_id), started).await,
+    };
+    if let Err(r) = app.tokens.admit(&principal) {
+        return refuse(&app, r.into(), Some(&client_id), started).await;
+    }
     let grant = match app.tokens.grant_for(&principal, scope, &resources) {
         Ok(g) => g,
         Err((code, msg)) => {
             return refuse(&app, OAuthError::new(code, msg), Some(&client_id), started).await;
         }
     };
-    let (token, claims) = match app.tokens.issue(&principal, &grant) {
+    // Last, so no refusal above leaves a session behind.
+    let session = match app.tokens.session_for(&principal, session_id) {
+        Ok(s) => s,
+        Err(r) => return refuse(&app, r.into(), Some(&client_id), started).await,
+    };
+    let (token, claims) = match app.tokens.issue(&principal, &grant, session.as_deref()) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
+            if let (Some(s), None) = (&session, session_id) {
+                let _ = app.tokens.sessions.end(
+                    std::slice::from_ref(s),
+                    palisade_core::session::EndReason::Ended,
+                    "palisade",
+                    Some("token signing failed"),
+                );
+            }
             return crate::error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -309,6 +340,14 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         "token_type": "Bearer",
         "expires_in": claims.exp - claims.iat,
     });
+    if let Some(s) = &session {
+        let renewal = session_id.is_some();
+        event.detail["session"] =
+            json!({ "id": s.sid, "renewal": renewal, "hard_end": s.hard_end });
+        body["session_id"] = json!(s.sid);
+        body["session_hard_end"] = json!(s.hard_end);
+        body["session_expires_in"] = json!(s.hard_end.unix_seconds() - claims.iat);
+    }
     if let Some(scope) = &claims.scope {
         body["scope"] = json!(scope);
     }
@@ -332,7 +371,7 @@ fn caller_of(
     match client_credentials(headers, form)? {
         Some((id, secret)) => app
             .registry
-            .authenticate_client(&id, &secret, Timestamp::now())
+            .authenticate_client(&id, &secret, app.tokens.now())
             .map(|p| Some(p.id.to_string()))
             .map_err(|_| OAuthError::new("invalid_client", "client authentication failed")),
         None => Err(OAuthError::new(
@@ -377,7 +416,7 @@ pub async fn introspect(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     let Ok(verified) = app.tokens.verify(token, None) else {
         return inactive();
     };
-    if app.tokens.live_principal(&verified).is_err() {
+    if app.tokens.live_caller(&verified).map(|(p, _)| p).is_err() {
         return inactive();
     }
     let mut body = serde_json::to_value(verified.claims()).unwrap_or(Value::Null);
@@ -414,14 +453,51 @@ pub async fn revoke(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
             None,
         );
     }
+    let by = caller.unwrap_or_else(|| "admin".into());
+    // Revoking a token ends its session: the session's other tokens stop too.
+    let ended = match verified
+        .claims()
+        .sid
+        .as_deref()
+        .and_then(|sid| app.tokens.sessions.get(sid))
+    {
+        Some(s) => match app.tokens.sessions.end(
+            &[s],
+            palisade_core::session::EndReason::Revoked,
+            &by,
+            None,
+        ) {
+            Ok(ended) => ended,
+            Err(e) => {
+                tracing::error!(error = %e, "session end could not be stored");
+                return crate::error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "internal",
+                    "the session end could not be stored; retry",
+                    None,
+                );
+            }
+        },
+        None => Vec::new(),
+    };
     let mut event = AuditEvent::new("token.revoked");
     event.principal = Some(PrincipalRef {
-        id: caller.unwrap_or_else(|| "admin".into()),
+        id: by,
         ..PrincipalRef::default()
     });
     event.action = Some("revoke".into());
     event.resource = Some(verified.claims().sub.clone());
-    event.detail = json!({ "jti": verified.claims().jti });
+    event.detail = json!({ "jti": verified.claims().jti, "sid": verified.claims().sid });
+    for record in &ended {
+        if crate::sessions::audit_end(&app, record).await.is_err() {
+            return crate::error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the audit log could not record the session end",
+                None,
+            );
+        }
+    }
     audit_or_503(&app, event, ok()).await
 }
 
@@ -435,6 +511,7 @@ pub async fn metadata(State(app): State<Arc<App>>) -> Response {
         "introspection_endpoint": format!("{iss}/oauth2/introspect"),
         "revocation_endpoint": format!("{iss}/oauth2/revoke"),
         "grant_types_supported": ["client_credentials"],
+        "palisade_session_parameter": "session_id",
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],

@@ -497,7 +497,7 @@ pub async fn explain(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Re
         .path
         .clone()
         .unwrap_or_else(|| route.path_prefix.clone());
-    let ctx = RequestContext::at(&method, &path, palisade_core::Timestamp::now());
+    let ctx = RequestContext::at(&method, &path, app.tokens.now());
     let engine = app.policy.current();
     match engine.explain(&principal, action, &target, &ctx) {
         Ok(ex) => axum::Json(json!({
@@ -526,7 +526,7 @@ pub async fn what_can(
     };
     let id = &agent.id;
     let engine = app.policy.current();
-    let now = palisade_core::Timestamp::now();
+    let now = app.tokens.now();
     let mut items = Vec::new();
     for route in &app.config.routes {
         let mut resources: Vec<Option<String>> = vec![None];

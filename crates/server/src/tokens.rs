@@ -2,8 +2,9 @@
 //! signing keys and the revocation list in memory for the request path.
 
 use palisade_config::Config;
+use palisade_core::session::{LiveSession, SessionRefusal, Sessions};
 use palisade_core::store::{RevocationRecord, Store, StoreError};
-use palisade_core::{Principal, PrincipalDetail, Status, Timestamp};
+use palisade_core::{Clock, Principal, PrincipalDetail, Status, Timestamp};
 use palisade_gateway::{AuthFailure, Authenticator, Caller};
 use palisade_token::{
     AccessTokenClaims, KeyError, KeySet, VerifiedToken, VerifyCache, VerifyPolicy,
@@ -22,6 +23,40 @@ pub struct TokenService {
     keys: RwLock<Arc<KeySet>>,
     revoked: RwLock<HashMap<String, i64>>,
     verified: VerifyCache,
+    clock: Arc<dyn Clock>,
+    /// Agent sessions: every agent token names one.
+    pub sessions: Arc<Sessions>,
+}
+
+/// Why a token request was refused: an RFC 6749 error code, the HTTP status, safe text, and
+/// extra response members (the live sessions of a concurrency refusal, or the context-clearing
+/// instruction of an ended session).
+#[derive(Debug)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// RFC 6749 `error`.
+    pub code: &'static str,
+    /// `error_description`.
+    pub description: String,
+    /// More members for the JSON body.
+    pub extra: Option<serde_json::Value>,
+}
+
+impl Refusal {
+    fn new(status: u16, code: &'static str, description: String) -> Self {
+        Self {
+            status,
+            code,
+            description,
+            extra: None,
+        }
+    }
+}
+
+/// The JSON members that tell an agent runtime its session is over and its context must go.
+pub fn clear_context_json(r: &SessionRefusal) -> serde_json::Value {
+    serde_json::json!({ "session": { "id": r.sid, "state": r.state, "clear_context": true } })
 }
 
 /// What a token request asked for, after validation.
@@ -38,8 +73,9 @@ impl TokenService {
         config: Arc<Config>,
         store: Arc<dyn Store>,
         registry: Arc<palisade_core::registry::Registry>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, String> {
-        let now = Timestamp::now();
+        let now = clock.now();
         if store
             .signing_keys()
             .map_err(|e| e.to_string())?
@@ -57,6 +93,13 @@ impl TokenService {
             .map(|r| (r.jti, r.expires_at.unix_seconds()))
             .collect();
         let keys = Self::key_set(&store, config.oauth.leeway_secs).map_err(|e| e.to_string())?;
+        let sessions = Sessions::load(
+            store.clone(),
+            clock.clone(),
+            config.routes.len(),
+            config.oauth.leeway_secs,
+        )
+        .map_err(|e| format!("cannot load sessions: {e}"))?;
         let service = Self {
             config,
             store,
@@ -64,6 +107,8 @@ impl TokenService {
             keys: RwLock::new(Arc::new(keys)),
             revoked: RwLock::new(revoked),
             verified: VerifyCache::new(VERIFY_CACHE_CAPACITY),
+            clock,
+            sessions: Arc::new(sessions),
         };
         Ok(service)
     }
@@ -197,13 +242,123 @@ impl TokenService {
         Ok(Grant { audience, scope })
     }
 
-    /// Signs an access token for `principal`.
+    /// The time by this service's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The checks every token request makes before a token is signed, first or renewal: the
+    /// agent's access review is not overdue and the request falls in its allowed hours and
+    /// weekdays (the temporal blast radius). Status is checked by client authentication, and
+    /// scopes and resources by [`TokenService::grant_for`].
+    pub fn admit(&self, principal: &Principal) -> Result<(), Refusal> {
+        let Some(agent) = principal.agent() else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        if agent.next_review_at < now {
+            return Err(Refusal::new(
+                403,
+                "access_denied",
+                format!(
+                    "{}'s access review was due at {}; its owner must review it (palisade agent update {} --next-review-at ...) before it gets tokens",
+                    principal.id, agent.next_review_at, principal.id
+                ),
+            ));
+        }
+        let ctx = palisade_policy::RequestContext::at("POST", "/oauth2/token", now);
+        if !palisade_policy::in_window(principal, &ctx) {
+            let [start, end] = agent.blast_radius.hours;
+            return Err(Refusal::new(
+                403,
+                "access_denied",
+                format!(
+                    "{} may only work {start:02}:00-{end:02}:00 UTC on {}; it is {} {:02}:xx UTC now",
+                    principal.id,
+                    agent.blast_radius.weekdays.join(","),
+                    ctx.weekday,
+                    ctx.hour
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The session a token request belongs to: a new one when `session_id` is absent (refused
+    /// at the agent's concurrency limit), else the named one if it is the caller's and still
+    /// before its hard end. Principals other than agents have no sessions.
+    pub fn session_for(
+        &self,
+        principal: &Principal,
+        session_id: Option<&str>,
+    ) -> Result<Option<Arc<LiveSession>>, Refusal> {
+        let Some(agent) = principal.agent() else {
+            return match session_id {
+                None => Ok(None),
+                Some(_) => Err(Refusal::new(
+                    400,
+                    "invalid_request",
+                    "only agents have sessions; drop session_id".into(),
+                )),
+            };
+        };
+        match session_id {
+            Some(sid) => self
+                .sessions
+                .check(sid, &principal.id)
+                .map(Some)
+                .map_err(|r| Refusal {
+                    status: 400,
+                    code: "invalid_grant",
+                    description: r.message.clone(),
+                    extra: Some(clear_context_json(&r)),
+                }),
+            None => self
+                .sessions
+                .start(
+                    &principal.id,
+                    agent.max_session_minutes,
+                    agent.max_concurrent_sessions,
+                    None,
+                )
+                .map(Some)
+                .map_err(|e| match e {
+                    palisade_core::session::StartError::Limit { live, limit, .. } => Refusal {
+                        status: 403,
+                        code: "access_denied",
+                        description: format!(
+                            "{} already has {limit} live session(s), its max_concurrent_sessions limit: {}; renew one of them (session_id), end one, or wait for one to expire",
+                            principal.id,
+                            live.iter().map(|s| s.sid.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                        extra: Some(serde_json::json!({
+                            "limit": limit,
+                            "live_sessions": live.iter().map(|s| serde_json::json!({
+                                "id": s.sid, "started_at": s.started_at, "hard_end": s.hard_end,
+                            })).collect::<Vec<_>>(),
+                        })),
+                    },
+                    palisade_core::session::StartError::Store(e) => {
+                        tracing::error!(error = %e, "cannot store a new session");
+                        Refusal::new(
+                            503,
+                            "temporarily_unavailable",
+                            "the session could not be stored; retry".into(),
+                        )
+                    }
+                }),
+        }
+    }
+
+    /// Signs an access token for `principal`, in `session` if it has one: the token never
+    /// outlives the session's hard end.
     pub fn issue(
         &self,
         principal: &Principal,
         grant: &Grant,
+        session: Option<&LiveSession>,
     ) -> Result<(String, AccessTokenClaims), String> {
-        let now = Timestamp::now().unix_seconds();
+        let now = self.clock.now().unix_seconds();
         let jti = palisade_core::secret::random_id::<16>().map_err(|e| e.to_string())?;
         let agent = principal.agent();
         let allowed_resources = match &principal.detail {
@@ -215,7 +370,12 @@ impl TokenService {
             iss: self.config.server.issuer.clone(),
             sub: principal.id.to_string(),
             aud: grant.audience.clone(),
-            exp: now + self.config.oauth.access_token_ttl_secs,
+            exp: match session {
+                Some(s) => {
+                    (now + self.config.oauth.access_token_ttl_secs).min(s.hard_end.unix_seconds())
+                }
+                None => now + self.config.oauth.access_token_ttl_secs,
+            },
             iat: now,
             nbf: None,
             jti,
@@ -228,6 +388,7 @@ impl TokenService {
             max_files_per_session: agent.and_then(|a| a.max_files_per_session),
             data_egress_allowed: agent.map(|a| a.data_egress_allowed),
             session_ttl_minutes: agent.map(|a| a.max_session_minutes),
+            sid: session.map(|s| s.sid.clone()),
         };
         let token = palisade_token::sign(&claims, &self.keys()).map_err(|e| e.to_string())?;
         Ok((token, claims))
@@ -235,25 +396,45 @@ impl TokenService {
 
     /// Verifies signature, type, issuer, lifetime and (optionally) audience, then revocation.
     pub fn verify(&self, token: &str, audience: Option<&str>) -> Result<VerifiedToken, String> {
+        let verified = self.verify_unrevoked(token, audience)?;
+        if self.is_revoked(&verified) {
+            return Err("the token has been revoked".into());
+        }
+        Ok(verified)
+    }
+
+    fn is_revoked(&self, token: &VerifiedToken) -> bool {
+        self.revoked
+            .read()
+            .map(|r| r.contains_key(&token.claims().jti))
+            .unwrap_or(true)
+    }
+
+    /// Everything [`TokenService::verify`] checks except revocation.
+    fn verify_unrevoked(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<VerifiedToken, String> {
         let policy = VerifyPolicy {
             issuer: &self.config.server.issuer,
             audience,
             leeway_secs: self.config.oauth.leeway_secs,
-            now: Timestamp::now().unix_seconds(),
+            now: self.clock.now().unix_seconds(),
         };
-        let verified = self
-            .verified
+        self.verified
             .verify(token, &self.keys(), &policy)
-            .map_err(|e| e.to_string())?;
-        let revoked = self
-            .revoked
-            .read()
-            .map(|r| r.contains_key(&verified.claims().jti))
-            .unwrap_or(true);
-        if revoked {
-            return Err("the token has been revoked".into());
-        }
-        Ok(verified)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Why the session of `token` can no longer be used, if it can't.
+    fn session_refusal(&self, token: &VerifiedToken) -> Option<SessionRefusal> {
+        let c = token.claims();
+        c.sid
+            .as_deref()
+            .and_then(|sid| self.sessions.get(sid))
+            .filter(|s| s.principal.to_string() == c.sub)
+            .and_then(|s| s.usable_at(self.clock.now()).err())
     }
 
     /// Revokes a verified token until it would have expired.
@@ -264,7 +445,7 @@ impl TokenService {
             expires_at: Timestamp::from_unix_seconds(c.exp),
         })?;
         if let Ok(mut r) = self.revoked.write() {
-            let now = Timestamp::now().unix_seconds();
+            let now = self.clock.now().unix_seconds();
             // A token is accepted until exp + leeway, so its revocation must outlive that.
             let leeway = self.config.oauth.leeway_secs;
             r.retain(|_, exp| *exp + leeway > now);
@@ -273,21 +454,58 @@ impl TokenService {
         Ok(())
     }
 
+    /// The live principal behind a verified token and its live session, or why either is not
+    /// live. An agent token without a session is refused (fail closed).
+    pub fn live_caller(
+        &self,
+        token: &VerifiedToken,
+    ) -> Result<(Arc<Principal>, Option<Arc<LiveSession>>), AuthFailure> {
+        let principal = match self.live_principal(token) {
+            Ok(p) => p,
+            Err(mut f) => {
+                // A suspended agent's killed session still tells the runtime to clear context.
+                f.session = self.session_refusal(token);
+                return Err(f);
+            }
+        };
+        if principal.agent().is_none() {
+            return Ok((principal, None));
+        }
+        let Some(sid) = token.claims().sid.as_deref() else {
+            return Err(AuthFailure {
+                subject: Some(principal.id.to_string()),
+                reason: "the token names no session; request a new token".into(),
+                session: None,
+            });
+        };
+        match self.sessions.check(sid, &principal.id) {
+            Ok(s) => Ok((principal, Some(s))),
+            Err(r) => Err(AuthFailure {
+                subject: Some(principal.id.to_string()),
+                reason: r.message.clone(),
+                session: Some(r),
+            }),
+        }
+    }
+
     /// The live principal behind a verified token, or why it is not live.
     pub fn live_principal(&self, token: &VerifiedToken) -> Result<Arc<Principal>, AuthFailure> {
         let sub = &token.claims().sub;
         let id = sub.parse().map_err(|_| AuthFailure {
             subject: None,
             reason: "the token's subject is not a principal id".into(),
+            session: None,
         })?;
         let principal = self.registry.get(&id).ok_or_else(|| AuthFailure {
             subject: Some(sub.clone()),
             reason: format!("{sub} is no longer registered"),
+            session: None,
         })?;
         if principal.status != Status::Active {
             return Err(AuthFailure {
                 subject: Some(sub.clone()),
                 reason: format!("{sub} is {}", principal.status.as_str()),
+                session: None,
             });
         }
         Ok(principal)
@@ -297,15 +515,25 @@ impl TokenService {
 impl Authenticator for TokenService {
     fn authenticate(&self, token: &str, audience: &str) -> Result<Caller, AuthFailure> {
         let verified = self
-            .verify(token, Some(audience))
+            .verify_unrevoked(token, Some(audience))
             .map_err(|reason| AuthFailure {
                 subject: None,
                 reason,
+                session: None,
             })?;
-        let principal = self.live_principal(&verified)?;
+        if self.is_revoked(&verified) {
+            return Err(AuthFailure {
+                subject: Some(verified.claims().sub.clone()),
+                reason: "the token has been revoked".into(),
+                session: self.session_refusal(&verified),
+            });
+        }
+        let (principal, session) = self.live_caller(&verified)?;
         Ok(Caller {
             principal,
             token_id: verified.claims().jti.clone(),
+            session,
+            max_files_per_session: verified.claims().max_files_per_session,
         })
     }
 }

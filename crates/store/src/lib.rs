@@ -7,6 +7,7 @@
 //!
 //! This crate knows SQL and nothing of HTTP, Cedar or tokens.
 
+use palisade_core::session::SessionRecord;
 use palisade_core::store::{
     ClientSecretRecord, RevocationRecord, SigningKeyRecord, Store, StoreError, StoredAuditEvent,
 };
@@ -66,6 +67,18 @@ const MIGRATIONS: &[&str] = &[
         hash      TEXT NOT NULL
     );
     CREATE INDEX audit_principal_time ON audit_events(principal, time_ns);
+    "#,
+    // 2: agent sessions. `data` is the JSON record; the columns are what queries select on.
+    r#"
+    CREATE TABLE sessions (
+        sid         TEXT PRIMARY KEY,
+        principal   TEXT NOT NULL,
+        hard_end_ns INTEGER NOT NULL,
+        ended       INTEGER NOT NULL DEFAULT 0,
+        data        TEXT NOT NULL
+    );
+    CREATE INDEX sessions_hard_end ON sessions(hard_end_ns);
+    CREATE INDEX sessions_principal ON sessions(principal);
     "#,
 ];
 
@@ -488,6 +501,88 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    fn insert_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        let data = serde_json::to_string(session).map_err(backend)?;
+        self.main()?
+            .execute(
+                "INSERT INTO sessions (sid, principal, hard_end_ns, ended, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    session.sid,
+                    session.principal.to_string(),
+                    ns(session.hard_end),
+                    session.end.is_some(),
+                    data
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::Conflict(format!("session {}", session.sid))
+                }
+                e => backend(e),
+            })?;
+        Ok(())
+    }
+
+    fn end_sessions(&self, sessions: &[SessionRecord]) -> Result<(), StoreError> {
+        let mut conn = self.main()?;
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("UPDATE sessions SET ended = 1, data = ?2 WHERE sid = ?1")
+                .map_err(backend)?;
+            for s in sessions {
+                let data = serde_json::to_string(s).map_err(backend)?;
+                stmt.execute(params![s.sid, data]).map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn save_session_counters(&self, sessions: &[SessionRecord]) -> Result<(), StoreError> {
+        let mut conn = self.main()?;
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            // Never overwrite an end with an older snapshot taken before it.
+            let mut stmt = tx
+                .prepare_cached("UPDATE sessions SET data = ?2 WHERE sid = ?1 AND ended = 0")
+                .map_err(backend)?;
+            for s in sessions.iter().filter(|s| s.end.is_none()) {
+                let data = serde_json::to_string(s).map_err(backend)?;
+                stmt.execute(params![s.sid, data]).map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn sessions_since(&self, since: Timestamp) -> Result<Vec<SessionRecord>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT data FROM sessions WHERE hard_end_ns >= ?1")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([ns(since)], |r| r.get::<_, String>(0))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        rows.iter()
+            .map(|d| serde_json::from_str(d).map_err(|e| backend(format!("session row: {e}"))))
+            .collect()
+    }
+
+    fn get_session(&self, sid: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let data: Option<String> = self
+            .main()?
+            .query_row("SELECT data FROM sessions WHERE sid = ?1", [sid], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(backend)?;
+        data.map(|d| serde_json::from_str(&d).map_err(|e| backend(format!("session row: {e}"))))
+            .transpose()
+    }
+
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError> {
         self.audit()?
             .query_row(
@@ -656,5 +751,88 @@ mod tests {
         let err = SqliteStore::open_existing(&dir).err().unwrap().to_string();
         assert!(err.contains("--data-dir"), "{err}");
         assert!(!dir.join(DB_FILE).exists());
+    }
+
+    #[test]
+    fn sessions_limit_expire_and_reload_with_their_end_and_counters() {
+        use palisade_core::OffsetClock;
+        use palisade_core::session::{EndReason, Sessions, StartError};
+        let dir = temp_dir("sessions");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).unwrap());
+        let clock = Arc::new(OffsetClock::new());
+        let agent = PrincipalId::new(PrincipalKind::Agent, "bot").unwrap();
+        let sessions = Sessions::load(store.clone(), clock.clone(), 1, 60).unwrap();
+        let a = sessions.start(&agent, 30, 2, None).unwrap();
+        let b = sessions.start(&agent, 30, 2, None).unwrap();
+        match sessions.start(&agent, 30, 2, None) {
+            Err(StartError::Limit { limit, live, .. }) => {
+                assert_eq!(limit, 2);
+                assert_eq!(live.len(), 2);
+            }
+            other => panic!("expected the limit, got {other:?}"),
+        }
+        a.count_call();
+        assert_eq!(a.take_object_read(0, Some(1), None), Ok((1, 1)));
+        assert_eq!(a.take_object_read(0, Some(1), None), Err((2, 2)));
+        sessions
+            .end(std::slice::from_ref(&b), EndReason::Revoked, "admin", None)
+            .unwrap();
+        assert_eq!(sessions.check(&b.sid, &agent).unwrap_err().state, "revoked");
+        assert!(sessions.check(&a.sid, &agent).is_ok());
+        assert!(
+            sessions.check("ses_nope", &agent).is_err(),
+            "unknown ids fail closed"
+        );
+
+        clock.advance(30 * 60 + 10);
+        let expired = sessions.sweep().unwrap();
+        assert_eq!(expired.len(), 1, "only the live one expires");
+        assert_eq!(expired[0].sid, a.sid);
+
+        // A new process sees both ends and the counters.
+        let reloaded = Sessions::load(store.clone(), clock.clone(), 1, 60).unwrap();
+        let a2 = reloaded.get(&a.sid).unwrap();
+        assert_eq!(a2.end().unwrap().reason, EndReason::Expired);
+        assert_eq!(a2.counters().objects_read, 1);
+        assert_eq!(a2.counters().calls, 1);
+        assert_eq!(
+            reloaded.get(&b.sid).unwrap().end().unwrap().reason,
+            EndReason::Revoked
+        );
+        assert!(reloaded.live_of(&agent).is_empty());
+        // Past the linger time they are forgotten, and still refused.
+        clock.advance(120);
+        reloaded.sweep().unwrap();
+        assert!(reloaded.get(&a.sid).is_none());
+        assert_eq!(reloaded.check(&a.sid, &agent).unwrap_err().state, "unknown");
+    }
+
+    #[test]
+    fn object_reads_never_exceed_the_limit_under_contention() {
+        use palisade_core::OffsetClock;
+        use palisade_core::session::Sessions;
+        let dir = temp_dir("sessions-race");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).unwrap());
+        let sessions = Sessions::load(store, Arc::new(OffsetClock::new()), 2, 60).unwrap();
+        let agent = PrincipalId::new(PrincipalKind::Agent, "racer").unwrap();
+        let s = sessions.start(&agent, 30, 1, None).unwrap();
+        let granted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        if s.take_object_read(1, Some(500), Some(50)).is_ok() {
+                            granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            granted.load(Ordering::Relaxed),
+            50,
+            "the route limit holds exactly"
+        );
+        assert_eq!(s.counters().objects_read, 50);
     }
 }

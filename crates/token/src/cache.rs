@@ -102,6 +102,7 @@ mod tests {
             allowed_resources: vec![],
             max_files_per_session: None,
             data_egress_allowed: None,
+            sid: None,
             session_ttl_minutes: None,
         };
         let token = sign(&claims, &keys).unwrap();

@@ -53,6 +53,9 @@ pub struct AccessTokenClaims {
     /// Session time limit, minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_ttl_minutes: Option<u32>,
+    /// The agent session this token belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// Why a token was refused. Messages never contain the token or its parts.
@@ -306,6 +309,7 @@ mod tests {
             allowed_resources: vec![],
             max_files_per_session: None,
             data_egress_allowed: None,
+            sid: None,
             session_ttl_minutes: None,
         }
     }

@@ -88,6 +88,10 @@ pub struct Harness {
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
     pub admin: String,
+    /// The config the server was started with (for restarts).
+    pub toml: String,
+    /// The clock the server reads, when the test controls it.
+    pub clock: Option<Arc<palisade_core::OffsetClock>>,
 }
 
 impl Harness {
@@ -96,6 +100,17 @@ impl Harness {
     }
 
     pub async fn start_with(name: &str, extra_toml: &str) -> Self {
+        Self::start_full(name, "", extra_toml, None).await
+    }
+
+    /// `server_extra` goes into `[server]`, `extra_toml` after the `tickets` route; `clock`
+    /// lets the test move time.
+    pub async fn start_full(
+        name: &str,
+        server_extra: &str,
+        extra_toml: &str,
+        clock: Option<Arc<palisade_core::OffsetClock>>,
+    ) -> Self {
         let upstream = upstream().await;
         let data_dir = temp_dir(name);
         let policy_dir = data_dir.with_extension("policies");
@@ -106,6 +121,7 @@ impl Harness {
 [server]
 listen = "127.0.0.1:0"
 data_dir = "{}"
+{server_extra}
 [policy]
 dir = "{}"
 [gateway]
@@ -120,10 +136,7 @@ upstream = "http://{}"
             policy_dir.display(),
             upstream.addr
         );
-        let config = Config::from_toml(&toml, "test.toml").unwrap();
-        let server = palisade_server::start(config, StartOptions::default())
-            .await
-            .unwrap();
+        let server = Self::boot(&toml, clock.clone()).await;
         let admin = std::fs::read_to_string(&server.admin_token_path)
             .unwrap()
             .trim()
@@ -134,7 +147,63 @@ upstream = "http://{}"
             data_dir,
             http: reqwest::Client::new(),
             admin,
+            toml,
+            clock,
         }
+    }
+
+    async fn boot(toml: &str, clock: Option<Arc<palisade_core::OffsetClock>>) -> RunningServer {
+        let config = Config::from_toml(toml, "test.toml").unwrap();
+        let options = StartOptions {
+            clock: clock.map(|c| c as Arc<dyn palisade_core::Clock>),
+            ..StartOptions::default()
+        };
+        palisade_server::start(config, options).await.unwrap()
+    }
+
+    /// Stops the server (draining its audit log) and starts it again on the same data directory.
+    pub async fn restart(self) -> Self {
+        let Self {
+            server,
+            upstream,
+            data_dir,
+            http,
+            admin,
+            toml,
+            clock,
+        } = self;
+        server.stop().await;
+        let server = Self::boot(&toml, clock.clone()).await;
+        Self {
+            server,
+            upstream,
+            data_dir,
+            http,
+            admin,
+            toml,
+            clock,
+        }
+    }
+
+    /// A token request with extra form fields; returns the status and the JSON body.
+    pub async fn token_request(
+        &self,
+        client_id: &str,
+        secret: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut form = vec![("grant_type", "client_credentials")];
+        form.extend_from_slice(extra);
+        let resp = self
+            .http
+            .post(self.url("/oauth2/token"))
+            .basic_auth(client_id, Some(secret))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
     }
 
     pub fn url(&self, path: &str) -> String {
