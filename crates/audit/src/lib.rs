@@ -59,6 +59,15 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// Who started the task an agent acts in (RFC 8693 delegation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delegation {
+    /// The human the agent acts for.
+    pub initiating_human: String,
+    /// The actors, from the one acting now back to the first.
+    pub actor_chain: Vec<String>,
+}
+
 /// An alert-grade finding attached to an event, for detection rules and the SOC.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
@@ -102,6 +111,9 @@ pub struct AuditEvent {
     /// Time from request receipt to response, microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// For delegated actions: the initiating human and the actor chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<Delegation>,
     /// An alert raised by this event, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert: Option<Alert>,
@@ -126,6 +138,7 @@ impl AuditEvent {
             decision: None,
             outcome: None,
             latency_us: None,
+            delegation: None,
             alert: None,
             detail: serde_json::Value::Null,
         }

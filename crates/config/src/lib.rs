@@ -131,6 +131,7 @@ pub mod raw {
         pub rate_limit: Option<String>,
         pub agent_rate_limit: Option<String>,
         pub max_objects_per_session: Option<u64>,
+        pub write_scope: Option<String>,
         #[serde(default)]
         pub rules: Vec<Rule>,
     }
@@ -273,6 +274,9 @@ pub struct RouteConfig {
     pub agent_rate_limit: Option<palisade_core::rate::RateLimit>,
     /// Objects (requests of `object_read` rules) one session may read through this route.
     pub max_objects_per_session: Option<u64>,
+    /// The scope an agent's token needs for write and destructive requests here (default
+    /// `<name>:write`); such tokens are issued only by their own, policy-decided request.
+    pub write_scope: String,
 }
 
 /// The action class of a request.
@@ -702,6 +706,20 @@ fn validate_route(
             object_read: rule.object_read,
         });
     }
+    let write_scope = r
+        .write_scope
+        .clone()
+        .unwrap_or_else(|| format!("{}:write", r.name));
+    if write_scope.is_empty()
+        || write_scope.ends_with(":read")
+        || !write_scope
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        return Err(format!(
+            "key `{at}.write_scope`: `{write_scope}` must be one scope token (no spaces or quotes) that does not end in `:read`"
+        ));
+    }
     let max_body_bytes = r.max_body_bytes.unwrap_or(gateway.max_body_bytes);
     for (key, value) in [
         ("max_body_bytes", Some(max_body_bytes)),
@@ -750,6 +768,7 @@ fn validate_route(
         rate_limit: rate(&format!("{at}.rate_limit"), r.rate_limit)?,
         agent_rate_limit: rate(&format!("{at}.agent_rate_limit"), r.agent_rate_limit)?,
         max_objects_per_session: r.max_objects_per_session,
+        write_scope,
     })
 }
 

@@ -116,6 +116,24 @@ pub struct HumanDetail {
     /// Teams this human belongs to.
     #[serde(default)]
     pub teams: Vec<PrincipalId>,
+    /// Agents that may act for this human (RFC 8693 token exchange) besides the agents the human
+    /// owns directly or through one of its teams.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub may_act: Vec<PrincipalId>,
+}
+
+impl Principal {
+    /// Whether `agent` may act for this human: the human owns it, directly or through a team,
+    /// or lists it in `may_act`. Always false for non-humans.
+    pub fn allows_actor(&self, agent: &Principal) -> bool {
+        let PrincipalDetail::Human(h) = &self.detail else {
+            return false;
+        };
+        let Some(a) = agent.agent() else {
+            return false;
+        };
+        a.owner == self.id || h.teams.contains(&a.owner) || h.may_act.contains(&agent.id)
+    }
 }
 
 /// Fields of a team.

@@ -125,6 +125,9 @@ pub struct HumanSpec {
     /// Team ids.
     #[serde(default)]
     pub teams: Vec<String>,
+    /// Agent ids that may act for this human, besides the agents it owns.
+    #[serde(default)]
+    pub may_act: Vec<String>,
 }
 
 /// The user-editable fields of a team.
@@ -521,10 +524,25 @@ impl Registry {
                         format!("`{email}` is not an email address"),
                     ));
                 }
+                let mut may_act = Vec::new();
+                for a in &spec.may_act {
+                    let agent = PrincipalId::parse_with_default(a, Some(PrincipalKind::Agent))
+                        .map_err(|e| invalid("may_act", e.0))?;
+                    if agent.kind() != PrincipalKind::Agent {
+                        return Err(invalid(
+                            "may_act",
+                            format!("`{agent}` is not an agent; list agent ids"),
+                        ));
+                    }
+                    if !may_act.contains(&agent) {
+                        may_act.push(agent);
+                    }
+                }
                 Ok((
                     PrincipalDetail::Human(HumanDetail {
                         email: spec.email,
                         teams,
+                        may_act,
                     }),
                     clean_name(spec.display_name),
                 ))
@@ -784,6 +802,7 @@ fn spec_of(p: &Principal) -> Result<Value, RegistryError> {
             display_name,
             email: h.email.clone(),
             teams: h.teams.iter().map(ToString::to_string).collect(),
+            may_act: h.may_act.iter().map(ToString::to_string).collect(),
         }),
         PrincipalDetail::Team(t) => serde_json::to_value(TeamSpec {
             display_name,

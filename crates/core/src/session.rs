@@ -119,6 +119,10 @@ pub struct LiveSession {
     bytes_out: AtomicU64,
     route_objects: Box<[AtomicU64]>,
     dirty: AtomicBool,
+    /// The end is in memory but its store write failed; the sweeper retries it.
+    end_unsaved: AtomicBool,
+    /// The end has not been audited yet; whoever takes this flag audits it.
+    audit_pending: AtomicBool,
 }
 
 /// Why a session cannot be used (for a request or a renewal).
@@ -169,7 +173,24 @@ impl LiveSession {
             bytes_out: AtomicU64::new(c.bytes_out),
             route_objects: (0..routes).map(|_| AtomicU64::new(0)).collect(),
             dirty: AtomicBool::new(false),
+            end_unsaved: AtomicBool::new(false),
+            audit_pending: AtomicBool::new(false),
         }
+    }
+
+    /// Claims the duty to audit this session's end: true once per end. A caller that then fails
+    /// to write the audit event calls [`LiveSession::audit_failed`] so the sweeper retries it.
+    pub fn take_audit(&self) -> bool {
+        self.audit_pending.swap(false, Ordering::AcqRel)
+    }
+
+    /// Hands the audit of this session's end back to the sweeper.
+    pub fn audit_failed(&self) {
+        self.audit_pending.store(true, Ordering::Release);
+    }
+
+    fn touched(&self) {
+        self.dirty.store(true, Ordering::Release);
     }
 
     /// Whether it has ended (by request, revocation or kill; expiry is checked against a clock).
@@ -210,8 +231,9 @@ impl LiveSession {
 
     /// Counts one call and returns the session's call count including it.
     pub fn count_call(&self) -> u64 {
-        self.dirty.store(true, Ordering::Relaxed);
-        self.calls.fetch_add(1, Ordering::Relaxed) + 1
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        self.touched();
+        n
     }
 
     /// Takes one object read if both the session-wide and the route's count stay within their
@@ -223,7 +245,6 @@ impl LiveSession {
         session_limit: Option<u64>,
         route_limit: Option<u64>,
     ) -> Result<(u64, u64), (u64, u64)> {
-        self.dirty.store(true, Ordering::Relaxed);
         let session = self.objects_read.fetch_add(1, Ordering::SeqCst) + 1;
         let per_route = self
             .route_objects
@@ -239,6 +260,7 @@ impl LiveSession {
             }
             return Err((session, per_route));
         }
+        self.touched();
         Ok((session, per_route))
     }
 
@@ -249,18 +271,19 @@ impl LiveSession {
         if let Some(c) = self.route_objects.get(route) {
             c.fetch_sub(1, Ordering::SeqCst);
         }
+        self.touched();
     }
 
     /// Adds body bytes the agent received.
     pub fn add_bytes_in(&self, n: u64) {
-        self.dirty.store(true, Ordering::Relaxed);
         self.bytes_in.fetch_add(n, Ordering::Relaxed);
+        self.touched();
     }
 
     /// Adds body bytes the agent sent.
     pub fn add_bytes_out(&self, n: u64) {
-        self.dirty.store(true, Ordering::Relaxed);
         self.bytes_out.fetch_add(n, Ordering::Relaxed);
+        self.touched();
     }
 
     /// Marks it ended unless it already was; returns whether this call ended it.
@@ -271,6 +294,7 @@ impl LiveSession {
         }
         *slot = Some(end);
         self.ended.store(true, Ordering::SeqCst);
+        self.audit_pending.store(true, Ordering::Release);
         true
     }
 
@@ -313,7 +337,11 @@ pub struct Sessions {
     table: RwLock<HashMap<String, Arc<LiveSession>>>,
     /// Serialises starts, so the concurrency limit cannot be raced.
     starting: Mutex<()>,
+    last_prune: Mutex<Option<Timestamp>>,
 }
+
+/// Days a session stays in the store after its hard end (the audit log keeps it for good).
+pub const RETAIN_DAYS: i64 = 30;
 
 impl Sessions {
     /// Loads open and recently ended sessions. `routes` is the number of gateway routes (for
@@ -338,6 +366,7 @@ impl Sessions {
             linger_secs,
             table: RwLock::new(table),
             starting: Mutex::new(()),
+            last_prune: Mutex::new(None),
         })
     }
 
@@ -455,15 +484,21 @@ impl Sessions {
             by: by.to_string(),
             message: message.map(str::to_string),
         };
-        let ended: Vec<SessionRecord> = sessions
+        let ended: Vec<&Arc<LiveSession>> = sessions
             .iter()
             .filter(|s| s.mark_ended(end.clone()))
-            .map(|s| s.record())
             .collect();
-        if !ended.is_empty() {
-            self.store.end_sessions(&ended)?;
+        let records: Vec<SessionRecord> = ended.iter().map(|s| s.record()).collect();
+        if !records.is_empty()
+            && let Err(e) = self.store.end_sessions(&records)
+        {
+            // Enforced already; the sweeper stores it on its next run.
+            for s in &ended {
+                s.end_unsaved.store(true, Ordering::Release);
+            }
+            return Err(e);
         }
-        Ok(ended)
+        Ok(records)
     }
 
     /// Ends every session of the given principals (the kill switch).
@@ -483,37 +518,83 @@ impl Sessions {
         self.end(&targets, reason, by, message)
     }
 
-    /// Housekeeping, run about once a second: ends sessions past their hard end (returned, to
-    /// be audited), saves changed counters, and forgets sessions no token can name any more.
-    pub fn sweep(&self) -> Result<Vec<SessionRecord>, StoreError> {
+    /// Housekeeping, run about once a second: ends sessions past their hard end, retries ends
+    /// whose store write failed, saves changed counters, prunes stored sessions older than
+    /// [`RETAIN_DAYS`], and forgets ended sessions once `linger` has passed since they ended.
+    /// Returns the ended sessions whose audit event is still due (the caller writes them and
+    /// calls [`LiveSession::audit_failed`] for any it could not write), and the first store error.
+    pub fn sweep(&self) -> (Vec<SessionRecord>, Option<StoreError>) {
         let now = self.clock.now();
+        let mut error = None;
         let expired: Vec<_> = self
             .read()
             .values()
             .filter(|s| !s.is_ended() && now >= s.hard_end)
             .cloned()
             .collect();
-        let ended = self.end(&expired, EndReason::Expired, "palisade", None)?;
-        let dirty: Vec<SessionRecord> = self
+        if let Err(e) = self.end(&expired, EndReason::Expired, "palisade", None) {
+            error.get_or_insert(e);
+        }
+        let unsaved: Vec<Arc<LiveSession>> = self
             .read()
             .values()
-            .filter(|s| s.dirty.swap(false, Ordering::Relaxed))
+            .filter(|s| s.end_unsaved.swap(false, Ordering::AcqRel))
+            .cloned()
+            .collect();
+        if !unsaved.is_empty() {
+            let records: Vec<SessionRecord> = unsaved.iter().map(|s| s.record()).collect();
+            if let Err(e) = self.store.end_sessions(&records) {
+                for s in &unsaved {
+                    s.end_unsaved.store(true, Ordering::Release);
+                }
+                error.get_or_insert(e);
+            }
+        }
+        let dirty: Vec<Arc<LiveSession>> = self
+            .read()
+            .values()
+            .filter(|s| s.dirty.swap(false, Ordering::Acquire))
+            .cloned()
+            .collect();
+        if !dirty.is_empty() {
+            let records: Vec<SessionRecord> = dirty.iter().map(|s| s.record()).collect();
+            if let Err(e) = self.store.save_session_counters(&records) {
+                for s in &dirty {
+                    s.touched();
+                }
+                error.get_or_insert(e);
+            }
+        }
+        let due_prune = {
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| now >= t.plus_seconds(3_600));
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due_prune
+            && let Err(e) = self
+                .store
+                .prune_sessions(now.plus_seconds(-RETAIN_DAYS * 86_400))
+        {
+            error.get_or_insert(e);
+        }
+        let to_audit: Vec<SessionRecord> = self
+            .read()
+            .values()
+            .filter(|s| s.take_audit())
             .map(|s| s.record())
             .collect();
-        if !dirty.is_empty()
-            && let Err(e) = self.store.save_session_counters(&dirty)
-        {
-            for r in &dirty {
-                if let Some(s) = self.get(&r.sid) {
-                    s.dirty.store(true, Ordering::Relaxed);
-                }
-            }
-            return Err(e);
-        }
         let linger = self.linger_secs;
-        self.write()
-            .retain(|_, s| !(s.is_ended() && now >= s.hard_end.plus_seconds(linger)));
-        Ok(ended)
+        self.write().retain(|_, s| {
+            let Some(end) = s.end() else { return true };
+            let settled =
+                !s.end_unsaved.load(Ordering::Acquire) && !s.audit_pending.load(Ordering::Acquire);
+            // Forgotten sessions are still refused (fail closed), only less precisely.
+            !(settled && now >= end.at.min(s.hard_end).plus_seconds(linger))
+        });
+        (to_audit, error)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<LiveSession>>> {

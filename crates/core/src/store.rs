@@ -138,6 +138,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         since: Timestamp,
     ) -> Result<Vec<crate::session::SessionRecord>, StoreError>;
+    /// Deletes sessions whose hard end is before `before`.
+    fn prune_sessions(&self, before: Timestamp) -> Result<(), StoreError>;
     /// One session.
     fn get_session(&self, sid: &str) -> Result<Option<crate::session::SessionRecord>, StoreError>;
 

@@ -36,7 +36,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 pub mod limits;
-use limits::{Direction, Limits, Metered};
+use limits::{Direction, Limits, Metered, ObjectRead};
 use palisade_core::session::{LiveSession, SessionRefusal};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,12 @@ pub struct Caller {
     pub session: Option<Arc<LiveSession>>,
     /// The token's `max_files_per_session` claim.
     pub max_files_per_session: Option<u32>,
+    /// For a delegated token (RFC 8693), the human the agent acts for.
+    pub initiating_human: Option<String>,
+    /// For a delegated token, the actors from the current agent back to the first.
+    pub actor_chain: Vec<String>,
+    /// The token's scopes (space-separated), if any.
+    pub scope: Option<String>,
 }
 
 /// Why authentication failed; the text is safe to return and to log.
@@ -207,6 +213,12 @@ impl Gateway {
             },
         };
         event.principal = Some(principal_ref(&caller.principal));
+        if let Some(human) = &caller.initiating_human {
+            event.delegation = Some(palisade_audit::Delegation {
+                initiating_human: human.clone(),
+                actor_chain: caller.actor_chain.clone(),
+            });
+        }
         let calls = caller.session.as_ref().map(|s| s.count_call());
         if let serde_json::Value::Object(d) = &mut event.detail {
             d.insert("token_id".into(), json!(caller.token_id));
@@ -317,7 +329,7 @@ impl Gateway {
                 return resp;
             }
         };
-        let mut took_object = false;
+        let mut object_read = None;
         if class.object_read
             && let Some(s) = &caller.session
         {
@@ -330,7 +342,7 @@ impl Gateway {
                 (a, b) => a.or(b).map(u64::from),
             };
             match s.take_object_read(route_idx, session_limit, route.max_objects_per_session) {
-                Ok(_) => took_object = true,
+                Ok(_) => object_read = Some(ObjectRead::new(s.clone(), route_idx)),
                 Err((in_session, on_route)) => {
                     let (scope, counter, limit) = match session_limit {
                         Some(l) if in_session > l => ("session", in_session, l),
@@ -396,13 +408,10 @@ impl Gateway {
             ctx.bytes_out = c.bytes_out;
             ctx.initiating_human = s.initiating_human.as_deref();
         }
-        let (decision, version) = self.pdp.decide(&caller.principal, action, &target, &ctx);
-        if !decision.allowed
-            && took_object
-            && let Some(s) = &caller.session
-        {
-            s.return_object_read(route_idx);
+        if caller.initiating_human.is_some() {
+            ctx.initiating_human = caller.initiating_human.as_deref();
         }
+        let (decision, version) = self.pdp.decide(&caller.principal, action, &target, &ctx);
         event.decision = Some(DecisionRecord {
             allowed: decision.allowed,
             policies: decision.policies.clone(),
@@ -450,6 +459,42 @@ impl Gateway {
                     body,
                 )
                 .await;
+        }
+
+        // Privilege separation: an agent writes only with a token that carries the route's write
+        // scope, which it gets from its own, policy-decided token request.
+        let has_write_scope = caller
+            .scope
+            .as_deref()
+            .is_some_and(|s| s.split(' ').any(|s| s == route.write_scope));
+        if action != Action::Read && caller.principal.agent().is_some() && !has_write_scope {
+            let body = json!({
+                "error": "insufficient_scope",
+                "message": format!(
+                    "{} needs a token with scope `{}` to {} on route `{}`: request one on its own (read and write never share a token)",
+                    caller.principal.id, route.write_scope, action.as_str(), route.name
+                ),
+                "scope": route.write_scope,
+            });
+            let mut resp = self
+                .finish(
+                    event,
+                    started,
+                    &request_id,
+                    StatusCode::FORBIDDEN,
+                    bytes_in,
+                    body,
+                )
+                .await;
+            if resp.status() == StatusCode::FORBIDDEN
+                && let Ok(v) = HeaderValue::from_str(&format!(
+                    r#"Bearer realm="palisade", error="insufficient_scope", scope="{}""#,
+                    route.write_scope
+                ))
+            {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return resp;
         }
 
         // Phase 6: forward.
@@ -519,6 +564,11 @@ impl Gateway {
             }
             Ok(Ok(r)) => r,
         };
+        // The upstream served the request: an object read it took now counts for good (any
+        // refusal or failure before this point gave it back when `object_read` dropped).
+        if let Some(read) = object_read {
+            read.keep();
+        }
 
         // Phase 7: audit, then release the response.
         let status = response.status();

@@ -83,26 +83,27 @@ impl Limits {
         }
     }
 
-    /// Takes one request from each applicable limit: the agent on the route, the route as a
-    /// whole, then the agent across routes (`agent_limit`).
+    /// Takes one request from each applicable limit: the agent across routes (`agent_limit`),
+    /// the agent on the route, then the route as a whole. The shared route budget comes last, so
+    /// an agent over its own limits cannot use it up for everyone else.
     pub fn check(
         &self,
         agent: &PrincipalId,
         agent_limit: Option<RateLimit>,
         route: usize,
     ) -> Result<(), RateLimited> {
+        if let Some(limit) = agent_limit {
+            let limiter = self.agent_limiter(agent, limit);
+            limiter
+                .check()
+                .map_err(|n| self.refused("agent", limit, n))?;
+        }
         if let Some(Some((limit, l))) = self.agent_routes.get(route) {
             l.check_key(agent)
                 .map_err(|n| self.refused("agent-route", *limit, n))?;
         }
         if let Some(Some((limit, l))) = self.routes.get(route) {
             l.check().map_err(|n| self.refused("route", *limit, n))?;
-        }
-        if let Some(limit) = agent_limit {
-            let limiter = self.agent_limiter(agent, limit);
-            limiter
-                .check()
-                .map_err(|n| self.refused("agent", limit, n))?;
         }
         Ok(())
     }
@@ -161,6 +162,38 @@ impl Drop for InFlight {
     }
 }
 
+/// An object read taken from a session's budget; given back when dropped unless the upstream
+/// answered (then it counts).
+pub struct ObjectRead {
+    session: Arc<LiveSession>,
+    route: usize,
+    kept: bool,
+}
+
+impl ObjectRead {
+    /// Wraps a read taken with [`LiveSession::take_object_read`].
+    pub fn new(session: Arc<LiveSession>, route: usize) -> Self {
+        Self {
+            session,
+            route,
+            kept: false,
+        }
+    }
+
+    /// The upstream served it: it counts.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ObjectRead {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.session.return_object_read(self.route);
+        }
+    }
+}
+
 /// Which session counter a metered body feeds.
 #[derive(Clone, Copy, Debug)]
 pub enum Direction {
@@ -170,8 +203,9 @@ pub enum Direction {
     In,
 }
 
-/// A body that counts its bytes into the session, stops with an error once over `cap`, and
-/// holds the request's in-flight slot until it is done.
+/// A body that counts its bytes into the session, stops with an error once over `cap` or once
+/// the session has ended (a kill cuts running streams too), and holds the request's in-flight
+/// slot until it is done.
 pub struct Metered {
     inner: Body,
     session: Option<Arc<LiveSession>>,
@@ -185,6 +219,11 @@ pub struct Metered {
 #[derive(Debug, thiserror::Error)]
 #[error("the body is larger than the route's limit of {0} bytes")]
 pub struct OverCap(pub u64);
+
+/// The error a metered body ends with when its session ends mid-stream.
+#[derive(Debug, thiserror::Error)]
+#[error("the session ended; the stream was cut")]
+pub struct SessionEnded;
 
 impl Metered {
     /// Wraps `inner`.
@@ -217,6 +256,9 @@ impl http_body::Body for Metered {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if this.session.as_ref().is_some_and(|s| s.is_ended()) {
+                    return Poll::Ready(Some(Err(axum::Error::new(SessionEnded))));
+                }
                 if let Some(data) = frame.data_ref() {
                     let n = u64::try_from(data.len()).unwrap_or(u64::MAX);
                     this.seen = this.seen.saturating_add(n);

@@ -289,6 +289,13 @@ enum SimpleCmd<F: Args> {
     List,
     /// Show one.
     Show { id: String },
+    /// Change fields (JSON merge patch of editable fields).
+    Update {
+        id: String,
+        /// Fields as JSON, e.g. '{"may_act":["agent:coder"]}'.
+        #[arg(long)]
+        set: String,
+    },
     /// Suspend one.
     Suspend(Lifecycle),
     /// Reactivate one.
@@ -312,6 +319,9 @@ struct HumanFields {
     /// Team membership (repeatable).
     #[arg(long = "team")]
     teams: Vec<String>,
+    /// An agent that may act for this human besides the ones it owns (repeatable).
+    #[arg(long = "may-act")]
+    may_act: Vec<String>,
 }
 
 impl Fields for HumanFields {
@@ -320,6 +330,7 @@ impl Fields for HumanFields {
         put(&mut m, "display_name", &self.name);
         put(&mut m, "email", &self.email);
         m.insert("teams".into(), json!(self.teams));
+        m.insert("may_act".into(), json!(self.may_act));
         m
     }
 }
@@ -982,6 +993,12 @@ async fn simple<F: Args + Fields>(
         SimpleCmd::List => c.call(Method::GET, &format!("/{collection}"), None).await?,
         SimpleCmd::Show { id } => {
             c.call(Method::GET, &format!("/{collection}/{id}"), None)
+                .await?
+        }
+        SimpleCmd::Update { id, set } => {
+            let patch: Value = serde_json::from_str(&set)
+                .context("--set must be a JSON object, e.g. '{\"email\":\"a@example.com\"}'")?;
+            c.call(Method::PATCH, &format!("/{collection}/{id}"), Some(patch))
                 .await?
         }
         SimpleCmd::Suspend(l) => lifecycle(c, collection, "suspend", l).await?,

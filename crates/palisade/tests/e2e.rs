@@ -479,7 +479,8 @@ async fn upstream_failures_streaming_and_chunked_limits() {
         up.addr
     );
     let h = Harness::start_with("failures", &extra).await;
-    let token = h.agent_token("edge", &["tickets", "slow", "down"]).await;
+    let secret = h.agent_secret("edge", &["tickets", "slow", "down"]).await;
+    let token = h.token_for("agent:edge", &secret).await;
 
     let resp = h.get_with("/slow/x/slow", &token).await;
     assert_eq!(resp.status(), 504);
@@ -520,6 +521,9 @@ async fn upstream_failures_streaming_and_chunked_limits() {
 
     // A chunked body without Content-Length is cut off at the limit (4096 in the harness).
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let token = h
+        .scoped_token("agent:edge", &secret, "slow:write", None)
+        .await;
     let mut tcp = tokio::net::TcpStream::connect(h.server.addr).await.unwrap();
     let head = format!(
         "POST /slow/1 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"

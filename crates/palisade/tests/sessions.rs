@@ -280,11 +280,15 @@ when { context.objects_read >= 3 };
     let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
     assert_eq!(s, 200, "{body}");
     let secret = agent(&h, "writer", |_| {}).await;
-    let (token, _) = session(&h, "writer", &secret).await;
+    let (token, sid) = session(&h, "writer", &secret).await;
+    // The write token lives in the same session, so it sees the same counters.
+    let writer = h
+        .scoped_token("agent:writer", &secret, "tickets:write", Some(&sid))
+        .await;
     let post = || {
         h.http
             .post(h.url("/tickets/7"))
-            .bearer_auth(&token)
+            .bearer_auth(&writer)
             .json(&json!({ "note": "x" }))
             .send()
     };
@@ -379,14 +383,17 @@ async fn the_kill_switch_stops_every_session_at_once_under_load() {
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let sent = Instant::now();
-                let status = http
-                    .get(&url)
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16();
+                // 0: the response was cut off mid-body, which the kill does to running streams.
+                let status = match http.get(&url).bearer_auth(&token).send().await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        match resp.bytes().await {
+                            Ok(_) => status,
+                            Err(_) => 0,
+                        }
+                    }
+                    Err(_) => 0,
+                };
                 log.lock().unwrap().push((sent, status));
             }
         }));
@@ -555,5 +562,109 @@ async fn revocations_kills_and_counters_survive_a_restart() {
     );
     let (fresh, _) = session(&h, "durable", &secret).await;
     assert_eq!(h.get_tickets(&fresh).await.status(), 200);
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_scopes_come_in_their_own_token_that_policy_decides() {
+    let h = Harness::start("privilege").await;
+    let policy_dir = h.data_dir.with_extension("policies");
+    std::fs::write(
+        policy_dir.join("writes.cedar"),
+        r#"
+@id("tickets.writers")
+permit (principal, action == Palisade::Action::"write", resource == Palisade::Route::"tickets");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let secret = agent(&h, "split", |_| {}).await;
+    let (read_token, sid) = session(&h, "split", &secret).await;
+    assert_eq!(
+        claims(&read_token)["scope"],
+        "tickets:read",
+        "no write scope by default"
+    );
+
+    // A read token cannot write, though the policy allows the write.
+    let post = |token: String| {
+        h.http
+            .post(h.url("/tickets/3"))
+            .bearer_auth(token)
+            .json(&json!({ "note": "x" }))
+            .send()
+    };
+    let resp = post(read_token.clone()).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let www = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        www.contains("insufficient_scope") && www.contains("tickets:write"),
+        "{www}"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "insufficient_scope");
+
+    // Read and write never share a token.
+    let (s, mixed) = h
+        .token_request(
+            "agent:split",
+            &secret,
+            &[("scope", "tickets:read tickets:write")],
+        )
+        .await;
+    assert_eq!(s, 400, "{mixed}");
+    assert_eq!(mixed["error"], "invalid_scope");
+    assert!(
+        mixed["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("never share a token")
+    );
+
+    // The separate request is decided by policy; here it passes and the write goes through.
+    let writer = h
+        .scoped_token("agent:split", &secret, "tickets:write", Some(&sid))
+        .await;
+    assert_eq!(claims(&writer)["sid"], sid, "same session");
+    assert_eq!(post(writer).await.unwrap().status(), 200);
+
+    // A policy that wants an approval first refuses the write token, naming itself.
+    std::fs::write(
+        policy_dir.join("approval.cedar"),
+        r#"
+@id("tickets.write-tokens-need-approval")
+forbid (principal, action == Palisade::Action::"write_token", resource == Palisade::Route::"tickets")
+unless { context.approval == "approved" };
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, refused) = h
+        .token_request("agent:split", &secret, &[("scope", "tickets:write")])
+        .await;
+    assert_eq!(s, 403, "{refused}");
+    assert_eq!(refused["error"], "access_denied");
+    assert_eq!(
+        refused["deciding_policies"],
+        json!(["tickets.write-tokens-need-approval"])
+    );
+    // The read-only blast radius refuses it too, by itself.
+    let ro = agent(&h, "ro", |a| a["blast_radius"] = json!({})).await;
+    let (s, refused) = h
+        .token_request("agent:ro", &ro, &[("scope", "tickets:write")])
+        .await;
+    assert_eq!(s, 403, "{refused}");
+    let policies = refused["deciding_policies"].as_array().unwrap();
+    assert!(
+        policies.contains(&json!("palisade.blast-radius.action")),
+        "{refused}"
+    );
+    let refusals = events(&h, "token.refused").await;
+    assert!(refusals.len() >= 3, "refusals are audited");
     h.server.stop().await;
 }

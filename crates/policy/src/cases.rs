@@ -137,6 +137,7 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
             "destructive" => Action::Destructive,
             "egress" => Action::Egress,
             "credential" => Action::Credential,
+            "write_token" => Action::WriteToken,
             other => {
                 return Err(at(format!(
                     "action `{other}` is not one of read, write, destructive, egress, credential"
@@ -151,7 +152,7 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
         let method = case.method.clone().unwrap_or_else(|| {
             match action {
                 Action::Read => "GET",
-                Action::Write | Action::Egress | Action::Credential => "POST",
+                Action::Write | Action::Egress | Action::Credential | Action::WriteToken => "POST",
                 Action::Destructive => "DELETE",
             }
             .to_string()
@@ -289,7 +290,11 @@ fn build_principal(id: &str, spec: &PrincipalSpec, now: Timestamp) -> Result<Pri
                     PrincipalId::parse_with_default(t, Some(PrincipalKind::Team)).map_err(|e| e.0)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            PrincipalDetail::Human(HumanDetail { email: None, teams })
+            PrincipalDetail::Human(HumanDetail {
+                email: None,
+                teams,
+                may_act: Vec::new(),
+            })
         }
         PrincipalKind::ServiceAccount => PrincipalDetail::ServiceAccount(ServiceAccountDetail {
             owner: owner()?,

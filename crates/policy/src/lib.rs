@@ -55,6 +55,9 @@ pub enum Action {
     Egress,
     /// `Palisade::Action::"credential"`: asking for a credential.
     Credential,
+    /// `Palisade::Action::"write_token"`: asking for a token with a route's write scope
+    /// (privilege separation: write capabilities come in their own token).
+    WriteToken,
 }
 
 impl Action {
@@ -66,6 +69,7 @@ impl Action {
             Self::Destructive => "destructive",
             Self::Egress => "egress",
             Self::Credential => "credential",
+            Self::WriteToken => "write_token",
         }
     }
 }
@@ -740,6 +744,7 @@ impl PolicyEngine {
             Action::Destructive,
             Action::Egress,
             Action::Credential,
+            Action::WriteToken,
         ] {
             let action_uid = crate::uid("Action", action.as_str())?;
             let mut seen_types = Vec::new();

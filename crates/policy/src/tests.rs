@@ -53,6 +53,7 @@ fn human(slug: &str, teams: &[&str]) -> Principal {
                 .iter()
                 .map(|t| PrincipalId::new(PrincipalKind::Team, t).unwrap())
                 .collect(),
+            may_act: Vec::new(),
         }),
     }
 }

@@ -171,7 +171,7 @@ fn caller(app: &App, headers: &HeaderMap) -> Result<String, String> {
             .tokens
             .verify(token, Some(&app.config.oauth.default_audience))
         {
-            Ok(verified) => match app.tokens.live_caller(&verified).map(|(p, _)| p) {
+            Ok(verified) => match app.tokens.live_caller(&verified).map(|c| c.principal) {
                 Ok(principal) => return Ok(principal.id.to_string()),
                 Err(f) => f.reason,
             },

@@ -125,9 +125,12 @@ impl RunningServer {
         let _ = task.await;
         watcher.abort();
         sweeper.abort();
-        // Last counters of live sessions, so a restart continues from them.
+        // Last counters of live sessions, so a restart continues from them, and the audit
+        // events of session ends still due.
         let sessions = app.tokens.sessions.clone();
-        let _ = tokio::task::spawn_blocking(move || sessions.sweep()).await;
+        if let Ok((due, _)) = tokio::task::spawn_blocking(move || sessions.sweep()).await {
+            sessions::audit_taken(&app, &due).await;
+        }
         drop((app, shutdown));
         // The writer ends once every AuditLog handle is gone (the router's went with the task),
         // after writing everything still queued.
@@ -326,6 +329,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/agents/{id}/kill", post(sessions::kill_agent))
         .route("/owners/{id}/kill", post(sessions::kill_owner))
         .route("/panic", post(sessions::panic_all))
+        .route("/humans/{id}/token", post(oauth::mint_human_token))
         .route("/{collection}", get(admin::list).post(admin::create))
         .route("/{collection}/{id}", get(admin::get).patch(admin::update))
         .route("/{collection}/{id}/{verb}", post(admin::lifecycle))

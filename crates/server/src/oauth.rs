@@ -55,7 +55,17 @@ impl IntoResponse for OAuthError {
         if let (Value::Object(map), Some(Value::Object(extra))) = (&mut body, self.extra) {
             map.extend(extra);
         }
+        let clear = body.get("session").map(|s| {
+            format!(
+                "sid={}; reason={}",
+                s["id"].as_str().unwrap_or("-"),
+                s["state"].as_str().unwrap_or("-")
+            )
+        });
         let mut resp = (self.status, no_store(), axum::Json(body)).into_response();
+        if let Some(v) = clear.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut().insert("palisade-clear-context", v);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -207,7 +217,12 @@ async fn refuse(
     audit_or_503(app, event, error.into_response()).await
 }
 
-/// `POST /oauth2/token`.
+/// RFC 8693 token exchange.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// `POST /oauth2/token`: client credentials (RFC 6749 §4.4) and token exchange (RFC 8693).
 pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = std::time::Instant::now();
     let form = match parse_form(&headers, &body) {
@@ -227,10 +242,12 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         }
         Err(e) => return refuse(&app, e, None, started).await,
     };
-    if grant_type != "client_credentials" {
+    if grant_type != "client_credentials" && grant_type != TOKEN_EXCHANGE {
         let e = OAuthError::new(
             "unsupported_grant_type",
-            format!("grant_type `{grant_type}` is not supported; use client_credentials"),
+            format!(
+                "grant_type `{grant_type}` is not supported; use client_credentials or {TOKEN_EXCHANGE}"
+            ),
         );
         return refuse(&app, e, None, started).await;
     }
@@ -278,6 +295,14 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
             );
         }
     };
+    let delegation = if grant_type == TOKEN_EXCHANGE {
+        match delegation_for(&app, &principal, &form) {
+            Ok(d) => Some(d),
+            Err(e) => return refuse(&app, e, Some(&client_id), started).await,
+        }
+    } else {
+        None
+    };
     let scope = match single(&form, "scope") {
         Ok(s) => s,
         Err(e) => return refuse(&app, e, Some(&client_id), started).await,
@@ -296,23 +321,281 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
             return refuse(&app, OAuthError::new(code, msg), Some(&client_id), started).await;
         }
     };
+    let human_id = delegation.as_ref().map(|d| d.human.id.to_string());
+    if let Err(e) = decide_write_token(&app, &principal, &grant, session_id, human_id.as_deref()) {
+        return refuse(&app, e, Some(&client_id), started).await;
+    }
     // Last, so no refusal above leaves a session behind.
-    let session = match app.tokens.session_for(&principal, session_id) {
+    let session = match app
+        .tokens
+        .session_for(&principal, session_id, human_id.as_deref())
+    {
         Ok(s) => s,
         Err(r) => return refuse(&app, r.into(), Some(&client_id), started).await,
     };
-    let (token, claims) = match app.tokens.issue(&principal, &grant, session.as_deref()) {
+    let (token, claims) =
+        match app
+            .tokens
+            .issue(&principal, &grant, session.as_deref(), delegation.as_ref())
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "token signing failed");
+                if let (Some(s), None) = (&session, session_id) {
+                    let _ = app.tokens.sessions.end(
+                        std::slice::from_ref(s),
+                        palisade_core::session::EndReason::Ended,
+                        "palisade",
+                        Some("token signing failed"),
+                    );
+                }
+                return crate::error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "token signing failed",
+                    None,
+                );
+            }
+        };
+    let mut event = AuditEvent::new("token.issued");
+    event.principal = Some(palisade_audit::PrincipalRef {
+        id: principal.id.to_string(),
+        model: claims.model.clone(),
+        owner: claims.owner.clone(),
+    });
+    event.action = Some(
+        if delegation.is_some() {
+            "token_exchange"
+        } else {
+            "client_credentials"
+        }
+        .into(),
+    );
+    event.resource = Some(claims.aud.clone());
+    event.outcome = Some(Outcome {
+        status: 200,
+        ..Outcome::default()
+    });
+    event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    event.detail = json!({ "jti": claims.jti, "exp": claims.exp, "scope": claims.scope });
+    if let Some(act) = &claims.act {
+        event.delegation = Some(palisade_audit::Delegation {
+            initiating_human: claims.sub.clone(),
+            actor_chain: act.chain().into_iter().map(str::to_string).collect(),
+        });
+    }
+    let mut body = json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": claims.exp - claims.iat,
+    });
+    if delegation.is_some() {
+        body["issued_token_type"] = json!(ACCESS_TOKEN_TYPE);
+    }
+    if let Some(scope) = &claims.scope {
+        body["scope"] = json!(scope);
+    }
+    if let Some(s) = &session {
+        let renewal = session_id.is_some();
+        event.detail["session"] =
+            json!({ "id": s.sid, "renewal": renewal, "hard_end": s.hard_end });
+        body["session_id"] = json!(s.sid);
+        body["session_hard_end"] = json!(s.hard_end);
+        body["session_expires_in"] = json!(s.hard_end.unix_seconds() - claims.iat);
+    }
+    audit_or_503(
+        &app,
+        event,
+        (StatusCode::OK, no_store(), axum::Json(body)).into_response(),
+    )
+    .await
+}
+
+/// Privilege separation: an agent's token with write scopes is decided by policy (action
+/// `write_token` on each route whose write scope it asks for) in the token request's context.
+fn decide_write_token(
+    app: &App,
+    agent: &palisade_core::Principal,
+    grant: &crate::tokens::Grant,
+    session_id: Option<&str>,
+    initiating_human: Option<&str>,
+) -> Result<(), OAuthError> {
+    use palisade_gateway::DecisionPoint;
+    let session = session_id.and_then(|sid| app.tokens.sessions.get(sid));
+    for name in &grant.write_routes {
+        let Some(route) = app.config.routes.iter().find(|r| &r.name == name) else {
+            continue;
+        };
+        let target = palisade_policy::Target {
+            route: &route.name,
+            resource: None,
+            route_kind: &route.kind,
+            kind: &route.kind,
+            system: route.system.as_deref().unwrap_or(""),
+            route_classification: route.classification,
+            classification: route.classification,
+        };
+        let mut ctx =
+            palisade_policy::RequestContext::at("POST", "/oauth2/token", app.tokens.now());
+        ctx.initiating_human = initiating_human;
+        if let Some(s) = &session {
+            let c = s.counters();
+            ctx.calls = c.calls;
+            ctx.objects_read = c.objects_read;
+            ctx.bytes_out = c.bytes_out;
+        }
+        let (decision, version) =
+            app.policy
+                .decide(agent, palisade_policy::Action::WriteToken, &target, &ctx);
+        if !decision.allowed {
+            return Err(OAuthError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: format!(
+                    "policy refuses {} a token with `{}` for route `{}` (decided by {})",
+                    agent.id,
+                    route.write_scope,
+                    route.name,
+                    decision.policies.join(", ")
+                ),
+                extra: Some(json!({
+                    "deciding_policies": decision.policies,
+                    "policy_version": version,
+                })),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The delegation a token-exchange request asks for: the subject token must be a Palisade token
+/// of an active human (or a delegated token, whose chain the new actor extends), and the human
+/// must allow this agent to act for them (owner, team owner, or `may_act`).
+fn delegation_for(
+    app: &App,
+    agent: &palisade_core::Principal,
+    form: &HashMap<String, Vec<String>>,
+) -> Result<crate::tokens::Delegation, OAuthError> {
+    if agent.agent().is_none() {
+        return Err(OAuthError::new(
+            "unauthorized_client",
+            "only agents exchange tokens to act for a human",
+        ));
+    }
+    if single(form, "actor_token")?.is_some() {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "the authenticated client is the actor; omit actor_token",
+        ));
+    }
+    if let Some(t) = single(form, "requested_token_type")?
+        && t != ACCESS_TOKEN_TYPE
+    {
+        return Err(OAuthError::new(
+            "invalid_request",
+            format!("requested_token_type `{t}` is not issued; ask for {ACCESS_TOKEN_TYPE}"),
+        ));
+    }
+    let subject = single(form, "subject_token")?
+        .ok_or_else(|| OAuthError::new("invalid_request", "subject_token is missing"))?;
+    match single(form, "subject_token_type")? {
+        Some(ACCESS_TOKEN_TYPE | JWT_TOKEN_TYPE) => {}
+        Some(other) => {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!(
+                    "subject_token_type `{other}` is not accepted; send a Palisade access token as {ACCESS_TOKEN_TYPE}"
+                ),
+            ));
+        }
+        None => {
+            return Err(OAuthError::new(
+                "invalid_request",
+                "subject_token_type is missing",
+            ));
+        }
+    }
+    let verified = app
+        .tokens
+        .verify(subject, None)
+        .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+    let claims = verified.claims();
+    let human = app
+        .tokens
+        .live_principal(&claims.sub)
+        .map_err(|f| OAuthError::new("invalid_grant", format!("subject_token: {}", f.reason)))?;
+    if human.kind() != palisade_core::PrincipalKind::Human {
+        return Err(OAuthError::new(
+            "invalid_grant",
+            format!(
+                "subject_token: its subject {} is not a human; only humans delegate",
+                human.id
+            ),
+        ));
+    }
+    if let Some(act) = &claims.act {
+        // The chain so far must still be live: a delegated subject token of a killed session or
+        // a suspended agent delegates nothing.
+        app.tokens.live_caller(&verified).map_err(|f| {
+            OAuthError::new("invalid_grant", format!("subject_token: {}", f.reason))
+        })?;
+        if act.chain().len() >= crate::tokens::MAX_ACTOR_CHAIN {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                format!(
+                    "subject_token already has {} actors; a chain may have at most {}",
+                    act.chain().len(),
+                    crate::tokens::MAX_ACTOR_CHAIN
+                ),
+            ));
+        }
+    }
+    if !human.allows_actor(agent) {
+        return Err(OAuthError::new(
+            "invalid_grant",
+            format!(
+                "{} may not act for {}: the human neither owns it (directly or through a team) nor lists it in may_act",
+                agent.id, human.id
+            ),
+        ));
+    }
+    Ok(crate::tokens::Delegation {
+        human,
+        prior: claims.act.clone(),
+        not_after: claims.exp,
+    })
+}
+
+/// `POST /api/v1/humans/{id}/token`: an administrator mints a short-lived access token for a
+/// human, the subject token of a token exchange (until humans sign in through the console).
+pub async fn mint_human_token(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let id = match palisade_core::PrincipalId::parse_with_default(
+        &id,
+        Some(palisade_core::PrincipalKind::Human),
+    ) {
+        Ok(i) => i,
+        Err(e) => {
+            return crate::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                &format!("id: {}", e.0),
+                Some("id"),
+            );
+        }
+    };
+    let human = match app.tokens.live_principal(&id.to_string()) {
+        Ok(h) => h,
+        Err(f) => {
+            return crate::error_response(StatusCode::CONFLICT, "conflict", &f.reason, None);
+        }
+    };
+    let (token, claims) = match app.tokens.issue_human(&human) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
-            if let (Some(s), None) = (&session, session_id) {
-                let _ = app.tokens.sessions.end(
-                    std::slice::from_ref(s),
-                    palisade_core::session::EndReason::Ended,
-                    "palisade",
-                    Some("token signing failed"),
-                );
-            }
             return crate::error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -322,35 +605,23 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         }
     };
     let mut event = AuditEvent::new("token.issued");
-    event.principal = Some(palisade_audit::PrincipalRef {
-        id: principal.id.to_string(),
-        model: claims.model.clone(),
-        owner: claims.owner.clone(),
+    event.principal = Some(PrincipalRef {
+        id: "admin".into(),
+        ..PrincipalRef::default()
     });
-    event.action = Some("client_credentials".into());
-    event.resource = Some(claims.aud.clone());
+    event.action = Some("human_token".into());
+    event.resource = Some(human.id.to_string());
     event.outcome = Some(Outcome {
         status: 200,
         ..Outcome::default()
     });
-    event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-    event.detail = json!({ "jti": claims.jti, "exp": claims.exp, "scope": claims.scope });
-    let mut body = json!({
+    event.detail = json!({ "jti": claims.jti, "exp": claims.exp, "sub": claims.sub });
+    let body = json!({
         "access_token": token,
         "token_type": "Bearer",
         "expires_in": claims.exp - claims.iat,
+        "issued_token_type": ACCESS_TOKEN_TYPE,
     });
-    if let Some(s) = &session {
-        let renewal = session_id.is_some();
-        event.detail["session"] =
-            json!({ "id": s.sid, "renewal": renewal, "hard_end": s.hard_end });
-        body["session_id"] = json!(s.sid);
-        body["session_hard_end"] = json!(s.hard_end);
-        body["session_expires_in"] = json!(s.hard_end.unix_seconds() - claims.iat);
-    }
-    if let Some(scope) = &claims.scope {
-        body["scope"] = json!(scope);
-    }
     audit_or_503(
         &app,
         event,
@@ -416,7 +687,12 @@ pub async fn introspect(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     let Ok(verified) = app.tokens.verify(token, None) else {
         return inactive();
     };
-    if app.tokens.live_caller(&verified).map(|(p, _)| p).is_err() {
+    if app
+        .tokens
+        .live_caller(&verified)
+        .map(|c| c.principal)
+        .is_err()
+    {
         return inactive();
     }
     let mut body = serde_json::to_value(verified.claims()).unwrap_or(Value::Null);
@@ -488,15 +764,13 @@ pub async fn revoke(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes
     event.action = Some("revoke".into());
     event.resource = Some(verified.claims().sub.clone());
     event.detail = json!({ "jti": verified.claims().jti, "sid": verified.claims().sid });
-    for record in &ended {
-        if crate::sessions::audit_end(&app, record).await.is_err() {
-            return crate::error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                "the audit log could not record the session end",
-                None,
-            );
-        }
+    if crate::sessions::audit_ended(&app, &ended).await.is_err() {
+        return crate::error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log could not record the session end",
+            None,
+        );
     }
     audit_or_503(&app, event, ok()).await
 }
@@ -510,7 +784,7 @@ pub async fn metadata(State(app): State<Arc<App>>) -> Response {
         "jwks_uri": format!("{iss}/.well-known/jwks.json"),
         "introspection_endpoint": format!("{iss}/oauth2/introspect"),
         "revocation_endpoint": format!("{iss}/oauth2/revoke"),
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE],
         "palisade_session_parameter": "session_id",
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],

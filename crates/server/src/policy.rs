@@ -372,6 +372,7 @@ fn parse_action(text: &str) -> Option<Action> {
         "destructive" => Some(Action::Destructive),
         "egress" => Some(Action::Egress),
         "credential" => Some(Action::Credential),
+        "write_token" => Some(Action::WriteToken),
         _ => None,
     }
 }

@@ -23,8 +23,39 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-/// Audits the end of a session as a context-clearing event.
-pub async fn audit_end(app: &App, record: &SessionRecord) -> Result<(), ()> {
+/// Audits the ends of sessions that nobody has audited yet (each end is audited exactly once,
+/// by whoever takes it first: the handler that ended it or the sweeper). An end whose event
+/// could not be written goes back to the sweeper, which retries it every second.
+pub async fn audit_ended(app: &App, records: &[SessionRecord]) -> Result<(), ()> {
+    let mut result = Ok(());
+    for record in records {
+        let live = app.tokens.sessions.get(&record.sid);
+        if live.as_ref().is_some_and(|s| !s.take_audit()) {
+            continue;
+        }
+        if audit_end(app, record).await.is_err() {
+            if let Some(s) = live {
+                s.audit_failed();
+            }
+            result = Err(());
+        }
+    }
+    result
+}
+
+/// Audits ends the sweeper handed over (already taken); failures go back to the sweeper.
+pub async fn audit_taken(app: &App, records: &[SessionRecord]) {
+    for record in records {
+        if audit_end(app, record).await.is_err()
+            && let Some(s) = app.tokens.sessions.get(&record.sid)
+        {
+            s.audit_failed();
+        }
+    }
+}
+
+/// Writes the `session.ended` event of one session.
+async fn audit_end(app: &App, record: &SessionRecord) -> Result<(), ()> {
     let mut event = AuditEvent::new("session.ended");
     event.principal = Some(PrincipalRef {
         id: record.principal.to_string(),
@@ -165,23 +196,21 @@ async fn end_and_audit(
         .sessions
         .end(&targets, reason, by, message)
         .map_err(|e| {
-            tracing::error!(error = %e, "session end could not be stored");
+            tracing::error!(error = %e, "session end could not be stored; the sweeper retries");
             error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                "the sessions are ended in this server but the end could not be stored; retry so it survives a restart",
+                "the sessions are ended in this server; storing the end failed and is retried every second",
                 None,
             )
         })?;
-    for record in &ended {
-        if audit_end(app, record).await.is_err() {
-            return Err(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                "the sessions are ended but the audit log could not record it; check the disk",
-                None,
-            ));
-        }
+    if audit_ended(app, &ended).await.is_err() {
+        return Err(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the sessions are ended; the audit log could not record it yet and retries every second",
+            None,
+        ));
     }
     Ok(ended)
 }
@@ -311,7 +340,8 @@ pub async fn kill_owner(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let owner = match PrincipalId::parse_with_default(&id, Some(PrincipalKind::Human)) {
+    let default_kind = (!id.contains(':')).then_some(PrincipalKind::Human);
+    let owner = match PrincipalId::parse_with_default(&id, default_kind) {
         Ok(i) if matches!(i.kind(), PrincipalKind::Human | PrincipalKind::Team) => i,
         Ok(i) => {
             return error_response(
@@ -383,23 +413,16 @@ async fn kill(
     };
     let by = who(&b);
     let message = format!("kill switch ({scope}): {reason}");
-    let ended = match app.tokens.sessions.end_all_of(
-        &agents,
-        EndReason::Killed,
-        &by,
-        Some(&message),
-    ) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "kill: session ends could not be stored");
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the sessions are ended in this server but could not be stored; retry so it survives a restart",
-                None,
-            );
-        }
-    };
+    let sessions = &app.tokens.sessions;
+    let mut failed = Vec::new();
+    // In memory first: the gateway refuses these sessions from here on.
+    let mut ended = sessions
+        .end_all_of(&agents, EndReason::Killed, &by, Some(&message))
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "kill: storing the session ends failed; the sweeper retries");
+            failed.push(format!("storing the session ends: {e} (retried every second)"));
+            Vec::new()
+        });
     let registry = app.registry.clone();
     let to_suspend = agents.clone();
     let by2 = by.clone();
@@ -419,17 +442,23 @@ async fn kill(
         (done, failed)
     })
     .await;
-    let (suspended, failed) =
+    let (suspended, suspend_failed) =
         suspended.unwrap_or_else(|_| (Vec::new(), vec!["suspend task failed".into()]));
-    for record in &ended {
-        if audit_end(app, record).await.is_err() {
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                "the kill took effect but the audit log could not record it; check the disk",
-                None,
-            );
-        }
+    failed.extend(suspend_failed);
+    // Again: a session started between the first pass and the suspension dies too.
+    match sessions.end_all_of(&agents, EndReason::Killed, &by, Some(&message)) {
+        Ok(more) => ended.extend(more),
+        Err(e) => failed.push(format!(
+            "storing the session ends: {e} (retried every second)"
+        )),
+    }
+    if audit_ended(app, &ended).await.is_err() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the kill took effect; the audit log could not record it yet and retries every second",
+            None,
+        );
     }
     let mut event = AuditEvent::new("killswitch");
     event.principal = Some(PrincipalRef {
@@ -499,12 +528,12 @@ pub fn sweep(app: std::sync::Weak<App>, every: std::time::Duration) -> tokio::ta
             let Some(app) = app.upgrade() else { return };
             let sessions = app.tokens.sessions.clone();
             match tokio::task::spawn_blocking(move || sessions.sweep()).await {
-                Ok(Ok(ended)) => {
-                    for record in &ended {
-                        let _ = audit_end(&app, record).await;
+                Ok((due, error)) => {
+                    audit_taken(&app, &due).await;
+                    if let Some(e) = error {
+                        tracing::warn!(error = %e, "session sweep could not store; retrying");
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "session sweep could not store; retrying"),
                 Err(_) => tracing::warn!("session sweep task failed"),
             }
         }

@@ -59,12 +59,28 @@ pub fn clear_context_json(r: &SessionRefusal) -> serde_json::Value {
     serde_json::json!({ "session": { "id": r.sid, "state": r.state, "clear_context": true } })
 }
 
+/// The human an agent acts for (RFC 8693 token exchange) and the chain so far.
+pub struct Delegation {
+    /// The human: the delegated token's `sub`.
+    pub human: Arc<Principal>,
+    /// Earlier actors (from a delegated subject token), to nest under the new one.
+    pub prior: Option<palisade_token::Actor>,
+    /// The delegated token never outlives the subject token (unix seconds).
+    pub not_after: i64,
+}
+
+/// Longest actor chain a delegated token may carry.
+pub const MAX_ACTOR_CHAIN: usize = 5;
+
 /// What a token request asked for, after validation.
 pub struct Grant {
     /// Audience.
     pub audience: String,
     /// Granted scopes.
     pub scope: Option<String>,
+    /// For an agent's write-scoped token: the routes whose write scopes it asked for. The token
+    /// request must then pass a `write_token` decision for each.
+    pub write_routes: Vec<String>,
 }
 
 impl TokenService {
@@ -181,8 +197,25 @@ impl TokenService {
                 ));
             }
         };
+        let is_agent = principal.agent().is_some();
+        let write_route = |s: &str| {
+            self.config
+                .routes
+                .iter()
+                .find(|r| r.write_scope == s)
+                .map(|r| r.name.clone())
+        };
+        let mut write_routes = Vec::new();
         let scope = match scope {
-            None => (!allowed_scopes.is_empty()).then(|| allowed_scopes.join(" ")),
+            // An agent's default token carries only its read scopes (privilege separation).
+            None => {
+                let defaults: Vec<&str> = allowed_scopes
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|s| !is_agent || s.ends_with(":read"))
+                    .collect();
+                (!defaults.is_empty()).then(|| defaults.join(" "))
+            }
             Some(requested) => {
                 for s in requested.split(' ').filter(|s| !s.is_empty()) {
                     if !allowed_scopes.iter().any(|a| a == s) {
@@ -192,11 +225,36 @@ impl TokenService {
                         ));
                     }
                 }
-                let joined = requested
-                    .split(' ')
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                let asked: Vec<&str> = requested.split(' ').filter(|s| !s.is_empty()).collect();
+                if is_agent {
+                    // Agents' scopes are read scopes (`*:read`) or a route's write scope;
+                    // anything else could not be separated, so it is refused (fail closed).
+                    if let Some(s) = asked
+                        .iter()
+                        .find(|s| !s.ends_with(":read") && write_route(s).is_none())
+                    {
+                        return Err((
+                            "invalid_scope",
+                            format!(
+                                "scope `{s}` is neither a read scope (`<name>:read`) nor a route's write scope (routes.write_scope, default `<route>:write`)"
+                            ),
+                        ));
+                    }
+                    let (writes, reads): (Vec<&str>, Vec<&str>) =
+                        asked.iter().partition(|s| write_route(s).is_some());
+                    if !writes.is_empty() && !reads.is_empty() {
+                        return Err((
+                            "invalid_scope",
+                            format!(
+                                "read and write scopes never share a token: ask for {} in one token request and {} in another",
+                                writes.join(" "),
+                                reads.join(" ")
+                            ),
+                        ));
+                    }
+                    write_routes = writes.iter().filter_map(|s| write_route(s)).collect();
+                }
+                let joined = asked.join(" ");
                 (!joined.is_empty()).then_some(joined)
             }
         };
@@ -239,7 +297,11 @@ impl TokenService {
             }
             _ => return Err(("invalid_target", "ask for one resource per token".into())),
         };
-        Ok(Grant { audience, scope })
+        Ok(Grant {
+            audience,
+            scope,
+            write_routes,
+        })
     }
 
     /// The time by this service's clock.
@@ -291,6 +353,7 @@ impl TokenService {
         &self,
         principal: &Principal,
         session_id: Option<&str>,
+        initiating_human: Option<&str>,
     ) -> Result<Option<Arc<LiveSession>>, Refusal> {
         let Some(agent) = principal.agent() else {
             return match session_id {
@@ -303,23 +366,39 @@ impl TokenService {
             };
         };
         match session_id {
-            Some(sid) => self
-                .sessions
-                .check(sid, &principal.id)
-                .map(Some)
-                .map_err(|r| Refusal {
-                    status: 400,
-                    code: "invalid_grant",
-                    description: r.message.clone(),
-                    extra: Some(clear_context_json(&r)),
-                }),
+            Some(sid) => {
+                let session = self
+                    .sessions
+                    .check(sid, &principal.id)
+                    .map_err(|r| Refusal {
+                        status: 400,
+                        code: "invalid_grant",
+                        description: r.message.clone(),
+                        extra: Some(clear_context_json(&r)),
+                    })?;
+                // A session works for one initiator: the human it was delegated by, or none.
+                if session.initiating_human.as_deref() != initiating_human {
+                    return Err(Refusal::new(
+                        400,
+                        "invalid_grant",
+                        format!(
+                            "session {sid} was started {}; renew it the same way or start a new session",
+                            match &session.initiating_human {
+                                Some(h) => format!("for {h} (token exchange)"),
+                                None => "without a human (client credentials)".into(),
+                            }
+                        ),
+                    ));
+                }
+                Ok(Some(session))
+            }
             None => self
                 .sessions
                 .start(
                     &principal.id,
                     agent.max_session_minutes,
                     agent.max_concurrent_sessions,
-                    None,
+                    initiating_human.map(str::to_string),
                 )
                 .map(Some)
                 .map_err(|e| match e {
@@ -357,6 +436,7 @@ impl TokenService {
         principal: &Principal,
         grant: &Grant,
         session: Option<&LiveSession>,
+        delegation: Option<&Delegation>,
     ) -> Result<(String, AccessTokenClaims), String> {
         let now = self.clock.now().unix_seconds();
         let jti = palisade_core::secret::random_id::<16>().map_err(|e| e.to_string())?;
@@ -366,9 +446,19 @@ impl TokenService {
             PrincipalDetail::ServiceAccount(s) => s.allowed_resources.clone(),
             _ => Vec::new(),
         };
-        let claims = AccessTokenClaims {
+        let (sub, act) = match delegation {
+            None => (principal.id.to_string(), None),
+            Some(d) => (
+                d.human.id.to_string(),
+                Some(palisade_token::Actor {
+                    sub: principal.id.to_string(),
+                    act: d.prior.clone().map(Box::new),
+                }),
+            ),
+        };
+        let mut claims = AccessTokenClaims {
             iss: self.config.server.issuer.clone(),
-            sub: principal.id.to_string(),
+            sub,
             aud: grant.audience.clone(),
             exp: match session {
                 Some(s) => {
@@ -389,6 +479,39 @@ impl TokenService {
             data_egress_allowed: agent.map(|a| a.data_egress_allowed),
             session_ttl_minutes: agent.map(|a| a.max_session_minutes),
             sid: session.map(|s| s.sid.clone()),
+            act,
+        };
+        if let Some(d) = delegation {
+            claims.exp = claims.exp.min(d.not_after);
+        }
+        let token = palisade_token::sign(&claims, &self.keys()).map_err(|e| e.to_string())?;
+        Ok((token, claims))
+    }
+
+    /// An access token for a human, minted by an administrator (the stand-in for a human login
+    /// until the web console's OIDC sign-in): the subject token of a token exchange.
+    pub fn issue_human(&self, human: &Principal) -> Result<(String, AccessTokenClaims), String> {
+        let now = self.clock.now().unix_seconds();
+        let jti = palisade_core::secret::random_id::<16>().map_err(|e| e.to_string())?;
+        let claims = AccessTokenClaims {
+            iss: self.config.server.issuer.clone(),
+            sub: human.id.to_string(),
+            aud: self.config.oauth.default_audience.clone(),
+            exp: now + self.config.oauth.access_token_ttl_secs,
+            iat: now,
+            nbf: None,
+            jti,
+            client_id: "palisade-admin".into(),
+            scope: None,
+            agent_purpose: None,
+            model: None,
+            owner: None,
+            allowed_resources: Vec::new(),
+            max_files_per_session: None,
+            data_egress_allowed: None,
+            session_ttl_minutes: None,
+            sid: None,
+            act: None,
         };
         let token = palisade_token::sign(&claims, &self.keys()).map_err(|e| e.to_string())?;
         Ok((token, claims))
@@ -433,7 +556,7 @@ impl TokenService {
         c.sid
             .as_deref()
             .and_then(|sid| self.sessions.get(sid))
-            .filter(|s| s.principal.to_string() == c.sub)
+            .filter(|s| s.principal.to_string() == acting_id(c))
             .and_then(|s| s.usable_at(self.clock.now()).err())
     }
 
@@ -454,13 +577,13 @@ impl TokenService {
         Ok(())
     }
 
-    /// The live principal behind a verified token and its live session, or why either is not
-    /// live. An agent token without a session is refused (fail closed).
-    pub fn live_caller(
-        &self,
-        token: &VerifiedToken,
-    ) -> Result<(Arc<Principal>, Option<Arc<LiveSession>>), AuthFailure> {
-        let principal = match self.live_principal(token) {
+    /// The live caller behind a verified token: the acting principal (the agent, for a delegated
+    /// token), its live session, and for delegated tokens the human it acts for, who must still
+    /// be active and still allow this agent (`may_act`). An agent token without a live session is
+    /// refused (fail closed).
+    pub fn live_caller(&self, token: &VerifiedToken) -> Result<LiveCaller, AuthFailure> {
+        let claims = token.claims();
+        let principal = match self.live_principal(acting_id(claims)) {
             Ok(p) => p,
             Err(mut f) => {
                 // A suspended agent's killed session still tells the runtime to clear context.
@@ -468,48 +591,91 @@ impl TokenService {
                 return Err(f);
             }
         };
-        if principal.agent().is_none() {
-            return Ok((principal, None));
+        let mut caller = LiveCaller {
+            principal,
+            session: None,
+            initiating_human: None,
+            actor_chain: Vec::new(),
+        };
+        if let Some(act) = &claims.act {
+            let human = self.live_principal(&claims.sub)?;
+            if !human.allows_actor(&caller.principal) {
+                return Err(AuthFailure {
+                    subject: Some(caller.principal.id.to_string()),
+                    reason: format!(
+                        "{} no longer allows {} to act for them",
+                        human.id, caller.principal.id
+                    ),
+                    session: None,
+                });
+            }
+            caller.actor_chain = act.chain().into_iter().map(str::to_string).collect();
+            caller.initiating_human = Some(human);
         }
-        let Some(sid) = token.claims().sid.as_deref() else {
+        if caller.principal.agent().is_none() {
+            return Ok(caller);
+        }
+        let Some(sid) = claims.sid.as_deref() else {
             return Err(AuthFailure {
-                subject: Some(principal.id.to_string()),
+                subject: Some(caller.principal.id.to_string()),
                 reason: "the token names no session; request a new token".into(),
                 session: None,
             });
         };
-        match self.sessions.check(sid, &principal.id) {
-            Ok(s) => Ok((principal, Some(s))),
+        match self.sessions.check(sid, &caller.principal.id) {
+            Ok(s) => {
+                caller.session = Some(s);
+                Ok(caller)
+            }
             Err(r) => Err(AuthFailure {
-                subject: Some(principal.id.to_string()),
+                subject: Some(caller.principal.id.to_string()),
                 reason: r.message.clone(),
                 session: Some(r),
             }),
         }
     }
 
-    /// The live principal behind a verified token, or why it is not live.
-    pub fn live_principal(&self, token: &VerifiedToken) -> Result<Arc<Principal>, AuthFailure> {
-        let sub = &token.claims().sub;
+    /// A live (registered, active) principal by id text, or why it is not live.
+    pub fn live_principal(&self, sub: &str) -> Result<Arc<Principal>, AuthFailure> {
         let id = sub.parse().map_err(|_| AuthFailure {
             subject: None,
             reason: "the token's subject is not a principal id".into(),
             session: None,
         })?;
         let principal = self.registry.get(&id).ok_or_else(|| AuthFailure {
-            subject: Some(sub.clone()),
+            subject: Some(sub.to_string()),
             reason: format!("{sub} is no longer registered"),
             session: None,
         })?;
         if principal.status != Status::Active {
             return Err(AuthFailure {
-                subject: Some(sub.clone()),
+                subject: Some(sub.to_string()),
                 reason: format!("{sub} is {}", principal.status.as_str()),
                 session: None,
             });
         }
         Ok(principal)
     }
+}
+
+/// Who is calling, once a token checked out.
+pub struct LiveCaller {
+    /// The acting principal (for a delegated token, the current actor).
+    pub principal: Arc<Principal>,
+    /// Its session (agents).
+    pub session: Option<Arc<LiveSession>>,
+    /// For delegated tokens, the human the chain acts for.
+    pub initiating_human: Option<Arc<Principal>>,
+    /// For delegated tokens, the actors from the current one back to the first.
+    pub actor_chain: Vec<String>,
+}
+
+/// The principal a token acts as: the current actor of a delegated token, else the subject.
+pub fn acting_id(claims: &AccessTokenClaims) -> &str {
+    claims
+        .act
+        .as_ref()
+        .map_or(claims.sub.as_str(), |a| a.sub.as_str())
 }
 
 impl Authenticator for TokenService {
@@ -523,17 +689,20 @@ impl Authenticator for TokenService {
             })?;
         if self.is_revoked(&verified) {
             return Err(AuthFailure {
-                subject: Some(verified.claims().sub.clone()),
+                subject: Some(acting_id(verified.claims()).to_string()),
                 reason: "the token has been revoked".into(),
                 session: self.session_refusal(&verified),
             });
         }
-        let (principal, session) = self.live_caller(&verified)?;
+        let live = self.live_caller(&verified)?;
         Ok(Caller {
-            principal,
+            principal: live.principal,
             token_id: verified.claims().jti.clone(),
-            session,
+            session: live.session,
             max_files_per_session: verified.claims().max_files_per_session,
+            initiating_human: live.initiating_human.map(|h| h.id.to_string()),
+            actor_chain: live.actor_chain,
+            scope: verified.claims().scope.clone(),
         })
     }
 }

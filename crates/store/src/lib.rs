@@ -571,6 +571,13 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn prune_sessions(&self, before: Timestamp) -> Result<(), StoreError> {
+        self.main()?
+            .execute("DELETE FROM sessions WHERE hard_end_ns < ?1", [ns(before)])
+            .map_err(backend)?;
+        Ok(())
+    }
+
     fn get_session(&self, sid: &str) -> Result<Option<SessionRecord>, StoreError> {
         let data: Option<String> = self
             .main()?
@@ -785,9 +792,18 @@ mod tests {
         );
 
         clock.advance(30 * 60 + 10);
-        let expired = sessions.sweep().unwrap();
-        assert_eq!(expired.len(), 1, "only the live one expires");
-        assert_eq!(expired[0].sid, a.sid);
+        let (due, error) = sessions.sweep();
+        assert!(error.is_none());
+        // Both ends are due for their audit event: the expiry and the unaudited revocation.
+        let mut due: Vec<_> = due
+            .iter()
+            .map(|r| (r.sid.clone(), r.end.as_ref().unwrap().reason.as_str()))
+            .collect();
+        due.sort();
+        let mut expected = vec![(a.sid.clone(), "expired"), (b.sid.clone(), "revoked")];
+        expected.sort();
+        assert_eq!(due, expected);
+        assert!(sessions.sweep().0.is_empty(), "each end is handed out once");
 
         // A new process sees both ends and the counters.
         let reloaded = Sessions::load(store.clone(), clock.clone(), 1, 60).unwrap();
@@ -802,7 +818,7 @@ mod tests {
         assert!(reloaded.live_of(&agent).is_empty());
         // Past the linger time they are forgotten, and still refused.
         clock.advance(120);
-        reloaded.sweep().unwrap();
+        assert!(reloaded.sweep().1.is_none());
         assert!(reloaded.get(&a.sid).is_none());
         assert_eq!(reloaded.check(&a.sid, &agent).unwrap_err().state, "unknown");
     }

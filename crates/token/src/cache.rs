@@ -103,6 +103,7 @@ mod tests {
             max_files_per_session: None,
             data_egress_allowed: None,
             sid: None,
+            act: None,
             session_ttl_minutes: None,
         };
         let token = sign(&claims, &keys).unwrap();

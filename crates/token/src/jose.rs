@@ -56,6 +56,32 @@ pub struct AccessTokenClaims {
     /// The agent session this token belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
+    /// RFC 8693 §4.1: the party acting for `sub` (a delegated token), with earlier actors nested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+}
+
+/// An RFC 8693 `act` claim: the acting party, and in `act` the one that acted before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The actor's principal id.
+    pub sub: String,
+    /// The previous actor in the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The chain from the current actor back to the first one.
+    pub fn chain(&self) -> Vec<&str> {
+        let mut out = vec![self.sub.as_str()];
+        let mut next = self.act.as_deref();
+        while let Some(a) = next {
+            out.push(a.sub.as_str());
+            next = a.act.as_deref();
+        }
+        out
+    }
 }
 
 /// Why a token was refused. Messages never contain the token or its parts.
@@ -310,6 +336,7 @@ mod tests {
             max_files_per_session: None,
             data_egress_allowed: None,
             sid: None,
+            act: None,
             session_ttl_minutes: None,
         }
     }

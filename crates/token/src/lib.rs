@@ -14,7 +14,7 @@ mod jose;
 mod keys;
 
 pub use cache::VerifyCache;
-pub use jose::{AccessTokenClaims, TokenError, VerifiedToken, VerifyPolicy, sign, verify};
+pub use jose::{AccessTokenClaims, Actor, TokenError, VerifiedToken, VerifyPolicy, sign, verify};
 pub use keys::{KeyError, KeySet, generate_signing_key};
 
 /// Longest accepted access token, in bytes (checked before decoding).

@@ -251,6 +251,12 @@ upstream = "http://{}"
     /// Registers human:alice (if needed) and an agent from `agent_body(slug)` with `allowed`
     /// routes; returns an access token for it.
     pub async fn agent_token(&self, slug: &str, allowed: &[&str]) -> String {
+        let secret = self.agent_secret(slug, allowed).await;
+        self.token_for(&format!("agent:{slug}"), &secret).await
+    }
+
+    /// Like [`Harness::agent_token`], but returns the client secret.
+    pub async fn agent_secret(&self, slug: &str, allowed: &[&str]) -> String {
         let (s, _) = self
             .api(
                 reqwest::Method::POST,
@@ -265,11 +271,28 @@ upstream = "http://{}"
             .api(reqwest::Method::POST, "/agents", Some(agent))
             .await;
         assert_eq!(s, 201, "{body}");
-        let secret = body["credentials"]["client_secret"]
+        body["credentials"]["client_secret"]
             .as_str()
             .unwrap()
-            .to_string();
-        self.token_for(&format!("agent:{slug}"), &secret).await
+            .to_string()
+    }
+
+    /// A token with only `scope` (a write scope gets its own token request, decided by policy),
+    /// optionally in an existing session.
+    pub async fn scoped_token(
+        &self,
+        client_id: &str,
+        secret: &str,
+        scope: &str,
+        session: Option<&str>,
+    ) -> String {
+        let mut extra = vec![("scope", scope)];
+        if let Some(sid) = session {
+            extra.push(("session_id", sid));
+        }
+        let (status, body) = self.token_request(client_id, secret, &extra).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_string()
     }
 
     pub async fn token_for(&self, client_id: &str, secret: &str) -> String {
@@ -321,7 +344,8 @@ pub fn agent_body(slug: &str) -> Value {
         "model": "claude-opus-4",
         "model_version": "2026-05-01",
         "allowed_resources": ["tickets"],
-        "scopes": ["tickets:read"],
+        // Write scopes are never in a default token; tests ask for them on their own.
+        "scopes": ["tickets:read", "tickets:write", "slow:write"],
         "max_files_per_session": 50,
         // Wide open on actions, so tests see the policies under test decide; the read-only
         // default has its own test.
