@@ -9,6 +9,9 @@
 # Prints: maximum throughput (wrk, `connections` connections) direct and through the gateway,
 # then latency at a fixed, evenly spaced 1,000 requests/s (palisade-loadgen) direct and through
 # the gateway. What the check path adds is the difference between the gateway and direct rows.
+# Every agent request runs in a session (session lookup and counters). A second server on the
+# same upstream adds what is configurable: three rate limits (agent, route, agent x route, all
+# far above the load) and an object-read rule, and is measured the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -37,3 +40,41 @@ echo "== fixed 1,000 requests/s, evenly spaced (palisade-loadgen), ${DURATION}s 
 "$LOADGEN" --label "gateway" --rate 1000 --seconds "$DURATION" -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/tickets/42"
 EVENTS=$("$BIN" audit verify --data-dir "$DATA" || true)
 echo "== $EVENTS"
+
+PORT2=18444
+mkdir -p "$DATA/limits"
+cat >"$DATA/limits.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT2"
+data_dir = "$DATA/limits/data"
+[gateway]
+agent_rate_limit = "1000000/s"
+[[routes]]
+name = "tickets"
+path_prefix = "/tickets"
+upstream = "$UPSTREAM"
+rate_limit = "10000000/s"
+agent_rate_limit = "1000000/s"
+max_objects_per_session = 100000000
+[[routes.rules]]
+methods = ["GET"]
+path = "/tickets/*"
+action = "read"
+object_read = true
+TOML
+"$BIN" serve --demo --config "$DATA/limits.toml" >"$DATA/limits/out.txt" 2>"$DATA/limits/err.txt" &
+PID2=$!
+trap 'kill $PID $PID2 2>/dev/null; wait $PID $PID2 2>/dev/null; rm -rf "$DATA"' EXIT
+for _ in $(seq 50); do grep -q "Press Ctrl-C" "$DATA/limits/out.txt" 2>/dev/null && break; sleep 0.2; done
+SECRET2=$(grep -o 'client_secret=[^ ]*' "$DATA/limits/out.txt" | cut -d= -f2)
+# The demo agent may read 50 objects per session; lift that for the load.
+PALISADE_ADDR=http://127.0.0.1:$PORT2 PALISADE_TOKEN=$(cat "$DATA/limits/data/admin.token") \
+  "$BIN" agent update agent:ticket-triage --set '{"max_files_per_session": 100000000}' >/dev/null
+TOKEN2=$(curl -s -d grant_type=client_credentials -d client_id=agent:ticket-triage -d client_secret="$SECRET2" \
+  http://127.0.0.1:$PORT2/oauth2/token | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+echo "== with rate limits and object counting on: ${DURATION}s, $CONNS connections, then fixed 1,000/s"
+wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN2" "http://127.0.0.1:$PORT2/tickets/42" | sed -n '1,20p'
+"$LOADGEN" --label "limits " --rate 1000 --seconds "$DURATION" -H "Authorization: Bearer $TOKEN2" "http://127.0.0.1:$PORT2/tickets/42"
+curl -s -H "Authorization: Bearer $(cat "$DATA/limits/data/admin.token")" "http://127.0.0.1:$PORT2/api/v1/sessions" \
+  | grep -o '"objects_read":[0-9]*' | head -1 | sed 's/^/== session counter /'
+

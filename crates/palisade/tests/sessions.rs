@@ -20,15 +20,25 @@ fn claims(token: &str) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// Every audit event of `kind`, paging through the whole chain.
 async fn events(h: &Harness, kind: &str) -> Vec<Value> {
-    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
-    all["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["event"].clone())
-        .filter(|e| e["kind"] == kind)
-        .collect()
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let path = format!("/audit/events?after={after}&limit=1000");
+        let (_, page) = h.api(Method::GET, &path, None).await;
+        let items = page["items"].as_array().unwrap();
+        let Some(last) = items.last() else {
+            return out;
+        };
+        after = last["seq"].as_u64().unwrap();
+        out.extend(
+            items
+                .iter()
+                .map(|i| i["event"].clone())
+                .filter(|e| e["kind"] == kind),
+        );
+    }
 }
 
 /// Registers human:alice and an agent from `agent_body(slug)` changed by `edit`; returns the

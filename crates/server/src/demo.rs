@@ -135,6 +135,8 @@ fn seed_registry(registry: &Registry) -> Result<(Changes, String), String> {
                     "model": "claude-sonnet-4",
                     "model_version": "2026-05-01",
                     "allowed_resources": ["tickets"],
+                    // Comments need a token with tickets:write, asked for on its own.
+                    "scopes": ["tickets:read", "tickets:write"],
                     "max_files_per_session": 50,
                     "blast_radius": { "max_action": "write", "max_classification": "internal" }
                 }),

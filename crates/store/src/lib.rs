@@ -102,6 +102,10 @@ pub struct SqliteStore {
     path: PathBuf,
     main: Mutex<Connection>,
     audit: Mutex<Connection>,
+    /// Session counter snapshots: `synchronous=NORMAL`, so the once-a-second save never holds
+    /// the WAL write lock through an fsync that an audit commit would wait behind. A crash can
+    /// lose the last snapshots (the next FULL commit on any connection makes them durable).
+    counters: Mutex<Connection>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -140,10 +144,15 @@ impl SqliteStore {
         let main = connect(file)?;
         migrate(&main)?;
         let audit = connect(file)?;
+        let counters = connect(file)?;
+        counters
+            .execute_batch("PRAGMA synchronous=NORMAL;")
+            .map_err(backend)?;
         Ok(Self {
             path: file.to_path_buf(),
             main: Mutex::new(main),
             audit: Mutex::new(audit),
+            counters: Mutex::new(counters),
         })
     }
 
@@ -156,7 +165,7 @@ impl SqliteStore {
         every: std::time::Duration,
     ) -> Result<Checkpointer, StoreError> {
         let conn = connect(&self.path)?;
-        for c in [self.main()?, self.audit()?] {
+        for c in [self.main()?, self.audit()?, self.counters()?] {
             c.execute_batch("PRAGMA wal_autocheckpoint=0;")
                 .map_err(backend)?;
         }
@@ -194,6 +203,12 @@ impl SqliteStore {
 
     fn main(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
         self.main.lock().map_err(|_| backend("store lock poisoned"))
+    }
+
+    fn counters(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.counters
+            .lock()
+            .map_err(|_| backend("store lock poisoned"))
     }
 
     fn audit(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -541,7 +556,7 @@ impl Store for SqliteStore {
     }
 
     fn save_session_counters(&self, sessions: &[SessionRecord]) -> Result<(), StoreError> {
-        let mut conn = self.main()?;
+        let mut conn = self.counters()?;
         let tx = conn.transaction().map_err(backend)?;
         {
             // Never overwrite an end with an older snapshot taken before it.
