@@ -678,3 +678,52 @@ unless { context.approval == "approved" };
     assert!(refusals.len() >= 3, "refusals are audited");
     h.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_limits_cap_responses_and_requests_in_flight() {
+    let up = support::upstream().await;
+    let extra = format!(
+        "max_response_bytes = 100000\n\
+         [[routes]]\nname = \"tiny\"\npath_prefix = \"/tiny\"\nupstream = \"http://{}\"\nmax_response_bytes = 10\n",
+        up.addr
+    );
+    let h = Harness::start_with("resource-limits", &extra).await;
+    let secret = agent(&h, "capped", |a| {
+        a["allowed_resources"] = json!(["tickets", "tiny"]);
+        a["max_concurrent_requests"] = json!(1);
+    })
+    .await;
+    let (token, _) = session(&h, "capped", &secret).await;
+
+    // A declared length over the cap: 502 before any byte is passed on.
+    let resp = h.get_with("/tiny/1", &token).await;
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_response_too_large", "{body}");
+    // A streamed body (192 KiB, no length) is cut off at the cap (100,000 bytes).
+    let resp = h.get_with("/tickets/1/stream", &token).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.is_err(), "the stream was cut at the cap");
+    // Small answers pass.
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+
+    // One request in flight at a time: the second gets 429 with Retry-After while the first
+    // (a 3 s upstream) runs, and passes again once it is done.
+    let (http, url, t) = (h.http.clone(), h.url("/tickets/1/slow"), token.clone());
+    let first = tokio::spawn(async move {
+        let resp = http.get(url).bearer_auth(t).send().await.unwrap();
+        (resp.status().as_u16(), resp.bytes().await.unwrap().len())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = h.get_tickets(&token).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_in_flight", "{body}");
+    assert_eq!(body["limit"], 1);
+    let (status, len) = first.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(len > 0);
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+    h.server.stop().await;
+}
