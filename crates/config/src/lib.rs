@@ -89,6 +89,20 @@ pub mod raw {
         pub access_token_ttl_minutes: Option<i64>,
         pub default_audience: Option<String>,
         pub leeway_seconds: Option<i64>,
+        #[serde(default)]
+        pub identity_providers: Vec<IdentityProvider>,
+    }
+
+    /// `[[oauth.identity_providers]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct IdentityProvider {
+        pub name: String,
+        pub issuer: String,
+        pub jwks_uri: String,
+        pub audience: String,
+        pub human_claim: Option<String>,
     }
 
     /// `[policy]`.
@@ -215,6 +229,24 @@ pub struct OAuthConfig {
     pub default_audience_derived: bool,
     /// Clock skew tolerance, seconds (at most 60).
     pub leeway_secs: i64,
+    /// External OpenID Connect providers whose ID tokens may be the subject of a token exchange.
+    pub identity_providers: Vec<IdentityProviderConfig>,
+}
+
+/// An external OpenID Connect identity provider.
+#[derive(Clone, Debug)]
+pub struct IdentityProviderConfig {
+    /// Name, for messages and audit.
+    pub name: String,
+    /// The `iss` its ID tokens carry.
+    pub issuer: String,
+    /// Where its signing keys are (https, or http on a loopback address).
+    pub jwks_uri: Uri,
+    /// The value its ID tokens must have in `aud` (Palisade's client id at the provider).
+    pub audience: String,
+    /// The claim that names the human: `email` (default) matches a registered human's email;
+    /// any other claim's value is the human's id slug (`human:<value>`).
+    pub human_claim: String,
 }
 
 /// Policy settings.
@@ -440,6 +472,46 @@ impl Config {
             .unwrap_or_else(|| issuer.clone());
         check_http_url("oauth.default_audience", &default_audience)?;
 
+        let mut identity_providers: Vec<IdentityProviderConfig> = Vec::new();
+        for (i, p) in raw.oauth.identity_providers.into_iter().enumerate() {
+            let at = format!("oauth.identity_providers[{i}]");
+            if !is_name(&p.name) {
+                return Err(format!(
+                    "key `{at}.name`: `{}` must be lowercase letters, digits, `-`, `_` or `.`",
+                    p.name
+                ));
+            }
+            if identity_providers.iter().any(|o| o.name == p.name) {
+                return Err(format!("key `{at}.name`: `{}` is used twice", p.name));
+            }
+            check_secure_url(&format!("{at}.issuer"), &p.issuer)?;
+            if identity_providers.iter().any(|o| o.issuer == p.issuer) {
+                return Err(format!(
+                    "key `{at}.issuer`: `{}` is configured twice",
+                    p.issuer
+                ));
+            }
+            let jwks_uri = check_secure_url(&format!("{at}.jwks_uri"), &p.jwks_uri)?;
+            if p.audience.trim().is_empty() {
+                return Err(format!(
+                    "key `{at}.audience`: give Palisade's client id at the provider (the ID tokens' aud)"
+                ));
+            }
+            let human_claim = p.human_claim.unwrap_or_else(|| "email".into());
+            if human_claim.is_empty() || !human_claim.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "key `{at}.human_claim`: `{human_claim}` is not a claim name"
+                ));
+            }
+            identity_providers.push(IdentityProviderConfig {
+                name: p.name,
+                issuer: p.issuer,
+                jwks_uri,
+                audience: p.audience,
+                human_claim,
+            });
+        }
+
         let gateway = GatewayConfig {
             max_body_bytes: raw.gateway.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             upstream_timeout_secs: raw.gateway.upstream_timeout_seconds.unwrap_or(30),
@@ -535,6 +607,7 @@ impl Config {
                 default_audience,
                 default_audience_derived,
                 leeway_secs: leeway,
+                identity_providers,
             },
             policy: PolicyConfig {
                 dir: raw.policy.dir.map(PathBuf::from),
@@ -573,6 +646,32 @@ fn is_name(text: &str) -> bool {
         && text.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
         })
+}
+
+/// An https URL, or http on a loopback address (development and tests): keys and identities
+/// must not travel in clear text across a network.
+fn check_secure_url(key: &str, text: &str) -> Result<Uri, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("key `{key}`: `{text}` is not a URL"))?;
+    let loopback = uri
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .is_some_and(|h| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("https"), Some(_)) => Ok(uri),
+        (Some("http"), Some(_)) if loopback => Ok(uri),
+        (Some("http"), Some(_)) => Err(format!(
+            "key `{key}`: `{text}` must use https:// (http:// is allowed only on a loopback address)"
+        )),
+        _ => Err(format!(
+            "key `{key}`: `{text}` must be an absolute https:// URL"
+        )),
+    }
 }
 
 fn check_http_url(key: &str, text: &str) -> Result<(), String> {
@@ -801,6 +900,22 @@ mod tests {
             (
                 "[oauth]\naccess_token_ttl_minutes = 45\n",
                 "1 to 30 minutes",
+            ),
+            (
+                "[[oauth.identity_providers]]\nname = \"corp\"\nissuer = \"https://idp.example\"\njwks_uri = \"http://idp.example/keys\"\naudience = \"p\"\n",
+                "oauth.identity_providers[0].jwks_uri`: `http://idp.example/keys` must use https://",
+            ),
+            (
+                "[[oauth.identity_providers]]\nname = \"corp\"\nissuer = \"https://idp.example\"\njwks_uri = \"https://idp.example/keys\"\naudience = \"\"\n",
+                "oauth.identity_providers[0].audience",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://127.0.0.1:1\"\nagent_rate_limit = \"fast\"\n",
+                "routes[0].agent_rate_limit",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://127.0.0.1:1\"\nwrite_scope = \"t:read\"\n",
+                "routes[0].write_scope",
             ),
             ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
             (

@@ -242,3 +242,203 @@ when { context has initiating_human };
     assert_eq!(h.get_tickets(&planner_token).await.status(), 401);
     h.server.stop().await;
 }
+
+/// A real OpenID Connect provider for the test: a JWKS endpoint over HTTP on loopback with an
+/// RSA key (RS256) and an Ed25519 key (EdDSA), and ID tokens signed with them here.
+struct TestIdp {
+    issuer: String,
+    rsa: rsa::pkcs1v15::SigningKey<sha2::Sha256>,
+    ed: ed25519_dalek::SigningKey,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TestIdp {
+    async fn start() -> Self {
+        use rsa::pkcs8::DecodePrivateKey;
+        use rsa::traits::PublicKeyParts;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let pem = include_str!("fixtures/test-only-idp-rsa-key.pem");
+        let private = rsa::RsaPrivateKey::from_pkcs8_pem(pem).unwrap();
+        let ed = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let jwks = json!({ "keys": [
+            {
+                "kty": "RSA", "kid": "rsa-1", "use": "sig", "alg": "RS256",
+                "n": b64.encode(private.n().to_bytes_be()),
+                "e": b64.encode(private.e().to_bytes_be()),
+            },
+            {
+                "kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "use": "sig", "alg": "EdDSA",
+                "x": b64.encode(ed.verifying_key().as_bytes()),
+            },
+        ]});
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = fetches.clone();
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { axum::Json(jwks) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            issuer: format!("http://{addr}"),
+            rsa: rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(private),
+            ed,
+            fetches,
+        }
+    }
+
+    /// An ID token with `claims` over the defaults, signed with `alg` (`RS256` or `EdDSA`).
+    fn id_token(&self, alg: &str, claims: Value) -> String {
+        use rsa::signature::{SignatureEncoding, Signer};
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut body = json!({
+            "iss": self.issuer, "aud": "palisade-client", "sub": "00u-alice",
+            "email": "Alice@Corp.example", "email_verified": true,
+            "iat": now, "exp": now + 300,
+        });
+        for (k, v) in claims.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let kid = if alg == "EdDSA" { "ed-1" } else { "rsa-1" };
+        let header = json!({ "alg": alg, "typ": "JWT", "kid": kid });
+        let input = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(body.to_string())
+        );
+        let signature = match alg {
+            "EdDSA" => ed25519_dalek::Signer::sign(&self.ed, input.as_bytes())
+                .to_bytes()
+                .to_vec(),
+            _ => self.rsa.sign(input.as_bytes()).to_vec(),
+        };
+        format!("{input}.{}", b64.encode(signature))
+    }
+}
+
+const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+
+async fn exchange_id(h: &Harness, agent: &str, secret: &str, id_token: &str) -> (u16, Value) {
+    let resp = h
+        .http
+        .post(h.url("/oauth2/token"))
+        .basic_auth(agent, Some(secret))
+        .form(&[
+            ("grant_type", EXCHANGE),
+            ("subject_token", id_token),
+            ("subject_token_type", ID_TOKEN),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn id_tokens_of_an_external_provider_delegate_through_its_jwks() {
+    let idp = TestIdp::start().await;
+    let extra = format!(
+        "[[oauth.identity_providers]]\nname = \"corp\"\nissuer = \"{0}\"\njwks_uri = \"{0}/jwks.json\"\naudience = \"palisade-client\"\n",
+        idp.issuer
+    );
+    let h = Harness::start_with("oidc", &extra).await;
+    let (s, _) = h
+        .api(
+            Method::POST,
+            "/humans",
+            Some(json!({ "id": "alice", "email": "alice@corp.example" })),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let planner = register(&h, "planner", "human:alice").await;
+
+    // RS256 and EdDSA ID tokens both verify through the JWKS; the email names the human.
+    for alg in ["RS256", "EdDSA"] {
+        let token = idp.id_token(alg, json!({}));
+        let (s, body) = exchange_id(&h, "agent:planner", &planner, &token).await;
+        assert_eq!(s, 200, "{alg}: {body}");
+        let c = claims(body["access_token"].as_str().unwrap());
+        assert_eq!(c["sub"], "human:alice");
+        assert_eq!(c["act"], json!({ "sub": "agent:planner" }));
+        assert!(c["exp"].as_i64().unwrap() <= claims(&token)["exp"].as_i64().unwrap());
+        let resp = h.get_tickets(body["access_token"].as_str().unwrap()).await;
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(
+        idp.fetches.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the JWKS is fetched once and cached"
+    );
+
+    // Everything that must not verify does not, with the reason.
+    let now = claims(&idp.id_token("RS256", json!({})))["iat"]
+        .as_i64()
+        .unwrap();
+    let cases = [
+        (
+            idp.id_token("RS256", json!({ "aud": "someone-else" })),
+            "does not verify",
+        ),
+        (
+            idp.id_token("RS256", json!({ "exp": now - 3600 })),
+            "expired",
+        ),
+        (
+            idp.id_token("RS256", json!({ "iss": "https://evil.example" })),
+            "not a configured identity provider",
+        ),
+        (
+            idp.id_token("EdDSA", json!({ "email_verified": false })),
+            "not verified",
+        ),
+        (
+            idp.id_token("RS256", json!({ "email": "mallory@corp.example" })),
+            "no registered human",
+        ),
+    ];
+    for (token, says) in cases {
+        let (s, body) = exchange_id(&h, "agent:planner", &planner, &token).await;
+        assert_eq!(s, 400, "{says}: {body}");
+        assert_eq!(body["error"], "invalid_grant");
+        let text = body["error_description"].as_str().unwrap();
+        assert!(text.contains(says), "expected `{says}` in: {text}");
+    }
+    // A signature from the wrong key (EdDSA signature under the RSA key's kid).
+    let good = idp.id_token("RS256", json!({}));
+    let forged = {
+        let other = idp.id_token("EdDSA", json!({}));
+        let mut parts: Vec<&str> = good.split('.').collect();
+        parts[2] = other.split('.').nth(2).unwrap();
+        parts.join(".")
+    };
+    let (s, body) = exchange_id(&h, "agent:planner", &planner, &forged).await;
+    assert_eq!(s, 400, "{body}");
+    // A symmetric algorithm is refused outright.
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let hs = format!(
+        "{}.{}.{}",
+        b64.encode(json!({ "alg": "HS256", "typ": "JWT" }).to_string()),
+        good.split('.').nth(1).unwrap(),
+        b64.encode(b"x")
+    );
+    let (s, body) = exchange_id(&h, "agent:planner", &planner, &hs).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not accepted"),
+        "{body}"
+    );
+    h.server.stop().await;
+}

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod authzen;
 pub mod demo;
 pub mod oauth;
+pub mod oidc;
 pub mod policy;
 pub mod sessions;
 pub mod tokens;
@@ -54,6 +55,8 @@ pub struct App {
     pub admin_token_hash: [u8; 32],
     /// Enforcement point.
     pub gateway: Arc<Gateway>,
+    /// External OpenID Connect providers (token exchange subject tokens).
+    pub identity_providers: oidc::Providers,
 }
 
 /// Why the server did not start.
@@ -213,7 +216,10 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         audit.clone(),
         clock,
     ));
+    let identity_providers =
+        oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        identity_providers,
         config,
         store,
         registry,

@@ -221,6 +221,7 @@ async fn refuse(
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
 
 /// `POST /oauth2/token`: client credentials (RFC 6749 §4.4) and token exchange (RFC 8693).
 pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -296,7 +297,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         }
     };
     let delegation = if grant_type == TOKEN_EXCHANGE {
-        match delegation_for(&app, &principal, &form) {
+        match delegation_for(&app, &principal, &form).await {
             Ok(d) => Some(d),
             Err(e) => return refuse(&app, e, Some(&client_id), started).await,
         }
@@ -471,7 +472,7 @@ fn decide_write_token(
 /// The delegation a token-exchange request asks for: the subject token must be a Palisade token
 /// of an active human (or a delegated token, whose chain the new actor extends), and the human
 /// must allow this agent to act for them (owner, team owner, or `may_act`).
-fn delegation_for(
+async fn delegation_for(
     app: &App,
     agent: &palisade_core::Principal,
     form: &HashMap<String, Vec<String>>,
@@ -500,11 +501,12 @@ fn delegation_for(
         .ok_or_else(|| OAuthError::new("invalid_request", "subject_token is missing"))?;
     match single(form, "subject_token_type")? {
         Some(ACCESS_TOKEN_TYPE | JWT_TOKEN_TYPE) => {}
+        Some(ID_TOKEN_TYPE) => return external_delegation(app, agent, subject).await,
         Some(other) => {
             return Err(OAuthError::new(
                 "invalid_request",
                 format!(
-                    "subject_token_type `{other}` is not accepted; send a Palisade access token as {ACCESS_TOKEN_TYPE}"
+                    "subject_token_type `{other}` is not accepted; send a Palisade access token as {ACCESS_TOKEN_TYPE} or an ID token of a configured identity provider as {ID_TOKEN_TYPE}"
                 ),
             ));
         }
@@ -563,6 +565,73 @@ fn delegation_for(
         human,
         prior: claims.act.clone(),
         not_after: claims.exp,
+    })
+}
+
+/// A delegation from an ID token of an external OpenID Connect provider: the token verifies
+/// against the provider's JWKS, and its `human_claim` names a registered, active human (by email,
+/// or by id slug), who must allow this agent.
+async fn external_delegation(
+    app: &App,
+    agent: &palisade_core::Principal,
+    token: &str,
+) -> Result<crate::tokens::Delegation, OAuthError> {
+    let now = app.tokens.now().unix_seconds();
+    let identity = app
+        .identity_providers
+        .verify(token, now, app.config.oauth.leeway_secs)
+        .await
+        .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+    let human_id = if identity.claim == "email" {
+        app.registry
+            .list(Some(palisade_core::PrincipalKind::Human))
+            .iter()
+            .find(|h| match &h.detail {
+                palisade_core::PrincipalDetail::Human(d) => d
+                    .email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(&identity.value)),
+                _ => false,
+            })
+            .map(|h| h.id.clone())
+            .ok_or_else(|| {
+                OAuthError::new(
+                    "invalid_grant",
+                    format!(
+                        "subject_token: no registered human has the email of this `{}` identity; register them with that email",
+                        identity.provider
+                    ),
+                )
+            })?
+    } else {
+        palisade_core::PrincipalId::new(palisade_core::PrincipalKind::Human, &identity.value)
+            .map_err(|e| {
+                OAuthError::new(
+                    "invalid_grant",
+                    format!(
+                        "subject_token: `{}` does not name a human: {}",
+                        identity.claim, e.0
+                    ),
+                )
+            })?
+    };
+    let human = app
+        .tokens
+        .live_principal(&human_id.to_string())
+        .map_err(|f| OAuthError::new("invalid_grant", format!("subject_token: {}", f.reason)))?;
+    if !human.allows_actor(agent) {
+        return Err(OAuthError::new(
+            "invalid_grant",
+            format!(
+                "{} may not act for {}: the human neither owns it (directly or through a team) nor lists it in may_act",
+                agent.id, human.id
+            ),
+        ));
+    }
+    Ok(crate::tokens::Delegation {
+        human,
+        prior: None,
+        not_after: identity.exp,
     })
 }
 
