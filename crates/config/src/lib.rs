@@ -542,6 +542,12 @@ impl Config {
                     other.name
                 ));
             }
+            if let Some(other) = routes.iter().find(|o| o.write_scope == route.write_scope) {
+                return Err(format!(
+                    "key `{at}.write_scope`: `{}` is already route `{}`'s write scope; each route needs its own, so a write token is decided for the route it works on",
+                    route.write_scope, other.name
+                ));
+            }
             if let Some(other) = routes.iter().find(|o| o.path_prefix == route.path_prefix) {
                 return Err(format!(
                     "key `{at}.path_prefix`: `{}` is already the prefix of route `{}`",

@@ -14,7 +14,7 @@ use crate::store::{Store, StoreError};
 use crate::{Clock, PrincipalId, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Why a session ended.
@@ -96,7 +96,19 @@ pub struct SessionRecord {
     pub end: Option<SessionEnd>,
     /// Volume so far.
     pub counters: SessionCounters,
+    /// Whether the end's `session.ended` event is in the audit log (ended sessions only; rows
+    /// from before this field count as audited).
+    #[serde(default = "yes")]
+    pub audited: bool,
 }
+
+fn yes() -> bool {
+    true
+}
+
+const AUDIT_DONE: u8 = 0;
+const AUDIT_PENDING: u8 = 1;
+const AUDIT_IN_FLIGHT: u8 = 2;
 
 /// A session in memory, shared by the token service and the gateway.
 #[derive(Debug)]
@@ -121,8 +133,9 @@ pub struct LiveSession {
     dirty: AtomicBool,
     /// The end is in memory but its store write failed; the sweeper retries it.
     end_unsaved: AtomicBool,
-    /// The end has not been audited yet; whoever takes this flag audits it.
-    audit_pending: AtomicBool,
+    /// Whether the end's audit event is written (`AUDIT_DONE`), due (`AUDIT_PENDING`), or being
+    /// written by whoever took it (`AUDIT_IN_FLIGHT`).
+    audit: AtomicU8,
 }
 
 /// Why a session cannot be used (for a request or a renewal).
@@ -174,19 +187,36 @@ impl LiveSession {
             route_objects: (0..routes).map(|_| AtomicU64::new(0)).collect(),
             dirty: AtomicBool::new(false),
             end_unsaved: AtomicBool::new(false),
-            audit_pending: AtomicBool::new(false),
+            // A stored end without its audit event (a crash in between) is audited again.
+            audit: AtomicU8::new(if record.end.is_some() && !record.audited {
+                AUDIT_PENDING
+            } else {
+                AUDIT_DONE
+            }),
         }
     }
 
-    /// Claims the duty to audit this session's end: true once per end. A caller that then fails
-    /// to write the audit event calls [`LiveSession::audit_failed`] so the sweeper retries it.
+    /// Claims the duty to audit this session's end: true once per end. The caller then reports
+    /// [`LiveSession::audit_done`] or [`LiveSession::audit_failed`] (the sweeper retries).
     pub fn take_audit(&self) -> bool {
-        self.audit_pending.swap(false, Ordering::AcqRel)
+        self.audit
+            .compare_exchange(
+                AUDIT_PENDING,
+                AUDIT_IN_FLIGHT,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The end's audit event is written.
+    pub fn audit_done(&self) {
+        self.audit.store(AUDIT_DONE, Ordering::Release);
     }
 
     /// Hands the audit of this session's end back to the sweeper.
     pub fn audit_failed(&self) {
-        self.audit_pending.store(true, Ordering::Release);
+        self.audit.store(AUDIT_PENDING, Ordering::Release);
     }
 
     fn touched(&self) {
@@ -226,6 +256,7 @@ impl LiveSession {
             initiating_human: self.initiating_human.clone(),
             end: self.end(),
             counters: self.counters(),
+            audited: self.audit.load(Ordering::Acquire) == AUDIT_DONE,
         }
     }
 
@@ -294,7 +325,7 @@ impl LiveSession {
         }
         *slot = Some(end);
         self.ended.store(true, Ordering::SeqCst);
-        self.audit_pending.store(true, Ordering::Release);
+        self.audit.store(AUDIT_PENDING, Ordering::Release);
         true
     }
 
@@ -461,6 +492,7 @@ impl Sessions {
             initiating_human,
             end: None,
             counters: SessionCounters::default(),
+            audited: true,
         };
         self.store.insert_session(&record)?;
         let session = Arc::new(LiveSession::new(&record, self.routes));
@@ -589,12 +621,21 @@ impl Sessions {
         let linger = self.linger_secs;
         self.write().retain(|_, s| {
             let Some(end) = s.end() else { return true };
-            let settled =
-                !s.end_unsaved.load(Ordering::Acquire) && !s.audit_pending.load(Ordering::Acquire);
+            // Only once the end is stored and its audit event confirmed written.
+            let settled = !s.end_unsaved.load(Ordering::Acquire)
+                && s.audit.load(Ordering::Acquire) == AUDIT_DONE;
             // Forgotten sessions are still refused (fail closed), only less precisely.
             !(settled && now >= end.at.min(s.hard_end).plus_seconds(linger))
         });
         (to_audit, error)
+    }
+
+    /// Records in the store that these sessions' ends are audited.
+    pub fn mark_audited(&self, sids: &[String]) -> Result<(), StoreError> {
+        if sids.is_empty() {
+            return Ok(());
+        }
+        self.store.mark_sessions_audited(sids)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<LiveSession>>> {

@@ -133,11 +133,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         sessions: &[crate::session::SessionRecord],
     ) -> Result<(), StoreError>;
-    /// Sessions whose hard end is at or after `since`, ended or not.
+    /// Sessions whose hard end is at or after `since`, ended or not, plus ended sessions whose
+    /// end is not audited yet.
     fn sessions_since(
         &self,
         since: Timestamp,
     ) -> Result<Vec<crate::session::SessionRecord>, StoreError>;
+    /// Records that the ends of these sessions are in the audit log.
+    fn mark_sessions_audited(&self, sids: &[String]) -> Result<(), StoreError>;
     /// Deletes sessions whose hard end is before `before`.
     fn prune_sessions(&self, before: Timestamp) -> Result<(), StoreError>;
     /// One session.

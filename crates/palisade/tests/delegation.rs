@@ -31,7 +31,7 @@ async fn register(h: &Harness, slug: &str, owner: &str) -> String {
 }
 
 async fn exchange(h: &Harness, agent: &str, secret: &str, subject: &str) -> (u16, Value) {
-    exchange_for(h, agent, secret, subject, None).await
+    exchange_for(h, agent, secret, subject, &[]).await
 }
 
 async fn exchange_for(
@@ -39,16 +39,14 @@ async fn exchange_for(
     agent: &str,
     secret: &str,
     subject: &str,
-    scope: Option<&str>,
+    extra: &[(&str, &str)],
 ) -> (u16, Value) {
     let mut form = vec![
         ("grant_type", EXCHANGE),
         ("subject_token", subject),
         ("subject_token_type", ACCESS),
     ];
-    if let Some(s) = scope {
-        form.push(("scope", s));
-    }
+    form.extend_from_slice(extra);
     let resp = h
         .http
         .post(h.url("/oauth2/token"))
@@ -93,6 +91,17 @@ when { context has initiating_human };
     assert_eq!(s, 200, "{minted}");
     let alice_token = minted["access_token"].as_str().unwrap().to_string();
     assert_eq!(claims(&alice_token)["sub"], "human:alice");
+    assert!(
+        claims(&alice_token)["aud"]
+            .as_str()
+            .unwrap()
+            .ends_with("/oauth2/token")
+    );
+    assert_eq!(
+        h.get_tickets(&alice_token).await.status(),
+        401,
+        "a human's subject token is no API token"
+    );
 
     // alice owns the planner, so it may act for her.
     let (s, delegated) = exchange(&h, "agent:planner", &planner, &alice_token).await;
@@ -108,12 +117,13 @@ when { context has initiating_human };
 
     // Policies see the initiating human: a delegated write token may write, the agent's own
     // write token not (both asked for on their own: read and write never share a token).
+    let planner_sid = c["sid"].as_str().unwrap().to_string();
     let (s, writer) = exchange_for(
         &h,
         "agent:planner",
         &planner,
         &alice_token,
-        Some("tickets:write"),
+        &[("scope", "tickets:write"), ("session_id", &planner_sid)],
     )
     .await;
     assert_eq!(s, 200, "{writer}");
@@ -162,6 +172,19 @@ when { context has initiating_human };
         json!({ "sub": "agent:coder", "act": { "sub": "agent:planner" } })
     );
     assert_eq!(h.get_tickets(&coder_token).await.status(), 200);
+    // Every actor of the chain is checked: suspending the planner stops the coder's token.
+    let (s, _) = h
+        .api(
+            Method::POST,
+            "/agents/planner/suspend",
+            Some(json!({ "reason": "drill" })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(h.get_tickets(&coder_token).await.status(), 401);
+    let (s, _) = h.api(Method::POST, "/agents/planner/resume", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(h.get_tickets(&coder_token).await.status(), 200);
 
     // Audit: the exchange and the gateway call carry the human and the whole chain.
     let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
@@ -189,7 +212,7 @@ when { context has initiating_human };
     // Refusals: an agent alice does not allow, an agent's own token as the subject, a bad type.
     let (s, body) = exchange(&h, "agent:rogue", &rogue, &alice_token).await;
     assert_eq!(s, 400);
-    assert_eq!(body["error"], "invalid_grant");
+    assert_eq!(body["error"], "invalid_request");
     let rogue_own = h.token_for("agent:rogue", &rogue).await;
     let (s, body) = exchange(&h, "agent:planner", &planner, &rogue_own).await;
     assert_eq!(s, 400);
@@ -409,7 +432,7 @@ async fn id_tokens_of_an_external_provider_delegate_through_its_jwks() {
     for (token, says) in cases {
         let (s, body) = exchange_id(&h, "agent:planner", &planner, &token).await;
         assert_eq!(s, 400, "{says}: {body}");
-        assert_eq!(body["error"], "invalid_grant");
+        assert_eq!(body["error"], "invalid_request");
         let text = body["error_description"].as_str().unwrap();
         assert!(text.contains(says), "expected `{says}` in: {text}");
     }

@@ -657,6 +657,21 @@ unless { context.approval == "approved" };
     let (s, refused) = h
         .token_request("agent:split", &secret, &[("scope", "tickets:write")])
         .await;
+    assert_eq!(s, 400, "{refused}");
+    assert!(
+        refused["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("session_id"),
+        "write scopes come inside a session: {refused}"
+    );
+    let (s, refused) = h
+        .token_request(
+            "agent:split",
+            &secret,
+            &[("scope", "tickets:write"), ("session_id", &sid)],
+        )
+        .await;
     assert_eq!(s, 403, "{refused}");
     assert_eq!(refused["error"], "access_denied");
     assert_eq!(
@@ -665,8 +680,13 @@ unless { context.approval == "approved" };
     );
     // The read-only blast radius refuses it too, by itself.
     let ro = agent(&h, "ro", |a| a["blast_radius"] = json!({})).await;
+    let (_, ro_sid) = session(&h, "ro", &ro).await;
     let (s, refused) = h
-        .token_request("agent:ro", &ro, &[("scope", "tickets:write")])
+        .token_request(
+            "agent:ro",
+            &ro,
+            &[("scope", "tickets:write"), ("session_id", &ro_sid)],
+        )
         .await;
     assert_eq!(s, 403, "{refused}");
     let policies = refused["deciding_policies"].as_array().unwrap();

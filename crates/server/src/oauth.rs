@@ -201,13 +201,14 @@ async fn refuse(
     error: OAuthError,
     client: Option<&str>,
     started: std::time::Instant,
+    grant: &str,
 ) -> Response {
     let mut event = AuditEvent::new("token.refused");
     event.principal = client.map(|c| PrincipalRef {
         id: c.chars().take(80).collect(),
         ..PrincipalRef::default()
     });
-    event.action = Some("client_credentials".into());
+    event.action = Some(grant.into());
     event.outcome = Some(Outcome {
         status: error.status.as_u16(),
         error: Some(format!("{}: {}", error.code, error.description)),
@@ -228,7 +229,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
     let started = std::time::Instant::now();
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
-        Err(e) => return refuse(&app, e, None, started).await,
+        Err(e) => return refuse(&app, e, None, started, "unknown").await,
     };
     let grant_type = match single(&form, "grant_type") {
         Ok(Some(g)) => g,
@@ -238,10 +239,11 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
                 OAuthError::new("invalid_request", "grant_type is missing"),
                 None,
                 started,
+                "unknown",
             )
             .await;
         }
-        Err(e) => return refuse(&app, e, None, started).await,
+        Err(e) => return refuse(&app, e, None, started, "unknown").await,
     };
     if grant_type != "client_credentials" && grant_type != TOKEN_EXCHANGE {
         let e = OAuthError::new(
@@ -250,8 +252,13 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
                 "grant_type `{grant_type}` is not supported; use client_credentials or {TOKEN_EXCHANGE}"
             ),
         );
-        return refuse(&app, e, None, started).await;
+        return refuse(&app, e, None, started, "unknown").await;
     }
+    let label = if grant_type == TOKEN_EXCHANGE {
+        "token_exchange"
+    } else {
+        "client_credentials"
+    };
     let (client_id, secret) = match client_credentials(&headers, &form) {
         Ok(Some(c)) => c,
         Ok(None) => {
@@ -260,10 +267,11 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
                 OAuthError::new("invalid_client", "client authentication is required"),
                 None,
                 started,
+                label,
             )
             .await;
         }
-        Err(e) => return refuse(&app, e, None, started).await,
+        Err(e) => return refuse(&app, e, None, started, label).await,
     };
     let principal = match app
         .registry
@@ -275,7 +283,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
                 "invalid_client",
                 format!("{id} is {status} and gets no tokens"),
             );
-            return refuse(&app, e, Some(&client_id), started).await;
+            return refuse(&app, e, Some(&client_id), started, label).await;
         }
         Err(ClientAuthError::BadCredentials) => {
             return refuse(
@@ -283,6 +291,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
                 OAuthError::new("invalid_client", "client authentication failed"),
                 Some(&client_id),
                 started,
+                label,
             )
             .await;
         }
@@ -299,32 +308,48 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
     let delegation = if grant_type == TOKEN_EXCHANGE {
         match delegation_for(&app, &principal, &form).await {
             Ok(d) => Some(d),
-            Err(e) => return refuse(&app, e, Some(&client_id), started).await,
+            Err(e) => return refuse(&app, e, Some(&client_id), started, label).await,
         }
     } else {
         None
     };
     let scope = match single(&form, "scope") {
         Ok(s) => s,
-        Err(e) => return refuse(&app, e, Some(&client_id), started).await,
+        Err(e) => return refuse(&app, e, Some(&client_id), started, label).await,
     };
-    let resources = form.get("resource").cloned().unwrap_or_default();
+    // RFC 8693's `audience` names the same thing as RFC 8707's `resource` here: the API's URI.
+    let mut resources = form.get("resource").cloned().unwrap_or_default();
+    resources.extend(form.get("audience").cloned().unwrap_or_default());
     let session_id = match single(&form, "session_id") {
         Ok(s) => s,
-        Err(e) => return refuse(&app, e, Some(&client_id), started).await,
+        Err(e) => return refuse(&app, e, Some(&client_id), started, label).await,
     };
     if let Err(r) = app.tokens.admit(&principal) {
-        return refuse(&app, r.into(), Some(&client_id), started).await;
+        return refuse(&app, r.into(), Some(&client_id), started, label).await;
     }
     let grant = match app.tokens.grant_for(&principal, scope, &resources) {
         Ok(g) => g,
         Err((code, msg)) => {
-            return refuse(&app, OAuthError::new(code, msg), Some(&client_id), started).await;
+            return refuse(
+                &app,
+                OAuthError::new(code, msg),
+                Some(&client_id),
+                started,
+                label,
+            )
+            .await;
         }
     };
     let human_id = delegation.as_ref().map(|d| d.human.id.to_string());
+    if !grant.write_routes.is_empty() && session_id.is_none() {
+        let e = OAuthError::new(
+            "invalid_request",
+            "write scopes are issued inside a session, so the decision sees its context: add session_id=<the sid of your read token>",
+        );
+        return refuse(&app, e, Some(&client_id), started, label).await;
+    }
     if let Err(e) = decide_write_token(&app, &principal, &grant, session_id, human_id.as_deref()) {
-        return refuse(&app, e, Some(&client_id), started).await;
+        return refuse(&app, e, Some(&client_id), started, label).await;
     }
     // Last, so no refusal above leaves a session behind.
     let session = match app
@@ -332,7 +357,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         .session_for(&principal, session_id, human_id.as_deref())
     {
         Ok(s) => s,
-        Err(r) => return refuse(&app, r.into(), Some(&client_id), started).await,
+        Err(r) => return refuse(&app, r.into(), Some(&client_id), started, label).await,
     };
     let (token, claims) =
         match app
@@ -520,18 +545,34 @@ async fn delegation_for(
     let verified = app
         .tokens
         .verify(subject, None)
-        .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+        .map_err(|e| OAuthError::new("invalid_request", format!("subject_token: {e}")))?;
     let claims = verified.claims();
     let human = app
         .tokens
         .live_principal(&claims.sub)
-        .map_err(|f| OAuthError::new("invalid_grant", format!("subject_token: {}", f.reason)))?;
+        .map_err(|f| OAuthError::new("invalid_request", format!("subject_token: {}", f.reason)))?;
+    let now = app.tokens.now().unix_seconds();
+    if claims.exp <= now {
+        return Err(OAuthError::new(
+            "invalid_request",
+            "subject_token: it has expired; get a fresh one",
+        ));
+    }
     if human.kind() != palisade_core::PrincipalKind::Human {
         return Err(OAuthError::new(
-            "invalid_grant",
+            "invalid_request",
             format!(
                 "subject_token: its subject {} is not a human; only humans delegate",
                 human.id
+            ),
+        ));
+    }
+    if claims.act.is_none() && claims.aud != app.tokens.human_token_audience() {
+        return Err(OAuthError::new(
+            "invalid_request",
+            format!(
+                "subject_token: a human's Palisade token must be minted for the token endpoint ({})",
+                app.tokens.human_token_audience()
             ),
         ));
     }
@@ -539,11 +580,11 @@ async fn delegation_for(
         // The chain so far must still be live: a delegated subject token of a killed session or
         // a suspended agent delegates nothing.
         app.tokens.live_caller(&verified).map_err(|f| {
-            OAuthError::new("invalid_grant", format!("subject_token: {}", f.reason))
+            OAuthError::new("invalid_request", format!("subject_token: {}", f.reason))
         })?;
         if act.chain().len() >= crate::tokens::MAX_ACTOR_CHAIN {
             return Err(OAuthError::new(
-                "invalid_grant",
+                "invalid_request",
                 format!(
                     "subject_token already has {} actors; a chain may have at most {}",
                     act.chain().len(),
@@ -554,7 +595,7 @@ async fn delegation_for(
     }
     if !human.allows_actor(agent) {
         return Err(OAuthError::new(
-            "invalid_grant",
+            "invalid_request",
             format!(
                 "{} may not act for {}: the human neither owns it (directly or through a team) nor lists it in may_act",
                 agent.id, human.id
@@ -581,7 +622,7 @@ async fn external_delegation(
         .identity_providers
         .verify(token, now, app.config.oauth.leeway_secs)
         .await
-        .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+        .map_err(|e| OAuthError::new("invalid_request", format!("subject_token: {e}")))?;
     let human_id = if identity.claim == "email" {
         app.registry
             .list(Some(palisade_core::PrincipalKind::Human))
@@ -596,7 +637,7 @@ async fn external_delegation(
             .map(|h| h.id.clone())
             .ok_or_else(|| {
                 OAuthError::new(
-                    "invalid_grant",
+            "invalid_request",
                     format!(
                         "subject_token: no registered human has the email of this `{}` identity; register them with that email",
                         identity.provider
@@ -607,7 +648,7 @@ async fn external_delegation(
         palisade_core::PrincipalId::new(palisade_core::PrincipalKind::Human, &identity.value)
             .map_err(|e| {
                 OAuthError::new(
-                    "invalid_grant",
+                    "invalid_request",
                     format!(
                         "subject_token: `{}` does not name a human: {}",
                         identity.claim, e.0
@@ -618,10 +659,10 @@ async fn external_delegation(
     let human = app
         .tokens
         .live_principal(&human_id.to_string())
-        .map_err(|f| OAuthError::new("invalid_grant", format!("subject_token: {}", f.reason)))?;
+        .map_err(|f| OAuthError::new("invalid_request", format!("subject_token: {}", f.reason)))?;
     if !human.allows_actor(agent) {
         return Err(OAuthError::new(
-            "invalid_grant",
+            "invalid_request",
             format!(
                 "{} may not act for {}: the human neither owns it (directly or through a team) nor lists it in may_act",
                 agent.id, human.id

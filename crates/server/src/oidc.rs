@@ -25,6 +25,7 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byt
 const JWKS_MAX_BYTES: usize = 256 * 1024;
 const JWKS_TTL: Duration = Duration::from_secs(3600);
 const REFETCH_MIN: Duration = Duration::from_secs(60);
+const JWKS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 const MAX_ID_TOKEN_BYTES: usize = 16 * 1024;
 
 /// A verified external identity.
@@ -42,7 +43,15 @@ pub struct ExternalIdentity {
 
 struct Provider {
     config: IdentityProviderConfig,
-    keys: Mutex<Option<(JwkSet, Instant)>>,
+    keys: Mutex<KeyCache>,
+}
+
+#[derive(Default)]
+struct KeyCache {
+    set: Option<JwkSet>,
+    fetched_at: Option<Instant>,
+    /// Last fetch attempt, successful or not: refetches are at most once a minute.
+    tried_at: Option<Instant>,
 }
 
 /// The configured providers and the client that fetches their keys.
@@ -74,7 +83,7 @@ impl Providers {
                 .iter()
                 .map(|c| Provider {
                     config: c.clone(),
-                    keys: Mutex::new(None),
+                    keys: Mutex::new(KeyCache::default()),
                 })
                 .collect(),
             client,
@@ -169,8 +178,12 @@ impl Providers {
             .filter(|v| !v.is_empty())
             .ok_or_else(|| format!("the ID token has no `{claim}` claim to name the human"))?
             .to_string();
-        if claim == "email" && claims.get("email_verified") == Some(&Value::Bool(false)) {
-            return Err("the ID token's email is not verified (email_verified: false)".into());
+        // An email names a human only if the provider vouches for it: some providers let users
+        // set any address, so a missing `email_verified` is as good as false.
+        if claim == "email" && claims.get("email_verified") != Some(&Value::Bool(true)) {
+            return Err(
+                "the ID token's email is not verified (email_verified is not true); use a provider that verifies emails or another human_claim".into(),
+            );
         }
         Ok(ExternalIdentity {
             provider: provider.config.name.clone(),
@@ -186,26 +199,41 @@ impl Providers {
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<DecodingKey, String> {
-        let mut cached = provider.keys.lock().await;
-        let stale = cached
+        // One fetch at a time per provider; the others wait for its result instead of
+        // fetching too (no refetch storm), and a failed fetch is not retried for a minute.
+        let mut cache = provider.keys.lock().await;
+        let stale = cache.fetched_at.is_none_or(|at| at.elapsed() > JWKS_TTL);
+        let unknown_kid = cache
+            .set
             .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() > JWKS_TTL);
-        let unknown_kid = |set: &JwkSet| kid.is_some_and(|k| set.find(k).is_none());
-        let may_refetch = cached
-            .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() > REFETCH_MIN);
-        if stale || (cached.as_ref().is_some_and(|(s, _)| unknown_kid(s)) && may_refetch) {
+            .is_some_and(|s| kid.is_some_and(|k| s.find(k).is_none()));
+        let may_try = cache.tried_at.is_none_or(|at| at.elapsed() > REFETCH_MIN);
+        if (stale || unknown_kid) && may_try {
+            cache.tried_at = Some(Instant::now());
             match self.fetch(&provider.config).await {
-                Ok(set) => *cached = Some((set, Instant::now())),
-                Err(e) if cached.is_none() => return Err(e),
+                Ok(set) => {
+                    cache.set = Some(set);
+                    cache.fetched_at = Some(Instant::now());
+                }
                 Err(e) => {
-                    tracing::warn!(provider = %provider.config.name, error = %e, "JWKS refresh failed; using the cached keys")
+                    tracing::warn!(provider = %provider.config.name, error = %e, "JWKS fetch failed")
                 }
             }
         }
-        let set = cached
+        // Keys not refreshed for a day are not trusted any more (a provider's rotation would go
+        // unnoticed).
+        if cache
+            .fetched_at
+            .is_none_or(|at| at.elapsed() > JWKS_MAX_AGE)
+        {
+            return Err(format!(
+                "the keys of `{}` could not be fetched from {} (retried at most once a minute)",
+                provider.config.name, provider.config.jwks_uri
+            ));
+        }
+        let set = cache
+            .set
             .as_ref()
-            .map(|(s, _)| s)
             .ok_or("no keys for the identity provider")?;
         let jwk = match kid {
             Some(k) => set.find(k),

@@ -27,17 +27,46 @@ use std::sync::Arc;
 /// by whoever takes it first: the handler that ended it or the sweeper). An end whose event
 /// could not be written goes back to the sweeper, which retries it every second.
 pub async fn audit_ended(app: &App, records: &[SessionRecord]) -> Result<(), ()> {
+    let taken: Vec<SessionRecord> = records
+        .iter()
+        .filter(|r| {
+            app.tokens
+                .sessions
+                .get(&r.sid)
+                .is_none_or(|s| s.take_audit())
+        })
+        .cloned()
+        .collect();
+    audit_and_confirm(app, &taken).await
+}
+
+/// Writes the `session.ended` events of ends already taken for auditing, marks the written ones
+/// done (in memory and in the store) and hands failed ones back to the sweeper.
+async fn audit_and_confirm(app: &App, records: &[SessionRecord]) -> Result<(), ()> {
     let mut result = Ok(());
+    let mut done = Vec::new();
     for record in records {
         let live = app.tokens.sessions.get(&record.sid);
-        if live.as_ref().is_some_and(|s| !s.take_audit()) {
-            continue;
-        }
-        if audit_end(app, record).await.is_err() {
+        if audit_end(app, record).await.is_ok() {
+            if let Some(s) = live {
+                s.audit_done();
+            }
+            done.push(record.sid.clone());
+        } else {
             if let Some(s) = live {
                 s.audit_failed();
             }
             result = Err(());
+        }
+    }
+    if !done.is_empty() {
+        let sessions = app.tokens.sessions.clone();
+        match tokio::task::spawn_blocking(move || sessions.mark_audited(&done)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot mark session ends audited; a restart audits them again")
+            }
+            Err(_) => tracing::warn!("mark-audited task failed"),
         }
     }
     result
@@ -45,13 +74,7 @@ pub async fn audit_ended(app: &App, records: &[SessionRecord]) -> Result<(), ()>
 
 /// Audits ends the sweeper handed over (already taken); failures go back to the sweeper.
 pub async fn audit_taken(app: &App, records: &[SessionRecord]) {
-    for record in records {
-        if audit_end(app, record).await.is_err()
-            && let Some(s) = app.tokens.sessions.get(&record.sid)
-        {
-            s.audit_failed();
-        }
-    }
+    let _ = audit_and_confirm(app, records).await;
 }
 
 /// Writes the `session.ended` event of one session.

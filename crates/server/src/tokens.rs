@@ -488,6 +488,11 @@ impl TokenService {
         Ok((token, claims))
     }
 
+    /// The audience of admin-minted human tokens: the token endpoint.
+    pub fn human_token_audience(&self) -> String {
+        format!("{}/oauth2/token", self.config.server.issuer)
+    }
+
     /// An access token for a human, minted by an administrator (the stand-in for a human login
     /// until the web console's OIDC sign-in): the subject token of a token exchange.
     pub fn issue_human(&self, human: &Principal) -> Result<(String, AccessTokenClaims), String> {
@@ -496,7 +501,9 @@ impl TokenService {
         let claims = AccessTokenClaims {
             iss: self.config.server.issuer.clone(),
             sub: human.id.to_string(),
-            aud: self.config.oauth.default_audience.clone(),
+            // Only the token endpoint accepts it (as a token exchange's subject token): no
+            // gateway route has this audience, so a human token never calls an API itself.
+            aud: self.human_token_audience(),
             exp: now + self.config.oauth.access_token_ttl_secs,
             iat: now,
             nbf: None,
@@ -599,15 +606,24 @@ impl TokenService {
         };
         if let Some(act) = &claims.act {
             let human = self.live_principal(&claims.sub)?;
-            if !human.allows_actor(&caller.principal) {
-                return Err(AuthFailure {
-                    subject: Some(caller.principal.id.to_string()),
-                    reason: format!(
-                        "{} no longer allows {} to act for them",
-                        human.id, caller.principal.id
-                    ),
-                    session: None,
-                });
+            // Every actor of the chain, not only the current one, must still be live and still
+            // allowed by the human: killing or un-allowing an earlier agent stops the chain.
+            for id in act.chain() {
+                let actor = if id == caller.principal.id.to_string() {
+                    caller.principal.clone()
+                } else {
+                    self.live_principal(id)?
+                };
+                if !human.allows_actor(&actor) {
+                    return Err(AuthFailure {
+                        subject: Some(caller.principal.id.to_string()),
+                        reason: format!(
+                            "{} no longer allows {} to act for them",
+                            human.id, actor.id
+                        ),
+                        session: None,
+                    });
+                }
             }
             caller.actor_chain = act.chain().into_iter().map(str::to_string).collect();
             caller.initiating_human = Some(human);

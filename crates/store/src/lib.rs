@@ -574,7 +574,12 @@ impl Store for SqliteStore {
     fn sessions_since(&self, since: Timestamp) -> Result<Vec<SessionRecord>, StoreError> {
         let conn = self.main()?;
         let mut stmt = conn
-            .prepare_cached("SELECT data FROM sessions WHERE hard_end_ns >= ?1")
+            // Also ended sessions whose `session.ended` event was never written (a crash between
+            // storing the end and auditing it), so the sweeper writes it now.
+            .prepare_cached(
+                "SELECT data FROM sessions WHERE hard_end_ns >= ?1 \
+                 OR (ended = 1 AND json_extract(data, '$.audited') = 0)",
+            )
             .map_err(backend)?;
         let rows = stmt
             .query_map([ns(since)], |r| r.get::<_, String>(0))
@@ -584,6 +589,24 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|d| serde_json::from_str(d).map_err(|e| backend(format!("session row: {e}"))))
             .collect()
+    }
+
+    fn mark_sessions_audited(&self, sids: &[String]) -> Result<(), StoreError> {
+        // The counters connection (synchronous=NORMAL): losing this mark in a crash only means
+        // the end is audited once more after the restart.
+        let mut conn = self.counters()?;
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE sessions SET data = json_set(data, '$.audited', json('true')) WHERE sid = ?1",
+                )
+                .map_err(backend)?;
+            for sid in sids {
+                stmt.execute([sid]).map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
     }
 
     fn prune_sessions(&self, before: Timestamp) -> Result<(), StoreError> {
@@ -820,8 +843,17 @@ mod tests {
         assert_eq!(due, expected);
         assert!(sessions.sweep().0.is_empty(), "each end is handed out once");
 
-        // A new process sees both ends and the counters.
+        // Nobody wrote their audit events (as after a crash): a new process sees both ends and
+        // the counters, and hands the ends out for auditing again.
         let reloaded = Sessions::load(store.clone(), clock.clone(), 1, 60).unwrap();
+        let (again, _) = reloaded.sweep();
+        assert_eq!(again.len(), 2, "unaudited ends are audited after a restart");
+        for r in &again {
+            reloaded.get(&r.sid).unwrap().audit_done();
+        }
+        reloaded
+            .mark_audited(&again.iter().map(|r| r.sid.clone()).collect::<Vec<_>>())
+            .unwrap();
         let a2 = reloaded.get(&a.sid).unwrap();
         assert_eq!(a2.end().unwrap().reason, EndReason::Expired);
         assert_eq!(a2.counters().objects_read, 1);
@@ -836,6 +868,9 @@ mod tests {
         assert!(reloaded.sweep().1.is_none());
         assert!(reloaded.get(&a.sid).is_none());
         assert_eq!(reloaded.check(&a.sid, &agent).unwrap_err().state, "unknown");
+        // Audited and past their linger, they are not loaded again.
+        let third = Sessions::load(store.clone(), clock.clone(), 1, 60).unwrap();
+        assert!(third.get(&a.sid).is_none() && third.get(&b.sid).is_none());
     }
 
     #[test]

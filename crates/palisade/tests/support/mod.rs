@@ -277,8 +277,8 @@ upstream = "http://{}"
             .to_string()
     }
 
-    /// A token with only `scope` (a write scope gets its own token request, decided by policy),
-    /// optionally in an existing session.
+    /// A token with only `scope` (a write scope gets its own token request, decided by policy,
+    /// inside a session): in `session`, or in a session started for it.
     pub async fn scoped_token(
         &self,
         client_id: &str,
@@ -286,10 +286,17 @@ upstream = "http://{}"
         scope: &str,
         session: Option<&str>,
     ) -> String {
-        let mut extra = vec![("scope", scope)];
-        if let Some(sid) = session {
-            extra.push(("session_id", sid));
-        }
+        let started;
+        let sid = match session {
+            Some(s) => s,
+            None => {
+                let (status, body) = self.token_request(client_id, secret, &[]).await;
+                assert_eq!(status, 200, "{body}");
+                started = body["session_id"].as_str().unwrap().to_string();
+                started.as_str()
+            }
+        };
+        let extra = vec![("scope", scope), ("session_id", sid)];
         let (status, body) = self.token_request(client_id, secret, &extra).await;
         assert_eq!(status, 200, "{body}");
         body["access_token"].as_str().unwrap().to_string()
