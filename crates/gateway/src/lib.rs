@@ -283,21 +283,9 @@ impl Gateway {
                 "limit": l.limit.to_string(),
                 "retry_after_seconds": secs,
             });
-            let mut resp = self
-                .finish(
-                    event,
-                    started,
-                    &request_id,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    bytes_in,
-                    body,
-                )
+            return self
+                .too_many(event, started, &request_id, bytes_in, body, secs)
                 .await;
-            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            return resp;
         }
         let max_in_flight = caller
             .principal
@@ -312,21 +300,9 @@ impl Gateway {
                     "message": format!("{} already has {max} requests in flight, its limit; retry when one finishes", caller.principal.id),
                     "limit": max,
                 });
-                let mut resp = self
-                    .finish(
-                        event,
-                        started,
-                        &request_id,
-                        StatusCode::TOO_MANY_REQUESTS,
-                        bytes_in,
-                        body,
-                    )
+                return self
+                    .too_many(event, started, &request_id, bytes_in, body, 1)
                     .await;
-                if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-                    resp.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                }
-                return resp;
             }
         };
         let mut object_read = None;
@@ -668,6 +644,33 @@ impl Gateway {
             if let Some(r) = &session {
                 clear_context(&mut resp, r);
             }
+        }
+        resp
+    }
+
+    /// Audits a 429, then answers with `body` and `Retry-After: retry_after_secs`.
+    async fn too_many(
+        &self,
+        event: AuditEvent,
+        started: Instant,
+        request_id: &str,
+        bytes_in: Option<u64>,
+        body: serde_json::Value,
+        retry_after_secs: u64,
+    ) -> Response<Body> {
+        let mut resp = self
+            .finish(
+                event,
+                started,
+                request_id,
+                StatusCode::TOO_MANY_REQUESTS,
+                bytes_in,
+                body,
+            )
+            .await;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         resp
     }

@@ -327,34 +327,46 @@ pub async fn kill_agent(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let id = match PrincipalId::parse_with_default(&id, Some(PrincipalKind::Agent)) {
-        Ok(i) if i.kind() == PrincipalKind::Agent => i,
-        Ok(i) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("id: {i} is not an agent; use owner kill for humans and teams"),
-                Some("id"),
-            );
-        }
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("id: {}", e.0),
-                Some("id"),
-            );
-        }
+    let id = match registered(&app, &id, PrincipalKind::Agent, &[PrincipalKind::Agent]) {
+        Ok(i) => i,
+        Err(r) => return r,
     };
+    kill(&app, vec![id.clone()], "agent", &id.to_string(), &body).await
+}
+
+/// A registered principal id of one of `kinds` (a bare slug means `default`), or the error
+/// response naming the problem.
+#[allow(clippy::result_large_err)]
+fn registered(
+    app: &App,
+    text: &str,
+    default: PrincipalKind,
+    kinds: &[PrincipalKind],
+) -> Result<PrincipalId, Response> {
+    let default_kind = (!text.contains(':')).then_some(default);
+    let invalid = |message: String| {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            &message,
+            Some("id"),
+        )
+    };
+    let id = PrincipalId::parse_with_default(text, default_kind)
+        .map_err(|e| invalid(format!("id: {}", e.0)))?;
+    if !kinds.contains(&id.kind()) {
+        let names: Vec<&str> = kinds.iter().map(|k| k.noun()).collect();
+        return Err(invalid(format!("id: {id} is not a {}", names.join(" or "))));
+    }
     if app.registry.get(&id).is_none() {
-        return error_response(
+        return Err(error_response(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("{id} does not exist"),
             None,
-        );
+        ));
     }
-    kill(&app, vec![id.clone()], "agent", &id.to_string(), &body).await
+    Ok(id)
 }
 
 /// `POST /api/v1/owners/{id}/kill`: every agent the human or team owns.
@@ -363,34 +375,15 @@ pub async fn kill_owner(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let default_kind = (!id.contains(':')).then_some(PrincipalKind::Human);
-    let owner = match PrincipalId::parse_with_default(&id, default_kind) {
-        Ok(i) if matches!(i.kind(), PrincipalKind::Human | PrincipalKind::Team) => i,
-        Ok(i) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("id: {i} cannot own agents; name a human or a team"),
-                Some("id"),
-            );
-        }
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                &format!("id: {}", e.0),
-                Some("id"),
-            );
-        }
+    let owner = match registered(
+        &app,
+        &id,
+        PrincipalKind::Human,
+        &[PrincipalKind::Human, PrincipalKind::Team],
+    ) {
+        Ok(i) => i,
+        Err(r) => return r,
     };
-    if app.registry.get(&owner).is_none() {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("{owner} does not exist"),
-            None,
-        );
-    }
     let agents: Vec<PrincipalId> = app
         .registry
         .list(Some(PrincipalKind::Agent))
