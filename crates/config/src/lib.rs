@@ -10,7 +10,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Path prefixes the server itself serves; routes may not shadow them.
-pub const RESERVED_PREFIXES: &[&str] = &["/api", "/oauth2", "/.well-known", "/healthz", "/access"];
+pub const RESERVED_PREFIXES: &[&str] = &[
+    "/api",
+    "/oauth2",
+    "/.well-known",
+    "/healthz",
+    "/access",
+    "/mcp",
+];
+
+/// Where the MCP gateway listens.
+pub const MCP_PATH: &str = "/mcp";
 
 /// A configuration problem, naming the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +62,8 @@ pub mod raw {
         pub authzen: AuthZen,
         #[serde(default)]
         pub purposes: std::collections::BTreeMap<String, Purpose>,
+        #[serde(default)]
+        pub mcp: Mcp,
     }
 
     /// `[purposes.<tag>]`.
@@ -150,6 +162,42 @@ pub mod raw {
         pub rules: Vec<Rule>,
     }
 
+    /// `[mcp]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Mcp {
+        #[serde(default)]
+        pub servers: Vec<McpServer>,
+    }
+
+    /// `[[mcp.servers]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct McpServer {
+        pub name: String,
+        pub command: String,
+        #[serde(default)]
+        pub args: Vec<String>,
+        #[serde(default)]
+        pub env: std::collections::BTreeMap<String, String>,
+        pub cwd: Option<String>,
+        pub kind: Option<String>,
+        pub system: Option<String>,
+        pub classification: Option<String>,
+        #[serde(default)]
+        pub tools: std::collections::BTreeMap<String, McpTool>,
+    }
+
+    /// `[mcp.servers.tools.<tool>]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct McpTool {
+        pub action: String,
+    }
+
     /// `[[routes.rules]]`.
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -184,6 +232,40 @@ pub struct Config {
     pub authzen: AuthZenConfig,
     /// `[purposes.<tag>]`: what each purpose tag may do, sorted by tag.
     pub purposes: Vec<PurposeConfig>,
+    /// `[mcp]`: the MCP gateway at [`MCP_PATH`].
+    pub mcp: McpConfig,
+}
+
+/// The MCP gateway.
+#[derive(Clone, Debug, Default)]
+pub struct McpConfig {
+    /// The `aud` agent tokens need at the MCP endpoint: `<issuer>/mcp`.
+    pub audience: String,
+    /// Upstream MCP servers, federated behind the one endpoint.
+    pub servers: Vec<McpServerConfig>,
+}
+
+/// One upstream MCP server that Palisade runs over stdio.
+#[derive(Clone, Debug)]
+pub struct McpServerConfig {
+    /// Name: the prefix of its tools (`<name>__<tool>`) and its `Palisade::Route`.
+    pub name: String,
+    /// Program to run (a path, or a name looked up in Palisade's own PATH).
+    pub command: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its whole environment: nothing else is passed on.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// What its tools hold, for purpose binding (default: the server name).
+    pub kind: String,
+    /// The system it belongs to, if any.
+    pub system: Option<String>,
+    /// Data classification of its tools.
+    pub classification: palisade_core::principal::Classification,
+    /// Per-tool action classes that override the tools' annotations.
+    pub tool_actions: Vec<(String, ActionClass)>,
 }
 
 /// The action classes and resource kinds one purpose needs.
@@ -417,6 +499,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.server.data_dir = base.join(&config.server.data_dir);
         config.policy.dir = config.policy.dir.as_deref().map(|dir| base.join(dir));
+        for server in &mut config.mcp.servers {
+            server.cwd = server.cwd.as_deref().map(|dir| base.join(dir));
+        }
         Ok(config)
     }
 
@@ -599,7 +684,69 @@ impl Config {
                 resource_kinds: p.resource_kinds,
             });
         }
+        let mut mcp_servers: Vec<McpServerConfig> = Vec::new();
+        for (i, s) in raw.mcp.servers.into_iter().enumerate() {
+            let at = format!("mcp.servers[{i}]");
+            let slug_ok = !s.name.is_empty()
+                && s.name.len() <= 63
+                && !s.name.contains("__")
+                && s.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !slug_ok {
+                return Err(format!(
+                    "key `{at}.name`: `{}` must be 1 to 63 lowercase letters, digits, `-` or `_`, without `__`",
+                    s.name
+                ));
+            }
+            if routes.iter().any(|r| r.name == s.name)
+                || mcp_servers.iter().any(|m| m.name == s.name)
+            {
+                return Err(format!(
+                    "key `{at}.name`: `{}` is already a route or MCP server name; names are shared",
+                    s.name
+                ));
+            }
+            if s.command.trim().is_empty() {
+                return Err(format!("key `{at}.command`: give the program to run"));
+            }
+            let kind = s.kind.unwrap_or_else(|| s.name.clone());
+            if !is_name(&kind) {
+                return Err(format!("key `{at}.kind`: `{kind}` is not a name"));
+            }
+            let classification = match s.classification.as_deref() {
+                None => palisade_core::principal::Classification::Internal,
+                Some(c) => palisade_core::principal::Classification::parse(c).ok_or_else(|| {
+                    format!("key `{at}.classification`: `{c}` is not public, internal, confidential or restricted")
+                })?,
+            };
+            let mut tool_actions = Vec::new();
+            for (tool, t) in s.tools {
+                let action = ActionClass::parse(&t.action).ok_or_else(|| {
+                    format!(
+                        "key `{at}.tools.{tool}.action`: `{}` is not one of read, write, destructive",
+                        t.action
+                    )
+                })?;
+                tool_actions.push((tool, action));
+            }
+            mcp_servers.push(McpServerConfig {
+                name: s.name,
+                command: s.command,
+                args: s.args,
+                env: s.env.into_iter().collect(),
+                cwd: s.cwd.map(PathBuf::from),
+                kind,
+                system: s.system,
+                classification,
+                tool_actions,
+            });
+        }
         Ok(Self {
+            mcp: McpConfig {
+                audience: format!("{issuer}{MCP_PATH}"),
+                servers: mcp_servers,
+            },
             purposes,
             authzen: AuthZenConfig { namespace },
             server: ServerConfig {
@@ -637,6 +784,7 @@ impl Config {
                 route.audience = self.oauth.default_audience.clone();
             }
         }
+        self.mcp.audience = format!("{}{MCP_PATH}", self.server.issuer);
     }
 
     /// The route serving `path`, longest prefix first.

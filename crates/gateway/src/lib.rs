@@ -370,6 +370,7 @@ impl Gateway {
         let target = Target {
             route: &route.name,
             resource: class.resource.as_deref(),
+            tool: false,
             route_kind: &route.kind,
             kind: &class.kind,
             system: route.system.as_deref().unwrap_or(""),

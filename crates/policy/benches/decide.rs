@@ -84,6 +84,7 @@ fn measure(
         let target = Target {
             route: &route,
             resource,
+            tool: false,
             route_kind: &route,
             kind: resource.unwrap_or(&route),
             system: "",
@@ -125,6 +126,7 @@ fn measure_each(engine: &PolicyEngine, agents: &[Principal]) {
             let target = Target {
                 route: &route,
                 resource,
+                tool: false,
                 route_kind: &route,
                 kind: resource.unwrap_or(&route),
                 system: "",

@@ -177,6 +177,7 @@ pub fn run(engine: &PolicyEngine, text: &str, source: &str) -> Result<Vec<CaseRe
         let target = Target {
             route: &case.route,
             resource: case.resource.as_deref(),
+            tool: false,
             route_kind: &route_kind,
             kind: &kind,
             system: &system,

@@ -79,8 +79,11 @@ impl Action {
 pub struct Target<'a> {
     /// The route name.
     pub route: &'a str,
-    /// A named resource inside the route, from a route rule.
+    /// A named resource inside the route, from a route rule (or an MCP tool of a server).
     pub resource: Option<&'a str>,
+    /// Whether `resource` is an MCP tool (`Palisade::Tool::"<server>/<tool>"`, the server being
+    /// the route) rather than a route rule's `Palisade::Resource`.
+    pub tool: bool,
     /// What the route holds (`repo`, `email`, ...), for purpose binding.
     pub route_kind: &'a str,
     /// What the target holds: the resource's kind if a resource is named, else the route's.
@@ -528,7 +531,7 @@ impl PolicyEngine {
         let resource_uid = match target.resource {
             Some(name) => {
                 let id = format!("{}/{name}", target.route);
-                let res_uid = uid("Resource", &id)?;
+                let res_uid = uid(if target.tool { "Tool" } else { "Resource" }, &id)?;
                 entities.push(
                     Entity::new(
                         res_uid.clone(),
@@ -961,6 +964,7 @@ fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
             "System",
             "Route",
             "Resource",
+            "Tool",
             "Action",
         ]
         .into_iter()

@@ -126,6 +126,7 @@ mod tests {
         let repo = Target {
             route: "repos",
             resource: None,
+            tool: false,
             route_kind: "repo",
             kind: "repo",
             system: "",
@@ -135,6 +136,7 @@ mod tests {
         let mail = Target {
             route: "mail",
             resource: None,
+            tool: false,
             route_kind: "email",
             kind: "email",
             system: "",

@@ -74,6 +74,7 @@ fn route(name: &str) -> Target<'_> {
     Target {
         route: name,
         resource: None,
+        tool: false,
         route_kind: name,
         kind: name,
         system: "",
@@ -296,6 +297,7 @@ fn sliced_evaluation_equals_full_evaluation_on_random_requests() {
         let target = Target {
             route,
             resource,
+            tool: false,
             route_kind: route,
             kind: resource.unwrap_or(route),
             system: ["", "github", "jira"][next(3) as usize],
@@ -414,6 +416,7 @@ fn blast_radius_dimensions_are_ceilings_over_any_grant() {
     let target = |route: &'static str, system: &'static str, class: Classification| Target {
         route,
         resource: None,
+        tool: false,
         route_kind: route,
         kind: route,
         system,

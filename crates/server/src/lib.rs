@@ -57,6 +57,8 @@ pub struct App {
     pub gateway: Arc<Gateway>,
     /// External OpenID Connect providers (token exchange subject tokens).
     pub identity_providers: oidc::Providers,
+    /// The MCP gateway at `/mcp`.
+    pub mcp: Arc<palisade_mcp::McpGateway>,
 }
 
 /// Why the server did not start.
@@ -214,11 +216,19 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         tokens.clone(),
         policy.clone(),
         audit.clone(),
+        clock.clone(),
+    ));
+    let mcp = Arc::new(palisade_mcp::McpGateway::new(
+        config.clone(),
+        tokens.clone(),
+        policy.clone(),
+        audit.clone(),
         clock,
     ));
     let identity_providers =
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        mcp,
         identity_providers,
         config,
         store,
@@ -359,6 +369,18 @@ fn router(app: Arc<App>) -> Router {
             get(oauth::metadata),
         )
         .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route(
+            "/.well-known/oauth-protected-resource/mcp",
+            get(|State(app): State<Arc<App>>| async move {
+                axum::Json(app.mcp.resource_metadata())
+            }),
+        )
+        .route(
+            "/mcp",
+            axum::routing::any(|State(app): State<Arc<App>>, req: axum::extract::Request| async move {
+                app.mcp.handle(req).await
+            }),
+        )
         .route(
             "/.well-known/authzen-configuration",
             get(authzen::configuration),

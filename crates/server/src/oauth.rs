@@ -455,6 +455,7 @@ fn decide_write_token(
         let target = palisade_policy::Target {
             route: &route.name,
             resource: None,
+            tool: false,
             route_kind: &route.kind,
             kind: &route.kind,
             system: route.system.as_deref().unwrap_or(""),

@@ -484,6 +484,7 @@ pub async fn explain(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Re
     let target = Target {
         route: &route.name,
         resource: req.resource.as_deref(),
+        tool: false,
         route_kind: &route.kind,
         kind: &parts.kind,
         system: &parts.system,
@@ -543,6 +544,7 @@ pub async fn what_can(
             let target = Target {
                 route: &route.name,
                 resource: resource.as_deref(),
+                tool: false,
                 route_kind: &route.kind,
                 kind: &parts.kind,
                 system: &parts.system,

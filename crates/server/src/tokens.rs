@@ -280,7 +280,9 @@ impl TokenService {
                     .iter()
                     .filter(|r| r.audience == one)
                     .collect();
-                let known = one == self.config.oauth.default_audience || !routes.is_empty();
+                let known = one == self.config.oauth.default_audience
+                    || one == self.config.mcp.audience
+                    || !routes.is_empty();
                 if !known {
                     return Err((
                         "invalid_target",

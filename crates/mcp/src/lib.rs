@@ -1,0 +1,643 @@
+//! The MCP gateway: one Streamable HTTP endpoint (`POST /mcp`, JSON responses) in front of
+//! several upstream MCP servers that Palisade runs over stdio. Tools are federated under
+//! `<server>__<tool>`; every `tools/call` is a Cedar decision on `Palisade::Tool::"<server>/<tool>"`
+//! with the action class from the tool's annotations (`readOnlyHint` → read, `destructiveHint` →
+//! destructive, else write; overridable per tool in the config); `tools/list` shows only the tools
+//! the agent may call. Every request is audited.
+//!
+//! Phases per request: authenticate (bearer token for the MCP audience; 401 points to the RFC 9728
+//! metadata) → MCP session (`Mcp-Session-Id`, bound to the principal) → method → for
+//! `tools/call`: decide → forward → audit → answer. Inspection of tool results and approvals for
+//! destructive calls slot in between decide and answer.
+//!
+//! INVARIANT (token-stays-here): the agent's token never reaches an upstream server; stdio servers
+//! get only their configured environment.
+
+pub mod stdio;
+
+use axum::body::Body;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use palisade_audit::{AuditEvent, AuditLog, DecisionRecord, Outcome, PrincipalRef};
+use palisade_config::{ActionClass, Config};
+use palisade_gateway::{Authenticator, Caller, DecisionPoint};
+use palisade_policy::{Action, RequestContext, Target};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use stdio::{StdioServer, UpstreamError};
+
+/// Protocol revisions the endpoint negotiates, oldest first.
+pub const PROTOCOL_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
+/// Separator between server and tool in federated tool names.
+pub const SEPARATOR: &str = "__";
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+const MAX_SESSIONS: usize = 100_000;
+/// JSON-RPC error code of an authorization denial.
+pub const FORBIDDEN: i64 = -32001;
+
+struct McpSession {
+    principal: String,
+}
+
+/// The MCP gateway.
+pub struct McpGateway {
+    config: Arc<Config>,
+    servers: Vec<Arc<StdioServer>>,
+    auth: Arc<dyn Authenticator>,
+    pdp: Arc<dyn DecisionPoint>,
+    audit: AuditLog,
+    clock: Arc<dyn palisade_core::Clock>,
+    sessions: Mutex<HashMap<String, McpSession>>,
+}
+
+impl McpGateway {
+    /// A gateway for the configured servers (they start on first use).
+    pub fn new(
+        config: Arc<Config>,
+        auth: Arc<dyn Authenticator>,
+        pdp: Arc<dyn DecisionPoint>,
+        audit: AuditLog,
+        clock: Arc<dyn palisade_core::Clock>,
+    ) -> Self {
+        let servers = config
+            .mcp
+            .servers
+            .iter()
+            .map(|s| Arc::new(StdioServer::new(s.clone())))
+            .collect();
+        Self {
+            config,
+            servers,
+            auth,
+            pdp,
+            audit,
+            clock,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// RFC 9728 protected resource metadata of the MCP endpoint.
+    pub fn resource_metadata(&self) -> Value {
+        json!({
+            "resource": self.config.mcp.audience,
+            "authorization_servers": [self.config.server.issuer],
+            "bearer_methods_supported": ["header"],
+            "resource_name": "Palisade MCP gateway",
+        })
+    }
+
+    fn metadata_url(&self) -> String {
+        format!(
+            "{}/.well-known/oauth-protected-resource{}",
+            self.config.server.issuer,
+            palisade_config::MCP_PATH
+        )
+    }
+
+    /// Handles one HTTP request to the MCP endpoint.
+    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let started = Instant::now();
+        let caller = match self.authenticate(req.headers()) {
+            Ok(c) => c,
+            Err(resp) => return *resp,
+        };
+        let session_header = req
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        match *req.method() {
+            Method::POST => {}
+            Method::DELETE => return self.end_session(session_header.as_deref(), &caller),
+            _ => {
+                let mut resp = plain(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "the MCP endpoint takes POST (and DELETE to end a session); server-sent streams are not offered",
+                );
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                return resp;
+            }
+        }
+        if let Some(v) = req.headers().get("mcp-protocol-version")
+            && !v.to_str().is_ok_and(|v| PROTOCOL_VERSIONS.contains(&v))
+        {
+            return rpc_error_response(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                -32600,
+                &format!(
+                    "MCP-Protocol-Version is not one of {}",
+                    PROTOCOL_VERSIONS.join(", ")
+                ),
+                None,
+            );
+        }
+        let body = match axum::body::to_bytes(req.into_body(), MAX_MESSAGE_BYTES).await {
+            Ok(b) => b,
+            Err(_) => {
+                return rpc_error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Value::Null,
+                    -32600,
+                    &format!("the message is larger than {MAX_MESSAGE_BYTES} bytes"),
+                    None,
+                );
+            }
+        };
+        let message: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return rpc_error_response(
+                    StatusCode::BAD_REQUEST,
+                    Value::Null,
+                    -32700,
+                    &format!("the body is not JSON: {e}"),
+                    None,
+                );
+            }
+        };
+        if message.is_array() {
+            return rpc_error_response(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                -32600,
+                "JSON-RPC batches are not supported (MCP 2025-06-18 removed them); send one message per request",
+                None,
+            );
+        }
+        let id = message.get("id").cloned();
+        let method = message.get("method").and_then(Value::as_str);
+        let (Some(method), true) = (method, message.get("jsonrpc") == Some(&json!("2.0"))) else {
+            if id.is_some() && (message.get("result").is_some() || message.get("error").is_some()) {
+                // An answer to a server request; Palisade sends none, so there is nothing to do.
+                return accepted();
+            }
+            return rpc_error_response(
+                StatusCode::BAD_REQUEST,
+                id.unwrap_or(Value::Null),
+                -32600,
+                "not a JSON-RPC 2.0 request: `jsonrpc` must be \"2.0\" and `method` a string",
+                None,
+            );
+        };
+        let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
+        let Some(id) = id else {
+            // A notification (initialized, cancelled, ...): acknowledged, nothing to answer.
+            return accepted();
+        };
+        if method == "initialize" {
+            return self.initialize(&caller, id, &params);
+        }
+        match session_header.as_deref() {
+            None => {
+                return rpc_error_response(
+                    StatusCode::BAD_REQUEST,
+                    id,
+                    -32600,
+                    "the Mcp-Session-Id header is missing; call initialize first",
+                    None,
+                );
+            }
+            Some(sid) if !self.session_belongs(sid, &caller) => {
+                return rpc_error_response(
+                    StatusCode::NOT_FOUND,
+                    id,
+                    -32600,
+                    "this MCP session does not exist (expired or never started); initialize again",
+                    None,
+                );
+            }
+            Some(_) => {}
+        }
+        let outcome = match method {
+            "ping" => Ok(json!({})),
+            "tools/list" => self.list_tools(&caller).await,
+            "tools/call" => self.call_tool(&caller, &params, started).await,
+            "resources/list" => Ok(json!({ "resources": [] })),
+            "resources/templates/list" => Ok(json!({ "resourceTemplates": [] })),
+            "prompts/list" => Ok(json!({ "prompts": [] })),
+            other => Err(RpcError::new(
+                -32601,
+                format!("method `{other}` is not supported by the Palisade MCP gateway"),
+            )),
+        };
+        match outcome {
+            Ok(result) => json_response(
+                StatusCode::OK,
+                &json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+            ),
+            Err(e) => json_response(
+                StatusCode::OK,
+                &json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),
+            ),
+        }
+    }
+
+    fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, Box<Response<Body>>> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.split_once(' '))
+            .filter(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty())
+            .map(|(_, t)| t.trim());
+        let challenge = |error: Option<&str>| {
+            let mut value = format!(
+                r#"Bearer realm="palisade", resource_metadata="{}""#,
+                self.metadata_url()
+            );
+            if let Some(e) = error {
+                value.push_str(&format!(
+                    r#", error="invalid_token", error_description="{}""#,
+                    e.replace('"', "'")
+                ));
+            }
+            value
+        };
+        let failure = |message: &str, error: Option<&str>| {
+            let mut resp = plain(StatusCode::UNAUTHORIZED, message);
+            if let Ok(v) = HeaderValue::from_str(&challenge(error)) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            Box::new(resp)
+        };
+        let Some(token) = token else {
+            return Err(failure(
+                &format!(
+                    "a bearer access token for {} is required; see {}",
+                    self.config.mcp.audience,
+                    self.metadata_url()
+                ),
+                None,
+            ));
+        };
+        self.auth
+            .authenticate(token, &self.config.mcp.audience)
+            .map_err(|f| failure(&f.reason, Some(&f.reason)))
+    }
+
+    fn initialize(&self, caller: &Caller, id: Value, params: &Value) -> Response<Body> {
+        let asked = params.get("protocolVersion").and_then(Value::as_str);
+        let version = asked
+            .filter(|v| PROTOCOL_VERSIONS.contains(v))
+            .unwrap_or("2025-11-25");
+        let sid = match palisade_core::secret::random_id::<16>() {
+            Ok(r) => format!("mcp_{r}"),
+            Err(_) => {
+                return rpc_error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    id,
+                    -32603,
+                    "no randomness for a session id",
+                    None,
+                );
+            }
+        };
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if sessions.len() >= MAX_SESSIONS {
+                return rpc_error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    id,
+                    -32603,
+                    "too many MCP sessions; end some (DELETE) and retry",
+                    None,
+                );
+            }
+            sessions.insert(
+                sid.clone(),
+                McpSession {
+                    principal: caller.principal.id.to_string(),
+                },
+            );
+        }
+        let result = json!({
+            "protocolVersion": version,
+            "capabilities": { "tools": { "listChanged": false } },
+            "serverInfo": { "name": "palisade", "version": env!("CARGO_PKG_VERSION") },
+            "instructions": "Tools of several servers, named <server>__<tool>; each call is authorized and audited by Palisade.",
+        });
+        let mut resp = json_response(
+            StatusCode::OK,
+            &json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+        );
+        if let Ok(v) = HeaderValue::from_str(&sid) {
+            resp.headers_mut().insert("mcp-session-id", v);
+        }
+        resp
+    }
+
+    fn session_belongs(&self, sid: &str, caller: &Caller) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sid)
+            .is_some_and(|s| s.principal == caller.principal.id.to_string())
+    }
+
+    fn end_session(&self, sid: Option<&str>, caller: &Caller) -> Response<Body> {
+        let Some(sid) = sid else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "the Mcp-Session-Id header is missing",
+            );
+        };
+        if !self.session_belongs(sid, caller) {
+            return plain(StatusCode::NOT_FOUND, "no such MCP session");
+        }
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sid);
+        plain(StatusCode::OK, "MCP session ended")
+    }
+
+    fn action_of(&self, server: &StdioServer, tool: &Value) -> ActionClass {
+        let name = tool.get("name").and_then(Value::as_str).unwrap_or("");
+        if let Some((_, a)) = server.config.tool_actions.iter().find(|(t, _)| t == name) {
+            return *a;
+        }
+        let hint = |k: &str| {
+            tool.pointer(&format!("/annotations/{k}"))
+                .and_then(Value::as_bool)
+        };
+        if hint("readOnlyHint") == Some(true) {
+            ActionClass::Read
+        } else if hint("destructiveHint") == Some(true) {
+            ActionClass::Destructive
+        } else {
+            ActionClass::Write
+        }
+    }
+
+    fn decide(
+        &self,
+        caller: &Caller,
+        server: &StdioServer,
+        tool: &str,
+        class: ActionClass,
+    ) -> (palisade_policy::Decision, String) {
+        let c = &server.config;
+        let target = Target {
+            route: &c.name,
+            resource: Some(tool),
+            tool: true,
+            route_kind: &c.kind,
+            kind: &c.kind,
+            system: c.system.as_deref().unwrap_or(""),
+            route_classification: c.classification,
+            classification: c.classification,
+        };
+        let path = format!("{}/{}/{tool}", palisade_config::MCP_PATH, c.name);
+        let mut ctx = RequestContext::at("POST", &path, self.clock.now());
+        if let Some(s) = &caller.session {
+            let counters = s.counters();
+            ctx.calls = counters.calls;
+            ctx.objects_read = counters.objects_read;
+            ctx.bytes_out = counters.bytes_out;
+            ctx.initiating_human = s.initiating_human.as_deref();
+        }
+        if caller.initiating_human.is_some() {
+            ctx.initiating_human = caller.initiating_human.as_deref();
+        }
+        self.pdp
+            .decide(&caller.principal, action(class), &target, &ctx)
+    }
+
+    async fn list_tools(&self, caller: &Caller) -> Result<Value, RpcError> {
+        let mut tools = Vec::new();
+        for server in &self.servers {
+            let listed = match server.tools().await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(server = %server.config.name, error = ?e, "cannot list an MCP server's tools");
+                    continue;
+                }
+            };
+            for tool in listed {
+                let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                let class = self.action_of(server, &tool);
+                let (decision, _) = self.decide(caller, server, name, class);
+                if decision.allowed {
+                    let mut shown = tool.clone();
+                    shown["name"] = json!(format!("{}{SEPARATOR}{name}", server.config.name));
+                    tools.push(shown);
+                }
+            }
+        }
+        Ok(json!({ "tools": tools }))
+    }
+
+    async fn call_tool(
+        &self,
+        caller: &Caller,
+        params: &Value,
+        started: Instant,
+    ) -> Result<Value, RpcError> {
+        let name = params
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| RpcError::new(-32602, "tools/call needs a `name`".into()))?;
+        let arguments = params
+            .get("arguments")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        if !arguments.is_object() {
+            return Err(RpcError::new(
+                -32602,
+                "`arguments` must be an object".into(),
+            ));
+        }
+        let unknown = || {
+            RpcError::new(
+                -32602,
+                format!(
+                    "unknown tool `{name}`; tools are named <server>{SEPARATOR}<tool> (see tools/list)"
+                ),
+            )
+        };
+        let (server_name, tool_name) = name.split_once(SEPARATOR).ok_or_else(unknown)?;
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.config.name == server_name)
+            .ok_or_else(unknown)?;
+        let definition = server
+            .tools()
+            .await
+            .map_err(|e| upstream_failure(server_name, e))?
+            .into_iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some(tool_name))
+            .ok_or_else(unknown)?;
+        let class = self.action_of(server, &definition);
+        let (decision, version) = self.decide(caller, server, tool_name, class);
+        let resource = format!("Palisade::Tool::\"{server_name}/{tool_name}\"");
+        let mut event = AuditEvent::new("mcp.tool_call");
+        event.principal = Some(PrincipalRef {
+            id: caller.principal.id.to_string(),
+            model: caller
+                .principal
+                .agent()
+                .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
+            owner: caller.principal.owner().map(ToString::to_string),
+        });
+        if let Some(human) = &caller.initiating_human {
+            event.delegation = Some(palisade_audit::Delegation {
+                initiating_human: human.clone(),
+                actor_chain: caller.actor_chain.clone(),
+            });
+        }
+        event.action = Some(class.as_str().into());
+        event.resource = Some(resource.clone());
+        event.decision = Some(DecisionRecord {
+            allowed: decision.allowed,
+            policies: decision.policies.clone(),
+            policy_version: Some(version.clone()),
+        });
+        let digest = hex(&Sha256::digest(arguments.to_string().as_bytes()));
+        event.detail = json!({
+            "tool": name,
+            "arguments_sha256": digest,
+            "session": caller.session.as_ref().map(|s| s.sid.clone()),
+            "token_id": caller.token_id,
+        });
+        if let Some(s) = &caller.session {
+            s.count_call();
+        }
+        let result = if decision.allowed {
+            server
+                .request(
+                    "tools/call",
+                    json!({ "name": tool_name, "arguments": arguments }),
+                )
+                .await
+                .map_err(|e| upstream_failure(server_name, e))
+        } else {
+            Err(RpcError {
+                code: FORBIDDEN,
+                message: format!(
+                    "{} may not {} with tool `{name}` ({resource}); decided by {}",
+                    caller.principal.id,
+                    class.as_str(),
+                    decision.policies.join(", ")
+                ),
+                data: Some(json!({
+                    "deciding_policies": decision.policies,
+                    "policy_version": version,
+                })),
+            })
+        };
+        event.outcome = Some(Outcome {
+            status: if result.is_ok() { 200 } else { 403 },
+            bytes_in: Some(u64::try_from(arguments.to_string().len()).unwrap_or(u64::MAX)),
+            bytes_out: result
+                .as_ref()
+                .ok()
+                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
+            error: result.as_ref().err().map(|e| e.message.clone()),
+        });
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "audit write failed; withholding the tool result");
+            return Err(RpcError::new(
+                -32603,
+                "the audit log cannot record this call, so its result is withheld".into(),
+            ));
+        }
+        result
+    }
+}
+
+fn action(class: ActionClass) -> Action {
+    match class {
+        ActionClass::Read => Action::Read,
+        ActionClass::Write => Action::Write,
+        ActionClass::Destructive => Action::Destructive,
+    }
+}
+
+fn upstream_failure(server: &str, e: UpstreamError) -> RpcError {
+    match e {
+        UpstreamError::Rpc(error) => RpcError {
+            code: error.get("code").and_then(Value::as_i64).unwrap_or(-32603),
+            message: error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the MCP server failed")
+                .to_string(),
+            data: error.get("data").cloned(),
+        },
+        UpstreamError::Unavailable(text) => {
+            RpcError::new(-32603, format!("MCP server `{server}`: {text}"))
+        }
+    }
+}
+
+struct RpcError {
+    code: i64,
+    message: String,
+    data: Option<Value>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: String) -> Self {
+        Self {
+            code,
+            message,
+            data: None,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut v = json!({ "code": self.code, "message": self.message });
+        if let Some(d) = &self.data {
+            v["data"] = d.clone();
+        }
+        v
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn rpc_error_response(
+    status: StatusCode,
+    id: Value,
+    code: i64,
+    message: &str,
+    data: Option<Value>,
+) -> Response<Body> {
+    let mut error = json!({ "code": code, "message": message });
+    if let Some(d) = data {
+        error["data"] = d;
+    }
+    json_response(
+        status,
+        &json!({ "jsonrpc": "2.0", "id": id, "error": error }),
+    )
+}
+
+fn plain(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": message }))
+}
+
+fn accepted() -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    resp
+}

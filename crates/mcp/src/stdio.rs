@@ -1,0 +1,358 @@
+//! An upstream MCP server that Palisade runs as a child process and talks to over stdio
+//! (newline-delimited JSON-RPC).
+//!
+//! The child gets exactly the configured environment (nothing inherited: no tokens or keys of
+//! Palisade's own leak into tools), its stdin/stdout carry MCP, its stderr goes to the log. It is
+//! started on first use, initialised (`initialize`, `notifications/initialized`), its tool list
+//! is cached, and it is started again on the next request after it exits (at most every 2 s).
+
+use palisade_config::McpServerConfig;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::oneshot;
+
+/// The protocol revision Palisade speaks to upstream servers.
+pub const UPSTREAM_PROTOCOL: &str = "2025-06-18";
+/// Largest message accepted from an upstream.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+/// Time allowed for one upstream request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Minimum time between two starts of the same server.
+const RESTART_GAP: Duration = Duration::from_secs(2);
+
+/// Why an upstream request failed.
+#[derive(Debug, Clone)]
+pub enum UpstreamError {
+    /// The server answered with a JSON-RPC error (passed on to the agent as is).
+    Rpc(Value),
+    /// The server could not be reached, died or timed out (safe text).
+    Unavailable(String),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, Value>>>>>;
+
+struct Running {
+    stdin: tokio::sync::Mutex<ChildStdin>,
+    pending: Pending,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+    _child: Mutex<Child>,
+}
+
+/// One stdio MCP server.
+pub struct StdioServer {
+    /// Its configuration.
+    pub config: McpServerConfig,
+    running: tokio::sync::Mutex<Option<Arc<Running>>>,
+    last_start: Mutex<Option<Instant>>,
+    tools: Mutex<Option<Vec<Value>>>,
+    tools_stale: Arc<AtomicBool>,
+}
+
+impl StdioServer {
+    /// A server, not started yet.
+    pub fn new(config: McpServerConfig) -> Self {
+        Self {
+            config,
+            running: tokio::sync::Mutex::new(None),
+            last_start: Mutex::new(None),
+            tools: Mutex::new(None),
+            tools_stale: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Sends a request and waits for its answer.
+    pub async fn request(&self, method: &str, params: Value) -> Result<Value, UpstreamError> {
+        let running = self.running().await?;
+        call(&running, method, params).await
+    }
+
+    /// The server's tools (cached; fetched again after a `list_changed` notification or a
+    /// restart).
+    pub async fn tools(&self) -> Result<Vec<Value>, UpstreamError> {
+        let running = self.running().await?;
+        if !self.tools_stale.swap(false, Ordering::AcqRel)
+            && let Some(tools) = self.lock_tools().clone()
+        {
+            return Ok(tools);
+        }
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let params = match &cursor {
+                Some(c) => json!({ "cursor": c }),
+                None => json!({}),
+            };
+            let page = call(&running, "tools/list", params).await?;
+            if let Some(tools) = page.get("tools").and_then(Value::as_array) {
+                all.extend(tools.iter().cloned());
+            }
+            cursor = page
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        *self.lock_tools() = Some(all.clone());
+        Ok(all)
+    }
+
+    fn lock_tools(&self) -> std::sync::MutexGuard<'_, Option<Vec<Value>>> {
+        self.tools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn running(&self) -> Result<Arc<Running>, UpstreamError> {
+        let mut slot = self.running.lock().await;
+        if let Some(r) = slot.as_ref()
+            && r.alive.load(Ordering::Acquire)
+        {
+            return Ok(r.clone());
+        }
+        {
+            let mut last = self.last_start.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RESTART_GAP) {
+                return Err(UpstreamError::Unavailable(format!(
+                    "MCP server `{}` exited and is restarting; retry in a moment",
+                    self.config.name
+                )));
+            }
+            *last = Some(Instant::now());
+        }
+        let running = Arc::new(self.spawn()?);
+        let init = call(
+            &running,
+            "initialize",
+            json!({
+                "protocolVersion": UPSTREAM_PROTOCOL,
+                "capabilities": {},
+                "clientInfo": { "name": "palisade", "version": env!("CARGO_PKG_VERSION") },
+            }),
+        )
+        .await?;
+        let info = init.get("serverInfo").cloned().unwrap_or_default();
+        tracing::info!(server = %self.config.name, %info, "MCP server started");
+        notify(&running, "notifications/initialized").await?;
+        *self.lock_tools() = None;
+        *slot = Some(running.clone());
+        Ok(running)
+    }
+
+    fn spawn(&self) -> Result<Running, UpstreamError> {
+        let c = &self.config;
+        let program = resolve(&c.command).ok_or_else(|| {
+            UpstreamError::Unavailable(format!(
+                "MCP server `{}`: `{}` is not an executable file or on PATH",
+                c.name, c.command
+            ))
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.args(&c.args)
+            .env_clear()
+            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = &c.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            UpstreamError::Unavailable(format!("MCP server `{}` could not start: {e}", c.name))
+        })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(UpstreamError::Unavailable(format!(
+                "MCP server `{}`: no stdio pipes",
+                c.name
+            )));
+        };
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(read_loop(
+            c.name.clone(),
+            stdout,
+            pending.clone(),
+            alive.clone(),
+            self.tools_stale.clone(),
+        ));
+        let name = c.name.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let line: String = line.chars().take(2000).collect();
+                tracing::debug!(server = %name, "{line}");
+            }
+        });
+        Ok(Running {
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending,
+            next_id: AtomicU64::new(1),
+            alive,
+            _child: Mutex::new(child),
+        })
+    }
+}
+
+async fn write_line(running: &Running, message: &Value) -> Result<(), UpstreamError> {
+    let mut line = message.to_string();
+    line.push('\n');
+    let mut stdin = running.stdin.lock().await;
+    let result = async {
+        stdin.write_all(line.as_bytes()).await?;
+        stdin.flush().await
+    }
+    .await;
+    result.map_err(|e| {
+        running.alive.store(false, Ordering::Release);
+        UpstreamError::Unavailable(format!("the MCP server's stdin closed: {e}"))
+    })
+}
+
+async fn notify(running: &Running, method: &str) -> Result<(), UpstreamError> {
+    write_line(running, &json!({ "jsonrpc": "2.0", "method": method })).await
+}
+
+async fn call(running: &Running, method: &str, params: Value) -> Result<Value, UpstreamError> {
+    let id = running.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = oneshot::channel();
+    running
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, tx);
+    let message = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+    if let Err(e) = write_line(running, &message).await {
+        running
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        return Err(e);
+    }
+    match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        Ok(Ok(Ok(result))) => Ok(result),
+        Ok(Ok(Err(error))) => Err(UpstreamError::Rpc(error)),
+        Ok(Err(_)) => Err(UpstreamError::Unavailable(
+            "the MCP server exited before it answered".into(),
+        )),
+        Err(_) => {
+            running
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            Err(UpstreamError::Unavailable(format!(
+                "the MCP server did not answer `{method}` within {}s",
+                CALL_TIMEOUT.as_secs()
+            )))
+        }
+    }
+}
+
+/// Reads the server's messages: answers go to their waiting callers, list changes mark the
+/// tool cache stale, and requests from the server (sampling, roots, elicitation) are refused.
+async fn read_loop(
+    name: String,
+    stdout: tokio::process::ChildStdout,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+    tools_stale: Arc<AtomicBool>,
+) {
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = match read_bounded_line(&mut reader, &mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(server = %name, error = %e, "MCP server output refused; stopping it");
+                break;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let Ok(message) = serde_json::from_slice::<Value>(&buf) else {
+            tracing::warn!(server = %name, "MCP server wrote a line that is not JSON; ignored");
+            continue;
+        };
+        let id = message.get("id").and_then(Value::as_u64);
+        if message.get("method").is_some() {
+            if message.get("method") == Some(&json!("notifications/tools/list_changed")) {
+                tools_stale.store(true, Ordering::Release);
+            }
+            // Requests from the server are not supported through the gateway yet.
+            continue;
+        }
+        let Some(id) = id else { continue };
+        let waiter = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some(tx) = waiter {
+            let answer = match (message.get("result"), message.get("error")) {
+                (Some(r), _) => Ok(r.clone()),
+                (None, Some(e)) => Err(e.clone()),
+                (None, None) => {
+                    Err(json!({ "code": -32603, "message": "the MCP server sent an empty answer" }))
+                }
+            };
+            let _ = tx.send(answer);
+        }
+    }
+    alive.store(false, Ordering::Release);
+    // Waiters see their channel closed: "exited before it answered".
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    tracing::warn!(server = %name, "MCP server exited; it restarts on the next request");
+}
+
+/// One line (without the newline) of at most [`MAX_LINE`] bytes; 0 at end of input.
+async fn read_bounded_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(buf.len());
+        }
+        match available.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                buf.extend_from_slice(&available[..i]);
+                reader.consume(i + 1);
+                return Ok(buf.len().max(1));
+            }
+            None => {
+                let n = available.len();
+                buf.extend_from_slice(available);
+                reader.consume(n);
+            }
+        }
+        if buf.len() > MAX_LINE {
+            return Err(std::io::Error::other(format!(
+                "a message over {MAX_LINE} bytes"
+            )));
+        }
+    }
+}
+
+/// A program path: as given if it contains `/`, else looked up in Palisade's own PATH.
+fn resolve(command: &str) -> Option<PathBuf> {
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(command))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,265 @@
+//! The MCP gateway with real peers: the official MCP Python SDK as the agent's client, over
+//! Streamable HTTP, through Palisade, to `mcp-server-time` (PyPI) as a stdio upstream.
+//!
+//! Needs `PALISADE_PYTHON`: a Python with `mcp` and `mcp-server-time` installed (`.ci/run` makes
+//! one, pinned). Without it the tests say they were skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use support::{Harness, agent_body};
+
+fn python() -> Option<PathBuf> {
+    match std::env::var_os("PALISADE_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!(
+                "SKIPPED: PALISADE_PYTHON is not set (a Python with the pinned `mcp` SDK and `mcp-server-time`; .ci/run sets it up)"
+            );
+            None
+        }
+    }
+}
+
+/// Runs the SDK client; returns what it printed.
+fn run_client(python: &PathBuf, url: &str, token: &str, calls: Value) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(url)
+        .arg(token)
+        .arg(calls.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_calls_an_stdio_server_through_palisade_per_tool() {
+    let Some(python) = python() else { return };
+    let server = python.parent().unwrap().join("mcp-server-time");
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"time\"\ncommand = \"{}\"\nargs = [\"--local-timezone\", \"UTC\"]\nclassification = \"public\"\n",
+        server.display()
+    );
+    let h = Harness::start_with("mcp-time", &extra).await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("mcp.cedar"),
+        r#"
+@id("mcp.no-conversions")
+forbid (principal, action, resource == Palisade::Tool::"time/convert_time");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("clock");
+    agent["allowed_resources"] = json!(["time"]);
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let mcp_url = h.url("/mcp");
+    let (s, token) = h
+        .token_request("agent:clock", secret, &[("resource", &mcp_url)])
+        .await;
+    assert_eq!(s, 200, "{token}");
+    let token = token["access_token"].as_str().unwrap().to_string();
+
+    let seen = run_client(
+        &python,
+        &mcp_url,
+        &token,
+        json!([
+            { "name": "time__get_current_time", "arguments": { "timezone": "UTC" } },
+            { "name": "time__convert_time", "arguments": { "source_timezone": "UTC", "time": "12:00", "target_timezone": "Europe/Paris" } },
+        ]),
+    );
+    assert_eq!(seen["server"], "palisade");
+    // The tool the policy forbids is not listed, and refused when called anyway.
+    assert_eq!(seen["tools"], json!(["time__get_current_time"]), "{seen}");
+    let allowed = &seen["calls"][0];
+    assert_eq!(allowed["ok"], true, "{seen}");
+    assert_eq!(allowed["is_error"], false);
+    let text = allowed["text"][0].as_str().unwrap();
+    assert!(text.contains("UTC"), "the real server's answer: {text}");
+    let refused = &seen["calls"][1];
+    assert_eq!(refused["ok"], false, "{seen}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("may not") && error.contains("mcp.no-conversions"),
+        "{error}"
+    );
+
+    // Both calls are audited with the decision and an argument digest, never the token.
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let calls: Vec<Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["event"].clone())
+        .filter(|e| e["kind"] == "mcp.tool_call")
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["decision"]["allowed"], true);
+    assert_eq!(
+        calls[0]["resource"],
+        "Palisade::Tool::\"time/get_current_time\""
+    );
+    assert_eq!(calls[1]["decision"]["allowed"], false);
+    assert_eq!(
+        calls[1]["decision"]["policies"],
+        json!(["mcp.no-conversions"])
+    );
+    assert_eq!(
+        calls[0]["detail"]["arguments_sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+    assert!(!all.to_string().contains(&token));
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_endpoint_is_a_protected_resource_and_refuses_bad_input() {
+    let h = Harness::start("mcp-edges").await;
+    // RFC 9728 metadata, and a 401 that points to it.
+    let meta: Value = h
+        .http
+        .get(h.url("/.well-known/oauth-protected-resource/mcp"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["resource"], h.url("/mcp"));
+    assert_eq!(meta["authorization_servers"], json!([h.server.url()]));
+    let resp = h
+        .http
+        .post(h.url("/mcp"))
+        .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "ping" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let www = resp.headers()["www-authenticate"].to_str().unwrap();
+    assert!(
+        www.contains("resource_metadata=")
+            && www.contains("/.well-known/oauth-protected-resource/mcp"),
+        "{www}"
+    );
+    // A token for the gateway's routes is not a token for the MCP endpoint (audience).
+    let api_token = h.agent_token("edge", &["tickets"]).await;
+    let resp = h
+        .http
+        .post(h.url("/mcp"))
+        .bearer_auth(&api_token)
+        .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "ping" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let secret = h.agent_secret("edge2", &["tickets"]).await;
+    let (_, t) = h
+        .token_request("agent:edge2", &secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let token = t["access_token"].as_str().unwrap().to_string();
+    let post = |body: String, sid: Option<String>| {
+        let mut req = h
+            .http
+            .post(h.url("/mcp"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(s) = sid {
+            req = req.header("mcp-session-id", s);
+        }
+        req.send()
+    };
+    let check = |resp: reqwest::Response, status: u16, code: i64| async move {
+        assert_eq!(resp.status().as_u16(), status);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    };
+    check(post("{not json".into(), None).await.unwrap(), 400, -32700).await;
+    check(post("[]".into(), None).await.unwrap(), 400, -32600).await;
+    check(
+        post(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.into(),
+            None,
+        )
+        .await
+        .unwrap(),
+        400,
+        -32600,
+    )
+    .await;
+    check(
+        post(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.into(),
+            Some("mcp_forged".into()),
+        )
+        .await
+        .unwrap(),
+        404,
+        -32600,
+    )
+    .await;
+    check(
+        post("x".repeat(2 * 1024 * 1024), None).await.unwrap(),
+        413,
+        -32600,
+    )
+    .await;
+    let init = post(
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#.into(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(init.status(), 200);
+    let sid = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = init.json().await.unwrap();
+    assert_eq!(body["result"]["protocolVersion"], "2025-06-18");
+    let resp = post(
+        r#"{"jsonrpc":"2.0","id":2,"method":"sampling/createMessage"}"#.into(),
+        Some(sid.clone()),
+    )
+    .await
+    .unwrap();
+    check(resp, 200, -32601).await;
+    let resp = post(
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"nope__tool"}}"#.into(),
+        Some(sid.clone()),
+    )
+    .await
+    .unwrap();
+    check(resp, 200, -32602).await;
+    let notified = post(
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.into(),
+        Some(sid),
+    )
+    .await
+    .unwrap();
+    assert_eq!(notified.status(), 202);
+    h.server.stop().await;
+}

@@ -1,0 +1,39 @@
+"""An MCP agent for the tests: the official Python SDK over Streamable HTTP.
+
+usage: client.py URL TOKEN CALLS_JSON
+Initialises, lists tools, makes the calls, and prints one JSON object with what it saw.
+"""
+
+import asyncio
+import json
+import sys
+
+import httpx2
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+
+async def main(url: str, token: str, calls_json: str) -> None:
+    calls = json.loads(calls_json)
+    out: dict = {"calls": []}
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        async with streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write) as session:
+                init = await session.initialize()
+                out["protocol"] = init.protocol_version
+                out["server"] = init.server_info.name
+                tools = await session.list_tools()
+                out["tools"] = sorted(t.name for t in tools.tools)
+                for call in calls:
+                    try:
+                        result = await session.call_tool(call["name"], call.get("arguments", {}))
+                        texts = [c.text for c in result.content if getattr(c, "text", None) is not None]
+                        out["calls"].append({"ok": True, "is_error": bool(result.is_error), "text": texts})
+                    except Exception as e:  # an MCP error answer
+                        out["calls"].append({"ok": False, "error": str(e)})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))
