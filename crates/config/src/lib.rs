@@ -195,7 +195,9 @@ pub mod raw {
     #[serde(deny_unknown_fields)]
     #[allow(missing_docs)]
     pub struct McpTool {
-        pub action: String,
+        pub action: Option<String>,
+        #[serde(default)]
+        pub arguments: std::collections::BTreeMap<String, String>,
     }
 
     /// `[[routes.rules]]`.
@@ -266,6 +268,76 @@ pub struct McpServerConfig {
     pub classification: palisade_core::principal::Classification,
     /// Per-tool action classes that override the tools' annotations.
     pub tool_actions: Vec<(String, ActionClass)>,
+    /// Per-tool arguments that policies see as `context.arguments`, with their types.
+    pub tool_arguments: Vec<(String, Vec<(String, ArgType)>)>,
+}
+
+/// The type of a declared tool-call argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgType {
+    /// A JSON string, Cedar `String`.
+    String,
+    /// A JSON integer, Cedar `Long`.
+    Long,
+    /// A JSON boolean, Cedar `Bool`.
+    Bool,
+    /// A JSON array of strings, Cedar `Set<String>`.
+    StringSet,
+    /// A JSON array of integers, Cedar `Set<Long>`.
+    LongSet,
+}
+
+impl ArgType {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "string" => Some(Self::String),
+            "long" => Some(Self::Long),
+            "bool" => Some(Self::Bool),
+            "set<string>" => Some(Self::StringSet),
+            "set<long>" => Some(Self::LongSet),
+            _ => None,
+        }
+    }
+
+    /// The Cedar schema type.
+    pub fn cedar(self) -> &'static str {
+        match self {
+            Self::String => "String",
+            Self::Long => "Long",
+            Self::Bool => "Bool",
+            Self::StringSet => "Set<String>",
+            Self::LongSet => "Set<Long>",
+        }
+    }
+
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Long => "long",
+            Self::Bool => "bool",
+            Self::StringSet => "set<string>",
+            Self::LongSet => "set<long>",
+        }
+    }
+}
+
+impl McpConfig {
+    /// Every declared argument name with its type, across all tools (names share one type).
+    pub fn argument_types(&self) -> Vec<(String, ArgType)> {
+        let mut all: Vec<(String, ArgType)> = Vec::new();
+        for server in &self.servers {
+            for (_, args) in &server.tool_arguments {
+                for (name, ty) in args {
+                    if !all.iter().any(|(n, _)| n == name) {
+                        all.push((name.clone(), *ty));
+                    }
+                }
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
 }
 
 /// The action classes and resource kinds one purpose needs.
@@ -721,14 +793,51 @@ impl Config {
                 })?,
             };
             let mut tool_actions = Vec::new();
+            let mut tool_arguments = Vec::new();
             for (tool, t) in s.tools {
-                let action = ActionClass::parse(&t.action).ok_or_else(|| {
-                    format!(
-                        "key `{at}.tools.{tool}.action`: `{}` is not one of read, write, destructive",
-                        t.action
-                    )
-                })?;
-                tool_actions.push((tool, action));
+                if let Some(a) = &t.action {
+                    let action = ActionClass::parse(a).ok_or_else(|| {
+                        format!(
+                            "key `{at}.tools.{tool}.action`: `{a}` is not one of read, write, destructive"
+                        )
+                    })?;
+                    tool_actions.push((tool.clone(), action));
+                }
+                let mut args = Vec::new();
+                for (name, ty) in &t.arguments {
+                    let key = format!("{at}.tools.{tool}.arguments.{name}");
+                    let ok_name = !name.is_empty()
+                        && name.len() <= 64
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !ok_name {
+                        return Err(format!(
+                            "key `{key}`: argument names are letters, digits, `_` and `-`"
+                        ));
+                    }
+                    let ty = ArgType::parse(ty).ok_or_else(|| {
+                        format!(
+                            "key `{key}`: `{ty}` is not one of string, long, bool, set<string>, set<long>"
+                        )
+                    })?;
+                    let clash = mcp_servers
+                        .iter()
+                        .flat_map(|m| m.tool_arguments.iter())
+                        .chain(tool_arguments.iter())
+                        .flat_map(|(_, a): &(String, Vec<(String, ArgType)>)| a.iter())
+                        .find(|(n, t)| n == name && *t != ty);
+                    if let Some((_, other)) = clash {
+                        return Err(format!(
+                            "key `{key}`: `{name}` is declared as {} elsewhere; policies see one `context.arguments.{name}`, so it needs one type",
+                            other.as_str()
+                        ));
+                    }
+                    args.push((name.clone(), ty));
+                }
+                if !args.is_empty() {
+                    tool_arguments.push((tool, args));
+                }
             }
             mcp_servers.push(McpServerConfig {
                 name: s.name,
@@ -740,6 +849,7 @@ impl Config {
                 system: s.system,
                 classification,
                 tool_actions,
+                tool_arguments,
             });
         }
         Ok(Self {
@@ -1054,6 +1164,18 @@ mod tests {
             (
                 "[oauth]\naccess_token_ttl_minutes = 45\n",
                 "1 to 30 minutes",
+            ),
+            (
+                "[[mcp.servers]]\nname = \"git\"\ncommand = \"g\"\n[mcp.servers.tools.log]\narguments = { repo = \"path\" }\n",
+                "mcp.servers[0].tools.log.arguments.repo`: `path` is not one of string",
+            ),
+            (
+                "[[mcp.servers]]\nname = \"git\"\ncommand = \"g\"\n[mcp.servers.tools.a]\narguments = { repo = \"string\" }\n[mcp.servers.tools.b]\narguments = { repo = \"long\" }\n",
+                "is declared as string elsewhere",
+            ),
+            (
+                "[[routes]]\nname = \"git\"\npath_prefix = \"/g\"\nupstream = \"http://127.0.0.1:1\"\n[[mcp.servers]]\nname = \"git\"\ncommand = \"g\"\n",
+                "mcp.servers[0].name`: `git` is already a route",
             ),
             (
                 "[[oauth.identity_providers]]\nname = \"corp\"\nissuer = \"https://idp.example\"\njwks_uri = \"http://idp.example/keys\"\naudience = \"p\"\n",

@@ -18,9 +18,9 @@ pub mod stdio;
 use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use palisade_audit::{AuditEvent, AuditLog, DecisionRecord, Outcome, PrincipalRef};
-use palisade_config::{ActionClass, Config};
+use palisade_config::{ActionClass, ArgType, Config};
 use palisade_gateway::{Authenticator, Caller, DecisionPoint};
-use palisade_policy::{Action, RequestContext, Target};
+use palisade_policy::{Action, ArgValue, RequestContext, Target};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -378,6 +378,7 @@ impl McpGateway {
         server: &StdioServer,
         tool: &str,
         class: ActionClass,
+        arguments: Option<&[(String, ArgValue)]>,
     ) -> (palisade_policy::Decision, String) {
         let c = &server.config;
         let target = Target {
@@ -402,6 +403,7 @@ impl McpGateway {
         if caller.initiating_human.is_some() {
             ctx.initiating_human = caller.initiating_human.as_deref();
         }
+        ctx.arguments = arguments;
         self.pdp
             .decide(&caller.principal, action(class), &target, &ctx)
     }
@@ -421,7 +423,9 @@ impl McpGateway {
                     continue;
                 };
                 let class = self.action_of(server, &tool);
-                let (decision, _) = self.decide(caller, server, name, class);
+                // Listing: no arguments, so argument conditions (`context has arguments && ...`)
+                // do not hide a tool; they decide each call.
+                let (decision, _) = self.decide(caller, server, name, class, None);
                 if decision.allowed {
                     let mut shown = tool.clone();
                     shown["name"] = json!(format!("{}{SEPARATOR}{name}", server.config.name));
@@ -474,7 +478,18 @@ impl McpGateway {
             .find(|t| t.get("name").and_then(Value::as_str) == Some(tool_name))
             .ok_or_else(unknown)?;
         let class = self.action_of(server, &definition);
-        let (decision, version) = self.decide(caller, server, tool_name, class);
+        let typed = typed_arguments(server, tool_name, &arguments);
+        let (decision, version) = match &typed {
+            Ok(args) => self.decide(caller, server, tool_name, class, Some(args)),
+            Err(_) => (
+                palisade_policy::Decision {
+                    allowed: false,
+                    policies: vec!["palisade.mcp.argument-types".into()],
+                    errors: Vec::new(),
+                },
+                String::new(),
+            ),
+        };
         let resource = format!("Palisade::Tool::\"{server_name}/{tool_name}\"");
         let mut event = AuditEvent::new("mcp.tool_call");
         event.principal = Some(PrincipalRef {
@@ -508,7 +523,9 @@ impl McpGateway {
         if let Some(s) = &caller.session {
             s.count_call();
         }
-        let result = if decision.allowed {
+        let result = if let Err(e) = typed {
+            Err(e)
+        } else if decision.allowed {
             server
                 .request(
                     "tools/call",
@@ -550,6 +567,54 @@ impl McpGateway {
         }
         result
     }
+}
+
+/// The call's arguments that the config declares for this tool, converted to their declared
+/// types; a declared argument of another JSON type is refused (it could dodge a policy).
+fn typed_arguments(
+    server: &StdioServer,
+    tool: &str,
+    arguments: &Value,
+) -> Result<Vec<(String, ArgValue)>, RpcError> {
+    let Some((_, declared)) = server.config.tool_arguments.iter().find(|(t, _)| t == tool) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (name, ty) in declared {
+        let Some(value) = arguments.get(name) else {
+            continue;
+        };
+        let converted = match ty {
+            ArgType::String => value.as_str().map(|s| ArgValue::String(s.to_string())),
+            ArgType::Long => value.as_i64().map(ArgValue::Long),
+            ArgType::Bool => value.as_bool().map(ArgValue::Bool),
+            ArgType::StringSet => value.as_array().and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .map(ArgValue::StringSet)
+            }),
+            ArgType::LongSet => value.as_array().and_then(|a| {
+                a.iter()
+                    .map(Value::as_i64)
+                    .collect::<Option<Vec<_>>>()
+                    .map(ArgValue::LongSet)
+            }),
+        };
+        match converted {
+            Some(v) => out.push((name.clone(), v)),
+            None => {
+                return Err(RpcError::new(
+                    -32602,
+                    format!(
+                        "argument `{name}` of `{tool}` must be a {} (declared in the config); the call was not made",
+                        ty.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn action(class: ActionClass) -> Action {

@@ -47,7 +47,8 @@ async fn the_python_sdk_calls_an_stdio_server_through_palisade_per_tool() {
     let Some(python) = python() else { return };
     let server = python.parent().unwrap().join("mcp-server-time");
     let extra = format!(
-        "[[mcp.servers]]\nname = \"time\"\ncommand = \"{}\"\nargs = [\"--local-timezone\", \"UTC\"]\nclassification = \"public\"\n",
+        "[[mcp.servers]]\nname = \"time\"\ncommand = \"{}\"\nargs = [\"--local-timezone\", \"UTC\"]\nclassification = \"public\"\n\
+         [mcp.servers.tools.get_current_time]\narguments = {{ timezone = \"string\" }}\n",
         server.display()
     );
     let h = Harness::start_with("mcp-time", &extra).await;
@@ -56,6 +57,13 @@ async fn the_python_sdk_calls_an_stdio_server_through_palisade_per_tool() {
         r#"
 @id("mcp.no-conversions")
 forbid (principal, action, resource == Palisade::Tool::"time/convert_time");
+
+@id("mcp.utc-or-europe-only")
+forbid (principal, action, resource == Palisade::Tool::"time/get_current_time")
+when {
+  context has arguments && context.arguments has timezone &&
+  !(context.arguments.timezone == "UTC" || context.arguments.timezone like "Europe/*")
+};
 "#,
     )
     .unwrap();
@@ -85,6 +93,9 @@ forbid (principal, action, resource == Palisade::Tool::"time/convert_time");
         json!([
             { "name": "time__get_current_time", "arguments": { "timezone": "UTC" } },
             { "name": "time__convert_time", "arguments": { "source_timezone": "UTC", "time": "12:00", "target_timezone": "Europe/Paris" } },
+            { "name": "time__get_current_time", "arguments": { "timezone": "Europe/Paris" } },
+            { "name": "time__get_current_time", "arguments": { "timezone": "Asia/Tokyo" } },
+            { "name": "time__get_current_time", "arguments": { "timezone": 9 } },
         ]),
     );
     assert_eq!(seen["server"], "palisade");
@@ -102,6 +113,19 @@ forbid (principal, action, resource == Palisade::Tool::"time/convert_time");
         error.contains("may not") && error.contains("mcp.no-conversions"),
         "{error}"
     );
+    // Argument-level: the same tool is allowed for one argument value and refused for another.
+    assert_eq!(seen["calls"][2]["ok"], true, "{seen}");
+    assert!(
+        seen["calls"][2]["text"][0]
+            .as_str()
+            .unwrap()
+            .contains("Europe/Paris")
+    );
+    let tokyo = seen["calls"][3]["error"].as_str().unwrap();
+    assert!(tokyo.contains("mcp.utc-or-europe-only"), "{tokyo}");
+    // A declared argument of the wrong type is refused, not passed unchecked.
+    let typed = seen["calls"][4]["error"].as_str().unwrap();
+    assert!(typed.contains("must be a string"), "{typed}");
 
     // Both calls are audited with the decision and an argument digest, never the token.
     let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
@@ -112,7 +136,7 @@ forbid (principal, action, resource == Palisade::Tool::"time/convert_time");
         .map(|i| i["event"].clone())
         .filter(|e| e["kind"] == "mcp.tool_call")
         .collect();
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls.len(), 5, "{calls:?}");
     assert_eq!(calls[0]["decision"]["allowed"], true);
     assert_eq!(
         calls[0]["resource"],

@@ -123,7 +123,55 @@ pub struct RequestContext<'a> {
     pub approval: &'static str,
     /// Labels of what the session has ingested.
     pub taint: &'a [String],
+    /// An MCP tool call's declared arguments, typed.
+    pub arguments: Option<&'a [(String, ArgValue)]>,
 }
+
+/// A typed tool-call argument, as declared in the config.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ArgValue {
+    /// `string`.
+    String(String),
+    /// `long`.
+    Long(i64),
+    /// `bool`.
+    Bool(bool),
+    /// `set<string>`.
+    StringSet(Vec<String>),
+    /// `set<long>`.
+    LongSet(Vec<i64>),
+}
+
+impl ArgValue {
+    fn expression(&self) -> RestrictedExpression {
+        match self {
+            Self::String(s) => RestrictedExpression::new_string(s.clone()),
+            Self::Long(n) => RestrictedExpression::new_long(*n),
+            Self::Bool(b) => RestrictedExpression::new_bool(*b),
+            Self::StringSet(v) => string_set(v),
+            Self::LongSet(v) => {
+                RestrictedExpression::new_set(v.iter().map(|n| RestrictedExpression::new_long(*n)))
+            }
+        }
+    }
+}
+
+/// The declaration of `Palisade::McpArguments` for argument names and their Cedar types
+/// (`String`, `Long`, `Bool`, `Set<String>`, `Set<Long>`): a schema source for
+/// [`PolicyEngine::load_all`], named [`ARGUMENTS_SCHEMA_NAME`].
+pub fn arguments_schema(arguments: &[(String, String)]) -> String {
+    let fields: Vec<String> = arguments
+        .iter()
+        .map(|(name, ty)| format!("{name:?}?: {ty}"))
+        .collect();
+    format!(
+        "namespace Palisade {{ type McpArguments = {{ {} }}; }}",
+        fields.join(", ")
+    )
+}
+
+/// The source name under which the generated `McpArguments` declaration is passed.
+pub const ARGUMENTS_SCHEMA_NAME: &str = "<mcp arguments>.cedarschema";
 
 impl<'a> RequestContext<'a> {
     /// A context for `method` and `path` at time `at`.
@@ -150,6 +198,7 @@ impl<'a> RequestContext<'a> {
             initiating_human: None,
             approval: "none",
             taint: &[],
+            arguments: None,
         }
     }
 }
@@ -260,8 +309,20 @@ impl PolicyEngine {
         }];
         sources.extend(builtin.iter().map(|(n, t)| Source {
             builtin: true,
+            kind: if n.ends_with(".cedarschema") {
+                SourceKind::Schema
+            } else {
+                SourceKind::Policies
+            },
             ..Source::policies(n, t)
         }));
+        if !builtin.iter().any(|(n, _)| *n == ARGUMENTS_SCHEMA_NAME) {
+            sources.push(Source {
+                builtin: true,
+                kind: SourceKind::Schema,
+                ..Source::policies(ARGUMENTS_SCHEMA_NAME, &arguments_schema(&[]))
+            });
+        }
         if let Some(dir) = dir {
             let mut files: Vec<(PathBuf, SourceKind)> = std::fs::read_dir(dir)
                 .map_err(|e| PolicyLoadError::Io {
@@ -618,6 +679,13 @@ impl PolicyEngine {
                 "destination".to_string(),
                 RestrictedExpression::new_string(d.to_string()),
             ));
+        }
+        if let Some(args) = ctx.arguments {
+            let record = RestrictedExpression::new_record(
+                args.iter().map(|(k, v)| (k.clone(), v.expression())),
+            )
+            .map_err(|e| e.to_string())?;
+            pairs.push(("arguments".to_string(), record));
         }
         if let Some(h) = ctx.initiating_human {
             pairs.push((

@@ -161,6 +161,21 @@ impl DecisionPoint for PolicyHolder {
 
 /// Policies Palisade generates from the configuration: the purpose bindings.
 pub fn builtin_sources(config: &palisade_config::Config) -> Vec<(String, String)> {
+    let declared: Vec<(String, String)> = config
+        .mcp
+        .argument_types()
+        .into_iter()
+        .map(|(name, ty)| (name, ty.cedar().to_string()))
+        .collect();
+    let mut sources = vec![(
+        palisade_policy::ARGUMENTS_SCHEMA_NAME.to_string(),
+        palisade_policy::arguments_schema(&declared),
+    )];
+    sources.extend(purpose_sources(config));
+    sources
+}
+
+fn purpose_sources(config: &palisade_config::Config) -> Vec<(String, String)> {
     let purposes: Vec<palisade_policy::purpose::Purpose> = config
         .purposes
         .iter()
