@@ -186,6 +186,7 @@ pub mod raw {
         pub kind: Option<String>,
         pub system: Option<String>,
         pub classification: Option<String>,
+        pub on_tool_change: Option<String>,
         #[serde(default)]
         pub tools: std::collections::BTreeMap<String, McpTool>,
     }
@@ -270,6 +271,9 @@ pub struct McpServerConfig {
     pub tool_actions: Vec<(String, ActionClass)>,
     /// Per-tool arguments that policies see as `context.arguments`, with their types.
     pub tool_arguments: Vec<(String, Vec<(String, ArgType)>)>,
+    /// What a tool whose definition changed since it was pinned gets: blocked (default) or
+    /// allowed with a high-severity alert.
+    pub block_changed_tools: bool,
 }
 
 /// The type of a declared tool-call argument.
@@ -839,7 +843,17 @@ impl Config {
                     tool_arguments.push((tool, args));
                 }
             }
+            let block_changed_tools = match s.on_tool_change.as_deref() {
+                None | Some("block") => true,
+                Some("flag") => false,
+                Some(other) => {
+                    return Err(format!(
+                        "key `{at}.on_tool_change`: `{other}` is not block or flag"
+                    ));
+                }
+            };
             mcp_servers.push(McpServerConfig {
+                block_changed_tools,
                 name: s.name,
                 command: s.command,
                 args: s.args,

@@ -146,6 +146,11 @@ pub trait Store: Send + Sync + 'static {
     /// One session.
     fn get_session(&self, sid: &str) -> Result<Option<crate::session::SessionRecord>, StoreError>;
 
+    /// Pinned MCP tool definitions: `(server/tool, sha256 hex)`.
+    fn mcp_pins(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Pins (or re-pins) an MCP tool definition.
+    fn put_mcp_pin(&self, tool: &str, hash: &str, at: Timestamp) -> Result<(), StoreError>;
+
     /// The last event of the audit chain.
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
     /// Appends events durably in one transaction (group commit); all or none.

@@ -41,6 +41,33 @@ struct McpSession {
     principal: String,
 }
 
+/// A tool definition against its pin.
+enum Pin {
+    /// Same as pinned.
+    Kept,
+    /// Seen for the first time; pinned now.
+    New(String),
+    /// Changed since pinned.
+    Changed { pinned: String, current: String },
+}
+
+/// The SHA-256 (hex) of what a tool definition tells an agent and the gateway: name, title,
+/// description, input and output schemas, annotations. A change in any of them is a changed
+/// tool (a "rug pull", a poisoned description, or a flipped `readOnlyHint`).
+pub fn definition_hash(tool: &Value) -> String {
+    let part = |k: &str| tool.get(k).cloned().unwrap_or(Value::Null);
+    // serde_json maps are ordered by key, so this text is canonical.
+    let canonical = json!({
+        "name": part("name"),
+        "title": part("title"),
+        "description": part("description"),
+        "inputSchema": part("inputSchema"),
+        "outputSchema": part("outputSchema"),
+        "annotations": part("annotations"),
+    });
+    hex(&Sha256::digest(canonical.to_string().as_bytes()))
+}
+
 /// The MCP gateway.
 pub struct McpGateway {
     config: Arc<Config>,
@@ -50,24 +77,31 @@ pub struct McpGateway {
     audit: AuditLog,
     clock: Arc<dyn palisade_core::Clock>,
     sessions: Mutex<HashMap<String, McpSession>>,
+    store: Arc<dyn palisade_core::store::Store>,
+    pins: Mutex<HashMap<String, String>>,
+    /// Changed definitions already audited, so each change is reported once.
+    reported: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl McpGateway {
-    /// A gateway for the configured servers (they start on first use).
+    /// A gateway for the configured servers (they start on first use), with the tool pins from
+    /// the store.
     pub fn new(
         config: Arc<Config>,
         auth: Arc<dyn Authenticator>,
         pdp: Arc<dyn DecisionPoint>,
         audit: AuditLog,
         clock: Arc<dyn palisade_core::Clock>,
-    ) -> Self {
+        store: Arc<dyn palisade_core::store::Store>,
+    ) -> Result<Self, palisade_core::store::StoreError> {
+        let pins = store.mcp_pins()?.into_iter().collect();
         let servers = config
             .mcp
             .servers
             .iter()
             .map(|s| Arc::new(StdioServer::new(s.clone())))
             .collect();
-        Self {
+        Ok(Self {
             config,
             servers,
             auth,
@@ -75,7 +109,147 @@ impl McpGateway {
             audit,
             clock,
             sessions: Mutex::new(HashMap::new()),
+            store,
+            pins: Mutex::new(pins),
+            reported: Mutex::default(),
+        })
+    }
+
+    /// Compares a tool's definition with its pin; pins it if new. New pins and changes are
+    /// audited (a change once per new definition, with a high-severity alert).
+    async fn check_pin(&self, server: &str, tool: &Value) -> Pin {
+        let name = tool.get("name").and_then(Value::as_str).unwrap_or("");
+        let key = format!("{server}/{name}");
+        let current = definition_hash(tool);
+        let pinned = self
+            .pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let state = match pinned {
+            Some(p) if p == current => return Pin::Kept,
+            Some(p) => Pin::Changed {
+                pinned: p,
+                current: current.clone(),
+            },
+            None => Pin::New(current.clone()),
+        };
+        match &state {
+            Pin::New(hash) => {
+                let store = self.store.clone();
+                let (k, h, at) = (key.clone(), hash.clone(), self.clock.now());
+                let stored =
+                    tokio::task::spawn_blocking(move || store.put_mcp_pin(&k, &h, at)).await;
+                if matches!(stored, Ok(Ok(()))) {
+                    self.pins
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone(), hash.clone());
+                } else {
+                    tracing::warn!(tool = %key, "cannot store a tool pin; it is pinned on its next use");
+                }
+                let mut event = AuditEvent::new("mcp.tool_pinned");
+                event.resource = Some(format!("Palisade::Tool::\"{key}\""));
+                event.detail = json!({ "tool": key, "sha256": hash });
+                let _ = self.audit.record(event).await;
+            }
+            Pin::Changed { pinned, current } => {
+                let first = self
+                    .reported
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((key.clone(), current.clone()));
+                if first {
+                    let block = self
+                        .servers
+                        .iter()
+                        .find(|s| s.config.name == server)
+                        .is_none_or(|s| s.config.block_changed_tools);
+                    let mut event = AuditEvent::new("mcp.tool_changed");
+                    event.resource = Some(format!("Palisade::Tool::\"{key}\""));
+                    event.alert = Some(palisade_audit::Alert {
+                        severity: "high".into(),
+                        rule: "mcp-tool-changed".into(),
+                        message: format!(
+                            "MCP tool `{key}` changed its definition since it was pinned; it is {} until an administrator accepts it (palisade mcp accept {key})",
+                            if block { "blocked" } else { "allowed, flagged" }
+                        ),
+                    });
+                    event.detail = json!({
+                        "tool": key, "pinned_sha256": pinned, "current_sha256": current,
+                        "blocked": block, "description": tool.get("description"),
+                    });
+                    let _ = self.audit.record(event).await;
+                }
+            }
+            Pin::Kept => {}
         }
+        state
+    }
+
+    fn blocks_changes(&self, server: &str) -> bool {
+        self.servers
+            .iter()
+            .find(|s| s.config.name == server)
+            .is_none_or(|s| s.config.block_changed_tools)
+    }
+
+    /// Every pinned tool with its pinned hash and, for running servers, the current one.
+    pub async fn pins(&self) -> Value {
+        let mut current: HashMap<String, String> = HashMap::new();
+        for server in &self.servers {
+            if let Ok(tools) = server.tools().await {
+                for t in tools {
+                    if let Some(n) = t.get("name").and_then(Value::as_str) {
+                        current.insert(format!("{}/{n}", server.config.name), definition_hash(&t));
+                    }
+                }
+            }
+        }
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut items: Vec<Value> = pins
+            .into_iter()
+            .map(|(tool, hash)| {
+                let now = current.get(&tool).cloned();
+                json!({ "tool": tool, "pinned_sha256": hash, "current_sha256": now,
+                        "changed": now.as_ref().is_some_and(|c| *c != hash) })
+            })
+            .collect();
+        items.sort_by(|a, b| a["tool"].as_str().cmp(&b["tool"].as_str()));
+        json!({ "items": items })
+    }
+
+    /// Accepts a tool's current definition as its pin; returns the new hash.
+    pub async fn accept(&self, tool_key: &str) -> Result<String, String> {
+        let (server_name, tool) = tool_key
+            .split_once('/')
+            .ok_or_else(|| format!("`{tool_key}` is not <server>/<tool>"))?;
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.config.name == server_name)
+            .ok_or_else(|| format!("no MCP server `{server_name}`"))?;
+        let tools = server
+            .tools()
+            .await
+            .map_err(|e| format!("cannot list the tools of `{server_name}`: {e:?}"))?;
+        let definition = tools
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some(tool))
+            .ok_or_else(|| format!("`{server_name}` has no tool `{tool}`"))?;
+        let hash = definition_hash(definition);
+        let store = self.store.clone();
+        let (k, h, at) = (tool_key.to_string(), hash.clone(), self.clock.now());
+        tokio::task::spawn_blocking(move || store.put_mcp_pin(&k, &h, at))
+            .await
+            .map_err(|_| "the pin task failed".to_string())?
+            .map_err(|e| e.to_string())?;
+        self.pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tool_key.to_string(), hash.clone());
+        Ok(hash)
     }
 
     /// RFC 9728 protected resource metadata of the MCP endpoint.
@@ -422,6 +596,13 @@ impl McpGateway {
                 let Some(name) = tool.get("name").and_then(Value::as_str) else {
                     continue;
                 };
+                if matches!(
+                    self.check_pin(&server.config.name, &tool).await,
+                    Pin::Changed { .. }
+                ) && self.blocks_changes(&server.config.name)
+                {
+                    continue;
+                }
                 let class = self.action_of(server, &tool);
                 // Listing: no arguments, so argument conditions (`context has arguments && ...`)
                 // do not hide a tool; they decide each call.
@@ -477,6 +658,17 @@ impl McpGateway {
             .into_iter()
             .find(|t| t.get("name").and_then(Value::as_str) == Some(tool_name))
             .ok_or_else(unknown)?;
+        if let Pin::Changed { pinned, current } = self.check_pin(server_name, &definition).await
+            && self.blocks_changes(server_name)
+        {
+            return Err(RpcError {
+                code: FORBIDDEN,
+                message: format!(
+                    "tool `{name}` changed its definition since it was pinned and is blocked until an administrator accepts it (palisade mcp accept {server_name}/{tool_name})"
+                ),
+                data: Some(json!({ "pinned_sha256": pinned, "current_sha256": current })),
+            });
+        }
         let class = self.action_of(server, &definition);
         let typed = typed_arguments(server, tool_name, &arguments);
         let (decision, version) = match &typed {

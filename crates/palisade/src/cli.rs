@@ -70,6 +70,20 @@ enum Command {
     Owner(OwnerCmd),
     /// Kill switch for every agent, for incidents: ends all sessions and suspends all agents.
     Panic(KillArgs),
+    /// The MCP gateway's pinned tool definitions.
+    #[command(subcommand)]
+    Mcp(McpCmd),
+}
+
+#[derive(Subcommand)]
+enum McpCmd {
+    /// List pinned tools, with the current definition's hash and whether it changed.
+    Pins,
+    /// Accept a tool's current definition (after reviewing it): it is pinned anew and unblocked.
+    Accept {
+        /// <server>/<tool>, e.g. git/git_log.
+        tool: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +545,62 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Owner(OwnerCmd::Kill { id, why }) => {
             let v = kill(&client()?, &format!("/owners/{id}/kill"), why).await?;
             print_kill(&v, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mcp(cmd) => {
+            let c = client()?;
+            match cmd {
+                McpCmd::Pins => {
+                    let v = c.call(Method::GET, "/mcp/pins", None).await?;
+                    if cli.json {
+                        println!("{}", pretty(&v));
+                    } else {
+                        let rows: Vec<Vec<String>> = v["items"]
+                            .as_array()
+                            .map(Vec::as_slice)
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|p| {
+                                vec![
+                                    cell(&p["tool"]),
+                                    p["pinned_sha256"]
+                                        .as_str()
+                                        .unwrap_or("-")
+                                        .chars()
+                                        .take(16)
+                                        .collect(),
+                                    if p["changed"] == true {
+                                        "CHANGED".into()
+                                    } else {
+                                        "same".into()
+                                    },
+                                ]
+                            })
+                            .collect();
+                        print_table(&["TOOL", "PINNED", "NOW"], &rows);
+                    }
+                }
+                McpCmd::Accept { tool } => {
+                    let Some((server, name)) = tool.split_once('/') else {
+                        bail!("give the tool as <server>/<tool>, e.g. git/git_log");
+                    };
+                    let v = c
+                        .call(
+                            Method::POST,
+                            &format!("/mcp/pins/{server}/{name}/accept"),
+                            None,
+                        )
+                        .await?;
+                    if cli.json {
+                        println!("{}", pretty(&v));
+                    } else {
+                        println!(
+                            "{tool} pinned to its current definition ({})",
+                            v["pinned_sha256"].as_str().unwrap_or("-")
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Panic(why) => {

@@ -224,7 +224,8 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         policy.clone(),
         audit.clone(),
         clock,
-    ));
+        store.clone(),
+    )?);
     let identity_providers =
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let app = Arc::new(App {
@@ -346,6 +347,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/owners/{id}/kill", post(sessions::kill_owner))
         .route("/panic", post(sessions::panic_all))
         .route("/humans/{id}/token", post(oauth::mint_human_token))
+        .route("/mcp/pins", get(mcp_pins))
+        .route("/mcp/pins/{server}/{tool}/accept", post(mcp_accept))
         .route("/{collection}", get(admin::list).post(admin::create))
         .route("/{collection}/{id}", get(admin::get).patch(admin::update))
         .route("/{collection}/{id}/{verb}", post(admin::lifecycle))
@@ -400,6 +403,36 @@ fn router(app: Arc<App>) -> Router {
         )
         .fallback(gateway)
         .with_state(app)
+}
+
+async fn mcp_pins(State(app): State<Arc<App>>) -> Response {
+    axum::Json(app.mcp.pins().await).into_response()
+}
+
+async fn mcp_accept(
+    State(app): State<Arc<App>>,
+    axum::extract::Path((server, tool)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let key = format!("{server}/{tool}");
+    match app.mcp.accept(&key).await {
+        Ok(hash) => {
+            let mut event = AuditEvent::new("admin.change");
+            event.principal = Some(palisade_audit::PrincipalRef {
+                id: "admin".into(),
+                ..palisade_audit::PrincipalRef::default()
+            });
+            event.action = Some("mcp.accept_tool".into());
+            event.resource = Some(format!("Palisade::Tool::\"{key}\""));
+            event.detail = json!({ "sha256": hash });
+            audit_or_503(
+                &app,
+                event,
+                axum::Json(json!({ "tool": key, "pinned_sha256": hash })).into_response(),
+            )
+            .await
+        }
+        Err(message) => error_response(StatusCode::NOT_FOUND, "not_found", &message, None),
+    }
 }
 
 async fn api_not_found() -> Response {

@@ -80,6 +80,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sessions_hard_end ON sessions(hard_end_ns);
     CREATE INDEX sessions_principal ON sessions(principal);
     "#,
+    // 3: pinned MCP tool definitions (hash of name, description, schema and annotations).
+    r#"
+    CREATE TABLE mcp_tool_pins (
+        tool      TEXT PRIMARY KEY,
+        hash      TEXT NOT NULL,
+        pinned_ns INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -626,6 +634,30 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         data.map(|d| serde_json::from_str(&d).map_err(|e| backend(format!("session row: {e}"))))
             .transpose()
+    }
+
+    fn mcp_pins(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT tool, hash FROM mcp_tool_pins")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
+    }
+
+    fn put_mcp_pin(&self, tool: &str, hash: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "INSERT INTO mcp_tool_pins (tool, hash, pinned_ns) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(tool) DO UPDATE SET hash = excluded.hash, pinned_ns = excluded.pinned_ns",
+                params![tool, hash, ns(at)],
+            )
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError> {

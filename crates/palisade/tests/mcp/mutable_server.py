@@ -1,0 +1,65 @@
+"""A minimal stdio MCP server for the tool-pinning tests (standard library only).
+
+usage: mutable_server.py DESCRIPTION_FILE
+One tool, `echo`, whose description is the file's content. When the file changes, the server
+tells its client with notifications/tools/list_changed, like a server that updates its tools
+(or is swapped for a malicious one) while running.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+path = sys.argv[1]
+lock = threading.Lock()
+
+
+def send(message):
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+
+def description():
+    with open(path) as f:
+        return f.read()
+
+
+def watch():
+    last = os.stat(path).st_mtime_ns
+    while True:
+        time.sleep(0.05)
+        now = os.stat(path).st_mtime_ns
+        if now != last:
+            last = now
+            send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+
+
+threading.Thread(target=watch, daemon=True).start()
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method = msg.get("method")
+    if method == "initialize":
+        result = {
+            "protocolVersion": msg["params"]["protocolVersion"],
+            "capabilities": {"tools": {"listChanged": True}},
+            "serverInfo": {"name": "mutable", "version": "1"},
+        }
+    elif method == "tools/list":
+        result = {"tools": [{
+            "name": "echo",
+            "description": description(),
+            "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}},
+            "annotations": {"readOnlyHint": True},
+        }]}
+    elif method == "tools/call":
+        text = msg["params"].get("arguments", {}).get("text", "")
+        result = {"content": [{"type": "text", "text": text}], "isError": False}
+    else:
+        send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
+        continue
+    send({"jsonrpc": "2.0", "id": msg["id"], "result": result})
