@@ -453,3 +453,160 @@ async fn a_changed_tool_definition_is_blocked_or_flagged_until_accepted() {
     assert_eq!(names, ["lax__echo", "strict__echo"]);
     h.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_uses_mcp_server_git_within_the_blast_radius_and_argument_policy() {
+    let Some(python) = python() else { return };
+    let server = python.parent().unwrap().join("mcp-server-git");
+    // A real repository with one commit, as the workspace the agent may touch.
+    let workspace = support::temp_dir("mcp-git-ws");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&workspace)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(workspace.join("README"), "hello\n").unwrap();
+    git(&["add", "README"]);
+    git(&["commit", "-q", "-m", "first commit"]);
+    std::fs::write(workspace.join("notes.txt"), "untracked\n").unwrap();
+    let ws = workspace.display().to_string();
+
+    // The child's whole environment is PATH (for the git binary) and HOME.
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"git\"\ncommand = \"{}\"\nenv = {{ PATH = \"/usr/local/bin:/usr/bin:/bin\", HOME = \"{ws}\" }}\n\
+         [mcp.servers.tools.git_status]\narguments = {{ repo_path = \"string\" }}\n\
+         [mcp.servers.tools.git_log]\narguments = {{ repo_path = \"string\" }}\n",
+        server.display()
+    );
+    let h = Harness::start_with("mcp-git", &extra).await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("git.cedar"),
+        format!(
+            r#"
+@id("git.workspace-only")
+forbid (principal, action, resource in Palisade::Route::"git")
+when {{
+  context has arguments && context.arguments has repo_path &&
+  !(context.arguments.repo_path == "{ws}" || context.arguments.repo_path like "{ws}/*")
+}};
+"#
+        ),
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    // Read-only blast radius (the default): the write and destructive tools are hidden.
+    let mut agent = agent_body("reviewer");
+    agent["allowed_resources"] = json!(["git"]);
+    agent["blast_radius"] = json!({});
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let mcp_url = h.url("/mcp");
+    let (_, t) = h
+        .token_request("agent:reviewer", secret, &[("resource", &mcp_url)])
+        .await;
+    let token = t["access_token"].as_str().unwrap().to_string();
+
+    let seen = run_client(
+        &python,
+        &mcp_url,
+        &token,
+        json!([
+            { "name": "git__git_status", "arguments": { "repo_path": ws } },
+            { "name": "git__git_log", "arguments": { "repo_path": ws } },
+            { "name": "git__git_status", "arguments": { "repo_path": "/etc" } },
+            { "name": "git__git_reset", "arguments": { "repo_path": ws } },
+        ]),
+    );
+    let tools: Vec<&str> = seen["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        tools.contains(&"git__git_status") && tools.contains(&"git__git_log"),
+        "{seen}"
+    );
+    for hidden in ["git__git_commit", "git__git_add", "git__git_reset"] {
+        assert!(
+            !tools.contains(&hidden),
+            "{hidden} listed for a read-only agent: {seen}"
+        );
+    }
+    let status = seen["calls"][0]["text"][0].as_str().unwrap_or("");
+    assert!(status.contains("notes.txt"), "the real git status: {seen}");
+    let log = seen["calls"][1]["text"][0].as_str().unwrap_or("");
+    assert!(log.contains("first commit"), "the real git log: {seen}");
+    let outside = seen["calls"][2]["error"].as_str().unwrap_or("");
+    assert!(outside.contains("git.workspace-only"), "{seen}");
+    let reset = seen["calls"][3]["error"].as_str().unwrap_or("");
+    assert!(reset.contains("palisade.blast-radius.action"), "{seen}");
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_dies_mid_call_gives_an_error_and_is_restarted() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("mcp-crash-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"fragile\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n",
+        file.display()
+    );
+    let h = Harness::start_with("mcp-crash", &extra).await;
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("breaker");
+    agent["allowed_resources"] = json!(["fragile"]);
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let (_, t) = h
+        .token_request("agent:breaker", secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    let echo = |text: &'static str| {
+        client.send(
+            "tools/call",
+            json!({ "name": "fragile__echo", "arguments": { "text": text } }),
+        )
+    };
+    assert_eq!(echo("one").await["result"]["content"][0]["text"], "one");
+    let crashed = echo("crash").await;
+    assert_eq!(crashed["error"]["code"], -32603, "{crashed}");
+    assert!(
+        crashed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited before it answered"),
+        "{crashed}"
+    );
+    // Restarted on a later request (restarts are at least 2 s apart).
+    let mut answer = Value::Null;
+    for _ in 0..40 {
+        answer = echo("two").await;
+        if answer.get("result").is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(answer["result"]["content"][0]["text"], "two", "{answer}");
+    h.server.stop().await;
+}

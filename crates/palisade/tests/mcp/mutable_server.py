@@ -1,7 +1,8 @@
 """A minimal stdio MCP server for the tool-pinning tests (standard library only).
 
 usage: mutable_server.py DESCRIPTION_FILE
-One tool, `echo`, whose description is the file's content. When the file changes, the server
+One tool, `echo`, whose description is the file's content; echoing "crash" kills the server
+mid-call. When the file changes, the server
 tells its client with notifications/tools/list_changed, like a server that updates its tools
 (or is swapped for a malicious one) while running.
 """
@@ -58,6 +59,8 @@ for line in sys.stdin:
         }]}
     elif method == "tools/call":
         text = msg["params"].get("arguments", {}).get("text", "")
+        if text == "crash":
+            os._exit(3)  # dies mid-call, without an answer
         result = {"content": [{"type": "text", "text": text}], "isError": False}
     else:
         send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
