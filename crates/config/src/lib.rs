@@ -177,7 +177,8 @@ pub mod raw {
     #[allow(missing_docs)]
     pub struct McpServer {
         pub name: String,
-        pub command: String,
+        pub command: Option<String>,
+        pub url: Option<String>,
         #[serde(default)]
         pub args: Vec<String>,
         #[serde(default)]
@@ -253,8 +254,11 @@ pub struct McpConfig {
 pub struct McpServerConfig {
     /// Name: the prefix of its tools (`<name>__<tool>`) and its `Palisade::Route`.
     pub name: String,
-    /// Program to run (a path, or a name looked up in Palisade's own PATH).
+    /// Program to run (a path, or a name looked up in Palisade's own PATH); empty for a remote
+    /// server.
     pub command: String,
+    /// A remote Streamable HTTP server's endpoint, instead of a program.
+    pub url: Option<Uri>,
     /// Its arguments.
     pub args: Vec<String>,
     /// Its whole environment: nothing else is passed on.
@@ -783,9 +787,33 @@ impl Config {
                     s.name
                 ));
             }
-            if s.command.trim().is_empty() {
-                return Err(format!("key `{at}.command`: give the program to run"));
-            }
+            let (command, url) = match (s.command, s.url) {
+                (Some(c), None) if !c.trim().is_empty() => (c, None),
+                (None, Some(u)) => {
+                    let uri: Uri = u
+                        .parse()
+                        .map_err(|_| format!("key `{at}.url`: `{u}` is not a URL"))?;
+                    match (uri.scheme_str(), uri.authority()) {
+                        (Some("http"), Some(_)) => {}
+                        (Some("https"), Some(_)) => {
+                            return Err(format!(
+                                "key `{at}.url`: https MCP upstreams are not supported yet; use http:// on a trusted network"
+                            ));
+                        }
+                        _ => {
+                            return Err(format!(
+                                "key `{at}.url`: `{u}` must look like http://host:port/mcp"
+                            ));
+                        }
+                    }
+                    (String::new(), Some(uri))
+                }
+                _ => {
+                    return Err(format!(
+                        "key `{at}`: give exactly one of `command` (a local stdio server) and `url` (a remote Streamable HTTP server)"
+                    ));
+                }
+            };
             let kind = s.kind.unwrap_or_else(|| s.name.clone());
             if !is_name(&kind) {
                 return Err(format!("key `{at}.kind`: `{kind}` is not a name"));
@@ -855,7 +883,8 @@ impl Config {
             mcp_servers.push(McpServerConfig {
                 block_changed_tools,
                 name: s.name,
-                command: s.command,
+                command,
+                url,
                 args: s.args,
                 env: s.env.into_iter().collect(),
                 cwd: s.cwd.map(PathBuf::from),

@@ -13,6 +13,7 @@
 //! INVARIANT (token-stays-here): the agent's token never reaches an upstream server; stdio servers
 //! get only their configured environment.
 
+pub mod remote;
 pub mod stdio;
 
 use axum::body::Body;
@@ -27,6 +28,48 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stdio::{StdioServer, UpstreamError};
+
+/// An upstream MCP server: a local child over stdio or a remote one over Streamable HTTP.
+pub enum Upstream {
+    /// Run by Palisade.
+    Stdio(StdioServer),
+    /// Remote.
+    Http(remote::HttpServer),
+}
+
+impl Upstream {
+    /// From its configuration.
+    pub fn new(config: palisade_config::McpServerConfig) -> Self {
+        match config.url.clone() {
+            Some(url) => Self::Http(remote::HttpServer::new(config, url)),
+            None => Self::Stdio(StdioServer::new(config)),
+        }
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &palisade_config::McpServerConfig {
+        match self {
+            Self::Stdio(s) => &s.config,
+            Self::Http(s) => &s.config,
+        }
+    }
+
+    /// Its tools.
+    pub async fn tools(&self) -> Result<Vec<Value>, UpstreamError> {
+        match self {
+            Self::Stdio(s) => s.tools().await,
+            Self::Http(s) => s.tools().await,
+        }
+    }
+
+    /// One request.
+    pub async fn request(&self, method: &str, params: Value) -> Result<Value, UpstreamError> {
+        match self {
+            Self::Stdio(s) => s.request(method, params).await,
+            Self::Http(s) => s.request(method, params).await,
+        }
+    }
+}
 
 /// Protocol revisions the endpoint negotiates, oldest first.
 pub const PROTOCOL_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
@@ -71,7 +114,7 @@ pub fn definition_hash(tool: &Value) -> String {
 /// The MCP gateway.
 pub struct McpGateway {
     config: Arc<Config>,
-    servers: Vec<Arc<StdioServer>>,
+    servers: Vec<Arc<Upstream>>,
     auth: Arc<dyn Authenticator>,
     pdp: Arc<dyn DecisionPoint>,
     audit: AuditLog,
@@ -99,7 +142,7 @@ impl McpGateway {
             .mcp
             .servers
             .iter()
-            .map(|s| Arc::new(StdioServer::new(s.clone())))
+            .map(|s| Arc::new(Upstream::new(s.clone())))
             .collect();
         Ok(Self {
             config,
@@ -164,8 +207,8 @@ impl McpGateway {
                     let block = self
                         .servers
                         .iter()
-                        .find(|s| s.config.name == server)
-                        .is_none_or(|s| s.config.block_changed_tools);
+                        .find(|s| s.config().name == server)
+                        .is_none_or(|s| s.config().block_changed_tools);
                     let mut event = AuditEvent::new("mcp.tool_changed");
                     event.resource = Some(format!("Palisade::Tool::\"{key}\""));
                     event.alert = Some(palisade_audit::Alert {
@@ -191,8 +234,8 @@ impl McpGateway {
     fn blocks_changes(&self, server: &str) -> bool {
         self.servers
             .iter()
-            .find(|s| s.config.name == server)
-            .is_none_or(|s| s.config.block_changed_tools)
+            .find(|s| s.config().name == server)
+            .is_none_or(|s| s.config().block_changed_tools)
     }
 
     /// Every pinned tool with its pinned hash and, for running servers, the current one.
@@ -202,7 +245,8 @@ impl McpGateway {
             if let Ok(tools) = server.tools().await {
                 for t in tools {
                     if let Some(n) = t.get("name").and_then(Value::as_str) {
-                        current.insert(format!("{}/{n}", server.config.name), definition_hash(&t));
+                        current
+                            .insert(format!("{}/{n}", server.config().name), definition_hash(&t));
                     }
                 }
             }
@@ -228,7 +272,7 @@ impl McpGateway {
         let server = self
             .servers
             .iter()
-            .find(|s| s.config.name == server_name)
+            .find(|s| s.config().name == server_name)
             .ok_or_else(|| format!("no MCP server `{server_name}`"))?;
         let tools = server
             .tools()
@@ -528,9 +572,9 @@ impl McpGateway {
         plain(StatusCode::OK, "MCP session ended")
     }
 
-    fn action_of(&self, server: &StdioServer, tool: &Value) -> ActionClass {
+    fn action_of(&self, server: &Upstream, tool: &Value) -> ActionClass {
         let name = tool.get("name").and_then(Value::as_str).unwrap_or("");
-        if let Some((_, a)) = server.config.tool_actions.iter().find(|(t, _)| t == name) {
+        if let Some((_, a)) = server.config().tool_actions.iter().find(|(t, _)| t == name) {
             return *a;
         }
         let hint = |k: &str| {
@@ -549,12 +593,12 @@ impl McpGateway {
     fn decide(
         &self,
         caller: &Caller,
-        server: &StdioServer,
+        server: &Upstream,
         tool: &str,
         class: ActionClass,
         arguments: Option<&[(String, ArgValue)]>,
     ) -> (palisade_policy::Decision, String) {
-        let c = &server.config;
+        let c = server.config();
         let target = Target {
             route: &c.name,
             resource: Some(tool),
@@ -588,7 +632,7 @@ impl McpGateway {
             let listed = match server.tools().await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(server = %server.config.name, error = ?e, "cannot list an MCP server's tools");
+                    tracing::warn!(server = %server.config().name, error = ?e, "cannot list an MCP server's tools");
                     continue;
                 }
             };
@@ -597,9 +641,9 @@ impl McpGateway {
                     continue;
                 };
                 if matches!(
-                    self.check_pin(&server.config.name, &tool).await,
+                    self.check_pin(&server.config().name, &tool).await,
                     Pin::Changed { .. }
-                ) && self.blocks_changes(&server.config.name)
+                ) && self.blocks_changes(&server.config().name)
                 {
                     continue;
                 }
@@ -609,7 +653,7 @@ impl McpGateway {
                 let (decision, _) = self.decide(caller, server, name, class, None);
                 if decision.allowed {
                     let mut shown = tool.clone();
-                    shown["name"] = json!(format!("{}{SEPARATOR}{name}", server.config.name));
+                    shown["name"] = json!(format!("{}{SEPARATOR}{name}", server.config().name));
                     tools.push(shown);
                 }
             }
@@ -649,7 +693,7 @@ impl McpGateway {
         let server = self
             .servers
             .iter()
-            .find(|s| s.config.name == server_name)
+            .find(|s| s.config().name == server_name)
             .ok_or_else(unknown)?;
         let definition = server
             .tools()
@@ -764,11 +808,16 @@ impl McpGateway {
 /// The call's arguments that the config declares for this tool, converted to their declared
 /// types; a declared argument of another JSON type is refused (it could dodge a policy).
 fn typed_arguments(
-    server: &StdioServer,
+    server: &Upstream,
     tool: &str,
     arguments: &Value,
 ) -> Result<Vec<(String, ArgValue)>, RpcError> {
-    let Some((_, declared)) = server.config.tool_arguments.iter().find(|(t, _)| t == tool) else {
+    let Some((_, declared)) = server
+        .config()
+        .tool_arguments
+        .iter()
+        .find(|(t, _)| t == tool)
+    else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();

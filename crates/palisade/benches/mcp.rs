@@ -75,7 +75,10 @@ async fn main() {
     let token: Value = http
         .post(format!("{base}/oauth2/token"))
         .basic_auth("agent:bench", Some(secret))
-        .form(&[("grant_type", "client_credentials"), ("resource", mcp.as_str())])
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("resource", mcp.as_str()),
+        ])
         .send()
         .await
         .unwrap()
@@ -91,7 +94,10 @@ async fn main() {
         .send()
         .await
         .unwrap();
-    let sid = init.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    let sid = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let call = json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": { "name": "echo__echo", "arguments": { "text": "ping" } } });
 
@@ -99,7 +105,10 @@ async fn main() {
     let direct = StdioServer::new(upstream_config);
     for _ in 0..100 {
         direct
-            .request("tools/call", json!({ "name": "echo", "arguments": { "text": "ping" } }))
+            .request(
+                "tools/call",
+                json!({ "name": "echo", "arguments": { "text": "ping" } }),
+            )
             .await
             .unwrap();
     }
@@ -108,7 +117,10 @@ async fn main() {
     for _ in 0..CALLS {
         let t = Instant::now();
         direct
-            .request("tools/call", json!({ "name": "echo", "arguments": { "text": "ping" } }))
+            .request(
+                "tools/call",
+                json!({ "name": "echo", "arguments": { "text": "ping" } }),
+            )
             .await
             .unwrap();
         lat.push(t.elapsed());
@@ -154,8 +166,13 @@ async fn main() {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (http, mcp, token, sid, call) =
-            (http.clone(), mcp.clone(), token.clone(), sid.clone(), call.clone());
+        let (http, mcp, token, sid, call) = (
+            http.clone(),
+            mcp.clone(),
+            token.clone(),
+            sid.clone(),
+            call.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for _ in 0..CALLS / 8 {
                 http.post(&mcp)

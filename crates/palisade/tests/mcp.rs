@@ -610,3 +610,129 @@ async fn an_upstream_that_dies_mid_call_gives_an_error_and_is_restarted() {
     assert_eq!(answer["result"]["content"][0]["text"], "two", "{answer}");
     h.server.stop().await;
 }
+
+/// `@modelcontextprotocol/server-everything` over Streamable HTTP on a free loopback port.
+struct Everything {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Everything {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn everything() -> Option<Everything> {
+    let Some(entry) = std::env::var_os("PALISADE_MCP_EVERYTHING") else {
+        eprintln!(
+            "SKIPPED: PALISADE_MCP_EVERYTHING is not set (the pinned @modelcontextprotocol/server-everything; .ci/run installs it)"
+        );
+        return None;
+    };
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = std::process::Command::new("node")
+        .arg(entry)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Everything {
+        child,
+        url: format!("http://127.0.0.1:{port}/mcp"),
+    };
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Some(server);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("server-everything did not start listening on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_reaches_server_everything_over_streamable_http_through_palisade() {
+    let Some(python) = python() else { return };
+    let Some(upstream) = everything().await else {
+        return;
+    };
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"everything\"\nurl = \"{}\"\n",
+        upstream.url
+    );
+    let h = Harness::start_with("mcp-everything", &extra).await;
+    std::fs::write(
+        h.data_dir
+            .with_extension("policies")
+            .join("everything.cedar"),
+        r#"
+@id("everything.no-env")
+forbid (principal, action, resource == Palisade::Tool::"everything/get-env");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("explorer");
+    agent["allowed_resources"] = json!(["everything"]);
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let mcp_url = h.url("/mcp");
+    let (_, t) = h
+        .token_request("agent:explorer", secret, &[("resource", &mcp_url)])
+        .await;
+    let token = t["access_token"].as_str().unwrap().to_string();
+    let seen = run_client(
+        &python,
+        &mcp_url,
+        &token,
+        json!([
+            { "name": "everything__echo", "arguments": { "message": "through palisade" } },
+            { "name": "everything__get-sum", "arguments": { "a": 2, "b": 3 } },
+            { "name": "everything__get-env", "arguments": {} },
+        ]),
+    );
+    let tools: Vec<&str> = seen["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        tools.contains(&"everything__echo") && tools.contains(&"everything__get-sum"),
+        "{seen}"
+    );
+    assert!(!tools.contains(&"everything__get-env"), "{seen}");
+    assert_eq!(
+        seen["calls"][0]["text"][0], "Echo: through palisade",
+        "{seen}"
+    );
+    assert!(
+        seen["calls"][1]["text"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains('5'),
+        "{seen}"
+    );
+    assert!(
+        seen["calls"][2]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("everything.no-env"),
+        "{seen}"
+    );
+    h.server.stop().await;
+}

@@ -1,0 +1,293 @@
+//! An upstream MCP server reached over Streamable HTTP: JSON-RPC over POST, answered with
+//! `application/json` or a `text/event-stream` that carries the answer (and possibly
+//! notifications before it). Palisade initialises its own MCP session with the server
+//! (`Mcp-Session-Id`), sends the negotiated `MCP-Protocol-Version`, and initialises again when the
+//! server forgets the session (404). Tools are fetched again at most every 30 s.
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade_config::McpServerConfig;
+use serde_json::{Value, json};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::stdio::{UPSTREAM_PROTOCOL, UpstreamError};
+
+const MAX_BODY: usize = 16 * 1024 * 1024;
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const TOOLS_TTL: Duration = Duration::from_secs(30);
+
+struct Session {
+    id: Option<String>,
+    protocol: String,
+}
+
+/// One Streamable HTTP MCP server.
+pub struct HttpServer {
+    /// Its configuration.
+    pub config: McpServerConfig,
+    url: Uri,
+    client: Client<HttpConnector, Full<Bytes>>,
+    session: tokio::sync::Mutex<Option<Session>>,
+    next_id: AtomicU64,
+    tools: Mutex<Option<(Vec<Value>, Instant)>>,
+}
+
+impl HttpServer {
+    /// A server at `url` (not contacted until first use).
+    pub fn new(config: McpServerConfig, url: Uri) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_nodelay(true);
+        Self {
+            config,
+            url,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            session: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            tools: Mutex::new(None),
+        }
+    }
+
+    /// The server's tools, fetched again when older than 30 s.
+    pub async fn tools(&self) -> Result<Vec<Value>, UpstreamError> {
+        if let Some((tools, at)) = self
+            .tools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && at.elapsed() < TOOLS_TTL
+        {
+            return Ok(tools.clone());
+        }
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let params = match &cursor {
+                Some(c) => json!({ "cursor": c }),
+                None => json!({}),
+            };
+            let page = self.request("tools/list", params).await?;
+            if let Some(tools) = page.get("tools").and_then(Value::as_array) {
+                all.extend(tools.iter().cloned());
+            }
+            cursor = page
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        *self.tools.lock().unwrap_or_else(|p| p.into_inner()) = Some((all.clone(), Instant::now()));
+        Ok(all)
+    }
+
+    /// Sends a request in Palisade's session with the server, starting one if needed.
+    pub async fn request(&self, method: &str, params: Value) -> Result<Value, UpstreamError> {
+        let mut session = self.session.lock().await;
+        if session.is_none() {
+            *session = Some(self.initialize().await?);
+        }
+        let (sid, protocol) = session
+            .as_ref()
+            .map(|s| (s.id.clone(), s.protocol.clone()))
+            .unwrap_or_default();
+        drop(session);
+        match self
+            .post(method, params.clone(), sid.as_deref(), &protocol)
+            .await
+        {
+            Err(Expired) => {
+                // The server forgot the session: start a new one, once.
+                let fresh = self.initialize().await?;
+                let (sid, protocol) = (fresh.id.clone(), fresh.protocol.clone());
+                *self.session.lock().await = Some(fresh);
+                self.post(method, params, sid.as_deref(), &protocol)
+                    .await
+                    .map_err(|Expired| {
+                        UpstreamError::Unavailable(
+                            "the MCP server keeps dropping its session".into(),
+                        )
+                    })?
+            }
+            Ok(result) => result,
+        }
+    }
+
+    async fn initialize(&self) -> Result<Session, UpstreamError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let message = json!({ "jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
+            "protocolVersion": UPSTREAM_PROTOCOL,
+            "capabilities": {},
+            "clientInfo": { "name": "palisade", "version": env!("CARGO_PKG_VERSION") },
+        }});
+        let (sid, answer) = self.exchange(&message, None, None).await?.ok_or_else(|| {
+            UpstreamError::Unavailable("the MCP server forgot a new session".into())
+        })?;
+        let result = answer?;
+        let protocol = result
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(UPSTREAM_PROTOCOL)
+            .to_string();
+        let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+        let _ = self
+            .exchange(&note, sid.as_deref(), Some(&protocol))
+            .await?;
+        tracing::info!(server = %self.config.name, "MCP server session started");
+        Ok(Session { id: sid, protocol })
+    }
+
+    async fn post(
+        &self,
+        method: &str,
+        params: Value,
+        sid: Option<&str>,
+        protocol: &str,
+    ) -> Result<Result<Value, UpstreamError>, Expired> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let message = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        match self.exchange(&message, sid, Some(protocol)).await {
+            Ok(Some((_, answer))) => Ok(answer),
+            Ok(None) => Err(Expired),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// One POST. `Ok(None)`: the server does not know the session (404). For a request, the
+    /// answer with the same id (from JSON or the event stream); for a notification, `Null`.
+    #[allow(clippy::type_complexity)]
+    async fn exchange(
+        &self,
+        message: &Value,
+        sid: Option<&str>,
+        protocol: Option<&str>,
+    ) -> Result<Option<(Option<String>, Result<Value, UpstreamError>)>, UpstreamError> {
+        let mut builder = Request::post(self.url.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        if let Some(s) = sid {
+            builder = builder.header("mcp-session-id", s);
+        }
+        if let Some(p) = protocol {
+            builder = builder.header("mcp-protocol-version", p);
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(message.to_string())))
+            .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        let name = &self.config.name;
+        let resp = tokio::time::timeout(CALL_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| {
+                UpstreamError::Unavailable(format!("`{name}` did not answer within 30 s"))
+            })?
+            .map_err(|e| {
+                UpstreamError::Unavailable(format!("`{name}` could not be reached: {e}"))
+            })?;
+        if resp.status() == StatusCode::NOT_FOUND && sid.is_some() {
+            return Ok(None);
+        }
+        let new_sid = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| sid.map(str::to_string));
+        let status = resp.status();
+        let is_stream = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let Some(want) = message.get("id").cloned() else {
+            // A notification: 202 expected, nothing to read.
+            return Ok(Some((new_sid, Ok(Value::Null))));
+        };
+        if !status.is_success() {
+            return Err(UpstreamError::Unavailable(format!(
+                "`{name}` answered HTTP {status}"
+            )));
+        }
+        let answer = if is_stream {
+            read_stream(resp.into_body(), &want).await
+        } else {
+            let body = tokio::time::timeout(
+                CALL_TIMEOUT,
+                Limited::new(resp.into_body(), MAX_BODY).collect(),
+            )
+            .await
+            .map_err(|_| UpstreamError::Unavailable(format!("`{name}` stalled mid-answer")))?
+            .map_err(|e| {
+                UpstreamError::Unavailable(format!("`{name}`'s answer could not be read: {e}"))
+            })?
+            .to_bytes();
+            serde_json::from_slice::<Value>(&body)
+                .map_err(|_| UpstreamError::Unavailable(format!("`{name}` answered with no JSON")))
+        };
+        let answer = answer.and_then(|a| match (a.get("result"), a.get("error")) {
+            (Some(r), _) => Ok(r.clone()),
+            (None, Some(e)) => Err(UpstreamError::Rpc(e.clone())),
+            _ => Err(UpstreamError::Unavailable(format!(
+                "`{name}` sent an empty answer"
+            ))),
+        });
+        Ok(Some((new_sid, answer)))
+    }
+}
+
+/// The session is unknown to the server.
+struct Expired;
+
+/// Reads server-sent events until the JSON-RPC answer with id `want`.
+async fn read_stream(
+    mut body: hyper::body::Incoming,
+    want: &Value,
+) -> Result<Value, UpstreamError> {
+    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut data = String::new();
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| UpstreamError::Unavailable("the event stream stalled".into()))?;
+        let Some(frame) = frame else {
+            return Err(UpstreamError::Unavailable(
+                "the event stream ended before the answer".into(),
+            ));
+        };
+        let frame = frame
+            .map_err(|e| UpstreamError::Unavailable(format!("the event stream broke: {e}")))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&chunk);
+        if buf.len() > MAX_BODY {
+            return Err(UpstreamError::Unavailable("an event over 16 MiB".into()));
+        }
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if let Some(rest) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+            } else if line.is_empty() && !data.is_empty() {
+                let event = std::mem::take(&mut data);
+                if let Ok(message) = serde_json::from_str::<Value>(&event)
+                    && message.get("id") == Some(want)
+                    && (message.get("result").is_some() || message.get("error").is_some())
+                {
+                    return Ok(message);
+                }
+            }
+        }
+    }
+}
