@@ -34,14 +34,14 @@ pub enum Upstream {
     /// Run by Palisade.
     Stdio(StdioServer),
     /// Remote.
-    Http(remote::HttpServer),
+    Http(Box<remote::HttpServer>),
 }
 
 impl Upstream {
     /// From its configuration.
     pub fn new(config: palisade_config::McpServerConfig) -> Self {
         match config.url.clone() {
-            Some(url) => Self::Http(remote::HttpServer::new(config, url)),
+            Some(url) => Self::Http(Box::new(remote::HttpServer::new(config, url))),
             None => Self::Stdio(StdioServer::new(config)),
         }
     }
