@@ -32,7 +32,7 @@ use stdio::{StdioServer, UpstreamError};
 /// An upstream MCP server: a local child over stdio or a remote one over Streamable HTTP.
 pub enum Upstream {
     /// Run by Palisade.
-    Stdio(StdioServer),
+    Stdio(Box<StdioServer>),
     /// Remote.
     Http(Box<remote::HttpServer>),
 }
@@ -42,7 +42,7 @@ impl Upstream {
     pub fn new(config: palisade_config::McpServerConfig) -> Self {
         match config.url.clone() {
             Some(url) => Self::Http(Box::new(remote::HttpServer::new(config, url))),
-            None => Self::Stdio(StdioServer::new(config)),
+            None => Self::Stdio(Box::new(StdioServer::new(config))),
         }
     }
 
