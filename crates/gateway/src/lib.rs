@@ -96,7 +96,7 @@ pub struct Gateway {
     pdp: Arc<dyn DecisionPoint>,
     audit: AuditLog,
     clock: Arc<dyn palisade_core::Clock>,
-    limits: Limits,
+    limits: Arc<Limits>,
 }
 
 // RFC 9110 §7.6.1 hop-by-hop fields, plus proxy credentials; never forwarded either way.
@@ -138,7 +138,7 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(512)
             .build(connector);
-        let limits = Limits::new(&config);
+        let limits = Arc::new(Limits::new(&config));
         Self {
             config,
             client,
@@ -148,6 +148,12 @@ impl Gateway {
             clock,
             limits,
         }
+    }
+
+    /// The rate limiters and in-flight counters, shared with the MCP gateway so an agent's
+    /// limits count its HTTP and MCP requests together.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.clone()
     }
 
     /// Whether a path belongs to some route.

@@ -79,6 +79,8 @@ const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 const MAX_SESSIONS: usize = 100_000;
 /// JSON-RPC error code of an authorization denial.
 pub const FORBIDDEN: i64 = -32001;
+/// JSON-RPC error code of a rate or in-flight limit.
+pub const RATE_LIMITED: i64 = -32002;
 
 struct McpSession {
     principal: String,
@@ -121,6 +123,7 @@ pub struct McpGateway {
     clock: Arc<dyn palisade_core::Clock>,
     sessions: Mutex<HashMap<String, McpSession>>,
     store: Arc<dyn palisade_core::store::Store>,
+    limits: Arc<palisade_gateway::limits::Limits>,
     pins: Mutex<HashMap<String, String>>,
     /// Changed definitions already audited, so each change is reported once.
     reported: Mutex<std::collections::HashSet<(String, String)>>,
@@ -136,6 +139,7 @@ impl McpGateway {
         audit: AuditLog,
         clock: Arc<dyn palisade_core::Clock>,
         store: Arc<dyn palisade_core::store::Store>,
+        limits: Arc<palisade_gateway::limits::Limits>,
     ) -> Result<Self, palisade_core::store::StoreError> {
         let pins = store.mcp_pins()?.into_iter().collect();
         let servers = config
@@ -153,6 +157,7 @@ impl McpGateway {
             clock,
             sessions: Mutex::new(HashMap::new()),
             store,
+            limits,
             pins: Mutex::new(pins),
             reported: Mutex::default(),
         })
@@ -442,6 +447,37 @@ impl McpGateway {
                 format!("method `{other}` is not supported by the Palisade MCP gateway"),
             )),
         };
+        if method != "tools/call" {
+            // tools/call writes its own, richer event.
+            let mut event = AuditEvent::new("mcp.request");
+            event.principal = Some(PrincipalRef {
+                id: caller.principal.id.to_string(),
+                ..PrincipalRef::default()
+            });
+            event.action = Some(method.to_string());
+            event.outcome = Some(Outcome {
+                status: 200,
+                bytes_out: outcome
+                    .as_ref()
+                    .ok()
+                    .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
+                error: outcome.as_ref().err().map(|e| e.message.clone()),
+                ..Outcome::default()
+            });
+            event.latency_us =
+                Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            event.detail = json!({ "mcp_session": session_header });
+            if let Err(e) = self.audit.record(event).await {
+                tracing::error!(error = %e, "audit write failed; withholding the answer");
+                return rpc_error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    id,
+                    -32603,
+                    "the audit log cannot record this request, so it is refused",
+                    None,
+                );
+            }
+        }
         match outcome {
             Ok(result) => json_response(
                 StatusCode::OK,
@@ -690,6 +726,43 @@ impl McpGateway {
             )
         };
         let (server_name, tool_name) = name.split_once(SEPARATOR).ok_or_else(unknown)?;
+        // The agent's own rate limit and in-flight cap, shared with the HTTP gateway.
+        let agent_rate = caller
+            .principal
+            .agent()
+            .and_then(|a| a.rate_limit)
+            .or(self.config.gateway.agent_rate_limit);
+        if let Err(l) = self
+            .limits
+            .check(&caller.principal.id, agent_rate, usize::MAX)
+        {
+            let secs = l.retry_after.as_secs().max(1);
+            return Err(RpcError {
+                code: RATE_LIMITED,
+                message: format!(
+                    "{} is over its rate limit of {}; retry in {secs}s",
+                    caller.principal.id, l.limit
+                ),
+                data: Some(json!({ "retry_after_seconds": secs, "limit": l.limit.to_string() })),
+            });
+        }
+        let max_in_flight = caller
+            .principal
+            .agent()
+            .and_then(|a| a.max_concurrent_requests)
+            .unwrap_or(self.config.gateway.max_concurrent_requests_per_agent);
+        let _slot = self
+            .limits
+            .enter(&caller.principal.id, max_in_flight)
+            .map_err(|max| {
+                RpcError::new(
+                    RATE_LIMITED,
+                    format!(
+                        "{} already has {max} requests in flight, its limit; retry when one finishes",
+                        caller.principal.id
+                    ),
+                )
+            })?;
         let server = self
             .servers
             .iter()
@@ -750,9 +823,37 @@ impl McpGateway {
             policy_version: Some(version.clone()),
         });
         let digest = hex(&Sha256::digest(arguments.to_string().as_bytes()));
+        // The values policies saw (declared arguments), with secret-looking ones redacted.
+        let seen: serde_json::Map<String, Value> = match &typed {
+            Ok(args) => args
+                .iter()
+                .map(|(k, _)| {
+                    let lower = k.to_ascii_lowercase();
+                    let secret = [
+                        "password",
+                        "passwd",
+                        "secret",
+                        "token",
+                        "key",
+                        "credential",
+                        "auth",
+                    ]
+                    .iter()
+                    .any(|s| lower.contains(s));
+                    let shown = if secret {
+                        json!("[redacted]")
+                    } else {
+                        arguments.get(k).cloned().unwrap_or(Value::Null)
+                    };
+                    (k.clone(), shown)
+                })
+                .collect(),
+            Err(_) => serde_json::Map::new(),
+        };
         event.detail = json!({
             "tool": name,
             "arguments_sha256": digest,
+            "arguments": seen,
             "session": caller.session.as_ref().map(|s| s.sid.clone()),
             "token_id": caller.token_id,
         });

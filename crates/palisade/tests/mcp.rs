@@ -154,6 +154,22 @@ when {
             .len(),
         64
     );
+    // The values the policies saw are recorded with the call.
+    assert_eq!(
+        calls[3]["detail"]["arguments"],
+        json!({ "timezone": "Asia/Tokyo" })
+    );
+    let requests: Vec<&Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["event"])
+        .filter(|e| e["kind"] == "mcp.request")
+        .collect();
+    assert!(
+        requests.iter().any(|e| e["action"] == "tools/list"),
+        "every MCP request is audited"
+    );
     assert!(!all.to_string().contains(&token));
     h.server.stop().await;
 }
@@ -733,6 +749,53 @@ forbid (principal, action, resource == Palisade::Tool::"everything/get-env");
             .unwrap_or("")
             .contains("everything.no-env"),
         "{seen}"
+    );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_calls_count_against_the_agents_rate_limit() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("mcp-rate-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"echo\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n",
+        file.display()
+    );
+    let h = Harness::start_with("mcp-rate", &extra).await;
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("chatty");
+    agent["allowed_resources"] = json!(["echo", "tickets"]);
+    agent["rate_limit"] = json!("3/min");
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let (_, t) = h
+        .token_request("agent:chatty", secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    let call = || {
+        client.send(
+            "tools/call",
+            json!({ "name": "echo__echo", "arguments": { "text": "x" } }),
+        )
+    };
+    // Two MCP calls and one HTTP gateway call share the agent's 3/min budget.
+    assert!(call().await.get("result").is_some());
+    assert!(call().await.get("result").is_some());
+    let api_token = h.token_for("agent:chatty", secret).await;
+    assert_eq!(h.get_tickets(&api_token).await.status(), 200);
+    let limited = call().await;
+    assert_eq!(limited["error"]["code"], -32002, "{limited}");
+    assert!(
+        limited["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit of 3/min")
     );
     h.server.stop().await;
 }

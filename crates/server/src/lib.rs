@@ -225,6 +225,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         audit.clone(),
         clock,
         store.clone(),
+        gateway.limits(),
     )?);
     let identity_providers =
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
