@@ -198,6 +198,7 @@ pub mod raw {
     #[allow(missing_docs)]
     pub struct McpTool {
         pub action: Option<String>,
+        pub pin: Option<String>,
         #[serde(default)]
         pub arguments: std::collections::BTreeMap<String, String>,
     }
@@ -278,6 +279,8 @@ pub struct McpServerConfig {
     /// What a tool whose definition changed since it was pinned gets: blocked (default) or
     /// allowed with a high-severity alert.
     pub block_changed_tools: bool,
+    /// Tool definitions pinned in the config (SHA-256 hex): authoritative over first sight.
+    pub tool_pins: Vec<(String, String)>,
 }
 
 /// The type of a declared tool-call argument.
@@ -826,7 +829,20 @@ impl Config {
             };
             let mut tool_actions = Vec::new();
             let mut tool_arguments = Vec::new();
+            let mut tool_pins = Vec::new();
             for (tool, t) in s.tools {
+                if let Some(pin) = &t.pin {
+                    let hex = pin
+                        .strip_prefix("sha256:")
+                        .unwrap_or(pin)
+                        .to_ascii_lowercase();
+                    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!(
+                            "key `{at}.tools.{tool}.pin`: `{pin}` is not a SHA-256 in hex; `palisade mcp pins` shows the current ones"
+                        ));
+                    }
+                    tool_pins.push((tool.clone(), hex));
+                }
                 if let Some(a) = &t.action {
                     let action = ActionClass::parse(a).ok_or_else(|| {
                         format!(
@@ -893,6 +909,7 @@ impl Config {
                 classification,
                 tool_actions,
                 tool_arguments,
+                tool_pins,
             });
         }
         Ok(Self {

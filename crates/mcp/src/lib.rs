@@ -141,7 +141,13 @@ impl McpGateway {
         store: Arc<dyn palisade_core::store::Store>,
         limits: Arc<palisade_gateway::limits::Limits>,
     ) -> Result<Self, palisade_core::store::StoreError> {
-        let pins = store.mcp_pins()?.into_iter().collect();
+        let mut pins: HashMap<String, String> = store.mcp_pins()?.into_iter().collect();
+        // Pins in the config win over pins from first sight.
+        for server in &config.mcp.servers {
+            for (tool, hash) in &server.tool_pins {
+                pins.insert(format!("{}/{tool}", server.name), hash.clone());
+            }
+        }
         let servers = config
             .mcp
             .servers
@@ -279,6 +285,11 @@ impl McpGateway {
             .iter()
             .find(|s| s.config().name == server_name)
             .ok_or_else(|| format!("no MCP server `{server_name}`"))?;
+        if server.config().tool_pins.iter().any(|(t, _)| t == tool) {
+            return Err(format!(
+                "`{tool_key}` is pinned in the config (mcp.servers.tools.{tool}.pin); change it there"
+            ));
+        }
         let tools = server
             .tools()
             .await

@@ -799,3 +799,54 @@ async fn mcp_calls_count_against_the_agents_rate_limit() {
     );
     h.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_in_the_config_are_authoritative() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("mcp-config-pins");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    // The definition the fixture serves, hashed as Palisade pins it.
+    let good = palisade_mcp::definition_hash(&json!({
+        "name": "echo",
+        "description": "Echoes text back.",
+        "inputSchema": { "type": "object", "properties": { "text": { "type": "string" } } },
+        "annotations": { "readOnlyHint": true },
+    }));
+    let wrong = "0".repeat(64);
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"good\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{f}\"]\n\
+         [mcp.servers.tools.echo]\npin = \"sha256:{good}\"\n\
+         [[mcp.servers]]\nname = \"bad\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{f}\"]\n\
+         [mcp.servers.tools.echo]\npin = \"{wrong}\"\n",
+        f = file.display()
+    );
+    let h = Harness::start_with("mcp-config-pins", &extra).await;
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("pinned");
+    agent["allowed_resources"] = json!(["good", "bad"]);
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let (_, t) = h
+        .token_request("agent:pinned", secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    assert_eq!(
+        client.tool_names().await,
+        ["good__echo"],
+        "the mismatching pin blocks"
+    );
+    let (s, body) = h.api(Method::POST, "/mcp/pins/bad/echo/accept", None).await;
+    assert_eq!(s, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pinned in the config")
+    );
+    h.server.stop().await;
+}
