@@ -188,6 +188,7 @@ pub mod raw {
         pub system: Option<String>,
         pub classification: Option<String>,
         pub on_tool_change: Option<String>,
+        pub write_scope: Option<String>,
         #[serde(default)]
         pub tools: std::collections::BTreeMap<String, McpTool>,
     }
@@ -281,6 +282,9 @@ pub struct McpServerConfig {
     pub block_changed_tools: bool,
     /// Tool definitions pinned in the config (SHA-256 hex): authoritative over first sight.
     pub tool_pins: Vec<(String, String)>,
+    /// The scope an agent's token needs for write and destructive tools of this server (default
+    /// `<name>:write`), issued only by its own, policy-decided token request.
+    pub write_scope: String,
 }
 
 /// The type of a declared tool-call argument.
@@ -773,12 +777,14 @@ impl Config {
             let slug_ok = !s.name.is_empty()
                 && s.name.len() <= 63
                 && !s.name.contains("__")
+                && !s.name.starts_with('_')
+                && !s.name.ends_with('_')
                 && s.name.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
                 });
             if !slug_ok {
                 return Err(format!(
-                    "key `{at}.name`: `{}` must be 1 to 63 lowercase letters, digits, `-` or `_`, without `__`",
+                    "key `{at}.name`: `{}` must be 1 to 63 lowercase letters, digits, `-` or `_`, without `__` and not starting or ending with `_` (tools are named <server>__<tool>)",
                     s.name
                 ));
             }
@@ -896,7 +902,29 @@ impl Config {
                     ));
                 }
             };
+            let write_scope = s
+                .write_scope
+                .clone()
+                .unwrap_or_else(|| format!("{}:write", s.name));
+            if write_scope.is_empty()
+                || write_scope.ends_with(":read")
+                || !write_scope
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            {
+                return Err(format!(
+                    "key `{at}.write_scope`: `{write_scope}` must be one scope token that does not end in `:read`"
+                ));
+            }
+            if routes.iter().any(|r| r.write_scope == write_scope)
+                || mcp_servers.iter().any(|m| m.write_scope == write_scope)
+            {
+                return Err(format!(
+                    "key `{at}.write_scope`: `{write_scope}` is already another route's or server's write scope"
+                ));
+            }
             mcp_servers.push(McpServerConfig {
+                write_scope,
                 block_changed_tools,
                 name: s.name,
                 command,

@@ -84,7 +84,14 @@ pub const RATE_LIMITED: i64 = -32002;
 
 struct McpSession {
     principal: String,
+    started: Instant,
+    last_used: Instant,
 }
+
+/// MCP sessions one principal may hold; a new one beyond this replaces its oldest.
+const SESSIONS_PER_PRINCIPAL: usize = 32;
+/// An MCP session unused this long is forgotten (the client initialises again on 404).
+const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A tool definition against its pin.
 enum Pin {
@@ -125,8 +132,8 @@ pub struct McpGateway {
     store: Arc<dyn palisade_core::store::Store>,
     limits: Arc<palisade_gateway::limits::Limits>,
     pins: Mutex<HashMap<String, String>>,
-    /// Changed definitions already audited, so each change is reported once.
-    reported: Mutex<std::collections::HashSet<(String, String)>>,
+    /// The last changed definition audited per tool, so each change is reported once.
+    reported: Mutex<HashMap<String, String>>,
 }
 
 impl McpGateway {
@@ -213,7 +220,9 @@ impl McpGateway {
                     .reported
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((key.clone(), current.clone()));
+                    .insert(key.clone(), current.clone())
+                    .as_ref()
+                    != Some(current);
                 if first {
                     let block = self
                         .servers
@@ -275,8 +284,9 @@ impl McpGateway {
         json!({ "items": items })
     }
 
-    /// Accepts a tool's current definition as its pin; returns the new hash.
-    pub async fn accept(&self, tool_key: &str) -> Result<String, String> {
+    /// Accepts a tool's current definition as its pin, if it is still the one reviewed
+    /// (`expected`, its SHA-256 from the alert or `palisade mcp pins`); returns the new hash.
+    pub async fn accept(&self, tool_key: &str, expected: &str) -> Result<String, String> {
         let (server_name, tool) = tool_key
             .split_once('/')
             .ok_or_else(|| format!("`{tool_key}` is not <server>/<tool>"))?;
@@ -299,6 +309,12 @@ impl McpGateway {
             .find(|t| t.get("name").and_then(Value::as_str) == Some(tool))
             .ok_or_else(|| format!("`{server_name}` has no tool `{tool}`"))?;
         let hash = definition_hash(definition);
+        let expected = expected.strip_prefix("sha256:").unwrap_or(expected);
+        if !hash.eq_ignore_ascii_case(expected) {
+            return Err(format!(
+                "`{tool_key}` now has definition {hash}, not the {expected} you reviewed; review it again (palisade mcp pins)"
+            ));
+        }
         let store = self.store.clone();
         let (k, h, at) = (tool_key.to_string(), hash.clone(), self.clock.now());
         tokio::task::spawn_blocking(move || store.put_mcp_pin(&k, &h, at))
@@ -309,6 +325,10 @@ impl McpGateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(tool_key.to_string(), hash.clone());
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tool_key);
         Ok(hash)
     }
 
@@ -335,7 +355,23 @@ impl McpGateway {
         let started = Instant::now();
         let caller = match self.authenticate(req.headers()) {
             Ok(c) => c,
-            Err(resp) => return *resp,
+            Err(resp) => {
+                let reason = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .map(|_| "unauthorized");
+                if self
+                    .audit_request(None, "authenticate", 401, reason, started)
+                    .await
+                    .is_err()
+                {
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the audit log is unavailable",
+                    );
+                }
+                return *resp;
+            }
         };
         let session_header = req
             .headers()
@@ -344,7 +380,27 @@ impl McpGateway {
             .map(str::to_string);
         match *req.method() {
             Method::POST => {}
-            Method::DELETE => return self.end_session(session_header.as_deref(), &caller),
+            Method::DELETE => {
+                let resp = self.end_session(session_header.as_deref(), &caller);
+                let id = caller.principal.id.to_string();
+                if self
+                    .audit_request(
+                        Some(&id),
+                        "session/end",
+                        resp.status().as_u16(),
+                        None,
+                        started,
+                    )
+                    .await
+                    .is_err()
+                {
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the audit log is unavailable",
+                    );
+                }
+                return resp;
+            }
             _ => {
                 let mut resp = plain(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -423,7 +479,25 @@ impl McpGateway {
             return accepted();
         };
         if method == "initialize" {
-            return self.initialize(&caller, id, &params);
+            let resp = self.initialize(&caller, id, &params);
+            let who = caller.principal.id.to_string();
+            if self
+                .audit_request(
+                    Some(&who),
+                    "initialize",
+                    resp.status().as_u16(),
+                    None,
+                    started,
+                )
+                .await
+                .is_err()
+            {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit log is unavailable",
+                );
+            }
+            return resp;
         }
         match session_header.as_deref() {
             None => {
@@ -501,6 +575,32 @@ impl McpGateway {
         }
     }
 
+    /// Writes an `mcp.request` event for a request without a richer one of its own.
+    async fn audit_request(
+        &self,
+        principal: Option<&str>,
+        method: &str,
+        status: u16,
+        error: Option<&str>,
+        started: Instant,
+    ) -> Result<(), ()> {
+        let mut event = AuditEvent::new("mcp.request");
+        event.principal = principal.map(|id| PrincipalRef {
+            id: id.to_string(),
+            ..PrincipalRef::default()
+        });
+        event.action = Some(method.to_string());
+        event.outcome = Some(Outcome {
+            status,
+            error: error.map(str::to_string),
+            ..Outcome::default()
+        });
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        self.audit.record(event).await.map(|_| ()).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed");
+        })
+    }
+
     fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, Box<Response<Body>>> {
         let token = headers
             .get(header::AUTHORIZATION)
@@ -562,6 +662,20 @@ impl McpGateway {
         };
         {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            sessions.retain(|_, s| now.duration_since(s.last_used) < SESSION_IDLE);
+            let principal = caller.principal.id.to_string();
+            let mut own: Vec<(String, Instant)> = sessions
+                .iter()
+                .filter(|(_, s)| s.principal == principal)
+                .map(|(k, s)| (k.clone(), s.started))
+                .collect();
+            if own.len() >= SESSIONS_PER_PRINCIPAL {
+                own.sort_by_key(|(_, started)| *started);
+                for (k, _) in own.iter().take(own.len() + 1 - SESSIONS_PER_PRINCIPAL) {
+                    sessions.remove(k);
+                }
+            }
             if sessions.len() >= MAX_SESSIONS {
                 return rpc_error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -575,6 +689,8 @@ impl McpGateway {
                 sid.clone(),
                 McpSession {
                     principal: caller.principal.id.to_string(),
+                    started: now,
+                    last_used: now,
                 },
             );
         }
@@ -595,11 +711,17 @@ impl McpGateway {
     }
 
     fn session_belongs(&self, sid: &str, caller: &Caller) -> bool {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(sid)
-            .is_some_and(|s| s.principal == caller.principal.id.to_string())
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.get_mut(sid) {
+            Some(s)
+                if s.principal == caller.principal.id.to_string()
+                    && s.last_used.elapsed() < SESSION_IDLE =>
+            {
+                s.last_used = Instant::now();
+                true
+            }
+            _ => false,
+        }
     }
 
     fn end_session(&self, sid: Option<&str>, caller: &Caller) -> Response<Body> {
@@ -674,9 +796,25 @@ impl McpGateway {
     }
 
     async fn list_tools(&self, caller: &Caller) -> Result<Value, RpcError> {
+        // All servers at once, so a slow one delays the list by its own deadline only.
+        let mut pending = tokio::task::JoinSet::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            let server = server.clone();
+            pending.spawn(async move { (i, server.tools().await) });
+        }
+        let mut fetched: Vec<Option<Result<Vec<Value>, UpstreamError>>> =
+            (0..self.servers.len()).map(|_| None).collect();
+        while let Some(done) = pending.join_next().await {
+            if let Ok((i, result)) = done
+                && let Some(slot) = fetched.get_mut(i)
+            {
+                *slot = Some(result);
+            }
+        }
         let mut tools = Vec::new();
-        for server in &self.servers {
-            let listed = match server.tools().await {
+        for (server, listed) in self.servers.iter().zip(fetched) {
+            let Some(listed) = listed else { continue };
+            let listed = match listed {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(server = %server.config().name, error = ?e, "cannot list an MCP server's tools");
@@ -708,11 +846,65 @@ impl McpGateway {
         Ok(json!({ "tools": tools }))
     }
 
+    /// `tools/call`: every exit, refusals included, writes one `mcp.tool_call` event.
     async fn call_tool(
         &self,
         caller: &Caller,
         params: &Value,
         started: Instant,
+    ) -> Result<Value, RpcError> {
+        let mut event = AuditEvent::new("mcp.tool_call");
+        event.principal = Some(PrincipalRef {
+            id: caller.principal.id.to_string(),
+            model: caller
+                .principal
+                .agent()
+                .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
+            owner: caller.principal.owner().map(ToString::to_string),
+        });
+        if let Some(human) = &caller.initiating_human {
+            event.delegation = Some(palisade_audit::Delegation {
+                initiating_human: human.clone(),
+                actor_chain: caller.actor_chain.clone(),
+            });
+        }
+        event.detail = json!({
+            "tool": params.get("name"),
+            "session": caller.session.as_ref().map(|s| s.sid.clone()),
+            "token_id": caller.token_id,
+        });
+        let result = self.call_tool_inner(caller, params, &mut event).await;
+        event.outcome = Some(Outcome {
+            status: match &result {
+                Ok(_) => 200,
+                Err(e) if e.code == FORBIDDEN => 403,
+                Err(e) if e.code == RATE_LIMITED => 429,
+                Err(e) if e.code == -32602 => 400,
+                Err(_) => 502,
+            },
+            bytes_out: result
+                .as_ref()
+                .ok()
+                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
+            error: result.as_ref().err().map(|e| e.message.clone()),
+            ..Outcome::default()
+        });
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "audit write failed; withholding the tool result");
+            return Err(RpcError::new(
+                -32603,
+                "the audit log cannot record this call, so its result is withheld".into(),
+            ));
+        }
+        result
+    }
+
+    async fn call_tool_inner(
+        &self,
+        caller: &Caller,
+        params: &Value,
+        event: &mut AuditEvent,
     ) -> Result<Value, RpcError> {
         let name = params
             .get("name")
@@ -728,6 +920,8 @@ impl McpGateway {
                 "`arguments` must be an object".into(),
             ));
         }
+        event.detail["arguments_sha256"] =
+            json!(hex(&Sha256::digest(arguments.to_string().as_bytes())));
         let unknown = || {
             RpcError::new(
                 -32602,
@@ -737,6 +931,7 @@ impl McpGateway {
             )
         };
         let (server_name, tool_name) = name.split_once(SEPARATOR).ok_or_else(unknown)?;
+        event.resource = Some(format!("Palisade::Tool::\"{server_name}/{tool_name}\""));
         // The agent's own rate limit and in-flight cap, shared with the HTTP gateway.
         let agent_rate = caller
             .principal
@@ -792,100 +987,30 @@ impl McpGateway {
             return Err(RpcError {
                 code: FORBIDDEN,
                 message: format!(
-                    "tool `{name}` changed its definition since it was pinned and is blocked until an administrator accepts it (palisade mcp accept {server_name}/{tool_name})"
+                    "tool `{name}` changed its definition since it was pinned and is blocked until an administrator accepts it (palisade mcp accept {server_name}/{tool_name} --sha256 {current})"
                 ),
                 data: Some(json!({ "pinned_sha256": pinned, "current_sha256": current })),
             });
         }
         let class = self.action_of(server, &definition);
-        let typed = typed_arguments(server, tool_name, &arguments);
-        let (decision, version) = match &typed {
-            Ok(args) => self.decide(caller, server, tool_name, class, Some(args)),
-            Err(_) => (
-                palisade_policy::Decision {
-                    allowed: false,
-                    policies: vec!["palisade.mcp.argument-types".into()],
-                    errors: Vec::new(),
-                },
-                String::new(),
-            ),
-        };
-        let resource = format!("Palisade::Tool::\"{server_name}/{tool_name}\"");
-        let mut event = AuditEvent::new("mcp.tool_call");
-        event.principal = Some(PrincipalRef {
-            id: caller.principal.id.to_string(),
-            model: caller
-                .principal
-                .agent()
-                .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
-            owner: caller.principal.owner().map(ToString::to_string),
-        });
-        if let Some(human) = &caller.initiating_human {
-            event.delegation = Some(palisade_audit::Delegation {
-                initiating_human: human.clone(),
-                actor_chain: caller.actor_chain.clone(),
-            });
-        }
         event.action = Some(class.as_str().into());
-        event.resource = Some(resource.clone());
+        let typed = typed_arguments(server, tool_name, &arguments)?;
+        event.detail["arguments"] = Value::Object(redacted(&typed, &arguments));
+        // Counted before the decision, so `context.calls` includes this call (as on HTTP).
+        if let Some(s) = &caller.session {
+            s.count_call();
+        }
+        let (decision, version) = self.decide(caller, server, tool_name, class, Some(&typed));
         event.decision = Some(DecisionRecord {
             allowed: decision.allowed,
             policies: decision.policies.clone(),
             policy_version: Some(version.clone()),
         });
-        let digest = hex(&Sha256::digest(arguments.to_string().as_bytes()));
-        // The values policies saw (declared arguments), with secret-looking ones redacted.
-        let seen: serde_json::Map<String, Value> = match &typed {
-            Ok(args) => args
-                .iter()
-                .map(|(k, _)| {
-                    let lower = k.to_ascii_lowercase();
-                    let secret = [
-                        "password",
-                        "passwd",
-                        "secret",
-                        "token",
-                        "key",
-                        "credential",
-                        "auth",
-                    ]
-                    .iter()
-                    .any(|s| lower.contains(s));
-                    let shown = if secret {
-                        json!("[redacted]")
-                    } else {
-                        arguments.get(k).cloned().unwrap_or(Value::Null)
-                    };
-                    (k.clone(), shown)
-                })
-                .collect(),
-            Err(_) => serde_json::Map::new(),
-        };
-        event.detail = json!({
-            "tool": name,
-            "arguments_sha256": digest,
-            "arguments": seen,
-            "session": caller.session.as_ref().map(|s| s.sid.clone()),
-            "token_id": caller.token_id,
-        });
-        if let Some(s) = &caller.session {
-            s.count_call();
-        }
-        let result = if let Err(e) = typed {
-            Err(e)
-        } else if decision.allowed {
-            server
-                .request(
-                    "tools/call",
-                    json!({ "name": tool_name, "arguments": arguments }),
-                )
-                .await
-                .map_err(|e| upstream_failure(server_name, e))
-        } else {
-            Err(RpcError {
+        if !decision.allowed {
+            return Err(RpcError {
                 code: FORBIDDEN,
                 message: format!(
-                    "{} may not {} with tool `{name}` ({resource}); decided by {}",
+                    "{} may not {} with tool `{name}` (Palisade::Tool::\"{server_name}/{tool_name}\"); decided by {}",
                     caller.principal.id,
                     class.as_str(),
                     decision.policies.join(", ")
@@ -894,26 +1019,33 @@ impl McpGateway {
                     "deciding_policies": decision.policies,
                     "policy_version": version,
                 })),
-            })
-        };
-        event.outcome = Some(Outcome {
-            status: if result.is_ok() { 200 } else { 403 },
-            bytes_in: Some(u64::try_from(arguments.to_string().len()).unwrap_or(u64::MAX)),
-            bytes_out: result
-                .as_ref()
-                .ok()
-                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
-            error: result.as_ref().err().map(|e| e.message.clone()),
-        });
-        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        if let Err(e) = self.audit.record(event).await {
-            tracing::error!(error = %e, "audit write failed; withholding the tool result");
-            return Err(RpcError::new(
-                -32603,
-                "the audit log cannot record this call, so its result is withheld".into(),
-            ));
+            });
         }
-        result
+        // Privilege separation, as on the HTTP gateway: an agent's write or destructive tool call
+        // needs a token with the server's write scope, asked for on its own.
+        let write_scope = &server.config().write_scope;
+        let has_write_scope = caller
+            .scope
+            .as_deref()
+            .is_some_and(|s| s.split(' ').any(|s| s == write_scope));
+        if class != ActionClass::Read && caller.principal.agent().is_some() && !has_write_scope {
+            return Err(RpcError {
+                code: FORBIDDEN,
+                message: format!(
+                    "{} needs a token with scope `{write_scope}` to {} with `{name}`: request one on its own (read and write never share a token)",
+                    caller.principal.id,
+                    class.as_str()
+                ),
+                data: Some(json!({ "error": "insufficient_scope", "scope": write_scope })),
+            });
+        }
+        server
+            .request(
+                "tools/call",
+                json!({ "name": tool_name, "arguments": arguments }),
+            )
+            .await
+            .map_err(|e| upstream_failure(server_name, e))
     }
 }
 
@@ -932,6 +1064,22 @@ fn typed_arguments(
     else {
         return Ok(Vec::new());
     };
+    // A key that differs from a declared name only in case could reach an upstream that matches
+    // keys without regard to case while the policy saw the declared one: refused.
+    if let Some(obj) = arguments.as_object()
+        && let Some(k) = obj.keys().find(|k| {
+            declared
+                .iter()
+                .any(|(n, _)| n != *k && n.eq_ignore_ascii_case(k))
+        })
+    {
+        return Err(RpcError::new(
+            -32602,
+            format!(
+                "argument `{k}` of `{tool}` differs from a declared argument only in case; send it once, as declared"
+            ),
+        ));
+    }
     let mut out = Vec::new();
     for (name, ty) in declared {
         let Some(value) = arguments.get(name) else {
@@ -968,6 +1116,34 @@ fn typed_arguments(
         }
     }
     Ok(out)
+}
+
+/// The declared argument values policies saw, for the audit event; secret-looking names are
+/// shown as `[redacted]`.
+fn redacted(typed: &[(String, ArgValue)], arguments: &Value) -> serde_json::Map<String, Value> {
+    typed
+        .iter()
+        .map(|(k, _)| {
+            let lower = k.to_ascii_lowercase();
+            let secret = [
+                "password",
+                "passwd",
+                "secret",
+                "token",
+                "key",
+                "credential",
+                "auth",
+            ]
+            .iter()
+            .any(|s| lower.contains(s));
+            let shown = if secret {
+                json!("[redacted]")
+            } else {
+                arguments.get(k).cloned().unwrap_or(Value::Null)
+            };
+            (k.clone(), shown)
+        })
+        .collect()
 }
 
 fn action(class: ActionClass) -> Action {

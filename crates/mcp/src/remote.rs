@@ -274,6 +274,9 @@ async fn read_stream(
             let line: Vec<u8> = buf.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\n', '\r']);
+            if data.len() > MAX_BODY {
+                return Err(UpstreamError::Unavailable("an event over 16 MiB".into()));
+            }
             if let Some(rest) = line.strip_prefix("data:") {
                 if !data.is_empty() {
                     data.push('\n');

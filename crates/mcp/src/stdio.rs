@@ -221,7 +221,22 @@ async fn notify(running: &Running, method: &str) -> Result<(), UpstreamError> {
     write_line(running, &json!({ "jsonrpc": "2.0", "method": method })).await
 }
 
+/// One request with one deadline for writing it and reading its answer; a server that misses it
+/// is marked dead (its next use starts a new child and the old one is killed).
 async fn call(running: &Running, method: &str, params: Value) -> Result<Value, UpstreamError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call_once(running, method, params)).await {
+        Ok(result) => result,
+        Err(_) => {
+            running.alive.store(false, Ordering::Release);
+            Err(UpstreamError::Unavailable(format!(
+                "the MCP server did not take or answer `{method}` within {}s; it is restarted on the next request",
+                CALL_TIMEOUT.as_secs()
+            )))
+        }
+    }
+}
+
+async fn call_once(running: &Running, method: &str, params: Value) -> Result<Value, UpstreamError> {
     let id = running.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
     running
@@ -238,28 +253,18 @@ async fn call(running: &Running, method: &str, params: Value) -> Result<Value, U
             .remove(&id);
         return Err(e);
     }
-    match tokio::time::timeout(CALL_TIMEOUT, rx).await {
-        Ok(Ok(Ok(result))) => Ok(result),
-        Ok(Ok(Err(error))) => Err(UpstreamError::Rpc(error)),
-        Ok(Err(_)) => Err(UpstreamError::Unavailable(
+    match rx.await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(error)) => Err(UpstreamError::Rpc(error)),
+        Err(_) => Err(UpstreamError::Unavailable(
             "the MCP server exited before it answered".into(),
         )),
-        Err(_) => {
-            running
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            Err(UpstreamError::Unavailable(format!(
-                "the MCP server did not answer `{method}` within {}s",
-                CALL_TIMEOUT.as_secs()
-            )))
-        }
     }
 }
 
 /// Reads the server's messages: answers go to their waiting callers, list changes mark the
-/// tool cache stale, and requests from the server (sampling, roots, elicitation) are refused.
+/// tool cache stale. Requests from the server (sampling, roots, elicitation) are not supported
+/// through the gateway and are dropped; a tool call that waits on one fails at its deadline.
 async fn read_loop(
     name: String,
     stdout: tokio::process::ChildStdout,

@@ -83,6 +83,9 @@ enum McpCmd {
     Accept {
         /// <server>/<tool>, e.g. git/git_log.
         tool: String,
+        /// The SHA-256 of the definition you reviewed (from the alert or `palisade mcp pins`).
+        #[arg(long)]
+        sha256: String,
     },
 }
 
@@ -574,13 +577,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                                     } else {
                                         "same".into()
                                     },
+                                    p["current_sha256"].as_str().unwrap_or("-").to_string(),
                                 ]
                             })
                             .collect();
-                        print_table(&["TOOL", "PINNED", "NOW"], &rows);
+                        print_table(&["TOOL", "PINNED", "NOW", "CURRENT SHA256"], &rows);
                     }
                 }
-                McpCmd::Accept { tool } => {
+                McpCmd::Accept { tool, sha256 } => {
                     let Some((server, name)) = tool.split_once('/') else {
                         bail!("give the tool as <server>/<tool>, e.g. git/git_log");
                     };
@@ -588,7 +592,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         .call(
                             Method::POST,
                             &format!("/mcp/pins/{server}/{name}/accept"),
-                            None,
+                            Some(json!({ "sha256": sha256 })),
                         )
                         .await?;
                     if cli.json {

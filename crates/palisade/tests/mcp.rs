@@ -462,7 +462,11 @@ async fn a_changed_tool_definition_is_blocked_or_flagged_until_accepted() {
     let out = h.cli(&["mcp", "pins"]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("strict/echo"));
-    let out = h.cli(&["mcp", "accept", "strict/echo"]);
+    // Accepting needs the hash of the reviewed definition (from the alert).
+    let current = strict["detail"]["current_sha256"].as_str().unwrap();
+    let out = h.cli(&["mcp", "accept", "strict/echo", "--sha256", &"f".repeat(64)]);
+    assert!(!out.status.success(), "a hash nobody reviewed is refused");
+    let out = h.cli(&["mcp", "accept", "strict/echo", "--sha256", current]);
     assert!(out.status.success(), "{out:?}");
     let mut names = client.tool_names().await;
     names.sort();
@@ -840,13 +844,105 @@ async fn pins_in_the_config_are_authoritative() {
         ["good__echo"],
         "the mismatching pin blocks"
     );
-    let (s, body) = h.api(Method::POST, "/mcp/pins/bad/echo/accept", None).await;
-    assert_eq!(s, 404, "{body}");
+    let (s, body) = h
+        .api(
+            Method::POST,
+            "/mcp/pins/bad/echo/accept",
+            Some(json!({ "sha256": good })),
+        )
+        .await;
+    assert_eq!(s, 409, "{body}");
     assert!(
         body["error"]["message"]
             .as_str()
             .unwrap()
             .contains("pinned in the config")
+    );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_tools_need_a_write_scoped_token_and_every_refusal_is_audited() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("mcp-write-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"notes\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n\
+         [mcp.servers.tools.echo]\naction = \"write\"\n",
+        file.display()
+    );
+    let h = Harness::start_with("mcp-write", &extra).await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("notes.cedar"),
+        r#"
+@id("notes.writers")
+permit (principal, action == Palisade::Action::"write", resource in Palisade::Route::"notes");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("scribe");
+    agent["allowed_resources"] = json!(["notes"]);
+    agent["scopes"] = json!(["notes:read", "notes:write"]);
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let mcp = h.url("/mcp");
+    let (_, t) = h
+        .token_request("agent:scribe", secret, &[("resource", &mcp)])
+        .await;
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let reader = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    let call = json!({ "name": "notes__echo", "arguments": { "text": "w" } });
+    let refused = reader.send("tools/call", call.clone()).await;
+    assert_eq!(refused["error"]["code"], -32001, "{refused}");
+    assert_eq!(refused["error"]["data"]["scope"], "notes:write");
+    // The write token: its own request, in the session, decided by policy (write_token).
+    let (s, w) = h
+        .token_request(
+            "agent:scribe",
+            secret,
+            &[
+                ("resource", &mcp),
+                ("scope", "notes:write"),
+                ("session_id", &sid),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{w}");
+    let writer = RawClient::connect(&h, w["access_token"].as_str().unwrap().to_string()).await;
+    let done = writer.send("tools/call", call).await;
+    assert_eq!(done["result"]["content"][0]["text"], "w", "{done}");
+    let unknown = writer
+        .send(
+            "tools/call",
+            json!({ "name": "notes__nope", "arguments": {} }),
+        )
+        .await;
+    assert_eq!(unknown["error"]["code"], -32602);
+
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let calls: Vec<Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["event"].clone())
+        .filter(|e| e["kind"] == "mcp.tool_call")
+        .collect();
+    let statuses: Vec<u64> = calls
+        .iter()
+        .map(|e| e["outcome"]["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [403, 200, 400],
+        "refusals are audited too: {calls:?}"
     );
     h.server.stop().await;
 }

@@ -413,9 +413,21 @@ async fn mcp_pins(State(app): State<Arc<App>>) -> Response {
 async fn mcp_accept(
     State(app): State<Arc<App>>,
     axum::extract::Path((server, tool)): axum::extract::Path<(String, String)>,
+    body: axum::body::Bytes,
 ) -> Response {
     let key = format!("{server}/{tool}");
-    match app.mcp.accept(&key).await {
+    let expected = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("sha256").and_then(|s| s.as_str()).map(str::to_string));
+    let Some(expected) = expected else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "sha256: give the SHA-256 of the definition you reviewed, e.g. {\"sha256\": \"...\"} (palisade mcp pins shows it)",
+            Some("sha256"),
+        );
+    };
+    match app.mcp.accept(&key, &expected).await {
         Ok(hash) => {
             let mut event = AuditEvent::new("admin.change");
             event.principal = Some(palisade_audit::PrincipalRef {
@@ -432,7 +444,7 @@ async fn mcp_accept(
             )
             .await
         }
-        Err(message) => error_response(StatusCode::NOT_FOUND, "not_found", &message, None),
+        Err(message) => error_response(StatusCode::CONFLICT, "conflict", &message, None),
     }
 }
 

@@ -449,18 +449,49 @@ fn decide_write_token(
     use palisade_gateway::DecisionPoint;
     let session = session_id.and_then(|sid| app.tokens.sessions.get(sid));
     for name in &grant.write_routes {
-        let Some(route) = app.config.routes.iter().find(|r| &r.name == name) else {
+        // A route, or an MCP server (whose Cedar route has the server's name).
+        let found = app
+            .config
+            .routes
+            .iter()
+            .find(|r| &r.name == name)
+            .map(|r| {
+                (
+                    &r.name,
+                    &r.kind,
+                    &r.system,
+                    r.classification,
+                    &r.write_scope,
+                )
+            })
+            .or_else(|| {
+                app.config
+                    .mcp
+                    .servers
+                    .iter()
+                    .find(|m| &m.name == name)
+                    .map(|m| {
+                        (
+                            &m.name,
+                            &m.kind,
+                            &m.system,
+                            m.classification,
+                            &m.write_scope,
+                        )
+                    })
+            });
+        let Some((route_name, kind, system, classification, write_scope)) = found else {
             continue;
         };
         let target = palisade_policy::Target {
-            route: &route.name,
+            route: route_name,
             resource: None,
             tool: false,
-            route_kind: &route.kind,
-            kind: &route.kind,
-            system: route.system.as_deref().unwrap_or(""),
-            route_classification: route.classification,
-            classification: route.classification,
+            route_kind: kind,
+            kind,
+            system: system.as_deref().unwrap_or(""),
+            route_classification: classification,
+            classification,
         };
         let mut ctx =
             palisade_policy::RequestContext::at("POST", "/oauth2/token", app.tokens.now());
@@ -479,10 +510,10 @@ fn decide_write_token(
                 status: StatusCode::FORBIDDEN,
                 code: "access_denied",
                 description: format!(
-                    "policy refuses {} a token with `{}` for route `{}` (decided by {})",
+                    "policy refuses {} a token with `{}` for `{}` (decided by {})",
                     agent.id,
-                    route.write_scope,
-                    route.name,
+                    write_scope,
+                    route_name,
                     decision.policies.join(", ")
                 ),
                 extra: Some(json!({

@@ -198,12 +198,21 @@ impl TokenService {
             }
         };
         let is_agent = principal.agent().is_some();
+        // Routes and MCP servers each have their own write scope.
         let write_route = |s: &str| {
             self.config
                 .routes
                 .iter()
                 .find(|r| r.write_scope == s)
                 .map(|r| r.name.clone())
+                .or_else(|| {
+                    self.config
+                        .mcp
+                        .servers
+                        .iter()
+                        .find(|m| m.write_scope == s)
+                        .map(|m| m.name.clone())
+                })
         };
         let mut write_routes = Vec::new();
         let scope = match scope {
