@@ -131,6 +131,9 @@ pub struct McpGateway {
     sessions: Mutex<HashMap<String, McpSession>>,
     store: Arc<dyn palisade_core::store::Store>,
     limits: Arc<palisade_gateway::limits::Limits>,
+    /// Which server listed which resource URI (resources keep their URIs; tools and prompts get
+    /// a `<server>__` prefix).
+    resource_servers: Mutex<HashMap<String, String>>,
     pins: Mutex<HashMap<String, String>>,
     /// The last changed definition audited per tool, so each change is reported once.
     reported: Mutex<HashMap<String, String>>,
@@ -171,6 +174,7 @@ impl McpGateway {
             sessions: Mutex::new(HashMap::new()),
             store,
             limits,
+            resource_servers: Mutex::default(),
             pins: Mutex::new(pins),
             reported: Mutex::default(),
         })
@@ -524,15 +528,23 @@ impl McpGateway {
             "ping" => Ok(json!({})),
             "tools/list" => self.list_tools(&caller).await,
             "tools/call" => self.call_tool(&caller, &params, started).await,
-            "resources/list" => Ok(json!({ "resources": [] })),
+            "resources/list" => self.list_readables(&caller, Readable::Resources).await,
+            "prompts/list" => self.list_readables(&caller, Readable::Prompts).await,
+            "resources/read" => {
+                self.read(&caller, &params, Readable::Resources, started)
+                    .await
+            }
+            "prompts/get" => {
+                self.read(&caller, &params, Readable::Prompts, started)
+                    .await
+            }
             "resources/templates/list" => Ok(json!({ "resourceTemplates": [] })),
-            "prompts/list" => Ok(json!({ "prompts": [] })),
             other => Err(RpcError::new(
                 -32601,
                 format!("method `{other}` is not supported by the Palisade MCP gateway"),
             )),
         };
-        if method != "tools/call" {
+        if !matches!(method, "tools/call" | "resources/read" | "prompts/get") {
             // tools/call writes its own, richer event.
             let mut event = AuditEvent::new("mcp.request");
             event.principal = Some(PrincipalRef {
@@ -696,7 +708,11 @@ impl McpGateway {
         }
         let result = json!({
             "protocolVersion": version,
-            "capabilities": { "tools": { "listChanged": false } },
+            "capabilities": {
+                "tools": { "listChanged": false },
+                "resources": {},
+                "prompts": {},
+            },
             "serverInfo": { "name": "palisade", "version": env!("CARGO_PKG_VERSION") },
             "instructions": "Tools of several servers, named <server>__<tool>; each call is authorized and audited by Palisade.",
         });
@@ -844,6 +860,245 @@ impl McpGateway {
             }
         }
         Ok(json!({ "tools": tools }))
+    }
+
+    /// A read of a resource or prompt as Cedar sees it: `read` on
+    /// `Palisade::Resource::"<server>/<uri>"` or `Palisade::Resource::"<server>/prompt:<name>"`.
+    fn decide_read(
+        &self,
+        caller: &Caller,
+        server: &Upstream,
+        name: &str,
+    ) -> (palisade_policy::Decision, String) {
+        let c = server.config();
+        let target = Target {
+            route: &c.name,
+            resource: Some(name),
+            tool: false,
+            route_kind: &c.kind,
+            kind: &c.kind,
+            system: c.system.as_deref().unwrap_or(""),
+            route_classification: c.classification,
+            classification: c.classification,
+        };
+        let path = format!("{}/{}", palisade_config::MCP_PATH, c.name);
+        let mut ctx = RequestContext::at("POST", &path, self.clock.now());
+        ctx.initiating_human = caller.initiating_human.as_deref();
+        self.pdp
+            .decide(&caller.principal, Action::Read, &target, &ctx)
+    }
+
+    /// `resources/list` or `prompts/list`, merged over the servers that offer them and filtered
+    /// to what the agent may read.
+    async fn list_readables(&self, caller: &Caller, kind: Readable) -> Result<Value, RpcError> {
+        let mut pending = tokio::task::JoinSet::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            let server = server.clone();
+            pending.spawn(async move {
+                let mut all = Vec::new();
+                let mut cursor: Option<String> = None;
+                for _ in 0..20 {
+                    let params = match &cursor {
+                        Some(c) => json!({ "cursor": c }),
+                        None => json!({}),
+                    };
+                    let Ok(page) = server.request(kind.list_method(), params).await else {
+                        break;
+                    };
+                    if let Some(items) = page.get(kind.field()).and_then(Value::as_array) {
+                        all.extend(items.iter().cloned());
+                    }
+                    cursor = page
+                        .get("nextCursor")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+                (i, all)
+            });
+        }
+        let mut lists: Vec<Vec<Value>> = self.servers.iter().map(|_| Vec::new()).collect();
+        while let Some(done) = pending.join_next().await {
+            if let Ok((i, items)) = done
+                && let Some(slot) = lists.get_mut(i)
+            {
+                *slot = items;
+            }
+        }
+        let mut shown = Vec::new();
+        for (server, items) in self.servers.iter().zip(lists) {
+            let server_name = &server.config().name;
+            for mut item in items {
+                let key = match kind {
+                    Readable::Resources => item.get("uri").and_then(Value::as_str),
+                    Readable::Prompts => item.get("name").and_then(Value::as_str),
+                }
+                .map(str::to_string);
+                let Some(key) = key else { continue };
+                let (decision, _) = self.decide_read(caller, server, &kind.cedar_name(&key));
+                if !decision.allowed {
+                    continue;
+                }
+                match kind {
+                    Readable::Resources => {
+                        let mut index = self
+                            .resource_servers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if index.len() < 100_000 || index.contains_key(&key) {
+                            index.insert(key, server_name.clone());
+                        }
+                    }
+                    Readable::Prompts => {
+                        item["name"] = json!(format!("{server_name}{SEPARATOR}{key}"));
+                    }
+                }
+                shown.push(item);
+            }
+        }
+        Ok(json!({ kind.field(): shown }))
+    }
+
+    /// `resources/read` or `prompts/get`: decided as a read, forwarded, audited as `mcp.read`.
+    async fn read(
+        &self,
+        caller: &Caller,
+        params: &Value,
+        kind: Readable,
+        started: Instant,
+    ) -> Result<Value, RpcError> {
+        let mut event = AuditEvent::new("mcp.read");
+        event.principal = Some(PrincipalRef {
+            id: caller.principal.id.to_string(),
+            ..PrincipalRef::default()
+        });
+        event.action = Some(kind.read_method().into());
+        let result = self.read_inner(caller, params, kind, &mut event).await;
+        event.outcome = Some(Outcome {
+            status: match &result {
+                Ok(_) => 200,
+                Err(e) if e.code == FORBIDDEN => 403,
+                Err(e) if e.code == -32602 => 400,
+                Err(_) => 502,
+            },
+            bytes_out: result
+                .as_ref()
+                .ok()
+                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
+            error: result.as_ref().err().map(|e| e.message.clone()),
+            ..Outcome::default()
+        });
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "audit write failed; withholding the answer");
+            return Err(RpcError::new(
+                -32603,
+                "the audit log cannot record this read, so its result is withheld".into(),
+            ));
+        }
+        result
+    }
+
+    async fn read_inner(
+        &self,
+        caller: &Caller,
+        params: &Value,
+        kind: Readable,
+        event: &mut AuditEvent,
+    ) -> Result<Value, RpcError> {
+        let (server, key, forward) = match kind {
+            Readable::Resources => {
+                let uri = params
+                    .get("uri")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| RpcError::new(-32602, "resources/read needs a `uri`".into()))?;
+                let mut owner = self.lookup_resource(uri);
+                if owner.is_none() {
+                    // Not listed yet in this server's life: list once, then look again.
+                    let _ = self.list_readables(caller, Readable::Resources).await;
+                    owner = self.lookup_resource(uri);
+                }
+                let server = owner.ok_or_else(|| {
+                    RpcError::new(
+                        -32602,
+                        format!(
+                            "unknown resource `{uri}` (or not one you may read); see resources/list"
+                        ),
+                    )
+                })?;
+                (server, uri.to_string(), json!({ "uri": uri }))
+            }
+            Readable::Prompts => {
+                let name = params
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| RpcError::new(-32602, "prompts/get needs a `name`".into()))?;
+                let unknown = || {
+                    RpcError::new(
+                        -32602,
+                        format!(
+                            "unknown prompt `{name}`; prompts are named <server>{SEPARATOR}<prompt>"
+                        ),
+                    )
+                };
+                let (server_name, prompt) = name.split_once(SEPARATOR).ok_or_else(unknown)?;
+                let server = self
+                    .servers
+                    .iter()
+                    .find(|s| s.config().name == server_name)
+                    .cloned()
+                    .ok_or_else(unknown)?;
+                let mut forward = json!({ "name": prompt });
+                if let Some(args) = params.get("arguments") {
+                    forward["arguments"] = args.clone();
+                }
+                (server, prompt.to_string(), forward)
+            }
+        };
+        let cedar_name = kind.cedar_name(&key);
+        event.resource = Some(format!(
+            "Palisade::Resource::\"{}/{cedar_name}\"",
+            server.config().name
+        ));
+        let (decision, version) = self.decide_read(caller, &server, &cedar_name);
+        event.decision = Some(DecisionRecord {
+            allowed: decision.allowed,
+            policies: decision.policies.clone(),
+            policy_version: Some(version.clone()),
+        });
+        if !decision.allowed {
+            return Err(RpcError {
+                code: FORBIDDEN,
+                message: format!(
+                    "{} may not read `{key}` of `{}`; decided by {}",
+                    caller.principal.id,
+                    server.config().name,
+                    decision.policies.join(", ")
+                ),
+                data: Some(
+                    json!({ "deciding_policies": decision.policies, "policy_version": version }),
+                ),
+            });
+        }
+        server
+            .request(kind.read_method(), forward)
+            .await
+            .map_err(|e| upstream_failure(&server.config().name, e))
+    }
+
+    fn lookup_resource(&self, uri: &str) -> Option<Arc<Upstream>> {
+        let name = self
+            .resource_servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uri)
+            .cloned()?;
+        self.servers
+            .iter()
+            .find(|s| s.config().name == name)
+            .cloned()
     }
 
     /// `tools/call`: every exit, refusals included, writes one `mcp.tool_call` event.
@@ -1144,6 +1399,44 @@ fn redacted(typed: &[(String, ArgValue)], arguments: &Value) -> serde_json::Map<
             (k.clone(), shown)
         })
         .collect()
+}
+
+/// Resources or prompts: what differs between the two.
+#[derive(Clone, Copy)]
+enum Readable {
+    Resources,
+    Prompts,
+}
+
+impl Readable {
+    fn list_method(self) -> &'static str {
+        match self {
+            Self::Resources => "resources/list",
+            Self::Prompts => "prompts/list",
+        }
+    }
+
+    fn read_method(self) -> &'static str {
+        match self {
+            Self::Resources => "resources/read",
+            Self::Prompts => "prompts/get",
+        }
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            Self::Resources => "resources",
+            Self::Prompts => "prompts",
+        }
+    }
+
+    /// The name inside the server's route: the URI, or `prompt:<name>`.
+    fn cedar_name(self, key: &str) -> String {
+        match self {
+            Self::Resources => key.to_string(),
+            Self::Prompts => format!("prompt:{key}"),
+        }
+    }
 }
 
 fn action(class: ActionClass) -> Action {

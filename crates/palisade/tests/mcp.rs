@@ -26,14 +26,23 @@ fn python() -> Option<PathBuf> {
 
 /// Runs the SDK client; returns what it printed.
 fn run_client(python: &PathBuf, url: &str, token: &str, calls: Value) -> Value {
+    run_client_with(python, url, token, calls, None)
+}
+
+fn run_client_with(
+    python: &PathBuf,
+    url: &str,
+    token: &str,
+    calls: Value,
+    reads: Option<Value>,
+) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .arg(url)
-        .arg(token)
-        .arg(calls.to_string())
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).arg(url).arg(token).arg(calls.to_string());
+    if let Some(r) = reads {
+        cmd.arg(r.to_string());
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "client failed: {}",
@@ -697,6 +706,9 @@ async fn the_python_sdk_reaches_server_everything_over_streamable_http_through_p
         r#"
 @id("everything.no-env")
 forbid (principal, action, resource == Palisade::Tool::"everything/get-env");
+
+@id("everything.no-args-prompt")
+forbid (principal, action, resource == Palisade::Resource::"everything/prompt:args-prompt");
 "#,
     )
     .unwrap();
@@ -715,7 +727,7 @@ forbid (principal, action, resource == Palisade::Tool::"everything/get-env");
         .token_request("agent:explorer", secret, &[("resource", &mcp_url)])
         .await;
     let token = t["access_token"].as_str().unwrap().to_string();
-    let seen = run_client(
+    let seen = run_client_with(
         &python,
         &mcp_url,
         &token,
@@ -724,6 +736,33 @@ forbid (principal, action, resource == Palisade::Tool::"everything/get-env");
             { "name": "everything__get-sum", "arguments": { "a": 2, "b": 3 } },
             { "name": "everything__get-env", "arguments": {} },
         ]),
+        Some(json!({
+            "resources": ["<first>"],
+            "prompts": ["everything__simple-prompt", "everything__args-prompt"],
+        })),
+    );
+    // Resources and prompts are merged, filtered and read through the same decisions.
+    let resources = seen["resources"].as_array().unwrap();
+    assert!(!resources.is_empty(), "{seen}");
+    let prompts: Vec<&str> = seen["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(prompts.contains(&"everything__simple-prompt"), "{seen}");
+    assert!(!prompts.contains(&"everything__args-prompt"), "{seen}");
+    assert_eq!(
+        seen["reads"][0]["ok"], true,
+        "the first resource reads: {seen}"
+    );
+    assert_eq!(seen["reads"][1]["ok"], true, "simple-prompt: {seen}");
+    assert!(
+        seen["reads"][2]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("everything.no-args-prompt"),
+        "{seen}"
     );
     let tools: Vec<&str> = seen["tools"]
         .as_array()

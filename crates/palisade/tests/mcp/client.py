@@ -1,7 +1,9 @@
 """An MCP agent for the tests: the official Python SDK over Streamable HTTP.
 
-usage: client.py URL TOKEN CALLS_JSON
-Initialises, lists tools, makes the calls, and prints one JSON object with what it saw.
+usage: client.py URL TOKEN CALLS_JSON [READS_JSON]
+Initialises, lists tools, makes the calls, and prints one JSON object with what it saw. With
+READS_JSON ({"resources": [uri, ...], "prompts": [name, ...]}) it also lists resources and
+prompts and reads those.
 """
 
 import asyncio
@@ -13,8 +15,9 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 
-async def main(url: str, token: str, calls_json: str) -> None:
+async def main(url: str, token: str, calls_json: str, reads_json: str = "") -> None:
     calls = json.loads(calls_json)
+    reads = json.loads(reads_json) if reads_json else None
     out: dict = {"calls": []}
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
@@ -32,8 +35,29 @@ async def main(url: str, token: str, calls_json: str) -> None:
                         out["calls"].append({"ok": True, "is_error": bool(result.is_error), "text": texts})
                     except Exception as e:  # an MCP error answer
                         out["calls"].append({"ok": False, "error": str(e)})
+                if reads is not None:
+                    resources = await session.list_resources()
+                    out["resources"] = sorted(str(r.uri) for r in resources.resources)
+                    prompts = await session.list_prompts()
+                    out["prompts"] = sorted(p.name for p in prompts.prompts)
+                    out["reads"] = []
+                    uris = reads.get("resources", [])
+                    if uris == ["<first>"]:
+                        uris = out["resources"][:1]
+                    for uri in uris:
+                        try:
+                            r = await session.read_resource(uri)
+                            out["reads"].append({"ok": True, "n": len(r.contents)})
+                        except Exception as e:
+                            out["reads"].append({"ok": False, "error": str(e)})
+                    for name in reads.get("prompts", []):
+                        try:
+                            p = await session.get_prompt(name, {})
+                            out["reads"].append({"ok": True, "n": len(p.messages)})
+                        except Exception as e:
+                            out["reads"].append({"ok": False, "error": str(e)})
     print(json.dumps(out))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    asyncio.run(main(*sys.argv[1:5]))
