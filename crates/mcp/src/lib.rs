@@ -580,10 +580,35 @@ impl McpGateway {
                 StatusCode::OK,
                 &json!({ "jsonrpc": "2.0", "id": id, "result": result }),
             ),
-            Err(e) => json_response(
-                StatusCode::OK,
-                &json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),
-            ),
+            Err(e) => {
+                let scope = e
+                    .data
+                    .as_ref()
+                    .filter(|d| d.get("error") == Some(&json!("insufficient_scope")))
+                    .and_then(|d| d.get("scope"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                match scope {
+                    // The MCP authorization spec's step-up signal: 403 with the scope needed.
+                    Some(scope) => {
+                        let mut resp = json_response(
+                            StatusCode::FORBIDDEN,
+                            &json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),
+                        );
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            r#"Bearer error="insufficient_scope", scope="{scope}", resource_metadata="{}""#,
+                            self.metadata_url()
+                        )) {
+                            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                        }
+                        resp
+                    }
+                    None => json_response(
+                        StatusCode::OK,
+                        &json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),
+                    ),
+                }
+            }
         }
     }
 

@@ -939,7 +939,26 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
     let sid = t["session_id"].as_str().unwrap().to_string();
     let reader = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
     let call = json!({ "name": "notes__echo", "arguments": { "text": "w" } });
-    let refused = reader.send("tools/call", call.clone()).await;
+    // The MCP authorization spec's step-up answer: 403 naming the scope.
+    let resp = h
+        .http
+        .post(&mcp)
+        .bearer_auth(&reader.token)
+        .header("mcp-session-id", &reader.sid)
+        .json(&json!({ "jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": call }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let www = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        www.contains(r#"error="insufficient_scope""#) && www.contains(r#"scope="notes:write""#),
+        "{www}"
+    );
+    let refused: Value = resp.json().await.unwrap();
     assert_eq!(refused["error"]["code"], -32001, "{refused}");
     assert_eq!(refused["error"]["data"]["scope"], "notes:write");
     // The write token: its own request, in the session, decided by policy (write_token).
