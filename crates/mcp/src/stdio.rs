@@ -38,7 +38,7 @@ pub enum UpstreamError {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, Value>>>>>;
 
 struct Running {
-    stdin: tokio::sync::Mutex<ChildStdin>,
+    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
@@ -177,9 +177,11 @@ impl StdioServer {
         };
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
+        let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
         tokio::spawn(read_loop(
             c.name.clone(),
             stdout,
+            stdin.clone(),
             pending.clone(),
             alive.clone(),
             self.tools_stale.clone(),
@@ -193,7 +195,7 @@ impl StdioServer {
             }
         });
         Ok(Running {
-            stdin: tokio::sync::Mutex::new(stdin),
+            stdin,
             pending,
             next_id: AtomicU64::new(1),
             alive,
@@ -263,11 +265,12 @@ async fn call_once(running: &Running, method: &str, params: Value) -> Result<Val
 }
 
 /// Reads the server's messages: answers go to their waiting callers, list changes mark the
-/// tool cache stale. Requests from the server (sampling, roots, elicitation) are not supported
-/// through the gateway and are dropped; a tool call that waits on one fails at its deadline.
+/// tool cache stale, and requests from the server (sampling, roots, elicitation) are answered
+/// with "method not found": the gateway does not pass them to agents yet.
 async fn read_loop(
     name: String,
     stdout: tokio::process::ChildStdout,
+    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
     pending: Pending,
     alive: Arc<AtomicBool>,
     tools_stale: Arc<AtomicBool>,
@@ -291,11 +294,22 @@ async fn read_loop(
             continue;
         };
         let id = message.get("id").and_then(Value::as_u64);
-        if message.get("method").is_some() {
-            if message.get("method") == Some(&json!("notifications/tools/list_changed")) {
+        if let Some(method) = message.get("method").and_then(Value::as_str) {
+            if method == "notifications/tools/list_changed" {
                 tools_stale.store(true, Ordering::Release);
             }
-            // Requests from the server are not supported through the gateway yet.
+            if let Some(request_id) = message.get("id") {
+                let refusal = json!({ "jsonrpc": "2.0", "id": request_id, "error": {
+                    "code": -32601,
+                    "message": format!("`{method}` from a server is not supported through the Palisade MCP gateway"),
+                }});
+                let mut line = refusal.to_string();
+                line.push('\n');
+                let mut w = stdin.lock().await;
+                if w.write_all(line.as_bytes()).await.is_err() || w.flush().await.is_err() {
+                    break;
+                }
+            }
             continue;
         }
         let Some(id) = id else { continue };

@@ -618,6 +618,13 @@ async fn an_upstream_that_dies_mid_call_gives_an_error_and_is_restarted() {
         )
     };
     assert_eq!(echo("one").await["result"]["content"][0]["text"], "one");
+    // A request from the server to its client is answered, not left hanging.
+    let asked = echo("ask").await;
+    let text = asked["result"]["content"][0]["text"].as_str().unwrap_or("");
+    assert!(
+        text.contains("not supported through the Palisade MCP gateway"),
+        "{asked}"
+    );
     let crashed = echo("crash").await;
     assert_eq!(crashed["error"]["code"], -32603, "{crashed}");
     assert!(

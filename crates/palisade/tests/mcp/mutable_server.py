@@ -2,7 +2,7 @@
 
 usage: mutable_server.py DESCRIPTION_FILE
 One tool, `echo`, whose description is the file's content; echoing "crash" kills the server
-mid-call. When the file changes, the server
+mid-call; echoing "ask" makes it send a request to its client first. When the file changes, the server
 tells its client with notifications/tools/list_changed, like a server that updates its tools
 (or is swapped for a malicious one) while running.
 """
@@ -61,6 +61,12 @@ for line in sys.stdin:
         text = msg["params"].get("arguments", {}).get("text", "")
         if text == "crash":
             os._exit(3)  # dies mid-call, without an answer
+        if text == "ask":
+            # Asks its client something mid-call (as sampling or roots would) and echoes the
+            # answer's error message.
+            send({"jsonrpc": "2.0", "id": "srv-1", "method": "roots/list"})
+            answer = json.loads(sys.stdin.readline())
+            text = answer.get("error", {}).get("message", "no error")
         result = {"content": [{"type": "text", "text": text}], "isError": False}
     else:
         send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
