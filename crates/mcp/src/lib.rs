@@ -81,6 +81,9 @@ const MAX_SESSIONS: usize = 100_000;
 pub const FORBIDDEN: i64 = -32001;
 /// JSON-RPC error code of a rate or in-flight limit.
 pub const RATE_LIMITED: i64 = -32002;
+/// JSON-RPC error code of a call that needs a write-scoped token (answered with HTTP 403 and the
+/// step-up challenge). Only Palisade sets it: upstream errors with Palisade's codes are remapped.
+pub const INSUFFICIENT_SCOPE: i64 = -32003;
 
 struct McpSession {
     principal: String,
@@ -131,9 +134,13 @@ pub struct McpGateway {
     sessions: Mutex<HashMap<String, McpSession>>,
     store: Arc<dyn palisade_core::store::Store>,
     limits: Arc<palisade_gateway::limits::Limits>,
-    /// Which server listed which resource URI (resources keep their URIs; tools and prompts get
-    /// a `<server>__` prefix).
-    resource_servers: Mutex<HashMap<String, String>>,
+    /// Which server listed which resource URI (`None`: more than one did, so reads of it are
+    /// refused). Resources keep their URIs; tools and prompts get a `<server>__` prefix.
+    resource_servers: Mutex<HashMap<String, Option<String>>>,
+    /// `<server>/<prompt>` of every listed prompt: only those are forwarded.
+    prompt_names: Mutex<std::collections::HashSet<String>>,
+    /// When the lists were last fetched to resolve an unknown name (at most every 10 s).
+    last_relist: Mutex<Option<Instant>>,
     pins: Mutex<HashMap<String, String>>,
     /// The last changed definition audited per tool, so each change is reported once.
     reported: Mutex<HashMap<String, String>>,
@@ -175,6 +182,8 @@ impl McpGateway {
             store,
             limits,
             resource_servers: Mutex::default(),
+            prompt_names: Mutex::default(),
+            last_relist: Mutex::default(),
             pins: Mutex::new(pins),
             reported: Mutex::default(),
         })
@@ -377,6 +386,39 @@ impl McpGateway {
                 return *resp;
             }
         };
+        let resp = self.handle_caller(req, &caller, started).await;
+        // Refusals before dispatch (bad headers, bodies or sessions, wrong HTTP method) have no
+        // event of their own yet: audit them here.
+        if matches!(resp.status().as_u16(), 400 | 404 | 405 | 413) {
+            let id = caller.principal.id.to_string();
+            let status = resp.status().as_u16();
+            if self
+                .audit_request(
+                    Some(&id),
+                    "refused",
+                    status,
+                    Some("refused before dispatch"),
+                    started,
+                )
+                .await
+                .is_err()
+            {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit log is unavailable",
+                );
+            }
+        }
+        resp
+    }
+
+    async fn handle_caller(
+        &self,
+        req: Request<Body>,
+        caller: &Caller,
+        started: Instant,
+    ) -> Response<Body> {
+        let caller = caller.clone();
         let session_header = req
             .headers()
             .get("mcp-session-id")
@@ -553,7 +595,7 @@ impl McpGateway {
             });
             event.action = Some(method.to_string());
             event.outcome = Some(Outcome {
-                status: 200,
+                status: if outcome.is_ok() { 200 } else { 400 },
                 bytes_out: outcome
                     .as_ref()
                     .ok()
@@ -581,11 +623,9 @@ impl McpGateway {
                 &json!({ "jsonrpc": "2.0", "id": id, "result": result }),
             ),
             Err(e) => {
-                let scope = e
-                    .data
-                    .as_ref()
-                    .filter(|d| d.get("error") == Some(&json!("insufficient_scope")))
-                    .and_then(|d| d.get("scope"))
+                let scope = (e.code == INSUFFICIENT_SCOPE)
+                    .then(|| e.data.as_ref().and_then(|d| d.get("scope")))
+                    .flatten()
                     .and_then(Value::as_str)
                     .map(str::to_string);
                 match scope {
@@ -908,6 +948,12 @@ impl McpGateway {
         };
         let path = format!("{}/{}", palisade_config::MCP_PATH, c.name);
         let mut ctx = RequestContext::at("POST", &path, self.clock.now());
+        if let Some(s) = &caller.session {
+            let c = s.counters();
+            ctx.calls = c.calls;
+            ctx.objects_read = c.objects_read;
+            ctx.bytes_out = c.bytes_out;
+        }
         ctx.initiating_human = caller.initiating_human.as_deref();
         self.pdp
             .decide(&caller.principal, Action::Read, &target, &ctx)
@@ -952,33 +998,68 @@ impl McpGateway {
                 *slot = items;
             }
         }
+        // The indexes are rebuilt from every listed item, whatever this caller may read, so they
+        // do not depend on who listed last, and entries of vanished items go.
+        let key_of = |item: &Value| {
+            match kind {
+                Readable::Resources => item.get("uri"),
+                Readable::Prompts => item.get("name"),
+            }
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        };
+        match kind {
+            Readable::Resources => {
+                let mut index: HashMap<String, Option<String>> = HashMap::new();
+                for (server, items) in self.servers.iter().zip(&lists) {
+                    for key in items.iter().filter_map(key_of).take(100_000) {
+                        let name = server.config().name.clone();
+                        index
+                            .entry(key)
+                            .and_modify(|owner| {
+                                if owner.as_deref() != Some(name.as_str()) {
+                                    *owner = None;
+                                }
+                            })
+                            .or_insert(Some(name));
+                    }
+                }
+                *self
+                    .resource_servers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = index;
+            }
+            Readable::Prompts => {
+                let names = self
+                    .servers
+                    .iter()
+                    .zip(&lists)
+                    .flat_map(|(s, items)| {
+                        let server = s.config().name.clone();
+                        items
+                            .iter()
+                            .filter_map(key_of)
+                            .map(move |k| format!("{server}/{k}"))
+                    })
+                    .take(100_000)
+                    .collect();
+                *self.prompt_names.lock().unwrap_or_else(|p| p.into_inner()) = names;
+            }
+        }
         let mut shown = Vec::new();
         for (server, items) in self.servers.iter().zip(lists) {
             let server_name = &server.config().name;
             for mut item in items {
-                let key = match kind {
-                    Readable::Resources => item.get("uri").and_then(Value::as_str),
-                    Readable::Prompts => item.get("name").and_then(Value::as_str),
+                let Some(key) = key_of(&item) else { continue };
+                if matches!(kind, Readable::Resources) && self.lookup_resource(&key).is_err() {
+                    continue; // listed by several servers: not readable, so not shown
                 }
-                .map(str::to_string);
-                let Some(key) = key else { continue };
                 let (decision, _) = self.decide_read(caller, server, &kind.cedar_name(&key));
                 if !decision.allowed {
                     continue;
                 }
-                match kind {
-                    Readable::Resources => {
-                        let mut index = self
-                            .resource_servers
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        if index.len() < 100_000 || index.contains_key(&key) {
-                            index.insert(key, server_name.clone());
-                        }
-                    }
-                    Readable::Prompts => {
-                        item["name"] = json!(format!("{server_name}{SEPARATOR}{key}"));
-                    }
+                if matches!(kind, Readable::Prompts) {
+                    item["name"] = json!(format!("{server_name}{SEPARATOR}{key}"));
                 }
                 shown.push(item);
             }
@@ -998,6 +1079,16 @@ impl McpGateway {
         event.principal = Some(PrincipalRef {
             id: caller.principal.id.to_string(),
             ..PrincipalRef::default()
+        });
+        if let Some(human) = &caller.initiating_human {
+            event.delegation = Some(palisade_audit::Delegation {
+                initiating_human: human.clone(),
+                actor_chain: caller.actor_chain.clone(),
+            });
+        }
+        event.detail = json!({
+            "session": caller.session.as_ref().map(|s| s.sid.clone()),
+            "token_id": caller.token_id,
         });
         event.action = Some(kind.read_method().into());
         let result = self.read_inner(caller, params, kind, &mut event).await;
@@ -1040,19 +1131,28 @@ impl McpGateway {
                     .and_then(Value::as_str)
                     .ok_or_else(|| RpcError::new(-32602, "resources/read needs a `uri`".into()))?;
                 let mut owner = self.lookup_resource(uri);
-                if owner.is_none() {
-                    // Not listed yet in this server's life: list once, then look again.
+                if matches!(owner, Ok(None)) && self.may_relist() {
+                    // Not listed yet: list once (at most every 10 s), then look again.
                     let _ = self.list_readables(caller, Readable::Resources).await;
                     owner = self.lookup_resource(uri);
                 }
-                let server = owner.ok_or_else(|| {
-                    RpcError::new(
-                        -32602,
-                        format!(
-                            "unknown resource `{uri}` (or not one you may read); see resources/list"
-                        ),
-                    )
-                })?;
+                let server = match owner {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        return Err(RpcError::new(
+                            -32602,
+                            format!("unknown resource `{uri}`; see resources/list"),
+                        ));
+                    }
+                    Err(()) => {
+                        return Err(RpcError::new(
+                            -32602,
+                            format!(
+                                "resource `{uri}` is listed by more than one server, so Palisade cannot tell which one to read"
+                            ),
+                        ));
+                    }
+                };
                 (server, uri.to_string(), json!({ "uri": uri }))
             }
             Readable::Prompts => {
@@ -1075,6 +1175,21 @@ impl McpGateway {
                     .find(|s| s.config().name == server_name)
                     .cloned()
                     .ok_or_else(unknown)?;
+                // Only names the server listed, exactly: an upstream that normalises names
+                // cannot be reached past a policy on the listed one.
+                let listed_key = format!("{server_name}/{prompt}");
+                let listed = |g: &Self| {
+                    g.prompt_names
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&listed_key)
+                };
+                if !listed(self) && self.may_relist() {
+                    let _ = self.list_readables(caller, Readable::Prompts).await;
+                }
+                if !listed(self) {
+                    return Err(unknown());
+                }
                 let mut forward = json!({ "name": prompt });
                 if let Some(args) = params.get("arguments") {
                     forward["arguments"] = args.clone();
@@ -1082,6 +1197,79 @@ impl McpGateway {
                 (server, prompt.to_string(), forward)
             }
         };
+        // Reads count like HTTP object reads: the agent's rate and in-flight limits, the session's
+        // calls, and objects read against max_files_per_session.
+        let agent_rate = caller
+            .principal
+            .agent()
+            .and_then(|a| a.rate_limit)
+            .or(self.config.gateway.agent_rate_limit);
+        if let Err(l) = self
+            .limits
+            .check(&caller.principal.id, agent_rate, usize::MAX)
+        {
+            return Err(RpcError::new(
+                RATE_LIMITED,
+                format!(
+                    "{} is over its rate limit of {}; retry in {}s",
+                    caller.principal.id,
+                    l.limit,
+                    l.retry_after.as_secs().max(1)
+                ),
+            ));
+        }
+        let max_in_flight = caller
+            .principal
+            .agent()
+            .and_then(|a| a.max_concurrent_requests)
+            .unwrap_or(self.config.gateway.max_concurrent_requests_per_agent);
+        let _slot = self
+            .limits
+            .enter(&caller.principal.id, max_in_flight)
+            .map_err(|max| {
+                RpcError::new(
+                    RATE_LIMITED,
+                    format!(
+                        "{} already has {max} requests in flight",
+                        caller.principal.id
+                    ),
+                )
+            })?;
+        let mut object = None;
+        if let Some(s) = &caller.session {
+            s.count_call();
+            let limit = match (
+                caller
+                    .principal
+                    .agent()
+                    .and_then(|a| a.max_files_per_session),
+                caller.max_files_per_session,
+            ) {
+                (Some(a), Some(b)) => Some(u64::from(a.min(b))),
+                (a, b) => a.or(b).map(u64::from),
+            };
+            match s.take_object_read(usize::MAX, limit, None) {
+                Ok(_) => {
+                    object = Some(palisade_gateway::limits::ObjectRead::new(
+                        s.clone(),
+                        usize::MAX,
+                    ));
+                }
+                Err((count, _)) => {
+                    return Err(RpcError {
+                        code: FORBIDDEN,
+                        message: format!(
+                            "object read {count} refused: session {} may read {} objects (max_files_per_session)",
+                            s.sid,
+                            limit.unwrap_or(0)
+                        ),
+                        data: Some(
+                            json!({ "error": "volume_limit", "count": count, "limit": limit }),
+                        ),
+                    });
+                }
+            }
+        }
         let cedar_name = kind.cedar_name(&key);
         event.resource = Some(format!(
             "Palisade::Resource::\"{}/{cedar_name}\"",
@@ -1107,23 +1295,44 @@ impl McpGateway {
                 ),
             });
         }
-        server
+        let result = server
             .request(kind.read_method(), forward)
             .await
-            .map_err(|e| upstream_failure(&server.config().name, e))
+            .map_err(|e| upstream_failure(&server.config().name, e));
+        if result.is_ok()
+            && let Some(read) = object
+        {
+            read.keep();
+        }
+        result
     }
 
-    fn lookup_resource(&self, uri: &str) -> Option<Arc<Upstream>> {
-        let name = self
+    /// The server that listed `uri`: `Ok(None)` if none did, `Err` if several did.
+    fn lookup_resource(&self, uri: &str) -> Result<Option<Arc<Upstream>>, ()> {
+        let owner = self
             .resource_servers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(uri)
-            .cloned()?;
-        self.servers
-            .iter()
-            .find(|s| s.config().name == name)
-            .cloned()
+            .cloned();
+        match owner {
+            None => Ok(None),
+            Some(None) => Err(()),
+            Some(Some(name)) => Ok(self
+                .servers
+                .iter()
+                .find(|s| s.config().name == name)
+                .cloned()),
+        }
+    }
+
+    fn may_relist(&self) -> bool {
+        let mut last = self.last_relist.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(10)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// `tools/call`: every exit, refusals included, writes one `mcp.tool_call` event.
@@ -1157,7 +1366,7 @@ impl McpGateway {
         event.outcome = Some(Outcome {
             status: match &result {
                 Ok(_) => 200,
-                Err(e) if e.code == FORBIDDEN => 403,
+                Err(e) if e.code == FORBIDDEN || e.code == INSUFFICIENT_SCOPE => 403,
                 Err(e) if e.code == RATE_LIMITED => 429,
                 Err(e) if e.code == -32602 => 400,
                 Err(_) => 502,
@@ -1310,7 +1519,7 @@ impl McpGateway {
             .is_some_and(|s| s.split(' ').any(|s| s == write_scope));
         if class != ActionClass::Read && caller.principal.agent().is_some() && !has_write_scope {
             return Err(RpcError {
-                code: FORBIDDEN,
+                code: INSUFFICIENT_SCOPE,
                 message: format!(
                     "{} needs a token with scope `{write_scope}` to {} with `{name}`: request one on its own (read and write never share a token)",
                     caller.principal.id,
@@ -1475,7 +1684,11 @@ fn action(class: ActionClass) -> Action {
 fn upstream_failure(server: &str, e: UpstreamError) -> RpcError {
     match e {
         UpstreamError::Rpc(error) => RpcError {
-            code: error.get("code").and_then(Value::as_i64).unwrap_or(-32603),
+            // Palisade's own codes mean Palisade's refusals; an upstream cannot borrow them.
+            code: match error.get("code").and_then(Value::as_i64) {
+                Some(FORBIDDEN | RATE_LIMITED | INSUFFICIENT_SCOPE) | None => -32603,
+                Some(c) => c,
+            },
             message: error
                 .get("message")
                 .and_then(Value::as_str)

@@ -88,8 +88,21 @@ impl HttpServer {
         Ok(all)
     }
 
-    /// Sends a request in Palisade's session with the server, starting one if needed.
+    /// Sends a request in Palisade's session with the server, starting one if needed; one
+    /// deadline covers all of it (session renewal included).
     pub async fn request(&self, method: &str, params: Value) -> Result<Value, UpstreamError> {
+        tokio::time::timeout(CALL_TIMEOUT, self.request_once(method, params))
+            .await
+            .map_err(|_| {
+                UpstreamError::Unavailable(format!(
+                    "`{}` did not answer `{method}` within {}s",
+                    self.config.name,
+                    CALL_TIMEOUT.as_secs()
+                ))
+            })?
+    }
+
+    async fn request_once(&self, method: &str, params: Value) -> Result<Value, UpstreamError> {
         let mut session = self.session.lock().await;
         if session.is_none() {
             *session = Some(self.initialize().await?);

@@ -38,7 +38,9 @@ pub enum UpstreamError {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, Value>>>>>;
 
 struct Running {
-    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    /// Whole lines for the writer task, the only owner of the child's stdin: a cancelled caller
+    /// can never leave half a message behind, and the reader never waits on stdin.
+    lines: tokio::sync::mpsc::Sender<String>,
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
@@ -177,11 +179,26 @@ impl StdioServer {
         };
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
+        let (lines, mut queued) = tokio::sync::mpsc::channel::<String>(256);
+        let writer_alive = alive.clone();
+        tokio::spawn(async move {
+            let mut stdin: ChildStdin = stdin;
+            while let Some(line) = queued.recv().await {
+                let written = async {
+                    stdin.write_all(line.as_bytes()).await?;
+                    stdin.flush().await
+                }
+                .await;
+                if written.is_err() {
+                    writer_alive.store(false, Ordering::Release);
+                    break;
+                }
+            }
+        });
         tokio::spawn(read_loop(
             c.name.clone(),
             stdout,
-            stdin.clone(),
+            lines.clone(),
             pending.clone(),
             alive.clone(),
             self.tools_stale.clone(),
@@ -195,7 +212,7 @@ impl StdioServer {
             }
         });
         Ok(Running {
-            stdin,
+            lines,
             pending,
             next_id: AtomicU64::new(1),
             alive,
@@ -207,15 +224,9 @@ impl StdioServer {
 async fn write_line(running: &Running, message: &Value) -> Result<(), UpstreamError> {
     let mut line = message.to_string();
     line.push('\n');
-    let mut stdin = running.stdin.lock().await;
-    let result = async {
-        stdin.write_all(line.as_bytes()).await?;
-        stdin.flush().await
-    }
-    .await;
-    result.map_err(|e| {
+    running.lines.send(line).await.map_err(|_| {
         running.alive.store(false, Ordering::Release);
-        UpstreamError::Unavailable(format!("the MCP server's stdin closed: {e}"))
+        UpstreamError::Unavailable("the MCP server's stdin closed".into())
     })
 }
 
@@ -238,6 +249,22 @@ async fn call(running: &Running, method: &str, params: Value) -> Result<Value, U
     }
 }
 
+/// Removes a waiter from the pending map when its call ends in any way (answer, error,
+/// timeout, or the caller going away), so nothing is left behind.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 async fn call_once(running: &Running, method: &str, params: Value) -> Result<Value, UpstreamError> {
     let id = running.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
@@ -246,15 +273,12 @@ async fn call_once(running: &Running, method: &str, params: Value) -> Result<Val
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id, tx);
+    let _guard = PendingGuard {
+        pending: &running.pending,
+        id,
+    };
     let message = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-    if let Err(e) = write_line(running, &message).await {
-        running
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        return Err(e);
-    }
+    write_line(running, &message).await?;
     match rx.await {
         Ok(Ok(result)) => Ok(result),
         Ok(Err(error)) => Err(UpstreamError::Rpc(error)),
@@ -270,7 +294,7 @@ async fn call_once(running: &Running, method: &str, params: Value) -> Result<Val
 async fn read_loop(
     name: String,
     stdout: tokio::process::ChildStdout,
-    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    lines: tokio::sync::mpsc::Sender<String>,
     pending: Pending,
     alive: Arc<AtomicBool>,
     tools_stale: Arc<AtomicBool>,
@@ -305,10 +329,8 @@ async fn read_loop(
                 }});
                 let mut line = refusal.to_string();
                 line.push('\n');
-                let mut w = stdin.lock().await;
-                if w.write_all(line.as_bytes()).await.is_err() || w.flush().await.is_err() {
-                    break;
-                }
+                // Never waits: a full queue drops the refusal (the server's own timeout handles it).
+                let _ = lines.try_send(line);
             }
             continue;
         }

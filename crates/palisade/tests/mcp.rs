@@ -966,7 +966,7 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
         "{www}"
     );
     let refused: Value = resp.json().await.unwrap();
-    assert_eq!(refused["error"]["code"], -32001, "{refused}");
+    assert_eq!(refused["error"]["code"], -32003, "{refused}");
     assert_eq!(refused["error"]["data"]["scope"], "notes:write");
     // The write token: its own request, in the session, decided by policy (write_token).
     let (s, w) = h
@@ -1009,5 +1009,97 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
         [403, 200, 400],
         "refusals are audited too: {calls:?}"
     );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_and_prompts_resolve_to_one_server_and_count_as_object_reads() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("mcp-reads-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.txt"), dir.join("b.txt"));
+    std::fs::write(&a, "A").unwrap();
+    std::fs::write(&b, "B").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"one\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n\
+         [[mcp.servers]]\nname = \"two\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n",
+        a.display(),
+        b.display()
+    );
+    let h = Harness::start_with("mcp-reads", &extra).await;
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert_eq!(s, 201);
+    let mut agent = agent_body("reader");
+    agent["allowed_resources"] = json!(["one", "two"]);
+    agent["max_files_per_session"] = json!(2);
+    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let (_, t) = h
+        .token_request("agent:reader", secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+
+    let listed = client.send("resources/list", json!({})).await;
+    let mut uris: Vec<&str> = listed["result"]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uri"].as_str().unwrap())
+        .collect();
+    uris.sort_unstable();
+    assert_eq!(
+        uris,
+        ["own://a.txt", "own://b.txt"],
+        "the shared URI is not shown: {listed}"
+    );
+    let ambiguous = client
+        .send("resources/read", json!({ "uri": "shared://doc" }))
+        .await;
+    assert!(
+        ambiguous["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than one server"),
+        "{ambiguous}"
+    );
+    let read = client
+        .send("resources/read", json!({ "uri": "own://b.txt" }))
+        .await;
+    assert_eq!(
+        read["result"]["contents"][0]["text"], "content of own://b.txt",
+        "{read}"
+    );
+
+    let prompts = client.send("prompts/list", json!({})).await;
+    let mut names: Vec<&str> = prompts["result"]["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["one__hello", "two__hello"]);
+    let odd = client
+        .send("prompts/get", json!({ "name": "one__HELLO" }))
+        .await;
+    assert_eq!(
+        odd["error"]["code"], -32602,
+        "only listed names are forwarded: {odd}"
+    );
+    let got = client
+        .send("prompts/get", json!({ "name": "one__hello" }))
+        .await;
+    assert_eq!(
+        got["result"]["messages"][0]["content"]["text"], "hi",
+        "{got}"
+    );
+    // Two objects read (one resource, one prompt): the third is over max_files_per_session.
+    let third = client
+        .send("resources/read", json!({ "uri": "own://a.txt" }))
+        .await;
+    assert_eq!(third["error"]["code"], -32001, "{third}");
+    assert_eq!(third["error"]["data"]["error"], "volume_limit");
     h.server.stop().await;
 }

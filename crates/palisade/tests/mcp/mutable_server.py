@@ -2,7 +2,9 @@
 
 usage: mutable_server.py DESCRIPTION_FILE
 One tool, `echo`, whose description is the file's content; echoing "crash" kills the server
-mid-call; echoing "ask" makes it send a request to its client first. When the file changes, the server
+mid-call; echoing "ask" makes it send a request to its client first. It also lists two
+resources (`shared://doc`, the same on every instance, and `own://<file name>`) and a prompt
+`hello`. When the file changes, the server
 tells its client with notifications/tools/list_changed, like a server that updates its tools
 (or is swapped for a malicious one) while running.
 """
@@ -68,6 +70,18 @@ for line in sys.stdin:
             answer = json.loads(sys.stdin.readline())
             text = answer.get("error", {}).get("message", "no error")
         result = {"content": [{"type": "text", "text": text}], "isError": False}
+    elif method == "resources/list":
+        result = {"resources": [
+            {"uri": "shared://doc", "name": "doc"},
+            {"uri": "own://" + os.path.basename(path), "name": "own"},
+        ]}
+    elif method == "resources/read":
+        uri = msg["params"]["uri"]
+        result = {"contents": [{"uri": uri, "text": "content of " + uri}]}
+    elif method == "prompts/list":
+        result = {"prompts": [{"name": "hello"}]}
+    elif method == "prompts/get":
+        result = {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}]}
     else:
         send({"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32601, "message": "no"}})
         continue
