@@ -652,6 +652,80 @@ impl McpGateway {
         }
     }
 
+    /// Completes a call's or read's event with the outcome and writes it; the result is released
+    /// only once the event is durable.
+    async fn finish_audited(
+        &self,
+        mut event: AuditEvent,
+        result: Result<Value, RpcError>,
+        started: Instant,
+    ) -> Result<Value, RpcError> {
+        event.outcome = Some(Outcome {
+            status: match &result {
+                Ok(_) => 200,
+                Err(e) if e.code == FORBIDDEN || e.code == INSUFFICIENT_SCOPE => 403,
+                Err(e) if e.code == RATE_LIMITED => 429,
+                Err(e) if e.code == -32602 => 400,
+                Err(_) => 502,
+            },
+            bytes_out: result
+                .as_ref()
+                .ok()
+                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
+            error: result.as_ref().err().map(|e| e.message.clone()),
+            ..Outcome::default()
+        });
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "audit write failed; withholding the answer");
+            return Err(RpcError::new(
+                -32603,
+                "the audit log cannot record this request, so its result is withheld".into(),
+            ));
+        }
+        result
+    }
+
+    /// The agent's rate limit and in-flight cap, shared with the HTTP gateway; the slot is held
+    /// while the returned guard lives.
+    fn enter_limits(
+        &self,
+        caller: &Caller,
+    ) -> Result<palisade_gateway::limits::InFlight, RpcError> {
+        let rate = caller
+            .principal
+            .agent()
+            .and_then(|a| a.rate_limit)
+            .or(self.config.gateway.agent_rate_limit);
+        if let Err(l) = self.limits.check(&caller.principal.id, rate, usize::MAX) {
+            let secs = l.retry_after.as_secs().max(1);
+            return Err(RpcError {
+                code: RATE_LIMITED,
+                message: format!(
+                    "{} is over its rate limit of {}; retry in {secs}s",
+                    caller.principal.id, l.limit
+                ),
+                data: Some(json!({ "retry_after_seconds": secs, "limit": l.limit.to_string() })),
+            });
+        }
+        let in_flight = caller
+            .principal
+            .agent()
+            .and_then(|a| a.max_concurrent_requests)
+            .unwrap_or(self.config.gateway.max_concurrent_requests_per_agent);
+        self.limits
+            .enter(&caller.principal.id, in_flight)
+            .map_err(|max| {
+                RpcError::new(
+                    RATE_LIMITED,
+                    format!(
+                        "{} already has {max} requests in flight, its limit; retry when one finishes",
+                        caller.principal.id
+                    ),
+                )
+            })
+    }
+
     /// Writes an `mcp.request` event for a request without a richer one of its own.
     async fn audit_request(
         &self,
@@ -1092,29 +1166,7 @@ impl McpGateway {
         });
         event.action = Some(kind.read_method().into());
         let result = self.read_inner(caller, params, kind, &mut event).await;
-        event.outcome = Some(Outcome {
-            status: match &result {
-                Ok(_) => 200,
-                Err(e) if e.code == FORBIDDEN => 403,
-                Err(e) if e.code == -32602 => 400,
-                Err(_) => 502,
-            },
-            bytes_out: result
-                .as_ref()
-                .ok()
-                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
-            error: result.as_ref().err().map(|e| e.message.clone()),
-            ..Outcome::default()
-        });
-        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        if let Err(e) = self.audit.record(event).await {
-            tracing::error!(error = %e, "audit write failed; withholding the answer");
-            return Err(RpcError::new(
-                -32603,
-                "the audit log cannot record this read, so its result is withheld".into(),
-            ));
-        }
-        result
+        self.finish_audited(event, result, started).await
     }
 
     async fn read_inner(
@@ -1197,44 +1249,7 @@ impl McpGateway {
                 (server, prompt.to_string(), forward)
             }
         };
-        // Reads count like HTTP object reads: the agent's rate and in-flight limits, the session's
-        // calls, and objects read against max_files_per_session.
-        let agent_rate = caller
-            .principal
-            .agent()
-            .and_then(|a| a.rate_limit)
-            .or(self.config.gateway.agent_rate_limit);
-        if let Err(l) = self
-            .limits
-            .check(&caller.principal.id, agent_rate, usize::MAX)
-        {
-            return Err(RpcError::new(
-                RATE_LIMITED,
-                format!(
-                    "{} is over its rate limit of {}; retry in {}s",
-                    caller.principal.id,
-                    l.limit,
-                    l.retry_after.as_secs().max(1)
-                ),
-            ));
-        }
-        let max_in_flight = caller
-            .principal
-            .agent()
-            .and_then(|a| a.max_concurrent_requests)
-            .unwrap_or(self.config.gateway.max_concurrent_requests_per_agent);
-        let _slot = self
-            .limits
-            .enter(&caller.principal.id, max_in_flight)
-            .map_err(|max| {
-                RpcError::new(
-                    RATE_LIMITED,
-                    format!(
-                        "{} already has {max} requests in flight",
-                        caller.principal.id
-                    ),
-                )
-            })?;
+        let _slot = self.enter_limits(caller)?;
         let mut object = None;
         if let Some(s) = &caller.session {
             s.count_call();
@@ -1363,30 +1378,7 @@ impl McpGateway {
             "token_id": caller.token_id,
         });
         let result = self.call_tool_inner(caller, params, &mut event).await;
-        event.outcome = Some(Outcome {
-            status: match &result {
-                Ok(_) => 200,
-                Err(e) if e.code == FORBIDDEN || e.code == INSUFFICIENT_SCOPE => 403,
-                Err(e) if e.code == RATE_LIMITED => 429,
-                Err(e) if e.code == -32602 => 400,
-                Err(_) => 502,
-            },
-            bytes_out: result
-                .as_ref()
-                .ok()
-                .map(|r| u64::try_from(r.to_string().len()).unwrap_or(u64::MAX)),
-            error: result.as_ref().err().map(|e| e.message.clone()),
-            ..Outcome::default()
-        });
-        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        if let Err(e) = self.audit.record(event).await {
-            tracing::error!(error = %e, "audit write failed; withholding the tool result");
-            return Err(RpcError::new(
-                -32603,
-                "the audit log cannot record this call, so its result is withheld".into(),
-            ));
-        }
-        result
+        self.finish_audited(event, result, started).await
     }
 
     async fn call_tool_inner(
@@ -1421,43 +1413,7 @@ impl McpGateway {
         };
         let (server_name, tool_name) = name.split_once(SEPARATOR).ok_or_else(unknown)?;
         event.resource = Some(format!("Palisade::Tool::\"{server_name}/{tool_name}\""));
-        // The agent's own rate limit and in-flight cap, shared with the HTTP gateway.
-        let agent_rate = caller
-            .principal
-            .agent()
-            .and_then(|a| a.rate_limit)
-            .or(self.config.gateway.agent_rate_limit);
-        if let Err(l) = self
-            .limits
-            .check(&caller.principal.id, agent_rate, usize::MAX)
-        {
-            let secs = l.retry_after.as_secs().max(1);
-            return Err(RpcError {
-                code: RATE_LIMITED,
-                message: format!(
-                    "{} is over its rate limit of {}; retry in {secs}s",
-                    caller.principal.id, l.limit
-                ),
-                data: Some(json!({ "retry_after_seconds": secs, "limit": l.limit.to_string() })),
-            });
-        }
-        let max_in_flight = caller
-            .principal
-            .agent()
-            .and_then(|a| a.max_concurrent_requests)
-            .unwrap_or(self.config.gateway.max_concurrent_requests_per_agent);
-        let _slot = self
-            .limits
-            .enter(&caller.principal.id, max_in_flight)
-            .map_err(|max| {
-                RpcError::new(
-                    RATE_LIMITED,
-                    format!(
-                        "{} already has {max} requests in flight, its limit; retry when one finishes",
-                        caller.principal.id
-                    ),
-                )
-            })?;
+        let _slot = self.enter_limits(caller)?;
         let server = self
             .servers
             .iter()
