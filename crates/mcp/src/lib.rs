@@ -922,18 +922,32 @@ impl McpGateway {
         class: ActionClass,
         arguments: Option<&[(String, ArgValue)]>,
     ) -> (palisade_policy::Decision, String) {
+        self.decide_on(caller, server, tool, true, action(class), arguments)
+    }
+
+    /// One decision on a server's tool (`Palisade::Tool`) or readable (`Palisade::Resource`), in
+    /// the server's route, with the session's counters and the delegation in the context.
+    fn decide_on(
+        &self,
+        caller: &Caller,
+        server: &Upstream,
+        name: &str,
+        tool: bool,
+        act: Action,
+        arguments: Option<&[(String, ArgValue)]>,
+    ) -> (palisade_policy::Decision, String) {
         let c = server.config();
         let target = Target {
             route: &c.name,
-            resource: Some(tool),
-            tool: true,
+            resource: Some(name),
+            tool,
             route_kind: &c.kind,
             kind: &c.kind,
             system: c.system.as_deref().unwrap_or(""),
             route_classification: c.classification,
             classification: c.classification,
         };
-        let path = format!("{}/{}/{tool}", palisade_config::MCP_PATH, c.name);
+        let path = format!("{}/{}/{name}", palisade_config::MCP_PATH, c.name);
         let mut ctx = RequestContext::at("POST", &path, self.clock.now());
         if let Some(s) = &caller.session {
             let counters = s.counters();
@@ -946,8 +960,7 @@ impl McpGateway {
             ctx.initiating_human = caller.initiating_human.as_deref();
         }
         ctx.arguments = arguments;
-        self.pdp
-            .decide(&caller.principal, action(class), &target, &ctx)
+        self.pdp.decide(&caller.principal, act, &target, &ctx)
     }
 
     async fn list_tools(&self, caller: &Caller) -> Result<Value, RpcError> {
@@ -1009,28 +1022,7 @@ impl McpGateway {
         server: &Upstream,
         name: &str,
     ) -> (palisade_policy::Decision, String) {
-        let c = server.config();
-        let target = Target {
-            route: &c.name,
-            resource: Some(name),
-            tool: false,
-            route_kind: &c.kind,
-            kind: &c.kind,
-            system: c.system.as_deref().unwrap_or(""),
-            route_classification: c.classification,
-            classification: c.classification,
-        };
-        let path = format!("{}/{}", palisade_config::MCP_PATH, c.name);
-        let mut ctx = RequestContext::at("POST", &path, self.clock.now());
-        if let Some(s) = &caller.session {
-            let c = s.counters();
-            ctx.calls = c.calls;
-            ctx.objects_read = c.objects_read;
-            ctx.bytes_out = c.bytes_out;
-        }
-        ctx.initiating_human = caller.initiating_human.as_deref();
-        self.pdp
-            .decide(&caller.principal, Action::Read, &target, &ctx)
+        self.decide_on(caller, server, name, false, Action::Read, None)
     }
 
     /// `resources/list` or `prompts/list`, merged over the servers that offer them and filtered
