@@ -313,6 +313,23 @@ async fn the_mcp_endpoint_is_a_protected_resource_and_refuses_bad_input() {
     h.server.stop().await;
 }
 
+/// Registers human:alice (once) and an agent from `agent_body(slug)` changed by `edit`;
+/// returns its client secret.
+async fn mcp_agent(h: &Harness, slug: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert!(s == 201 || s == 409, "human add: {s}");
+    let mut agent = agent_body(slug);
+    edit(&mut agent);
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    created["credentials"]["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A JSON-RPC client over plain HTTP: initialise, then send requests in the session.
 struct RawClient<'a> {
     h: &'a Harness,
@@ -381,14 +398,11 @@ async fn a_changed_tool_definition_is_blocked_or_flagged_until_accepted() {
         lax_file.display()
     );
     let h = Harness::start_with("mcp-pins", &extra).await;
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("echoer");
-    agent["allowed_resources"] = json!(["strict", "lax"]);
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "echoer", |a| {
+        a["allowed_resources"] = json!(["strict", "lax"]);
+    })
+    .await;
+    let secret = secret.as_str();
     let (_, t) = h
         .token_request("agent:echoer", secret, &[("resource", &h.url("/mcp"))])
         .await;
@@ -599,14 +613,11 @@ async fn an_upstream_that_dies_mid_call_gives_an_error_and_is_restarted() {
         file.display()
     );
     let h = Harness::start_with("mcp-crash", &extra).await;
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("breaker");
-    agent["allowed_resources"] = json!(["fragile"]);
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "breaker", |a| {
+        a["allowed_resources"] = json!(["fragile"]);
+    })
+    .await;
+    let secret = secret.as_str();
     let (_, t) = h
         .token_request("agent:breaker", secret, &[("resource", &h.url("/mcp"))])
         .await;
@@ -721,14 +732,11 @@ forbid (principal, action, resource == Palisade::Resource::"everything/prompt:ar
     .unwrap();
     let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
     assert_eq!(s, 200, "{body}");
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("explorer");
-    agent["allowed_resources"] = json!(["everything"]);
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "explorer", |a| {
+        a["allowed_resources"] = json!(["everything"]);
+    })
+    .await;
+    let secret = secret.as_str();
     let mcp_url = h.url("/mcp");
     let (_, t) = h
         .token_request("agent:explorer", secret, &[("resource", &mcp_url)])
@@ -815,15 +823,12 @@ async fn mcp_calls_count_against_the_agents_rate_limit() {
         file.display()
     );
     let h = Harness::start_with("mcp-rate", &extra).await;
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("chatty");
-    agent["allowed_resources"] = json!(["echo", "tickets"]);
-    agent["rate_limit"] = json!("3/min");
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "chatty", |a| {
+        a["allowed_resources"] = json!(["echo", "tickets"]);
+        a["rate_limit"] = json!("3/min");
+    })
+    .await;
+    let secret = secret.as_str();
     let (_, t) = h
         .token_request("agent:chatty", secret, &[("resource", &h.url("/mcp"))])
         .await;
@@ -873,14 +878,11 @@ async fn pins_in_the_config_are_authoritative() {
         f = file.display()
     );
     let h = Harness::start_with("mcp-config-pins", &extra).await;
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("pinned");
-    agent["allowed_resources"] = json!(["good", "bad"]);
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "pinned", |a| {
+        a["allowed_resources"] = json!(["good", "bad"]);
+    })
+    .await;
+    let secret = secret.as_str();
     let (_, t) = h
         .token_request("agent:pinned", secret, &[("resource", &h.url("/mcp"))])
         .await;
@@ -930,15 +932,12 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
     .unwrap();
     let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
     assert_eq!(s, 200, "{body}");
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("scribe");
-    agent["allowed_resources"] = json!(["notes"]);
-    agent["scopes"] = json!(["notes:read", "notes:write"]);
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "scribe", |a| {
+        a["allowed_resources"] = json!(["notes"]);
+        a["scopes"] = json!(["notes:read", "notes:write"]);
+    })
+    .await;
+    let secret = secret.as_str();
     let mcp = h.url("/mcp");
     let (_, t) = h
         .token_request("agent:scribe", secret, &[("resource", &mcp)])
@@ -1027,15 +1026,12 @@ async fn resources_and_prompts_resolve_to_one_server_and_count_as_object_reads()
         b.display()
     );
     let h = Harness::start_with("mcp-reads", &extra).await;
-    let (s, _) = h
-        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
-        .await;
-    assert_eq!(s, 201);
-    let mut agent = agent_body("reader");
-    agent["allowed_resources"] = json!(["one", "two"]);
-    agent["max_files_per_session"] = json!(2);
-    let (_, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let secret = mcp_agent(&h, "reader", |a| {
+        a["allowed_resources"] = json!(["one", "two"]);
+        a["max_files_per_session"] = json!(2);
+    })
+    .await;
+    let secret = secret.as_str();
     let (_, t) = h
         .token_request("agent:reader", secret, &[("resource", &h.url("/mcp"))])
         .await;
