@@ -38,11 +38,14 @@ pub enum Upstream {
 }
 
 impl Upstream {
-    /// From its configuration.
-    pub fn new(config: palisade_config::McpServerConfig) -> Self {
+    /// From its configuration; tool-list changes are reported on `changed`.
+    pub fn new(
+        config: palisade_config::McpServerConfig,
+        changed: tokio::sync::broadcast::Sender<String>,
+    ) -> Self {
         match config.url.clone() {
             Some(url) => Self::Http(Box::new(remote::HttpServer::new(config, url))),
-            None => Self::Stdio(Box::new(StdioServer::new(config))),
+            None => Self::Stdio(Box::new(StdioServer::new(config).with_notifier(changed))),
         }
     }
 
@@ -132,6 +135,10 @@ pub struct McpGateway {
     audit: AuditLog,
     clock: Arc<dyn palisade_core::Clock>,
     sessions: Mutex<HashMap<String, McpSession>>,
+    /// Names of servers whose tools changed; each agent event stream subscribes.
+    changed: tokio::sync::broadcast::Sender<String>,
+    /// Set when the server stops: event streams end, so graceful shutdown is not held open.
+    stopping: tokio::sync::watch::Sender<bool>,
     store: Arc<dyn palisade_core::store::Store>,
     limits: Arc<palisade_gateway::limits::Limits>,
     /// Which server listed which resource URI (`None`: more than one did, so reads of it are
@@ -165,11 +172,12 @@ impl McpGateway {
                 pins.insert(format!("{}/{tool}", server.name), hash.clone());
             }
         }
+        let (changed, _) = tokio::sync::broadcast::channel(64);
         let servers = config
             .mcp
             .servers
             .iter()
-            .map(|s| Arc::new(Upstream::new(s.clone())))
+            .map(|s| Arc::new(Upstream::new(s.clone(), changed.clone())))
             .collect();
         Ok(Self {
             config,
@@ -179,6 +187,8 @@ impl McpGateway {
             audit,
             clock,
             sessions: Mutex::new(HashMap::new()),
+            changed,
+            stopping: tokio::sync::watch::channel(false).0,
             store,
             limits,
             resource_servers: Mutex::default(),
@@ -345,6 +355,11 @@ impl McpGateway {
         Ok(hash)
     }
 
+    /// Ends every open event stream (the server is stopping).
+    pub fn shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
     /// RFC 9728 protected resource metadata of the MCP endpoint.
     pub fn resource_metadata(&self) -> Value {
         json!({
@@ -426,6 +441,9 @@ impl McpGateway {
             .map(str::to_string);
         match *req.method() {
             Method::POST => {}
+            Method::GET => {
+                return self.event_stream(req.headers(), session_header.as_deref(), &caller);
+            }
             Method::DELETE => {
                 let resp = self.end_session(session_header.as_deref(), &caller);
                 let id = caller.principal.id.to_string();
@@ -450,10 +468,10 @@ impl McpGateway {
             _ => {
                 let mut resp = plain(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    "the MCP endpoint takes POST (and DELETE to end a session); server-sent streams are not offered",
+                    "the MCP endpoint takes POST, GET (an event stream) and DELETE",
                 );
                 resp.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
                 return resp;
             }
         }
@@ -848,7 +866,7 @@ impl McpGateway {
         let result = json!({
             "protocolVersion": version,
             "capabilities": {
-                "tools": { "listChanged": false },
+                "tools": { "listChanged": true },
                 "resources": {},
                 "prompts": {},
             },
@@ -877,6 +895,70 @@ impl McpGateway {
             }
             _ => false,
         }
+    }
+
+    /// `GET /mcp`: the session's server-sent event stream. It carries
+    /// `notifications/tools/list_changed` when an upstream's tools change (so the agent lists
+    /// again and sees what policy and pins now allow), and a comment every 15 s to keep it open.
+    fn event_stream(
+        &self,
+        headers: &http::HeaderMap,
+        sid: Option<&str>,
+        caller: &Caller,
+    ) -> Response<Body> {
+        let wants_events = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        if !wants_events {
+            return plain(
+                StatusCode::NOT_ACCEPTABLE,
+                "GET /mcp is an event stream: send Accept: text/event-stream",
+            );
+        }
+        let Some(sid) = sid else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "the Mcp-Session-Id header is missing",
+            );
+        };
+        if !self.session_belongs(sid, caller) {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "no such MCP session; initialize again",
+            );
+        }
+        let mut changes = self.changed.subscribe();
+        let mut stopping = self.stopping.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+            loop {
+                let frame = tokio::select! {
+                    changed = changes.recv() => match changed {
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            let note = json!({ "jsonrpc": "2.0", "method": "notifications/tools/list_changed" });
+                            format!("event: message\ndata: {note}\n\n")
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tick.tick() => ": keep-alive\n\n".to_string(),
+                    _ = stopping.wait_for(|s| *s) => return,
+                };
+                // The agent went away: the body (and the receiver) is dropped.
+                if tx.send(Ok(bytes::Bytes::from(frame))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(Body::from_stream(ReceiverStream(rx)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
     }
 
     fn end_session(&self, sid: Option<&str>, caller: &Caller) -> Response<Body> {
@@ -1581,6 +1663,20 @@ fn redacted(typed: &[(String, ArgValue)], arguments: &Value) -> serde_json::Map<
             (k.clone(), shown)
         })
         .collect()
+}
+
+/// An mpsc receiver as a stream of body chunks.
+struct ReceiverStream(tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
 }
 
 /// Resources or prompts: what differs between the two.

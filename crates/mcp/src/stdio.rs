@@ -55,6 +55,8 @@ pub struct StdioServer {
     last_start: Mutex<Option<Instant>>,
     tools: Mutex<Option<Vec<Value>>>,
     tools_stale: Arc<AtomicBool>,
+    /// Told the server's name when its tools change (agents' event streams listen).
+    changed: Option<tokio::sync::broadcast::Sender<String>>,
 }
 
 impl StdioServer {
@@ -66,7 +68,14 @@ impl StdioServer {
             last_start: Mutex::new(None),
             tools: Mutex::new(None),
             tools_stale: Arc::new(AtomicBool::new(false)),
+            changed: None,
         }
+    }
+
+    /// Reports tool-list changes of this server on `changed`.
+    pub fn with_notifier(mut self, changed: tokio::sync::broadcast::Sender<String>) -> Self {
+        self.changed = Some(changed);
+        self
     }
 
     /// Sends a request and waits for its answer.
@@ -202,6 +211,7 @@ impl StdioServer {
             pending.clone(),
             alive.clone(),
             self.tools_stale.clone(),
+            self.changed.clone(),
         ));
         let name = c.name.clone();
         tokio::spawn(async move {
@@ -298,6 +308,7 @@ async fn read_loop(
     pending: Pending,
     alive: Arc<AtomicBool>,
     tools_stale: Arc<AtomicBool>,
+    changed: Option<tokio::sync::broadcast::Sender<String>>,
 ) {
     let mut reader = BufReader::new(stdout);
     let mut buf = Vec::new();
@@ -321,6 +332,9 @@ async fn read_loop(
         if let Some(method) = message.get("method").and_then(Value::as_str) {
             if method == "notifications/tools/list_changed" {
                 tools_stale.store(true, Ordering::Release);
+                if let Some(tx) = &changed {
+                    let _ = tx.send(name.clone());
+                }
             }
             if let Some(request_id) = message.get("id") {
                 let refusal = json!({ "jsonrpc": "2.0", "id": request_id, "error": {

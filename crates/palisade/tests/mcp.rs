@@ -1099,3 +1099,65 @@ async fn resources_and_prompts_resolve_to_one_server_and_count_as_object_reads()
     assert_eq!(third["error"]["data"]["error"], "volume_limit");
     h.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_tells_the_agent_when_tools_change() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("mcp-stream-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"live\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\non_tool_change = \"flag\"\n",
+        file.display()
+    );
+    let h = Harness::start_with("mcp-stream", &extra).await;
+    let secret = mcp_agent(&h, "listener", |a| a["allowed_resources"] = json!(["live"])).await;
+    let (_, t) = h
+        .token_request("agent:listener", &secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    assert_eq!(client.tool_names().await, ["live__echo"]);
+
+    // Without Accept: text/event-stream the stream is refused.
+    let plain = h
+        .http
+        .get(h.url("/mcp"))
+        .bearer_auth(&client.token)
+        .header("mcp-session-id", &client.sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 406);
+    let mut stream = h
+        .http
+        .get(h.url("/mcp"))
+        .bearer_auth(&client.token)
+        .header("mcp-session-id", &client.sid)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    std::fs::write(&file, "Echoes text back, now differently.").unwrap();
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.contains("notifications/tools/list_changed") && std::time::Instant::now() < deadline
+    {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), stream.chunk()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+    }
+    assert!(
+        seen.contains("event: message") && seen.contains("notifications/tools/list_changed"),
+        "{seen}"
+    );
+    h.server.stop().await;
+}

@@ -254,12 +254,15 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     let sweeper = sessions::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mcp = app.mcp.clone();
     let task = tokio::spawn(async move {
         let shutdown = async move {
             tokio::select! {
                 _ = rx => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+            // Open MCP event streams would hold graceful shutdown forever.
+            mcp.shutdown();
         };
         // Small JSON answers and streamed chunks must leave at once, not wait for Nagle.
         let listener = listener.tap_io(|tcp| {
