@@ -902,20 +902,7 @@ impl Config {
                     ));
                 }
             };
-            let write_scope = s
-                .write_scope
-                .clone()
-                .unwrap_or_else(|| format!("{}:write", s.name));
-            if write_scope.is_empty()
-                || write_scope.ends_with(":read")
-                || !write_scope
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-            {
-                return Err(format!(
-                    "key `{at}.write_scope`: `{write_scope}` must be one scope token that does not end in `:read`"
-                ));
-            }
+            let write_scope = write_scope(&at, &s.name, s.write_scope.clone())?;
             if routes.iter().any(|r| r.write_scope == write_scope)
                 || mcp_servers.iter().any(|m| m.write_scope == write_scope)
             {
@@ -1157,20 +1144,7 @@ fn validate_route(
             object_read: rule.object_read,
         });
     }
-    let write_scope = r
-        .write_scope
-        .clone()
-        .unwrap_or_else(|| format!("{}:write", r.name));
-    if write_scope.is_empty()
-        || write_scope.ends_with(":read")
-        || !write_scope
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
-        return Err(format!(
-            "key `{at}.write_scope`: `{write_scope}` must be one scope token (no spaces or quotes) that does not end in `:read`"
-        ));
-    }
+    let write_scope = write_scope(at, &r.name, r.write_scope.clone())?;
     let max_body_bytes = r.max_body_bytes.unwrap_or(gateway.max_body_bytes);
     for (key, value) in [
         ("max_body_bytes", Some(max_body_bytes)),
@@ -1221,6 +1195,21 @@ fn validate_route(
         max_objects_per_session: r.max_objects_per_session,
         write_scope,
     })
+}
+
+/// A route's or MCP server's write scope: as given, else `<name>:write`; one scope token that
+/// does not end in `:read`.
+fn write_scope(at: &str, name: &str, given: Option<String>) -> Result<String, String> {
+    let scope = given.unwrap_or_else(|| format!("{name}:write"));
+    let one_token = scope
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if scope.is_empty() || scope.ends_with(":read") || !one_token {
+        return Err(format!(
+            "key `{at}.write_scope`: `{scope}` must be one scope token (no spaces or quotes) that does not end in `:read`"
+        ));
+    }
+    Ok(scope)
 }
 
 fn rate(key: &str, text: Option<String>) -> Result<Option<palisade_core::rate::RateLimit>, String> {

@@ -384,21 +384,9 @@ impl McpGateway {
         let caller = match self.authenticate(req.headers()) {
             Ok(c) => c,
             Err(resp) => {
-                let reason = resp
-                    .headers()
-                    .get(header::WWW_AUTHENTICATE)
-                    .map(|_| "unauthorized");
-                if self
-                    .audit_request(None, "authenticate", 401, reason, started)
-                    .await
-                    .is_err()
-                {
-                    return plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the audit log is unavailable",
-                    );
-                }
-                return *resp;
+                return self
+                    .audited(None, "authenticate", Some("unauthorized"), *resp, started)
+                    .await;
             }
         };
         let resp = self.handle_caller(req, &caller, started).await;
@@ -406,23 +394,15 @@ impl McpGateway {
         // event of their own yet: audit them here.
         if matches!(resp.status().as_u16(), 400 | 404 | 405 | 413) {
             let id = caller.principal.id.to_string();
-            let status = resp.status().as_u16();
-            if self
-                .audit_request(
+            return self
+                .audited(
                     Some(&id),
                     "refused",
-                    status,
                     Some("refused before dispatch"),
+                    resp,
                     started,
                 )
-                .await
-                .is_err()
-            {
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the audit log is unavailable",
-                );
-            }
+                .await;
         }
         resp
     }
@@ -447,23 +427,9 @@ impl McpGateway {
             Method::DELETE => {
                 let resp = self.end_session(session_header.as_deref(), &caller);
                 let id = caller.principal.id.to_string();
-                if self
-                    .audit_request(
-                        Some(&id),
-                        "session/end",
-                        resp.status().as_u16(),
-                        None,
-                        started,
-                    )
-                    .await
-                    .is_err()
-                {
-                    return plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the audit log is unavailable",
-                    );
-                }
-                return resp;
+                return self
+                    .audited(Some(&id), "session/end", None, resp, started)
+                    .await;
             }
             _ => {
                 let mut resp = plain(
@@ -545,23 +511,9 @@ impl McpGateway {
         if method == "initialize" {
             let resp = self.initialize(&caller, id, &params);
             let who = caller.principal.id.to_string();
-            if self
-                .audit_request(
-                    Some(&who),
-                    "initialize",
-                    resp.status().as_u16(),
-                    None,
-                    started,
-                )
-                .await
-                .is_err()
-            {
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the audit log is unavailable",
-                );
-            }
-            return resp;
+            return self
+                .audited(Some(&who), "initialize", None, resp, started)
+                .await;
         }
         match session_header.as_deref() {
             None => {
@@ -742,6 +694,29 @@ impl McpGateway {
                     ),
                 )
             })
+    }
+
+    /// Audits `resp` as an `mcp.request` and releases it, or answers 503 if the event could not
+    /// be written.
+    async fn audited(
+        &self,
+        principal: Option<&str>,
+        method: &str,
+        error: Option<&str>,
+        resp: Response<Body>,
+        started: Instant,
+    ) -> Response<Body> {
+        let status = resp.status().as_u16();
+        match self
+            .audit_request(principal, method, status, error, started)
+            .await
+        {
+            Ok(()) => resp,
+            Err(()) => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit log cannot record this request, so it is refused; check the server log and disk",
+            ),
+        }
     }
 
     /// Writes an `mcp.request` event for a request without a richer one of its own.
