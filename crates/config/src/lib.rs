@@ -184,6 +184,9 @@ pub mod raw {
         #[serde(default)]
         pub env: std::collections::BTreeMap<String, String>,
         pub cwd: Option<String>,
+        #[serde(default)]
+        pub headers: std::collections::BTreeMap<String, String>,
+        pub ca_file: Option<String>,
         pub kind: Option<String>,
         pub system: Option<String>,
         pub classification: Option<String>,
@@ -263,10 +266,16 @@ pub struct McpServerConfig {
     pub url: Option<Uri>,
     /// Its arguments.
     pub args: Vec<String>,
-    /// Its whole environment: nothing else is passed on.
-    pub env: Vec<(String, String)>,
+    /// Its whole environment: nothing else is passed on (values may hold secrets).
+    pub env: Vec<(String, Sensitive)>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Headers sent with every request to a remote server: its own credential (the agent's token
+    /// is never forwarded).
+    pub headers: Vec<(http::HeaderName, Sensitive)>,
+    /// PEM file with the certificate authorities a remote https server is checked against,
+    /// instead of the public (Mozilla) roots.
+    pub ca_file: Option<PathBuf>,
     /// What its tools hold, for purpose binding (default: the server name).
     pub kind: String,
     /// The system it belongs to, if any.
@@ -588,6 +597,7 @@ impl Config {
         config.policy.dir = config.policy.dir.as_deref().map(|dir| base.join(dir));
         for server in &mut config.mcp.servers {
             server.cwd = server.cwd.as_deref().map(|dir| base.join(dir));
+            server.ca_file = server.ca_file.as_deref().map(|f| base.join(f));
         }
         Ok(config)
     }
@@ -803,17 +813,17 @@ impl Config {
                         .parse()
                         .map_err(|_| format!("key `{at}.url`: `{u}` is not a URL"))?;
                     match (uri.scheme_str(), uri.authority()) {
-                        (Some("http"), Some(_)) => {}
-                        (Some("https"), Some(_)) => {
-                            return Err(format!(
-                                "key `{at}.url`: https MCP upstreams are not supported yet; use http:// on a trusted network"
-                            ));
-                        }
+                        (Some("http" | "https"), Some(_)) => {}
                         _ => {
                             return Err(format!(
-                                "key `{at}.url`: `{u}` must look like http://host:port/mcp"
+                                "key `{at}.url`: `{u}` must look like https://host/mcp (or http:// on a trusted network)"
                             ));
                         }
+                    }
+                    if !s.headers.is_empty() && !is_secure(&uri) {
+                        return Err(format!(
+                            "key `{at}.headers`: the server's credential would travel in clear text to `{u}`; use https:// (http:// is allowed only on a loopback address)"
+                        ));
                     }
                     (String::new(), Some(uri))
                 }
@@ -823,6 +833,49 @@ impl Config {
                     ));
                 }
             };
+            if url.is_none() && (!s.headers.is_empty() || s.ca_file.is_some()) {
+                return Err(format!(
+                    "key `{at}`: `headers` and `ca_file` are for a remote server (`url`); a local server gets its credentials through `env`"
+                ));
+            }
+            if url.is_some() && (!s.env.is_empty() || !s.args.is_empty() || s.cwd.is_some()) {
+                return Err(format!(
+                    "key `{at}`: `env`, `args` and `cwd` are for a local server (`command`); a remote server gets its credential through `headers`"
+                ));
+            }
+            let mut headers = Vec::new();
+            for (name, value) in s.headers {
+                let key = format!("{at}.headers.{name}");
+                let header = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("key `{key}`: `{name}` is not a header name"))?;
+                if matches!(
+                    header.as_str(),
+                    "host"
+                        | "content-type"
+                        | "content-length"
+                        | "accept"
+                        | "connection"
+                        | "transfer-encoding"
+                        | "mcp-session-id"
+                        | "mcp-protocol-version"
+                ) {
+                    return Err(format!(
+                        "key `{key}`: Palisade sets `{name}` itself; configure only the server's credential and custom headers"
+                    ));
+                }
+                let value = expand_env(&key, &value)?;
+                if http::HeaderValue::from_str(&value).is_err() {
+                    return Err(format!(
+                        "key `{key}`: the value is not a valid header value (control characters or non-ASCII)"
+                    ));
+                }
+                headers.push((header, Sensitive(value)));
+            }
+            let mut env = Vec::new();
+            for (name, value) in s.env {
+                let value = expand_env(&format!("{at}.env.{name}"), &value)?;
+                env.push((name, Sensitive(value)));
+            }
             let kind = s.kind.unwrap_or_else(|| s.name.clone());
             if !is_name(&kind) {
                 return Err(format!("key `{at}.kind`: `{kind}` is not a name"));
@@ -917,7 +970,9 @@ impl Config {
                 command,
                 url,
                 args: s.args,
-                env: s.env.into_iter().collect(),
+                env,
+                headers,
+                ca_file: s.ca_file.map(PathBuf::from),
                 cwd: s.cwd.map(PathBuf::from),
                 kind,
                 system: s.system,
@@ -985,6 +1040,75 @@ fn is_name(text: &str) -> bool {
         && text.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
         })
+}
+
+/// A configured value that may hold a secret: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sensitive(pub String);
+
+impl Sensitive {
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Sensitive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `${NAME}` in a value is replaced by Palisade's environment variable `NAME` (so a secret need
+/// not sit in the config file); `$$` is a literal `$`. An unset variable is an error.
+fn expand_env(key: &str, value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let end = r.find('}').ok_or_else(|| {
+                format!(
+                    "key `{key}`: `${{` is not closed; write `${{NAME}}`, or `$$` for a literal `$`"
+                )
+            })?;
+            let name = &r[..end];
+            let ok =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(format!(
+                    "key `{key}`: `${{{name}}}` is not an environment variable name"
+                ));
+            }
+            let v = std::env::var(name).map_err(|_| {
+                format!("key `{key}`: environment variable `{name}` is not set (or not UTF-8)")
+            })?;
+            out.push_str(&v);
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// https, or http to a loopback address.
+fn is_secure(uri: &Uri) -> bool {
+    let loopback = uri
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .is_some_and(|h| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+    uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && loopback)
 }
 
 /// An https URL, or http on a loopback address (development and tests): keys and identities
@@ -1330,5 +1454,53 @@ mod tests {
         assert!(path_matches("/t/**", "/t/1/2/3"));
         assert!(path_matches("/t/**", "/t"));
         assert!(!path_matches("/t/*", "/t"));
+    }
+
+    #[test]
+    fn a_remote_mcp_credential_never_travels_in_clear_text_and_comes_from_the_environment() {
+        let clear = "[[mcp.servers]]\nname = \"remote\"\nurl = \"http://mcp.example.com/mcp\"\nheaders = { Authorization = \"Bearer x\" }\n";
+        let err = Config::from_toml(clear, "t").unwrap_err().to_string();
+        assert!(
+            err.contains("mcp.servers[0].headers") && err.contains("https://"),
+            "{err}"
+        );
+        let loopback = clear.replace("mcp.example.com", "127.0.0.1:9");
+        assert!(Config::from_toml(&loopback, "t").is_ok());
+        let unset = "[[mcp.servers]]\nname = \"remote\"\nurl = \"https://mcp.example.com/mcp\"\nheaders = { Authorization = \"Bearer ${PALISADE_TEST_SURELY_UNSET}\" }\n";
+        let err = Config::from_toml(unset, "t").unwrap_err().to_string();
+        assert!(
+            err.contains("PALISADE_TEST_SURELY_UNSET") && err.contains("not set"),
+            "{err}"
+        );
+        let managed = "[[mcp.servers]]\nname = \"remote\"\nurl = \"https://mcp.example.com/mcp\"\nheaders = { Mcp-Session-Id = \"x\" }\n";
+        let err = Config::from_toml(managed, "t").unwrap_err().to_string();
+        assert!(err.contains("sets `Mcp-Session-Id` itself"), "{err}");
+        let local = "[[mcp.servers]]\nname = \"local\"\ncommand = \"x\"\nheaders = { Authorization = \"Bearer x\" }\n";
+        let err = Config::from_toml(local, "t").unwrap_err().to_string();
+        assert!(err.contains("through `env`"), "{err}");
+    }
+
+    #[test]
+    fn environment_references_expand_and_dollars_escape() {
+        // PATH is set in every test environment.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(expand_env("k", "a${PATH}b").unwrap(), format!("a{path}b"));
+        assert_eq!(expand_env("k", "$$5 and $x").unwrap(), "$5 and $x");
+        assert!(
+            expand_env("k", "${PATH")
+                .unwrap_err()
+                .contains("not closed")
+        );
+        assert!(
+            expand_env("k", "${A-B}")
+                .unwrap_err()
+                .contains("not an environment variable name")
+        );
+        let config = "[[mcp.servers]]\nname = \"remote\"\nurl = \"https://mcp.example.com/mcp\"\nheaders = { Authorization = \"Bearer ${PATH}\" }\n";
+        let c = Config::from_toml(config, "t").unwrap();
+        let (name, value) = &c.mcp.servers[0].headers[0];
+        assert_eq!(name.as_str(), "authorization");
+        assert_eq!(value.expose(), format!("Bearer {path}"));
+        assert_eq!(format!("{value:?}"), "<redacted>");
     }
 }

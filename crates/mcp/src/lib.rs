@@ -13,6 +13,7 @@
 //! INVARIANT (token-stays-here): the agent's token never reaches an upstream server; stdio servers
 //! get only their configured environment.
 
+pub mod progress;
 pub mod remote;
 pub mod stdio;
 
@@ -42,11 +43,16 @@ impl Upstream {
     pub fn new(
         config: palisade_config::McpServerConfig,
         changed: tokio::sync::broadcast::Sender<String>,
-    ) -> Self {
-        match config.url.clone() {
-            Some(url) => Self::Http(Box::new(remote::HttpServer::new(config, url))),
-            None => Self::Stdio(Box::new(StdioServer::new(config).with_notifier(changed))),
-        }
+        progress: progress::Routes,
+    ) -> Result<Self, String> {
+        Ok(match config.url.clone() {
+            Some(url) => Self::Http(Box::new(remote::HttpServer::new(config, url, progress)?)),
+            None => Self::Stdio(Box::new(
+                StdioServer::new(config)
+                    .with_notifier(changed)
+                    .with_progress(progress),
+            )),
+        })
     }
 
     /// Its configuration.
@@ -130,6 +136,8 @@ pub fn definition_hash(tool: &Value) -> String {
 pub struct McpGateway {
     config: Arc<Config>,
     servers: Vec<Arc<Upstream>>,
+    /// Progress notifications of running calls, back to their agents.
+    progress: progress::Routes,
     auth: Arc<dyn Authenticator>,
     pdp: Arc<dyn DecisionPoint>,
     audit: AuditLog,
@@ -164,8 +172,12 @@ impl McpGateway {
         clock: Arc<dyn palisade_core::Clock>,
         store: Arc<dyn palisade_core::store::Store>,
         limits: Arc<palisade_gateway::limits::Limits>,
-    ) -> Result<Self, palisade_core::store::StoreError> {
-        let mut pins: HashMap<String, String> = store.mcp_pins()?.into_iter().collect();
+    ) -> Result<Self, String> {
+        let mut pins: HashMap<String, String> = store
+            .mcp_pins()
+            .map_err(|e| format!("cannot read the MCP tool pins: {e}"))?
+            .into_iter()
+            .collect();
         // Pins in the config win over pins from first sight.
         for server in &config.mcp.servers {
             for (tool, hash) in &server.tool_pins {
@@ -173,15 +185,17 @@ impl McpGateway {
             }
         }
         let (changed, _) = tokio::sync::broadcast::channel(64);
+        let progress = progress::Routes::default();
         let servers = config
             .mcp
             .servers
             .iter()
-            .map(|s| Arc::new(Upstream::new(s.clone(), changed.clone())))
-            .collect();
+            .map(|s| Upstream::new(s.clone(), changed.clone(), progress.clone()).map(Arc::new))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
             servers,
+            progress,
             auth,
             pdp,
             audit,
@@ -379,7 +393,7 @@ impl McpGateway {
     }
 
     /// Handles one HTTP request to the MCP endpoint.
-    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    pub async fn handle(self: &Arc<Self>, req: Request<Body>) -> Response<Body> {
         let started = Instant::now();
         let caller = match self.authenticate(req.headers()) {
             Ok(c) => c,
@@ -408,7 +422,7 @@ impl McpGateway {
     }
 
     async fn handle_caller(
-        &self,
+        self: &Arc<Self>,
         req: Request<Body>,
         caller: &Caller,
         started: Instant,
@@ -419,6 +433,12 @@ impl McpGateway {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let accepts_stream = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/event-stream"));
         match *req.method() {
             Method::POST => {}
             Method::GET => {
@@ -539,7 +559,24 @@ impl McpGateway {
         let outcome = match method {
             "ping" => Ok(json!({})),
             "tools/list" => self.list_tools(&caller).await,
-            "tools/call" => self.call_tool(&caller, &params, started).await,
+            "tools/call" => {
+                let wants_progress = params
+                    .pointer("/_meta/progressToken")
+                    .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
+                    .cloned();
+                match (wants_progress, accepts_stream) {
+                    (Some(token), true) => {
+                        match self
+                            .call_tool_streaming(&caller, params, started, token, id.clone())
+                            .await
+                        {
+                            Streamed::Done(outcome) => outcome,
+                            Streamed::Stream(resp) => return resp,
+                        }
+                    }
+                    _ => self.call_tool(&caller, &params, started, None).await,
+                }
+            }
             "resources/list" => self.list_readables(&caller, Readable::Resources).await,
             "prompts/list" => self.list_readables(&caller, Readable::Prompts).await,
             "resources/read" => {
@@ -1399,12 +1436,84 @@ impl McpGateway {
         true
     }
 
-    /// `tools/call`: every exit, refusals included, writes one `mcp.tool_call` event.
+    /// A `tools/call` whose agent asked for progress and takes an event stream. A call that ends
+    /// before the server reports progress is answered like any other (so refusals keep their
+    /// HTTP status and step-up challenge); once progress arrives, the answer becomes an event
+    /// stream of the progress notifications and then the result, which is released only after
+    /// its audit event is written, as always.
+    async fn call_tool_streaming(
+        self: &Arc<Self>,
+        caller: &Caller,
+        params: Value,
+        started: Instant,
+        agent_token: Value,
+        id: Value,
+    ) -> Streamed {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
+        let sink = progress::Sink { agent_token, tx };
+        let this = self.clone();
+        let caller = caller.clone();
+        let mut call =
+            tokio::spawn(
+                async move { this.call_tool(&caller, &params, started, Some(sink)).await },
+            );
+        let first = tokio::select! {
+            biased;
+            done = &mut call => return Streamed::Done(joined(done)),
+            first = rx.recv() => first,
+        };
+        let Some(first) = first else {
+            // The sink is gone: the call is ending; answer as usual.
+            return Streamed::Done(joined(call.await));
+        };
+        let (body_tx, body_rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let send = |m: &Value| {
+                let event = format!("event: message\ndata: {m}\n\n");
+                body_tx.send(Ok::<_, std::io::Error>(bytes::Bytes::from(event)))
+            };
+            if send(&first).await.is_err() {
+                return;
+            }
+            let outcome = loop {
+                tokio::select! {
+                    biased;
+                    done = &mut call => break joined(done),
+                    next = rx.recv() => match next {
+                        Some(note) => {
+                            if send(&note).await.is_err() {
+                                // The agent left; the call still finishes and is audited.
+                                break joined(call.await);
+                            }
+                        }
+                        None => break joined(call.await),
+                    },
+                }
+            };
+            let last = match outcome {
+                Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+                Err(e) => json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),
+            };
+            let _ = send(&last).await;
+        });
+        let mut resp = Response::new(Body::from_stream(ReceiverStream(body_rx)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        Streamed::Stream(resp)
+    }
+
+    /// `tools/call`: every exit, refusals included, writes one `mcp.tool_call` event. With a
+    /// sink, the server's progress reports for this call go to it.
     async fn call_tool(
         &self,
         caller: &Caller,
         params: &Value,
         started: Instant,
+        sink: Option<progress::Sink>,
     ) -> Result<Value, RpcError> {
         let mut event = AuditEvent::new("mcp.tool_call");
         event.principal = Some(PrincipalRef {
@@ -1426,7 +1535,7 @@ impl McpGateway {
             "session": caller.session.as_ref().map(|s| s.sid.clone()),
             "token_id": caller.token_id,
         });
-        let result = self.call_tool_inner(caller, params, &mut event).await;
+        let result = self.call_tool_inner(caller, params, &mut event, sink).await;
         self.finish_audited(event, result, started).await
     }
 
@@ -1435,6 +1544,7 @@ impl McpGateway {
         caller: &Caller,
         params: &Value,
         event: &mut AuditEvent,
+        sink: Option<progress::Sink>,
     ) -> Result<Value, RpcError> {
         let name = params
             .get("name")
@@ -1533,11 +1643,15 @@ impl McpGateway {
                 data: Some(json!({ "error": "insufficient_scope", "scope": write_scope })),
             });
         }
+        let mut upstream_params = json!({ "name": tool_name, "arguments": arguments });
+        // The agent's own progress token never travels upstream (servers are shared).
+        let _route = sink.map(|s| {
+            let registration = self.progress.register(s);
+            upstream_params = progress::with_token(upstream_params.clone(), &registration.token);
+            registration
+        });
         server
-            .request(
-                "tools/call",
-                json!({ "name": tool_name, "arguments": arguments }),
-            )
+            .request("tools/call", upstream_params)
             .await
             .map_err(|e| upstream_failure(server_name, e))
     }
@@ -1638,6 +1752,24 @@ fn redacted(typed: &[(String, ArgValue)], arguments: &Value) -> serde_json::Map<
             (k.clone(), shown)
         })
         .collect()
+}
+
+/// How a streamed call was answered.
+enum Streamed {
+    /// It ended before any progress: answer as usual.
+    Done(Result<Value, RpcError>),
+    /// Progress arrived: the event stream carries the rest.
+    Stream(Response<Body>),
+}
+
+/// The outcome of a spawned call; a call task that panicked is an internal error.
+fn joined(r: Result<Result<Value, RpcError>, tokio::task::JoinError>) -> Result<Value, RpcError> {
+    r.unwrap_or_else(|_| {
+        Err(RpcError::new(
+            -32603,
+            "the call failed inside Palisade".into(),
+        ))
+    })
 }
 
 /// An mpsc receiver as a stream of body chunks.

@@ -3,10 +3,14 @@
 //! notifications before it). Palisade initialises its own MCP session with the server
 //! (`Mcp-Session-Id`), sends the negotiated `MCP-Protocol-Version`, and initialises again when the
 //! server forgets the session (404). Tools are fetched again at most every 30 s.
+//!
+//! The server gets its own credential (the configured `headers`), never the agent's token. https
+//! is checked against Mozilla's roots, or only against the configured `ca_file`.
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -32,26 +36,40 @@ pub struct HttpServer {
     /// Its configuration.
     pub config: McpServerConfig,
     url: Uri,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     session: tokio::sync::Mutex<Option<Session>>,
     next_id: AtomicU64,
     tools: Mutex<Option<(Vec<Value>, Instant)>>,
+    progress: crate::progress::Routes,
 }
 
 impl HttpServer {
-    /// A server at `url` (not contacted until first use).
-    pub fn new(config: McpServerConfig, url: Uri) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.set_nodelay(true);
-        Self {
+    /// A server at `url` (not contacted until first use). Fails when the configured CA file
+    /// cannot be read or holds no certificate.
+    pub fn new(
+        config: McpServerConfig,
+        url: Uri,
+        progress: crate::progress::Routes,
+    ) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let tls = tls_config(&config)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Self {
             config,
             url,
             client: Client::builder(TokioExecutor::new()).build(connector),
             session: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
             tools: Mutex::new(None),
-        }
+            progress,
+        })
     }
 
     /// The server's tools, fetched again when older than 30 s.
@@ -191,6 +209,12 @@ impl HttpServer {
         if let Some(p) = protocol {
             builder = builder.header("mcp-protocol-version", p);
         }
+        for (name, value) in &self.config.headers {
+            let mut value = http::HeaderValue::from_str(value.expose())
+                .map_err(|_| UpstreamError::Unavailable("a configured header is invalid".into()))?;
+            value.set_sensitive(true);
+            builder = builder.header(name, value);
+        }
         let req = builder
             .body(Full::new(Bytes::from(message.to_string())))
             .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
@@ -201,7 +225,10 @@ impl HttpServer {
                 UpstreamError::Unavailable(format!("`{name}` did not answer within 30 s"))
             })?
             .map_err(|e| {
-                UpstreamError::Unavailable(format!("`{name}` could not be reached: {e}"))
+                UpstreamError::Unavailable(format!(
+                    "`{name}` could not be reached: {}",
+                    error_chain(&e)
+                ))
             })?;
         if resp.status() == StatusCode::NOT_FOUND && sid.is_some() {
             return Ok(None);
@@ -228,7 +255,7 @@ impl HttpServer {
             )));
         }
         let answer = if is_stream {
-            read_stream(resp.into_body(), &want).await
+            read_stream(resp.into_body(), &want, &self.progress).await
         } else {
             let body = tokio::time::timeout(
                 CALL_TIMEOUT,
@@ -257,10 +284,61 @@ impl HttpServer {
 /// The session is unknown to the server.
 struct Expired;
 
-/// Reads server-sent events until the JSON-RPC answer with id `want`.
+/// TLS for the server: Mozilla's roots, or only the certificates in its `ca_file`.
+fn tls_config(config: &McpServerConfig) -> Result<rustls::ClientConfig, String> {
+    let at = format!("mcp server `{}`", config.name);
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("{at}: cannot read ca_file {}: {e}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{at}: ca_file {} is not PEM: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "{at}: ca_file {} holds no CERTIFICATE block",
+                    path.display()
+                ));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    format!(
+                        "{at}: a certificate in ca_file {} is not usable: {e}",
+                        path.display()
+                    )
+                })?;
+            }
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("{at}: TLS set-up failed: {e}"))
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// An error with its causes, which name what failed (a refused connection, a bad certificate).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads server-sent events until the JSON-RPC answer with id `want`; progress notifications on
+/// the way go to their calls.
 async fn read_stream(
     mut body: hyper::body::Incoming,
     want: &Value,
+    progress: &crate::progress::Routes,
 ) -> Result<Value, UpstreamError> {
     let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
     let mut buf: Vec<u8> = Vec::new();
@@ -297,11 +375,13 @@ async fn read_stream(
                 data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
             } else if line.is_empty() && !data.is_empty() {
                 let event = std::mem::take(&mut data);
-                if let Ok(message) = serde_json::from_str::<Value>(&event)
-                    && message.get("id") == Some(want)
-                    && (message.get("result").is_some() || message.get("error").is_some())
-                {
-                    return Ok(message);
+                if let Ok(message) = serde_json::from_str::<Value>(&event) {
+                    if message.get("id") == Some(want)
+                        && (message.get("result").is_some() || message.get("error").is_some())
+                    {
+                        return Ok(message);
+                    }
+                    progress.deliver(&message);
                 }
             }
         }

@@ -57,6 +57,8 @@ pub struct StdioServer {
     tools_stale: Arc<AtomicBool>,
     /// Told the server's name when its tools change (agents' event streams listen).
     changed: Option<tokio::sync::broadcast::Sender<String>>,
+    /// Where its progress notifications go.
+    progress: crate::progress::Routes,
 }
 
 impl StdioServer {
@@ -69,7 +71,14 @@ impl StdioServer {
             tools: Mutex::new(None),
             tools_stale: Arc::new(AtomicBool::new(false)),
             changed: None,
+            progress: crate::progress::Routes::default(),
         }
+    }
+
+    /// Passes this server's progress notifications to the calls registered in `routes`.
+    pub fn with_progress(mut self, routes: crate::progress::Routes) -> Self {
+        self.progress = routes;
+        self
     }
 
     /// Reports tool-list changes of this server on `changed`.
@@ -167,7 +176,7 @@ impl StdioServer {
         let mut cmd = Command::new(program);
         cmd.args(&c.args)
             .env_clear()
-            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.expose())))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -210,8 +219,11 @@ impl StdioServer {
             lines.clone(),
             pending.clone(),
             alive.clone(),
-            self.tools_stale.clone(),
-            self.changed.clone(),
+            Listeners {
+                tools_stale: self.tools_stale.clone(),
+                changed: self.changed.clone(),
+                progress: self.progress.clone(),
+            },
         ));
         let name = c.name.clone();
         tokio::spawn(async move {
@@ -298,18 +310,33 @@ async fn call_once(running: &Running, method: &str, params: Value) -> Result<Val
     }
 }
 
+/// Who hears of a server's notifications.
+struct Listeners {
+    /// Set when its tools change.
+    tools_stale: Arc<AtomicBool>,
+    /// Told its name when its tools change.
+    changed: Option<tokio::sync::broadcast::Sender<String>>,
+    /// Progress of running calls.
+    progress: crate::progress::Routes,
+}
+
 /// Reads the server's messages: answers go to their waiting callers, list changes mark the
-/// tool cache stale, and requests from the server (sampling, roots, elicitation) are answered
-/// with "method not found": the gateway does not pass them to agents yet.
+/// tool cache stale, progress goes to the call it belongs to, and requests from the server
+/// (sampling, roots, elicitation) are answered with "method not found": the gateway does not
+/// pass them to agents yet.
 async fn read_loop(
     name: String,
     stdout: tokio::process::ChildStdout,
     lines: tokio::sync::mpsc::Sender<String>,
     pending: Pending,
     alive: Arc<AtomicBool>,
-    tools_stale: Arc<AtomicBool>,
-    changed: Option<tokio::sync::broadcast::Sender<String>>,
+    listeners: Listeners,
 ) {
+    let Listeners {
+        tools_stale,
+        changed,
+        progress,
+    } = listeners;
     let mut reader = BufReader::new(stdout);
     let mut buf = Vec::new();
     loop {
@@ -330,6 +357,7 @@ async fn read_loop(
         };
         let id = message.get("id").and_then(Value::as_u64);
         if let Some(method) = message.get("method").and_then(Value::as_str) {
+            progress.deliver(&message);
             if method == "notifications/tools/list_changed" {
                 tools_stale.store(true, Ordering::Release);
                 if let Some(tx) = &changed {

@@ -1161,3 +1161,210 @@ async fn the_event_stream_tells_the_agent_when_tools_change() {
     );
     h.server.stop().await;
 }
+
+/// The standard-library Streamable HTTP fixture (`tests/mcp/remote_server.py`), over TLS with
+/// the test-only CA's certificate when `tls` is set.
+struct RemoteFixture {
+    child: std::process::Child,
+    port: u16,
+    header_log: PathBuf,
+}
+
+impl Drop for RemoteFixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(name)
+}
+
+async fn remote_fixture(dir: &std::path::Path, tls: bool) -> RemoteFixture {
+    let port_file = dir.join("port");
+    let header_log = dir.join("headers.log");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(fixture_path("mcp/remote_server.py"))
+        .arg(&port_file)
+        .arg(&header_log);
+    if tls {
+        cmd.arg(fixture_path("fixtures/test-only-upstream-cert.pem"))
+            .arg(fixture_path("fixtures/test-only-upstream-key.pem"));
+    }
+    let child = cmd.spawn().unwrap();
+    let mut fixture = RemoteFixture {
+        child,
+        port: 0,
+        header_log,
+    };
+    for _ in 0..100 {
+        if let Ok(p) = std::fs::read_to_string(&port_file) {
+            fixture.port = p.trim().parse().unwrap();
+            return fixture;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the remote MCP fixture did not start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_https_upstream_gets_its_own_credential_never_the_agents_token() {
+    let dir = support::temp_dir("mcp-remote-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = remote_fixture(&dir, true).await;
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"remote\"\nurl = \"https://127.0.0.1:{}/mcp\"\n\
+         ca_file = \"{}\"\nheaders = {{ Authorization = \"Bearer upstream-only-credential\" }}\n",
+        upstream.port,
+        fixture_path("fixtures/test-only-upstream-ca.pem").display()
+    );
+    let h = Harness::start_with("mcp-remote-tls", &extra).await;
+    let secret = mcp_agent(&h, "remote-user", |a| {
+        a["allowed_resources"] = json!(["remote"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request(
+            "agent:remote-user",
+            &secret,
+            &[("resource", &h.url("/mcp"))],
+        )
+        .await;
+    let agent_token = t["access_token"].as_str().unwrap().to_string();
+    let client = RawClient::connect(&h, agent_token.clone()).await;
+    let mut names = client.tool_names().await;
+    names.sort();
+    assert_eq!(names, ["remote__count", "remote__whoami"]);
+    let answer = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__whoami", "arguments": {} }),
+        )
+        .await;
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "Bearer upstream-only-credential",
+        "{answer}"
+    );
+    let seen = std::fs::read_to_string(&upstream.header_log).unwrap();
+    assert!(seen.lines().count() >= 3, "{seen}");
+    assert!(
+        seen.lines().all(|l| l == "Bearer upstream-only-credential"),
+        "every request carried the server's own credential: {seen}"
+    );
+    assert!(
+        !seen.contains(&agent_token),
+        "the agent's token reached the upstream"
+    );
+    h.server.stop().await;
+
+    // Without the CA file the test-only certificate is not trusted: a clear error, no call.
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"remote\"\nurl = \"https://127.0.0.1:{}/mcp\"\n",
+        upstream.port
+    );
+    let h = Harness::start_with("mcp-remote-untrusted", &extra).await;
+    let secret = mcp_agent(&h, "remote-user", |a| {
+        a["allowed_resources"] = json!(["remote"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request(
+            "agent:remote-user",
+            &secret,
+            &[("resource", &h.url("/mcp"))],
+        )
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    let answer = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__whoami", "arguments": {} }),
+        )
+        .await;
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("remote") && message.to_lowercase().contains("certificate"),
+        "{answer}"
+    );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reaches_the_python_sdk_over_an_event_stream_answer() {
+    let Some(python) = python() else { return };
+    let dir = support::temp_dir("mcp-progress");
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = remote_fixture(&dir, false).await;
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"remote\"\nurl = \"http://127.0.0.1:{}/mcp\"\n",
+        upstream.port
+    );
+    let h = Harness::start_with("mcp-progress", &extra).await;
+    let secret = mcp_agent(&h, "counter", |a| {
+        a["allowed_resources"] = json!(["remote"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request("agent:counter", &secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let token = t["access_token"].as_str().unwrap().to_string();
+    let out = run_client(
+        &python,
+        &h.url("/mcp"),
+        &token,
+        json!([
+            { "name": "remote__count", "arguments": { "n": 3 }, "progress": true },
+            { "name": "remote__count", "arguments": { "n": 2 } },
+        ]),
+    );
+    let calls = out["calls"].as_array().unwrap();
+    assert_eq!(calls[0]["text"], json!(["counted to 3"]), "{out}");
+    assert_eq!(
+        calls[0]["progress"],
+        json!([[1.0, 3.0], [2.0, 3.0], [3.0, 3.0]]),
+        "{out}"
+    );
+    assert_eq!(calls[1]["text"], json!(["counted to 2"]), "{out}");
+
+    // On the wire: an event stream of progress notifications with the agent's own token, then
+    // the answer. The upstream saw Palisade's token, not the agent's.
+    let client = RawClient::connect(&h, token).await;
+    let resp = h
+        .http
+        .post(h.url("/mcp"))
+        .bearer_auth(&client.token)
+        .header("mcp-session-id", &client.sid)
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+            "name": "remote__count", "arguments": { "n": 2 },
+            "_meta": { "progressToken": "agent-token-1" } } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{text}");
+    assert_eq!(events[0]["params"]["progressToken"], "agent-token-1");
+    assert_eq!(events[1]["params"]["progress"], 2);
+    assert_eq!(events[2]["id"], 9);
+    assert_eq!(events[2]["result"]["content"][0]["text"], "counted to 2");
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let calls = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["event"]["kind"] == "mcp.tool_call" && i["event"]["outcome"]["status"] == 200)
+        .count();
+    assert_eq!(calls, 3, "every call is audited, streamed or not: {all}");
+    h.server.stop().await;
+}

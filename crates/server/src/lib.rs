@@ -218,15 +218,18 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         audit.clone(),
         clock.clone(),
     ));
-    let mcp = Arc::new(palisade_mcp::McpGateway::new(
-        config.clone(),
-        tokens.clone(),
-        policy.clone(),
-        audit.clone(),
-        clock,
-        store.clone(),
-        gateway.limits(),
-    )?);
+    let mcp = Arc::new(
+        palisade_mcp::McpGateway::new(
+            config.clone(),
+            tokens.clone(),
+            policy.clone(),
+            audit.clone(),
+            clock,
+            store.clone(),
+            gateway.limits(),
+        )
+        .map_err(StartError::Other)?,
+    );
     let identity_providers =
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let app = Arc::new(App {

@@ -1,7 +1,8 @@
 """An MCP agent for the tests: the official Python SDK over Streamable HTTP.
 
 usage: client.py URL TOKEN CALLS_JSON [READS_JSON]
-Initialises, lists tools, makes the calls, and prints one JSON object with what it saw. With
+Initialises, lists tools, makes the calls (a call with "progress": true asks for progress
+reports and records them), and prints one JSON object with what it saw. With
 READS_JSON ({"resources": [uri, ...], "prompts": [name, ...]}) it also lists resources and
 prompts and reads those.
 """
@@ -29,10 +30,22 @@ async def main(url: str, token: str, calls_json: str, reads_json: str = "") -> N
                 tools = await session.list_tools()
                 out["tools"] = sorted(t.name for t in tools.tools)
                 for call in calls:
+                    progress: list = []
+
+                    async def on_progress(value, total, message, seen=progress):
+                        seen.append([value, total])
+
                     try:
-                        result = await session.call_tool(call["name"], call.get("arguments", {}))
+                        result = await session.call_tool(
+                            call["name"],
+                            call.get("arguments", {}),
+                            progress_callback=on_progress if call.get("progress") else None,
+                        )
                         texts = [c.text for c in result.content if getattr(c, "text", None) is not None]
-                        out["calls"].append({"ok": True, "is_error": bool(result.is_error), "text": texts})
+                        seen = {"ok": True, "is_error": bool(result.is_error), "text": texts}
+                        if call.get("progress"):
+                            seen["progress"] = progress
+                        out["calls"].append(seen)
                     except Exception as e:  # an MCP error answer
                         out["calls"].append({"ok": False, "error": str(e)})
                 if reads is not None:
