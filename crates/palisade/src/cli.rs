@@ -38,6 +38,8 @@ pub struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Inspect text for prompt injection and sensitive data; score or train on corpora.
+    Scan(crate::scan::ScanArgs),
     /// Manage agents.
     #[command(subcommand)]
     Agent(AgentCmd),
@@ -447,6 +449,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let client = || Client::from_env(&cli.addr, cli.token.clone(), &data_dir);
     match cli.command {
         Command::Serve(args) => serve(args, cli.data_dir).await,
+        Command::Scan(args) => crate::scan::run(args, cli.json),
         Command::Agent(cmd) => {
             let c = client()?;
             let out = match cmd {

@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod scan;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -1,0 +1,1061 @@
+//! Hidden HTML and Markdown content: text a browser or Markdown renderer does not show a
+//! human, but an agent reading the source does.
+//!
+//! HTML is parsed with `lol_html` (streaming, the tokenizer browsers' rules). Text counts as
+//! hidden inside elements that are `hidden`, `<template>`, `<noscript>`, or styled (inline or
+//! by a class or id rule of an earlier `<style>`) with `display:none`, `visibility:hidden`,
+//! `opacity:0`, a zero or one-pixel font, the same colour as their background, near-white
+//! tiny text, off-screen positioning, `clip`/`clip-path` to nothing, or `transform:scale(0)`.
+//! Comments, `<meta>` contents, `alt` and `title` attributes are extracted too. In Markdown,
+//! `[//]: # (...)` and `[label]: <> "..."` comments and link-reference definition titles.
+//!
+//! Hidden is not malicious (cookie banners, menus, "do not edit" comments): every extracted
+//! text is judged by [`Judge`](crate::instruct::Judge), and only text that instructs is an
+//! injection finding; hidden text that does not is recorded as `hidden` at info level.
+
+use crate::instruct::{Context, Judge};
+use crate::{Category, Finding, Severity};
+use lol_html::{doc_comments, element};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+
+/// A piece of hidden or extracted text and where it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segment {
+    /// How it was hidden (`display_none`, `comment`, `alt_text`, ...).
+    pub technique: &'static str,
+    /// Byte span in the source.
+    pub start: usize,
+    /// End (exclusive).
+    pub end: usize,
+    /// The text, entities decoded.
+    pub text: String,
+    /// Whether a reader cannot see it (false for `alt`, `title` and `meta`, which some
+    /// renderers show).
+    pub concealed: bool,
+}
+
+/// What parsing a document found.
+#[derive(Debug, Default)]
+pub struct Document {
+    /// Hidden and extracted texts.
+    pub segments: Vec<Segment>,
+    /// The visible text, chunks separated by newlines.
+    pub visible: String,
+    /// (offset in `visible`, offset in the source) at the start of each chunk.
+    pub map: Vec<(usize, usize)>,
+}
+
+impl Document {
+    /// The source offset of a byte offset in [`Document::visible`].
+    pub fn source_offset(&self, at: usize) -> usize {
+        let i = self
+            .map
+            .partition_point(|(v, _)| *v <= at)
+            .saturating_sub(1);
+        self.map.get(i).map_or(0, |(v, s)| s + (at - v))
+    }
+}
+
+/// Whether `text` has markup worth parsing: a `<` followed by a letter, `!` or `/`.
+pub fn looks_like_html(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    memchr::memchr_iter(b'<', bytes).any(|i| {
+        bytes
+            .get(i + 1)
+            .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'!' || *b == b'/')
+    })
+}
+
+/// Finds hidden HTML and Markdown content in `text` and judges it; returns the parsed
+/// document (its visible text is for the instruction judge), or `None` for non-HTML text.
+pub fn scan(
+    text: &str,
+    judge: &Judge,
+    budget: &mut usize,
+    out: &mut Vec<Finding>,
+) -> Option<Document> {
+    let mut segments = markdown(text);
+    let visible = if looks_like_html(text) {
+        let mut doc = parse(text);
+        segments.append(&mut doc.segments);
+        Some(doc)
+    } else {
+        None
+    };
+    for seg in segments {
+        if *budget == 0 {
+            break;
+        }
+        let words = seg.text.split_whitespace().count();
+        if words == 0 {
+            continue;
+        }
+        *budget = budget.saturating_sub(seg.text.len());
+        let detector = detector_name(seg.technique);
+        let context = if seg.concealed {
+            Context::Hidden
+        } else {
+            Context::Visible
+        };
+        if judge.report_extracted(&seg.text, context, detector, (seg.start, seg.end), out) {
+            continue;
+        }
+        if seg.concealed && !matches!(seg.technique, "comment" | "markdown_comment") {
+            out.push(Finding {
+                detector,
+                category: Category::Hidden,
+                entity: None,
+                start: seg.start,
+                end: seg.end,
+                severity: Severity::Info,
+                score: 0.1,
+                revealed: None,
+            });
+        }
+    }
+    visible
+}
+
+fn detector_name(technique: &str) -> &'static str {
+    match technique {
+        "comment" => "html.comment",
+        "markdown_comment" => "markdown.comment",
+        "markdown_link_title" => "markdown.link_title",
+        "display_none" => "html.display_none",
+        "visibility_hidden" => "html.visibility_hidden",
+        "opacity_zero" => "html.opacity_zero",
+        "font_size_zero" => "html.font_size_zero",
+        "same_colour" => "html.same_colour",
+        "tiny_light_text" => "html.tiny_light_text",
+        "offscreen" => "html.offscreen",
+        "clipped" => "html.clipped",
+        "hidden_attribute" => "html.hidden_attribute",
+        "hidden_class" => "html.hidden_class",
+        "noscript" => "html.noscript",
+        "template" => "html.template",
+        "meta" => "html.meta",
+        "alt_text" => "html.alt_text",
+        "tiny_image" => "html.tiny_image",
+        "title_attribute" => "html.title_attribute",
+        "zero_size" => "html.zero_size",
+        _ => "html.hidden",
+    }
+}
+
+struct Open {
+    tag: String,
+    /// This element opened a hidden segment (its index).
+    segment: Option<usize>,
+}
+
+const BLOCKS: &[&str] = &[
+    "address",
+    "article",
+    "aside",
+    "blockquote",
+    "div",
+    "dl",
+    "fieldset",
+    "figure",
+    "footer",
+    "form",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "header",
+    "hr",
+    "main",
+    "nav",
+    "ol",
+    "p",
+    "pre",
+    "section",
+    "table",
+    "ul",
+];
+
+/// Elements without content (no end tag).
+const VOID: &[&str] = &[
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
+    "track", "wbr",
+];
+
+/// Elements whose content is raw text up to their end tag (browsers run with scripting on, so
+/// `<noscript>` is one of them).
+const RAW_TEXT: &[&str] = &[
+    "script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript",
+];
+
+/// One start tag's attributes (names as written; compared without regard to case).
+struct Attrs<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Attrs<'a> {
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The parser state: open elements, the hidden segment being filled, and what was found.
+struct Parser<'t> {
+    text: &'t str,
+    stack: Vec<Open>,
+    hidden: Option<usize>,
+    hidden_classes: HashSet<String>,
+    hidden_ids: HashSet<String>,
+    doc: Document,
+}
+
+impl<'t> Parser<'t> {
+    /// Pops elements an opening `tag` closes implicitly (`<p>` before a block, `<li>` before
+    /// `<li>`).
+    fn auto_close(&mut self, tag: &str, at: usize) {
+        while let Some(top) = self.stack.last() {
+            let closes = match top.tag.as_str() {
+                "p" => BLOCKS.contains(&tag),
+                "li" => tag == "li",
+                "dt" | "dd" => tag == "dt" || tag == "dd",
+                "option" => tag == "option",
+                "tr" => tag == "tr",
+                "td" | "th" => tag == "td" || tag == "th" || tag == "tr",
+                _ => false,
+            };
+            if !closes {
+                break;
+            }
+            let name = top.tag.clone();
+            self.pop_to(&name, at);
+        }
+    }
+
+    /// Pops up to and including the innermost open `tag`; closes a hidden segment it opened.
+    fn pop_to(&mut self, tag: &str, at: usize) {
+        let Some(pos) = self.stack.iter().rposition(|o| o.tag == tag) else {
+            return;
+        };
+        for open in self.stack.drain(pos..).rev() {
+            if let Some(seg) = open.segment {
+                if let Some(s) = self.doc.segments.get_mut(seg) {
+                    s.end = s.end.max(at);
+                }
+                if self.hidden == Some(seg) {
+                    self.hidden = None;
+                }
+            }
+        }
+    }
+
+    /// Text content at `start..end` of the source.
+    fn text(&mut self, start: usize, end: usize) {
+        let Some(chunk) = self.text.get(start..end) else {
+            return;
+        };
+        if let Some(seg) = self.hidden {
+            if let Some(segment) = self.doc.segments.get_mut(seg) {
+                if segment.text.len() < crate::MAX_DECODED {
+                    segment.text.push_str(&unescape(chunk));
+                }
+                segment.end = segment.end.max(end);
+            }
+        } else if !chunk.trim().is_empty() {
+            self.doc.map.push((self.doc.visible.len(), start));
+            if chunk.contains('&') {
+                self.doc.visible.push_str(&unescape(chunk));
+            } else {
+                self.doc.visible.push_str(chunk);
+            }
+            self.doc.visible.push('\n');
+        }
+    }
+
+    fn comment(&mut self, start: usize, end: usize, body: &str) {
+        let text = unescape(body).trim().to_string();
+        if let Some(seg) = self.hidden {
+            if let Some(segment) = self.doc.segments.get_mut(seg) {
+                segment.text.push(' ');
+                segment.text.push_str(&text);
+            }
+        } else if !text.is_empty() {
+            self.doc.segments.push(Segment {
+                technique: "comment",
+                start,
+                end,
+                text,
+                concealed: true,
+            });
+        }
+    }
+
+    fn start_tag(&mut self, tag: &str, attrs: &Attrs<'_>, start: usize, end: usize) {
+        self.auto_close(tag, start);
+        extract_attributes(tag, attrs, start..end, &mut self.doc.segments);
+        if VOID.contains(&tag) {
+            return;
+        }
+        let reason = if self.hidden.is_none() {
+            hidden_reason(
+                tag,
+                |n| attrs.get(n).map(str::to_string),
+                attrs.has("hidden"),
+                &self.hidden_classes,
+                &self.hidden_ids,
+            )
+        } else {
+            None
+        };
+        let segment = reason.map(|technique| {
+            self.doc.segments.push(Segment {
+                technique,
+                start,
+                end,
+                text: String::new(),
+                concealed: true,
+            });
+            self.doc.segments.len() - 1
+        });
+        if segment.is_some() {
+            self.hidden = segment;
+        }
+        self.stack.push(Open {
+            tag: tag.to_string(),
+            segment,
+        });
+    }
+}
+
+/// Parses an HTML document into hidden segments and visible text, with a tokenizer that
+/// follows the HTML tokenization rules for what matters here: tags and quoted attributes,
+/// comments (`<!-- -->`, bogus `<! >` and `<? >`), raw-text elements (`script`, `style`,
+/// `textarea`, `title`, `noscript`, ...) and character references.
+pub fn parse(text: &str) -> Document {
+    let mut p = Parser {
+        text,
+        stack: Vec::new(),
+        hidden: None,
+        hidden_classes: HashSet::new(),
+        hidden_ids: HashSet::new(),
+        doc: Document::default(),
+    };
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let Some(lt) = memchr::memchr(b'<', &bytes[i..]).map(|o| i + o) else {
+            p.text(i, bytes.len());
+            break;
+        };
+        let next = bytes.get(lt + 1).copied();
+        match next {
+            Some(b'!') if bytes.get(lt + 2..lt + 4) == Some(b"--") => {
+                p.text(i, lt);
+                let body_start = lt + 4;
+                let (body_end, after) = match memchr::memmem::find(&bytes[body_start..], b"-->") {
+                    Some(o) => (body_start + o, body_start + o + 3),
+                    None => (bytes.len(), bytes.len()),
+                };
+                let body = text.get(body_start..body_end).unwrap_or("");
+                p.comment(lt, after, body);
+                i = after;
+            }
+            Some(b'!' | b'?') => {
+                // A doctype or bogus comment: up to the next `>`.
+                p.text(i, lt);
+                let end = memchr::memchr(b'>', &bytes[lt..]).map_or(bytes.len(), |o| lt + o + 1);
+                let body = text.get(lt + 2..end.saturating_sub(1)).unwrap_or("");
+                if !body.to_ascii_lowercase().starts_with("doctype") {
+                    p.comment(lt, end, body);
+                }
+                i = end;
+            }
+            Some(b'/') if bytes.get(lt + 2).is_some_and(u8::is_ascii_alphabetic) => {
+                p.text(i, lt);
+                let name_end = (lt + 2..bytes.len())
+                    .find(|&j| {
+                        bytes
+                            .get(j)
+                            .is_some_and(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
+                    })
+                    .unwrap_or(bytes.len());
+                let name = text
+                    .get(lt + 2..name_end)
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                let end = memchr::memchr(b'>', &bytes[name_end.min(bytes.len())..])
+                    .map_or(bytes.len(), |o| name_end + o + 1);
+                p.pop_to(&name, end);
+                i = end;
+            }
+            Some(b) if b.is_ascii_alphabetic() => {
+                p.text(i, lt);
+                let (name, attrs, end) = start_tag(text, lt);
+                p.start_tag(&name, &attrs, lt, end);
+                i = end;
+                if RAW_TEXT.contains(&name.as_str()) {
+                    // Raw text runs to `</name` (any case).
+                    let close = find_end_tag(bytes, end, &name);
+                    let content = text.get(end..close).unwrap_or("");
+                    match name.as_str() {
+                        "style" => {
+                            let (classes, ids) = hidden_selectors(content);
+                            p.hidden_classes.extend(classes);
+                            p.hidden_ids.extend(ids);
+                        }
+                        "script" => {}
+                        _ => p.text(end, close),
+                    }
+                    let after = memchr::memchr(b'>', &bytes[close.min(bytes.len())..])
+                        .map_or(bytes.len(), |o| close + o + 1);
+                    p.pop_to(&name, after);
+                    i = after;
+                }
+            }
+            _ => {
+                // A lone `<` is text.
+                p.text(i, lt + 1);
+                i = lt + 1;
+            }
+        }
+    }
+    p.doc
+}
+
+/// Where `</name` starts at or after `from` (case-insensitive), or the end of input.
+fn find_end_tag(bytes: &[u8], from: usize, name: &str) -> usize {
+    let mut at = from;
+    while let Some(o) = memchr::memmem::find(bytes.get(at..).unwrap_or(&[]), b"</") {
+        let start = at + o;
+        let candidate = bytes.get(start + 2..start + 2 + name.len());
+        let after = bytes.get(start + 2 + name.len()).copied();
+        if candidate.is_some_and(|c| c.eq_ignore_ascii_case(name.as_bytes()))
+            && after.is_none_or(|b| b.is_ascii_whitespace() || b == b'/' || b == b'>')
+        {
+            return start;
+        }
+        at = start + 2;
+    }
+    bytes.len()
+}
+
+/// Parses the start tag at `lt`: its lowercase name, its attributes and the index after `>`.
+fn start_tag(text: &str, lt: usize) -> (String, Attrs<'_>, usize) {
+    let bytes = text.as_bytes();
+    let mut j = lt + 1;
+    while bytes
+        .get(j)
+        .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'/' && *b != b'>')
+    {
+        j += 1;
+    }
+    let name = text.get(lt + 1..j).unwrap_or("").to_ascii_lowercase();
+    let mut attrs = Vec::new();
+    loop {
+        while bytes
+            .get(j)
+            .is_some_and(|b| b.is_ascii_whitespace() || *b == b'/')
+        {
+            j += 1;
+        }
+        match bytes.get(j) {
+            None => return (name, Attrs(attrs), bytes.len()),
+            Some(b'>') => return (name, Attrs(attrs), j + 1),
+            _ => {}
+        }
+        let name_start = j;
+        while bytes
+            .get(j)
+            .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'/' && *b != b'>' && *b != b'=')
+        {
+            j += 1;
+        }
+        let attr_name = text.get(name_start..j).unwrap_or("");
+        while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
+            j += 1;
+        }
+        let mut value = "";
+        if bytes.get(j) == Some(&b'=') {
+            j += 1;
+            while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
+                j += 1;
+            }
+            match bytes.get(j) {
+                Some(&q @ (b'"' | b'\'')) => {
+                    let end = memchr::memchr(q, &bytes[j + 1..]).map_or(bytes.len(), |o| j + 1 + o);
+                    value = text.get(j + 1..end).unwrap_or("");
+                    j = (end + 1).min(bytes.len());
+                }
+                _ => {
+                    let start = j;
+                    while bytes
+                        .get(j)
+                        .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'>')
+                    {
+                        j += 1;
+                    }
+                    value = text.get(start..j).unwrap_or("");
+                }
+            }
+        }
+        if !attr_name.is_empty() {
+            attrs.push((attr_name, value));
+        } else {
+            j += 1;
+        }
+    }
+}
+
+fn extract_attributes(
+    tag: &str,
+    attrs: &Attrs<'_>,
+    at: std::ops::Range<usize>,
+    segments: &mut Vec<Segment>,
+) {
+    let mut push = |technique: &'static str, text: String, concealed: bool| {
+        if !text.trim().is_empty() {
+            segments.push(Segment {
+                technique,
+                start: at.start,
+                end: at.end,
+                text,
+                concealed,
+            });
+        }
+    };
+    if tag == "meta" {
+        let name = attrs
+            .get("name")
+            .or_else(|| attrs.get("property"))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let benign = matches!(
+            name.as_str(),
+            "viewport"
+                | "theme-color"
+                | "color-scheme"
+                | "referrer"
+                | "format-detection"
+                | "robots"
+                | "generator"
+                | "charset"
+                | ""
+        );
+        if !benign && let Some(content) = attrs.get("content") {
+            push("meta", unescape(content), machine_meta(&name));
+        }
+        return;
+    }
+    if let Some(alt) = attrs.get("alt") {
+        let tiny = ["width", "height"].iter().any(|a| {
+            attrs.get(a).is_some_and(|v| {
+                v.trim()
+                    .trim_end_matches("px")
+                    .parse::<f32>()
+                    .is_ok_and(|n| n <= 1.0)
+            })
+        });
+        if tiny {
+            push("tiny_image", unescape(alt), true);
+        } else {
+            push("alt_text", unescape(alt), false);
+        }
+    }
+    if let Some(title) = attrs.get("title") {
+        push("title_attribute", unescape(title), false);
+    }
+}
+
+/// A meta name that speaks to machines ("ai-instructions") is read by agents only.
+fn machine_meta(name: &str) -> bool {
+    [
+        "ai",
+        "llm",
+        "agent",
+        "instruction",
+        "prompt",
+        "assistant",
+        "bot",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
+}
+
+/// Why an element hides its content, if it does.
+fn hidden_reason(
+    tag: &str,
+    get: impl Fn(&str) -> Option<String>,
+    hidden_attribute: bool,
+    classes: &HashSet<String>,
+    ids: &HashSet<String>,
+) -> Option<&'static str> {
+    match tag {
+        "template" => return Some("template"),
+        "noscript" => return Some("noscript"),
+        _ => {}
+    }
+    if hidden_attribute {
+        return Some("hidden_attribute");
+    }
+    if let Some(style) = get("style")
+        && let Some(reason) = style_hides(&style)
+    {
+        return Some(reason);
+    }
+    if !classes.is_empty()
+        && let Some(class) = get("class")
+        && class.split_whitespace().any(|c| classes.contains(c))
+    {
+        return Some("hidden_class");
+    }
+    if !ids.is_empty()
+        && let Some(id) = get("id")
+        && ids.contains(id.trim())
+    {
+        return Some("hidden_class");
+    }
+    None
+}
+
+/// Whether a CSS declaration block hides its element, and how.
+pub fn style_hides(style: &str) -> Option<&'static str> {
+    let mut color: Option<String> = None;
+    let mut background: Option<String> = None;
+    let mut font_px: Option<f32> = None;
+    let mut positioned = false;
+    let mut far_offset = false;
+    let mut zero_box = 0;
+    let mut overflow_hidden = false;
+    for decl in style.split(';') {
+        let Some((prop, value)) = decl.split_once(':') else {
+            continue;
+        };
+        let prop = prop.trim().to_ascii_lowercase();
+        let value: String = value
+            .to_ascii_lowercase()
+            .replace("!important", "")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        match prop.as_str() {
+            "display" if value == "none" => return Some("display_none"),
+            "visibility" if value == "hidden" || value == "collapse" => {
+                return Some("visibility_hidden");
+            }
+            "opacity" if value.parse::<f32>().is_ok_and(|o| o < 0.1) => {
+                return Some("opacity_zero");
+            }
+            "font-size" => font_px = css_px(&value),
+            "color" => color = Some(normalize_colour(&value)),
+            "background" | "background-color" => background = Some(normalize_colour(&value)),
+            "position" if value == "absolute" || value == "fixed" => positioned = true,
+            "left" | "top" | "right" | "text-indent" | "margin-left"
+                if css_px(&value).is_some_and(|v| v <= -999.0) =>
+            {
+                far_offset = true;
+            }
+            "clip" if value.starts_with("rect(0") => return Some("clipped"),
+            "clip-path"
+                if value.starts_with("inset(50%")
+                    || value.starts_with("inset(100%")
+                    || value.starts_with("circle(0") =>
+            {
+                return Some("clipped");
+            }
+            "transform" if value.contains("scale(0)") || value.contains("scale(0,") => {
+                return Some("zero_size");
+            }
+            "width" | "height" | "max-width" | "max-height"
+                if css_px(&value).is_some_and(|v| v <= 1.0) =>
+            {
+                zero_box += 1;
+            }
+            "overflow" if value == "hidden" => overflow_hidden = true,
+            _ => {}
+        }
+    }
+    if font_px.is_some_and(|px| px <= 0.5) {
+        return Some("font_size_zero");
+    }
+    if let (Some(c), Some(b)) = (&color, &background)
+        && !c.is_empty()
+        && c == b
+    {
+        return Some("same_colour");
+    }
+    if color.as_deref() == Some("transparent") {
+        return Some("same_colour");
+    }
+    if font_px.is_some_and(|px| px <= 2.0) && color.as_deref().is_some_and(is_near_white) {
+        return Some("tiny_light_text");
+    }
+    if far_offset && (positioned || zero_box > 0) {
+        return Some("offscreen");
+    }
+    if font_px.is_some_and(|px| px <= 1.0) {
+        return Some("font_size_zero");
+    }
+    if zero_box >= 2 && overflow_hidden && !positioned {
+        return Some("zero_size");
+    }
+    None
+}
+
+fn css_px(value: &str) -> Option<f32> {
+    let v = value.trim();
+    let (number, unit) = v
+        .find(|c: char| c.is_ascii_alphabetic() || c == '%')
+        .map_or((v, ""), |i| (&v[..i], &v[i..]));
+    let n: f32 = number.trim().parse().ok()?;
+    match unit {
+        "" | "px" | "pt" => Some(n),
+        "em" | "rem" => Some(n * 16.0),
+        "%" => Some(n / 100.0 * 16.0),
+        _ => None,
+    }
+}
+
+fn normalize_colour(value: &str) -> String {
+    let v = value.trim();
+    let v = v.split_whitespace().next().unwrap_or("");
+    match v {
+        "white" | "#fff" | "#ffffff" | "rgb(255,255,255)" => "#ffffff".into(),
+        "black" | "#000" | "#000000" | "rgb(0,0,0)" => "#000000".into(),
+        other if other.len() == 4 && other.starts_with('#') => {
+            let mut s = String::from("#");
+            for c in other.chars().skip(1) {
+                s.push(c);
+                s.push(c);
+            }
+            s
+        }
+        other => other.to_string(),
+    }
+}
+
+fn is_near_white(colour: &str) -> bool {
+    let Some(hex) = colour.strip_prefix('#') else {
+        return false;
+    };
+    if hex.len() != 6 {
+        return false;
+    }
+    (0..3).all(|i| {
+        hex.get(i * 2..i * 2 + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .is_some_and(|v| v >= 0xf0)
+    })
+}
+
+/// Class and id selectors that a stylesheet hides (`.x{display:none}`, `#y{visibility:hidden}`).
+fn hidden_selectors(css: &str) -> (Vec<String>, Vec<String>) {
+    let mut classes = Vec::new();
+    let mut ids = Vec::new();
+    let mut rest = css;
+    while let Some(open) = rest.find('{') {
+        let selectors = &rest[..open];
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        let body = &rest[open + 1..open + close];
+        if style_hides(body).is_some() {
+            for sel in selectors.split(',') {
+                let sel = sel.trim();
+                // Only simple selectors: `.name` or `#name`.
+                if let Some(c) = sel.strip_prefix('.')
+                    && !c.is_empty()
+                    && c.chars()
+                        .all(|ch| ch.is_alphanumeric() || ch == '-' || ch == '_')
+                {
+                    classes.push(c.to_string());
+                }
+                if let Some(i) = sel.strip_prefix('#')
+                    && !i.is_empty()
+                    && i.chars()
+                        .all(|ch| ch.is_alphanumeric() || ch == '-' || ch == '_')
+                {
+                    ids.push(i.to_string());
+                }
+            }
+        }
+        rest = &rest[open + close + 1..];
+    }
+    (classes, ids)
+}
+
+/// Markdown comments (`[//]: # (...)`, `[comment]: <> "..."`) and link-reference definition
+/// titles, which renderers never show.
+fn markdown(text: &str) -> Vec<Segment> {
+    let mut out = Vec::new();
+    if !text.contains("]:") {
+        return out;
+    }
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let start = offset;
+        offset += line.len();
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if indent > 3 || !trimmed.starts_with('[') {
+            continue;
+        }
+        let Some(close) = trimmed.find("]:") else {
+            continue;
+        };
+        let label = &trimmed[1..close];
+        if label.is_empty() || label.contains(']') {
+            continue;
+        }
+        let rest = trimmed[close + 2..].trim();
+        // The destination, then an optional title in "", '' or ().
+        let (dest, after) = match rest.strip_prefix('<') {
+            Some(r) => match r.find('>') {
+                Some(i) => (&r[..i], r[i + 1..].trim()),
+                None => continue,
+            },
+            None => match rest.find(char::is_whitespace) {
+                Some(i) => (&rest[..i], rest[i..].trim()),
+                None => (rest, ""),
+            },
+        };
+        let title = ["\"\"", "''", "()"].iter().find_map(|pair| {
+            let (o, c) = (pair.chars().next()?, pair.chars().nth(1)?);
+            after
+                .strip_prefix(o)
+                .and_then(|t| t.rfind(c).map(|i| &t[..i]))
+        });
+        let comment = label == "//"
+            || label.eq_ignore_ascii_case("comment")
+            || dest == "#"
+            || dest.is_empty();
+        let Some(title) = title else { continue };
+        out.push(Segment {
+            technique: if comment {
+                "markdown_comment"
+            } else {
+                "markdown_link_title"
+            },
+            start,
+            end: offset,
+            text: unescape(title),
+            concealed: true,
+        });
+    }
+    out
+}
+
+/// Decodes the HTML character references agents see as text.
+pub fn unescape(text: &str) -> String {
+    if !text.contains('&') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let end = after.find(';').filter(|&e| e <= 10);
+        let decoded = end.and_then(|e| {
+            let name = &after[..e];
+            let c = match name {
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "amp" => Some('&'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "nbsp" => Some(' '),
+                _ => name.strip_prefix('#').and_then(|n| {
+                    let code = match n.strip_prefix(['x', 'X']) {
+                        Some(h) => u32::from_str_radix(h, 16).ok(),
+                        None => n.parse().ok(),
+                    };
+                    code.and_then(char::from_u32)
+                }),
+            };
+            c.map(|c| (c, e))
+        });
+        match decoded {
+            Some((c, e)) => {
+                out.push(c);
+                rest = &after[e + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The document with hidden elements, comments and smuggling `<meta>` tags removed (an HTML
+/// sanitizer for responses that policy says to clean). Non-HTML text comes back unchanged.
+pub fn strip_hidden(text: &str) -> String {
+    if !looks_like_html(text) {
+        return text.to_string();
+    }
+    /// Hidden classes, hidden ids, and the stylesheet text being read.
+    type Styles = Rc<RefCell<(HashSet<String>, HashSet<String>, String)>>;
+    let hidden_classes: Styles = Rc::default();
+    let classes = hidden_classes.clone();
+    let styles = hidden_classes.clone();
+    let result = lol_html::rewrite_str(
+        text,
+        lol_html::RewriteStrSettings::new()
+            .append_element_content_handler(element!("*", move |el| {
+                let tag = el.tag_name();
+                let c = classes.borrow();
+                if tag == "meta" {
+                    let name = el
+                        .get_attribute("name")
+                        .unwrap_or_default()
+                        .to_ascii_lowercase();
+                    if machine_meta(&name) {
+                        el.remove();
+                    }
+                    return Ok(());
+                }
+                if el.can_have_content()
+                    && hidden_reason(
+                        &tag,
+                        |n| el.get_attribute(n),
+                        el.has_attribute("hidden"),
+                        &c.0,
+                        &c.1,
+                    )
+                    .is_some()
+                {
+                    el.remove();
+                }
+                Ok(())
+            }))
+            .append_element_content_handler(lol_html::text!("style", move |t| {
+                let mut s = styles.borrow_mut();
+                s.2.push_str(t.as_str());
+                if t.last_in_text_node() {
+                    let css = std::mem::take(&mut s.2);
+                    let (classes, ids) = hidden_selectors(&css);
+                    s.0.extend(classes);
+                    s.1.extend(ids);
+                }
+                Ok(())
+            }))
+            .append_document_content_handler(doc_comments!(|c| {
+                c.remove();
+                Ok(())
+            })),
+    );
+    let stripped = result.unwrap_or_else(|_| text.to_string());
+    // Markdown comments go too.
+    stripped
+        .split_inclusive('\n')
+        .filter(|line| {
+            let t = line.trim_start();
+            !(t.starts_with("[//]:") || t.to_ascii_lowercase().starts_with("[comment]:"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn techniques(html: &str) -> Vec<(&'static str, String)> {
+        let mut segs = markdown(html);
+        if looks_like_html(html) {
+            segs.extend(parse(html).segments);
+        }
+        segs.into_iter()
+            .map(|s| (s.technique, s.text.trim().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn every_hiding_technique_is_extracted() {
+        let cases = [
+            ("<p>a</p><!-- do this -->", "comment"),
+            ("<div style=\"display:none\">do this</div>", "display_none"),
+            (
+                "<p style=\"visibility: hidden; height:0\">do this</p>",
+                "visibility_hidden",
+            ),
+            ("<div style=\"opacity:0\">do this</div>", "opacity_zero"),
+            (
+                "<span style=\"font-size:0px\">do this</span>",
+                "font_size_zero",
+            ),
+            (
+                "<p style=\"font-size:1px;color:#fefefe\">do this</p>",
+                "tiny_light_text",
+            ),
+            (
+                "<span style=\"color:#ffffff;background-color:#ffffff\">do this</span>",
+                "same_colour",
+            ),
+            (
+                "<div style=\"position:absolute;left:-10000px;top:auto;width:1px;height:1px;overflow:hidden\">do this</div>",
+                "offscreen",
+            ),
+            (
+                "<span style=\"clip:rect(0 0 0 0);clip-path:inset(50%);position:absolute\">do this</span>",
+                "clipped",
+            ),
+            ("<section hidden>do this</section>", "hidden_attribute"),
+            ("<noscript>do this</noscript>", "noscript"),
+            ("<template>do this</template>", "template"),
+            (
+                "<textarea style=\"display:none\">do this</textarea>",
+                "display_none",
+            ),
+            (
+                "<style>.note-x9{display:none}</style><div class=\"note-x9\">do this</div>",
+                "hidden_class",
+            ),
+            (
+                "<img src=\"/p.gif\" width=\"1\" height=\"1\" alt=\"do this\">",
+                "tiny_image",
+            ),
+            (
+                "<meta name=\"ai-instructions\" content=\"do this\">",
+                "meta",
+            ),
+            ("Text\n\n[//]: # (do this)\n", "markdown_comment"),
+            ("Text\n[comment]: <> \"do this\"\n", "markdown_comment"),
+        ];
+        for (html, technique) in cases {
+            let found = techniques(html);
+            assert!(
+                found
+                    .iter()
+                    .any(|(t, text)| *t == technique && text == "do this"),
+                "{html}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn visible_text_is_not_hidden_and_implicit_closes_end_a_hidden_paragraph() {
+        let doc = parse("<p style=\"display:none\">gone<div>shown</div><p>also shown</p>");
+        let hidden: Vec<&str> = doc.segments.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(hidden, ["gone"]);
+        assert_eq!(doc.visible, "shown\nalso shown\n");
+    }
+
+    #[test]
+    fn entities_are_decoded_and_sanitizing_removes_hidden_content() {
+        assert_eq!(
+            unescape("&lt;SYSTEM&gt; &amp; &#65;&#x42; &bogus"),
+            "<SYSTEM> & AB &bogus"
+        );
+        let html =
+            "<p>keep</p><!-- drop --><div style=\"display:none\">drop</div><p hidden>drop</p>";
+        assert_eq!(strip_hidden(html), "<p>keep</p>");
+    }
+}

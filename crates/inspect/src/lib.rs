@@ -1,0 +1,302 @@
+//! Content inspection: prompt injection in what agents read, data leaks in what they send.
+//!
+//! One pure engine (no I/O, no async, no clock) used by the HTTP and MCP gateways on responses
+//! (untrusted input to an agent) and requests (egress from an agent), by the audit pipeline on
+//! reasoning traces, and by `palisade scan`. [`Inspector::inspect`] runs every detector over a
+//! text and returns a [`Report`]; [`Inspector::sanitize`] returns the text with hidden content
+//! removed and secrets masked.
+//!
+//! Detectors, each reporting detector, byte span, severity and score:
+//! - [`unicode`]: hidden Unicode (TAG smuggling, variation-selector smuggling, zero-width binary,
+//!   invisible operators, interleaving, bidi overrides, homoglyph and full-width obfuscation),
+//!   with legitimate uses (emoji ZWJ, flags, ZWNJ, RTL marks, BOM) left alone;
+//! - [`html`]: hidden HTML and Markdown content, extracted and judged;
+//! - [`encoded`]: base64, base32, hex, ROT13, URL and quoted-printable payloads, decoded and
+//!   judged;
+//! - [`instruct`]: instruction-like text (override phrasing, role-tag spoofing, exfiltration
+//!   lures) and the [`classifier`] score;
+//! - [`dlp`]: PII and secrets, with validation (Luhn, mod-97, checksums) and decoy rules.
+//!
+//! **Architecture Invariant:** no finding carries a secret or PII value: DLP findings hold the
+//! span, the type and a keyed hash ([`Inspector::fingerprint`]), never the text.
+//! **Architecture Invariant:** every detector's work is linear in its input, and decoded or
+//! extracted text is bounded ([`MAX_DECODED`]), so no input can make a scan explode.
+
+pub mod classifier;
+pub mod dlp;
+pub mod encoded;
+pub mod eval;
+pub mod html;
+pub mod instruct;
+pub mod unicode;
+
+use palisade_core::principal::Classification;
+use serde::Serialize;
+use sha2::Sha256;
+
+/// Most bytes of decoded or extracted text judged per scan (hidden HTML text, decoded payloads).
+pub const MAX_DECODED: usize = 256 * 1024;
+
+/// What a finding is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Text that tries to instruct the agent (prompt injection).
+    Injection,
+    /// Content hidden from a human reader that does not instruct (reported for context).
+    Hidden,
+    /// Personal data.
+    Pii,
+    /// A credential or key.
+    Secret,
+    /// Bulk data on its way out (large encoded blobs).
+    ExfilIndicator,
+}
+
+impl Category {
+    /// The name used in reports, configs and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Injection => "injection",
+            Self::Hidden => "hidden",
+            Self::Pii => "pii",
+            Self::Secret => "secret",
+            Self::ExfilIndicator => "exfil_indicator",
+        }
+    }
+}
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Worth recording.
+    Info,
+    /// Suspicious.
+    Low,
+    /// Likely an attack or a leak.
+    Medium,
+    /// An attack technique or a live secret.
+    High,
+}
+
+/// One thing a detector found.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Finding {
+    /// Which detector, e.g. `unicode.tags`, `html.display_none`, `dlp.credit_card`.
+    pub detector: &'static str,
+    /// What it is about.
+    pub category: Category,
+    /// For DLP: the entity type (`CREDIT_CARD`, `AWS_ACCESS_KEY_ID`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entity: Option<&'static str>,
+    /// Byte offsets in the inspected text.
+    pub start: usize,
+    /// End (exclusive).
+    pub end: usize,
+    /// How bad.
+    pub severity: Severity,
+    /// Confidence, 0 to 1.
+    pub score: f32,
+    /// For injections: what the hidden or decoded text says (bounded, never a secret). Absent
+    /// for DLP findings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revealed: Option<String>,
+}
+
+/// Everything found in one text.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Findings, in span order.
+    pub findings: Vec<Finding>,
+    /// Whether the text carries a prompt injection (any injection finding).
+    pub injection: bool,
+    /// The highest injection score.
+    pub injection_score: f32,
+    /// The lowest tier the findings allow: a secret makes the text Restricted, PII Confidential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Classification>,
+}
+
+impl Report {
+    fn finish(mut self) -> Self {
+        self.findings
+            .sort_by(|a, b| (a.start, a.end, a.detector).cmp(&(b.start, b.end, b.detector)));
+        self.findings
+            .dedup_by(|b, a| a.start == b.start && a.end == b.end && a.detector == b.detector);
+        self.injection_score = self
+            .findings
+            .iter()
+            .filter(|f| f.category == Category::Injection)
+            .map(|f| f.score)
+            .fold(0.0, f32::max);
+        self.injection = self
+            .findings
+            .iter()
+            .any(|f| f.category == Category::Injection);
+        self.tier = self
+            .findings
+            .iter()
+            .filter_map(|f| match f.category {
+                Category::Secret => Some(Classification::Restricted),
+                Category::Pii | Category::ExfilIndicator => Some(Classification::Confidential),
+                _ => None,
+            })
+            .max_by_key(|c| c.rank());
+        self
+    }
+
+    /// Whether any finding is of `category`.
+    pub fn has(&self, category: Category) -> bool {
+        self.findings.iter().any(|f| f.category == category)
+    }
+}
+
+/// Which detectors run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Detectors {
+    /// Prompt injection (Unicode, hidden HTML, encoded payloads, instruction-like text).
+    pub injection: bool,
+    /// PII and secrets.
+    pub dlp: bool,
+}
+
+impl Default for Detectors {
+    fn default() -> Self {
+        Self {
+            injection: true,
+            dlp: true,
+        }
+    }
+}
+
+/// The inspection engine: detectors compiled once, shared by every request.
+pub struct Inspector {
+    instruct: instruct::Judge,
+    dlp: dlp::Scanner,
+    key: [u8; 32],
+}
+
+impl Inspector {
+    /// An engine with the built-in model; `key` keys the fingerprints of DLP findings (so an
+    /// analyst can correlate equal values without reading them).
+    pub fn new(key: [u8; 32]) -> Self {
+        Self::with_model(key, classifier::Model::builtin())
+    }
+
+    /// An engine with a given classifier model (training and cross-validation use this).
+    pub fn with_model(key: [u8; 32], model: classifier::Model) -> Self {
+        Self {
+            instruct: instruct::Judge::new(model),
+            dlp: dlp::Scanner::new(),
+            key,
+        }
+    }
+
+    /// Sets the classifier thresholds (0 to 1) for visible and for hidden or decoded text;
+    /// higher is stricter (fewer false alarms, fewer catches).
+    pub fn with_thresholds(mut self, visible: f32, hidden: f32) -> Self {
+        self.instruct.visible_threshold = visible.clamp(0.0, 1.0);
+        self.instruct.hidden_threshold = hidden.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Runs the detectors over `text`.
+    pub fn inspect(&self, text: &str, detectors: Detectors) -> Report {
+        let mut report = Report::default();
+        if detectors.injection {
+            self.injection(text, &mut report.findings);
+        }
+        if detectors.dlp {
+            self.dlp.scan(text, &mut report.findings);
+        }
+        report.finish()
+    }
+
+    fn injection(&self, text: &str, out: &mut Vec<Finding>) {
+        let mut budget = MAX_DECODED;
+        unicode::scan(text, &self.instruct, &mut budget, out);
+        let visible = html::scan(text, &self.instruct, &mut budget, out);
+        encoded::scan(text, &self.instruct, &mut budget, out);
+        match visible {
+            // An HTML document: judge what a reader sees, mapped back to source offsets.
+            Some(doc) => {
+                let mut found = Vec::new();
+                self.instruct.scan_visible(&doc.visible, &mut found);
+                for mut f in found {
+                    f.start = doc.source_offset(f.start).min(text.len());
+                    f.end = doc
+                        .source_offset(f.end.saturating_sub(1))
+                        .saturating_add(1)
+                        .min(text.len());
+                    out.push(f);
+                }
+            }
+            None => self.instruct.scan_visible(text, out),
+        }
+    }
+
+    /// The text with hidden Unicode removed, hidden HTML and comments dropped and secrets and
+    /// PII masked, guided by `report` (from [`Inspector::inspect`] of the same text).
+    pub fn sanitize(&self, text: &str, report: &Report) -> String {
+        let masked = mask(text, report);
+        let visible = html::strip_hidden(&masked);
+        unicode::strip_invisible(&visible)
+    }
+
+    /// A keyed fingerprint of a value (HMAC-SHA-256, first 16 bytes in hex): equal values
+    /// give equal fingerprints, and without the key nothing can be learnt from one.
+    pub fn fingerprint(&self, value: &str) -> String {
+        use hmac::Mac;
+        let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(&self.key) else {
+            return String::new();
+        };
+        mac.update(value.as_bytes());
+        mac.finalize().into_bytes()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Replaces the span of every secret and PII finding with `[REDACTED:<TYPE>]`.
+fn mask(text: &str, report: &Report) -> String {
+    let mut spans: Vec<(usize, usize, &str)> = report
+        .findings
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.category,
+                Category::Secret | Category::Pii | Category::ExfilIndicator
+            )
+        })
+        .map(|f| (f.start, f.end, f.entity.unwrap_or("DATA")))
+        .collect();
+    spans.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, end, entity) in spans {
+        if start < at || end > text.len() || !text.is_char_boundary(start) {
+            continue;
+        }
+        out.push_str(&text[at..start]);
+        out.push_str("[REDACTED:");
+        out.push_str(entity);
+        out.push(']');
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+pub(crate) fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
