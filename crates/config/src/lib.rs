@@ -64,6 +64,8 @@ pub mod raw {
         pub purposes: std::collections::BTreeMap<String, Purpose>,
         #[serde(default)]
         pub mcp: Mcp,
+        #[serde(default)]
+        pub inspection: Inspection,
     }
 
     /// `[purposes.<tag>]`.
@@ -137,6 +139,43 @@ pub mod raw {
         pub max_concurrent_requests_per_agent: Option<u32>,
     }
 
+    /// `[inspection]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Inspection {
+        pub max_bytes: Option<u64>,
+        pub oversize: Option<String>,
+        #[serde(default)]
+        pub read: InspectionActions,
+        #[serde(default)]
+        pub send: InspectionActions,
+    }
+
+    /// `[inspection.read]`, `[inspection.send]` and their per-route and per-server overrides.
+    #[derive(Debug, Default, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct InspectionActions {
+        pub injection: Option<String>,
+        pub hidden: Option<String>,
+        pub secret: Option<String>,
+        pub pii: Option<String>,
+        pub exfil_indicator: Option<String>,
+    }
+
+    /// `[routes.inspection]` and `[mcp.servers.inspection]`.
+    #[derive(Debug, Default, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct InspectionOverride {
+        pub enabled: Option<bool>,
+        #[serde(default)]
+        pub read: InspectionActions,
+        #[serde(default)]
+        pub send: InspectionActions,
+    }
+
     /// `[[routes]]`.
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -158,6 +197,10 @@ pub mod raw {
         pub agent_rate_limit: Option<String>,
         pub max_objects_per_session: Option<u64>,
         pub write_scope: Option<String>,
+        #[serde(default)]
+        pub untrusted: bool,
+        #[serde(default)]
+        pub inspection: InspectionOverride,
         #[serde(default)]
         pub rules: Vec<Rule>,
     }
@@ -192,6 +235,10 @@ pub mod raw {
         pub classification: Option<String>,
         pub on_tool_change: Option<String>,
         pub write_scope: Option<String>,
+        #[serde(default)]
+        pub untrusted: bool,
+        #[serde(default)]
+        pub inspection: InspectionOverride,
         #[serde(default)]
         pub tools: std::collections::BTreeMap<String, McpTool>,
     }
@@ -243,6 +290,147 @@ pub struct Config {
     pub purposes: Vec<PurposeConfig>,
     /// `[mcp]`: the MCP gateway at [`MCP_PATH`].
     pub mcp: McpConfig,
+    /// `[inspection]`: limits of content inspection (actions live on routes and servers).
+    pub inspection: InspectionConfig,
+}
+
+/// Content inspection limits.
+#[derive(Clone, Debug)]
+pub struct InspectionConfig {
+    /// Largest textual body inspected.
+    pub max_bytes: u64,
+    /// Whether a textual body over `max_bytes` is passed on uninspected (else refused).
+    pub pass_oversize: bool,
+}
+
+/// What to do with content in which inspection found something of one category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InspectAction {
+    /// Pass it on; the audit event records the findings.
+    Allow,
+    /// Pass it on with the findings attached (a `Palisade-Findings` header, MCP `_meta`).
+    Annotate,
+    /// Pass it on with hidden content stripped and secrets and PII masked (annotated too).
+    Sanitize,
+    /// Refuse it.
+    Block,
+    /// Pass it on annotated, and taint the session (as an injection always does).
+    Taint,
+}
+
+impl InspectAction {
+    /// Parses `allow`, `annotate`, `sanitize`, `block` or `taint`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "allow" => Self::Allow,
+            "annotate" => Self::Annotate,
+            "sanitize" => Self::Sanitize,
+            "block" => Self::Block,
+            "taint" => Self::Taint,
+            _ => return None,
+        })
+    }
+
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Annotate => "annotate",
+            Self::Sanitize => "sanitize",
+            Self::Block => "block",
+            Self::Taint => "taint",
+        }
+    }
+}
+
+/// One action per finding category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InspectActions {
+    /// Prompt injection.
+    pub injection: InspectAction,
+    /// Hidden content that does not instruct.
+    pub hidden: InspectAction,
+    /// Credentials and keys.
+    pub secret: InspectAction,
+    /// Personal data.
+    pub pii: InspectAction,
+    /// Bulk encoded data.
+    pub exfil_indicator: InspectAction,
+}
+
+/// Inspection of one route or MCP server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InspectionPolicy {
+    /// Whether its content is inspected at all.
+    pub enabled: bool,
+    /// Whether its content taints the session that reads it.
+    pub untrusted: bool,
+    /// On what agents read from it (responses, tool results).
+    pub read: InspectActions,
+    /// On what agents send to it (request bodies, tool arguments).
+    pub send: InspectActions,
+}
+
+impl InspectionPolicy {
+    /// The defaults: read content has hidden content and secrets stripped (injections
+    /// sanitized, which also taints), PII annotated; sent content with secrets, PII or bulk
+    /// blobs is refused.
+    pub const DEFAULT: Self = Self {
+        enabled: true,
+        untrusted: false,
+        read: InspectActions {
+            injection: InspectAction::Sanitize,
+            hidden: InspectAction::Allow,
+            secret: InspectAction::Sanitize,
+            pii: InspectAction::Annotate,
+            exfil_indicator: InspectAction::Allow,
+        },
+        send: InspectActions {
+            injection: InspectAction::Annotate,
+            hidden: InspectAction::Allow,
+            secret: InspectAction::Block,
+            pii: InspectAction::Block,
+            exfil_indicator: InspectAction::Block,
+        },
+    };
+}
+
+fn inspect_actions(
+    at: &str,
+    base: InspectActions,
+    raw: &raw::InspectionActions,
+) -> Result<InspectActions, String> {
+    let one = |key: &str, given: &Option<String>, default: InspectAction| match given {
+        None => Ok(default),
+        Some(v) => InspectAction::parse(v).ok_or_else(|| {
+            format!("key `{at}.{key}`: `{v}` is not one of allow, annotate, sanitize, block, taint")
+        }),
+    };
+    Ok(InspectActions {
+        injection: one("injection", &raw.injection, base.injection)?,
+        hidden: one("hidden", &raw.hidden, base.hidden)?,
+        secret: one("secret", &raw.secret, base.secret)?,
+        pii: one("pii", &raw.pii, base.pii)?,
+        exfil_indicator: one(
+            "exfil_indicator",
+            &raw.exfil_indicator,
+            base.exfil_indicator,
+        )?,
+    })
+}
+
+fn inspection_policy(
+    at: &str,
+    base: &InspectionPolicy,
+    untrusted: bool,
+    raw: &raw::InspectionOverride,
+) -> Result<InspectionPolicy, String> {
+    Ok(InspectionPolicy {
+        enabled: raw.enabled.unwrap_or(base.enabled),
+        untrusted,
+        read: inspect_actions(&format!("{at}.inspection.read"), base.read, &raw.read)?,
+        send: inspect_actions(&format!("{at}.inspection.send"), base.send, &raw.send)?,
+    })
 }
 
 /// The MCP gateway.
@@ -294,6 +482,8 @@ pub struct McpServerConfig {
     /// The scope an agent's token needs for write and destructive tools of this server (default
     /// `<name>:write`), issued only by its own, policy-decided token request.
     pub write_scope: String,
+    /// Content inspection of its tool calls and results.
+    pub inspection: InspectionPolicy,
 }
 
 /// The type of a declared tool-call argument.
@@ -487,6 +677,8 @@ pub struct RouteConfig {
     /// The scope an agent's token needs for write and destructive requests here (default
     /// `<name>:write`); such tokens are issued only by their own, policy-decided request.
     pub write_scope: String,
+    /// Content inspection of its requests and responses.
+    pub inspection: InspectionPolicy,
 }
 
 /// The action class of a request.
@@ -694,6 +886,37 @@ impl Config {
             });
         }
 
+        let inspection_limits = InspectionConfig {
+            max_bytes: raw.inspection.max_bytes.unwrap_or(4 * 1024 * 1024),
+            pass_oversize: match raw.inspection.oversize.as_deref() {
+                None | Some("block") => false,
+                Some("pass") => true,
+                Some(other) => {
+                    return Err(format!(
+                        "key `inspection.oversize`: `{other}` is not block or pass"
+                    ));
+                }
+            },
+        };
+        if !(1024..=256 * 1024 * 1024).contains(&inspection_limits.max_bytes) {
+            return Err(format!(
+                "key `inspection.max_bytes`: {} is outside 1024 to 268435456",
+                inspection_limits.max_bytes
+            ));
+        }
+        let inspection_base = InspectionPolicy {
+            read: inspect_actions(
+                "inspection.read",
+                InspectionPolicy::DEFAULT.read,
+                &raw.inspection.read,
+            )?,
+            send: inspect_actions(
+                "inspection.send",
+                InspectionPolicy::DEFAULT.send,
+                &raw.inspection.send,
+            )?,
+            ..InspectionPolicy::DEFAULT
+        };
         let gateway = GatewayConfig {
             max_body_bytes: raw.gateway.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             upstream_timeout_secs: raw.gateway.upstream_timeout_seconds.unwrap_or(30),
@@ -717,7 +940,7 @@ impl Config {
         let mut routes: Vec<RouteConfig> = Vec::new();
         for (i, r) in raw.routes.into_iter().enumerate() {
             let at = format!("routes[{i}]");
-            let route = validate_route(&at, r, &default_audience, &gateway)?;
+            let route = validate_route(&at, r, &default_audience, &gateway, &inspection_base)?;
             if let Some(other) = routes.iter().find(|o| o.name == route.name) {
                 return Err(format!(
                     "key `{at}.name`: `{}` is used twice; route names are unique",
@@ -963,7 +1186,9 @@ impl Config {
                     "key `{at}.write_scope`: `{write_scope}` is already another route's or server's write scope"
                 ));
             }
+            let inspection = inspection_policy(&at, &inspection_base, s.untrusted, &s.inspection)?;
             mcp_servers.push(McpServerConfig {
+                inspection,
                 write_scope,
                 block_changed_tools,
                 name: s.name,
@@ -983,6 +1208,7 @@ impl Config {
             });
         }
         Ok(Self {
+            inspection: inspection_limits,
             mcp: McpConfig {
                 audience: format!("{issuer}{MCP_PATH}"),
                 servers: mcp_servers,
@@ -1154,7 +1380,9 @@ fn validate_route(
     r: raw::Route,
     default_audience: &str,
     gateway: &GatewayConfig,
+    inspection: &InspectionPolicy,
 ) -> Result<RouteConfig, String> {
+    let inspection = inspection_policy(at, inspection, r.untrusted, &r.inspection)?;
     let slug_ok = !r.name.is_empty()
         && r.name.len() <= 63
         && r.name
@@ -1318,6 +1546,7 @@ fn validate_route(
         agent_rate_limit: rate(&format!("{at}.agent_rate_limit"), r.agent_rate_limit)?,
         max_objects_per_session: r.max_objects_per_session,
         write_scope,
+        inspection,
     })
 }
 

@@ -100,6 +100,13 @@ pub struct SessionRecord {
     /// from before this field count as audited).
     #[serde(default = "yes")]
     pub audited: bool,
+    /// Labels of untrusted content the session ingested (`untrusted`, `injection`,
+    /// `tainted-content`): once set, never cleared for the session's life.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taint: Vec<String>,
+    /// Whether it read Confidential or Restricted data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 fn yes() -> bool {
@@ -136,6 +143,8 @@ pub struct LiveSession {
     /// Whether the end's audit event is written (`AUDIT_DONE`), due (`AUDIT_PENDING`), or being
     /// written by whoever took it (`AUDIT_IN_FLIGHT`).
     audit: AtomicU8,
+    taint: Mutex<Vec<String>>,
+    sensitive: AtomicBool,
 }
 
 /// Why a session cannot be used (for a request or a renewal).
@@ -193,7 +202,51 @@ impl LiveSession {
             } else {
                 AUDIT_DONE
             }),
+            taint: Mutex::new(record.taint.clone()),
+            sensitive: AtomicBool::new(record.sensitive),
         }
+    }
+
+    /// Adds a taint label; returns whether it is new (the caller then persists the session
+    /// before releasing the content that tainted it).
+    pub fn add_taint(&self, label: &str) -> bool {
+        let mut taint = self.taint.lock().unwrap_or_else(|p| p.into_inner());
+        if taint.iter().any(|t| t == label) {
+            return false;
+        }
+        taint.push(label.to_string());
+        taint.sort_unstable();
+        drop(taint);
+        self.touched();
+        true
+    }
+
+    /// The taint labels, sorted.
+    pub fn taint(&self) -> Vec<String> {
+        self.taint.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether any taint label is set.
+    pub fn is_tainted(&self) -> bool {
+        !self
+            .taint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Marks that it read Confidential or Restricted data; returns whether that is new.
+    pub fn mark_sensitive(&self) -> bool {
+        let new = !self.sensitive.swap(true, Ordering::AcqRel);
+        if new {
+            self.touched();
+        }
+        new
+    }
+
+    /// Whether it read Confidential or Restricted data.
+    pub fn is_sensitive(&self) -> bool {
+        self.sensitive.load(Ordering::Acquire)
     }
 
     /// Claims the duty to audit this session's end: true once per end. The caller then reports
@@ -257,6 +310,8 @@ impl LiveSession {
             end: self.end(),
             counters: self.counters(),
             audited: self.audit.load(Ordering::Acquire) == AUDIT_DONE,
+            taint: self.taint(),
+            sensitive: self.is_sensitive(),
         }
     }
 
@@ -493,6 +548,8 @@ impl Sessions {
             end: None,
             counters: SessionCounters::default(),
             audited: true,
+            taint: Vec::new(),
+            sensitive: false,
         };
         self.store.insert_session(&record)?;
         let session = Arc::new(LiveSession::new(&record, self.routes));
@@ -630,7 +687,13 @@ impl Sessions {
         (to_audit, error)
     }
 
-    /// Records in the store that these sessions' ends are audited.
+    /// Stores `session` now (its taint or sensitivity changed: that must survive a crash
+    /// before the content that caused it reaches the agent).
+    pub fn persist(&self, session: &LiveSession) -> Result<(), StoreError> {
+        self.store.save_session_counters(&[session.record()])
+    }
+
+    /// Marks sessions' end events as audited.
     pub fn mark_audited(&self, sids: &[String]) -> Result<(), StoreError> {
         if sids.is_empty() {
             return Ok(());

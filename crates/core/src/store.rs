@@ -151,6 +151,18 @@ pub trait Store: Send + Sync + 'static {
     /// Pins (or re-pins) an MCP tool definition.
     fn put_mcp_pin(&self, tool: &str, hash: &str, at: Timestamp) -> Result<(), StoreError>;
 
+    /// Labels content written through Palisade by a tainted session (cross-agent taint):
+    /// `resource` is `<route>:<path>` or `<server>:<uri>`.
+    fn put_content_label(
+        &self,
+        resource: &str,
+        label: &str,
+        session: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// Every content label: `(resource, label)`.
+    fn content_labels(&self) -> Result<Vec<(String, String)>, StoreError>;
+
     /// The last event of the audit chain.
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
     /// Appends events durably in one transaction (group commit); all or none.

@@ -11,11 +11,16 @@
 //!    agent×route; GCRA) → 429 with `Retry-After`; requests in flight per agent → 429; the
 //!    session's object-read volume (`max_files_per_session`, route `max_objects_per_session`)
 //!    → 403 with the counter and the limit.
-//! 5. **decide**: the policy decision point → else 403 naming the deciding policies.
-//! 6. **forward**: hop-by-hop headers and the bearer token removed, pooled upstream connection,
-//!    timeouts → 502/504 on failure; bodies stream both ways, metered into the session's byte
-//!    counters; a response over the route's `max_response_bytes` is cut off.
-//! 7. **audit**: one event per decision, durable before the response is released; if the audit
+//! 5. **inspect what is sent**: a textual request body is read (up to `[inspection] max_bytes`)
+//!    and inspected; its findings reach the decision's context.
+//! 6. **decide**: the policy decision point → else 403 naming the deciding policies; then the
+//!    write scope, then the inspection's block action (403).
+//! 7. **forward**: hop-by-hop headers and the bearer token removed, pooled upstream connection,
+//!    timeouts → 502/504 on failure; bodies are metered into the session's byte counters; a
+//!    response over the route's `max_response_bytes` is cut off.
+//! 8. **inspect what is read**: a textual response is read whole and inspected (block → 502,
+//!    sanitize, annotate); the session's taint and sensitivity are updated and stored.
+//! 9. **audit**: one event per decision, durable before the response is released; if the audit
 //!    write fails the client gets 503 instead.
 //!
 //! This crate never sees a token's signature or the store: authentication and decisions come in
@@ -35,9 +40,12 @@ use palisade_policy::{Action, Decision, RequestContext, Target};
 use serde_json::json;
 use std::sync::Arc;
 
+pub mod inspection;
 pub mod limits;
+use inspection::{Flow, Provenance};
 use limits::{Direction, Limits, Metered, ObjectRead};
 use palisade_core::session::{LiveSession, SessionRefusal};
+use palisade_inspect::Inspector;
 use std::time::{Duration, Instant};
 
 /// An authenticated caller of the gateway.
@@ -97,6 +105,8 @@ pub struct Gateway {
     audit: AuditLog,
     clock: Arc<dyn palisade_core::Clock>,
     limits: Arc<Limits>,
+    inspector: Arc<Inspector>,
+    provenance: Arc<dyn Provenance>,
 }
 
 // RFC 9110 §7.6.1 hop-by-hop fields, plus proxy credentials; never forwarded either way.
@@ -128,6 +138,8 @@ impl Gateway {
         pdp: Arc<dyn DecisionPoint>,
         audit: AuditLog,
         clock: Arc<dyn palisade_core::Clock>,
+        inspector: Arc<Inspector>,
+        provenance: Arc<dyn Provenance>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(
@@ -147,6 +159,8 @@ impl Gateway {
             audit,
             clock,
             limits,
+            inspector,
+            provenance,
         }
     }
 
@@ -367,6 +381,97 @@ impl Gateway {
             }
         }
 
+        // Phase 4b: inspect what the agent sends, before the decision so policies see it.
+        let mut req = req;
+        let mut send: Option<inspection::Verdict> = None;
+        let inspect_send = route.inspection.enabled
+            && (bytes_in.is_some_and(|n| n > 0)
+                || req.headers().contains_key(header::TRANSFER_ENCODING))
+            && inspection::is_textual(content_type(req.headers()));
+        let uninspected_send = bytes_in.is_some_and(|n| n > self.config.inspection.max_bytes)
+            && self.config.inspection.pass_oversize;
+        if inspect_send && uninspected_send {
+            event.detail["inspection_send"] =
+                json!({ "flow": "send", "action": "uninspected (over max_bytes)" });
+        } else if inspect_send {
+            let cap = self.config.inspection.max_bytes.min(route.max_body_bytes);
+            let (parts, body) = req.into_parts();
+            let bytes = match tokio::time::timeout(
+                Duration::from_secs(route.timeout_secs),
+                axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX)),
+            )
+            .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(_)) => {
+                    let message = if cap == route.max_body_bytes {
+                        format!(
+                            "the request body is larger than route `{}`'s limit of {} bytes",
+                            route.name, route.max_body_bytes
+                        )
+                    } else {
+                        format!(
+                            "the request body is larger than the {cap} bytes content inspection reads ([inspection] max_bytes); raise it, or set oversize = \"pass\" to forward larger bodies uninspected"
+                        )
+                    };
+                    let body = json!({ "error": "payload_too_large", "message": message });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+                Err(_) => {
+                    let body = json!({ "error": "request_timeout", "message": format!("the request body did not arrive within {}s", route.timeout_secs) });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::REQUEST_TIMEOUT,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+            };
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let verdict = inspection::judge(&self.inspector, &text, &route.inspection, Flow::Send);
+            let mut body_bytes = bytes;
+            let mut parts = parts;
+            if !verdict.report.findings.is_empty() {
+                let action = if !verdict.blocked.is_empty() {
+                    "block"
+                } else if verdict.sanitize {
+                    "sanitize"
+                } else {
+                    "allow"
+                };
+                event.detail["inspection_send"] =
+                    inspection::audit_record(&self.inspector, &text, &verdict, Flow::Send, action);
+                if verdict.sanitize && verdict.blocked.is_empty() {
+                    let clean = inspection::sanitized(
+                        &self.inspector,
+                        &text,
+                        &verdict,
+                        &route.inspection,
+                        Flow::Send,
+                    );
+                    body_bytes = bytes::Bytes::from(clean);
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(body_bytes.len()));
+                }
+            }
+            req = Request::from_parts(parts, Body::from(body_bytes));
+            send = Some(verdict);
+        }
+
         // Phase 5: decide.
         let action = match class.action {
             ActionClass::Read => Action::Read,
@@ -384,12 +489,23 @@ impl Gateway {
             classification: class.classification,
         };
         let mut ctx = RequestContext::at(method.as_str(), &path, self.clock.now());
+        let taint = caller
+            .session
+            .as_ref()
+            .map(|s| s.taint())
+            .unwrap_or_default();
         if let Some(s) = &caller.session {
             let c = s.counters();
             ctx.calls = calls.unwrap_or(c.calls);
             ctx.objects_read = c.objects_read;
             ctx.bytes_out = c.bytes_out;
             ctx.initiating_human = s.initiating_human.as_deref();
+            ctx.taint = &taint;
+            ctx.sensitive = s.is_sensitive();
+        }
+        if let Some(v) = &send {
+            ctx.findings = &v.categories;
+            ctx.data_tier = v.data_tier();
         }
         if caller.initiating_human.is_some() {
             ctx.initiating_human = caller.initiating_human.as_deref();
@@ -480,6 +596,26 @@ impl Gateway {
             return resp;
         }
 
+        // Content inspection refused what the agent sends (after the decision, so a policy
+        // denial keeps precedence in what the agent is told).
+        if let Some(v) = send.as_ref().filter(|v| !v.blocked.is_empty()) {
+            let body = json!({
+                "error": "inspection_blocked",
+                "message": inspection::blocked_message(v, Flow::Send, &format!("route `{}`", route.name)),
+                "findings": inspection::header_value(v),
+            });
+            return self
+                .finish(
+                    event,
+                    started,
+                    &request_id,
+                    StatusCode::FORBIDDEN,
+                    bytes_in,
+                    body,
+                )
+                .await;
+        }
+
         // Phase 6: forward.
         let upstream_req =
             match self.upstream_request(route, req, &path, &request_id, caller.session.clone()) {
@@ -553,7 +689,7 @@ impl Gateway {
             read.keep();
         }
 
-        // Phase 7: audit, then release the response.
+        // Phase 7: inspect what the agent will read, audit, then release the response.
         let status = response.status();
         let bytes_out = content_length(response.headers());
         if let (Some(cap), Some(n)) = (route.max_response_bytes, bytes_out)
@@ -574,6 +710,156 @@ impl Gateway {
                 )
                 .await;
         }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let resource_key = format!("{}:{path}", route.name);
+        let inspect_read = route.inspection.enabled
+            && inspection::is_textual(content_type(&parts.headers))
+            && !(bytes_out.is_some_and(|n| n > self.config.inspection.max_bytes)
+                && self.config.inspection.pass_oversize);
+        let mut read: Option<inspection::Verdict> = None;
+        let body = if inspect_read {
+            let cap = route
+                .max_response_bytes
+                .map_or(self.config.inspection.max_bytes, |m| {
+                    m.min(self.config.inspection.max_bytes)
+                });
+            let bytes = match tokio::time::timeout(
+                timeout,
+                axum::body::to_bytes(Body::new(body), usize::try_from(cap).unwrap_or(usize::MAX)),
+            )
+            .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(_)) => {
+                    let body = json!({
+                        "error": "upstream_response_too_large",
+                        "message": format!("route `{}`'s upstream answered more than the {cap} bytes content inspection reads ([inspection] max_bytes, or the route's max_response_bytes); the answer is withheld", route.name),
+                    });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::BAD_GATEWAY,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+                Err(_) => {
+                    let body = json!({ "error": "upstream_timeout", "message": format!("route `{}`'s answer did not finish within {}s", route.name, route.timeout_secs) });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+            };
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let verdict = inspection::judge(&self.inspector, &text, &route.inspection, Flow::Read);
+            let action = if !verdict.blocked.is_empty() {
+                "block"
+            } else if verdict.sanitize {
+                "sanitize"
+            } else if verdict.annotate {
+                "annotate"
+            } else {
+                "allow"
+            };
+            if !verdict.report.findings.is_empty() {
+                event.detail["inspection_read"] =
+                    inspection::audit_record(&self.inspector, &text, &verdict, Flow::Read, action);
+            }
+            if !verdict.blocked.is_empty() {
+                let body = json!({
+                    "error": "inspection_blocked",
+                    "message": inspection::blocked_message(&verdict, Flow::Read, &format!("route `{}`", route.name)),
+                    "findings": inspection::header_value(&verdict),
+                });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::BAD_GATEWAY,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            }
+            let out = if verdict.sanitize {
+                let clean = inspection::sanitized(
+                    &self.inspector,
+                    &text,
+                    &verdict,
+                    &route.inspection,
+                    Flow::Read,
+                );
+                bytes::Bytes::from(clean)
+            } else {
+                bytes
+            };
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            if verdict.annotate
+                && let Ok(v) = HeaderValue::from_str(&inspection::header_value(&verdict))
+            {
+                parts
+                    .headers
+                    .insert(HeaderName::from_static("palisade-findings"), v);
+            }
+            read = Some(verdict);
+            Body::from(out)
+        } else {
+            if route.inspection.enabled && inspection::is_textual(content_type(&parts.headers)) {
+                event.detail["inspection_read"] =
+                    json!({ "flow": "read", "action": "uninspected (over max_bytes)" });
+            }
+            Body::new(body)
+        };
+        // The session learns what it read before the agent does: taint (injections, untrusted
+        // routes, content a tainted session wrote) and sensitivity.
+        if let Some(s) = &caller.session {
+            let mut changed = false;
+            if let Some(v) = &read {
+                changed |= inspection::mark_session(s, v, class.classification);
+            } else if status.is_success()
+                && class.classification >= palisade_core::principal::Classification::Confidential
+            {
+                changed |= s.mark_sensitive();
+            }
+            if route.inspection.untrusted {
+                changed |= s.add_taint("untrusted");
+            }
+            if action == Action::Read && self.provenance.is_labeled(&resource_key) {
+                changed |= s.add_taint("tainted-content");
+            }
+            if !s.taint().is_empty() || s.is_sensitive() {
+                event.detail["session_state"] =
+                    json!({ "taint": s.taint(), "sensitive": s.is_sensitive() });
+            }
+            if changed && let Err(e) = self.provenance.session_changed(s) {
+                tracing::error!(error = %e, "cannot store the session's taint; withholding the response");
+                return audit_unavailable(&request_id);
+            }
+            // Content a tainted session writes is labelled, so whoever reads it later is
+            // tainted too.
+            if action != Action::Read
+                && status.is_success()
+                && s.is_tainted()
+                && let Err(e) = self.provenance.label(&resource_key, &s.sid)
+            {
+                tracing::error!(error = %e, "cannot label content written by a tainted session");
+                return audit_unavailable(&request_id);
+            }
+        }
         event.outcome = Some(Outcome {
             status: status.as_u16(),
             bytes_in,
@@ -585,15 +871,13 @@ impl Gateway {
             tracing::error!(error = %e, "audit write failed; withholding the upstream response");
             return audit_unavailable(&request_id);
         }
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             parts
                 .headers
                 .insert(HeaderName::from_static("x-request-id"), v);
         }
         let metered = Metered::new(
-            Body::new(body),
+            body,
             caller.session.clone(),
             Direction::In,
             route.max_response_bytes,
@@ -905,6 +1189,12 @@ fn body_limit_exceeded(error: &(dyn std::error::Error + 'static)) -> bool {
         source = e.source();
     }
     false
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -239,7 +239,28 @@ impl Inspector {
     /// The text with hidden Unicode removed, hidden HTML and comments dropped and secrets and
     /// PII masked, guided by `report` (from [`Inspector::inspect`] of the same text).
     pub fn sanitize(&self, text: &str, report: &Report) -> String {
-        let masked = mask(text, report);
+        self.sanitize_with(
+            text,
+            report,
+            &[Category::Secret, Category::Pii, Category::ExfilIndicator],
+            true,
+        )
+    }
+
+    /// Like [`Inspector::sanitize`], masking only the `mask` categories, and stripping hidden
+    /// content and neutralising markup lures (role tags, fake tool calls, exfiltration images)
+    /// only when `strip_hidden` is set.
+    pub fn sanitize_with(
+        &self,
+        text: &str,
+        report: &Report,
+        mask_categories: &[Category],
+        strip_hidden: bool,
+    ) -> String {
+        let masked = mask(text, report, mask_categories, strip_hidden);
+        if !strip_hidden {
+            return masked;
+        }
         let visible = html::strip_hidden(&masked);
         unicode::strip_invisible(&visible)
     }
@@ -259,33 +280,48 @@ impl Inspector {
     }
 }
 
-/// Replaces the span of every secret and PII finding with `[REDACTED:<TYPE>]`.
-fn mask(text: &str, report: &Report) -> String {
+/// Detectors whose span is markup aimed at the agent, removed when sanitizing.
+const LURES: &[&str] = &[
+    "instruct.role_tag",
+    "instruct.fake_tool_call",
+    "instruct.exfil_lure",
+];
+
+/// Replaces the span of every finding of `categories` with `[REDACTED:<TYPE>]`, and with
+/// `lures` every markup lure with `[removed: <detector>]`.
+fn mask(text: &str, report: &Report, categories: &[Category], lures: bool) -> String {
     let mut spans: Vec<(usize, usize, &str)> = report
         .findings
         .iter()
-        .filter(|f| {
-            matches!(
-                f.category,
-                Category::Secret | Category::Pii | Category::ExfilIndicator
-            )
+        .filter(|f| categories.contains(&f.category) || (lures && LURES.contains(&f.detector)))
+        .map(|f| {
+            let label = match f.entity {
+                Some(e) => e,
+                None => f.detector,
+            };
+            (f.start, f.end, label)
         })
-        .map(|f| (f.start, f.end, f.entity.unwrap_or("DATA")))
         .collect();
     spans.sort_unstable();
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
     for (start, end, entity) in spans {
-        if start < at || end > text.len() || !text.is_char_boundary(start) {
+        if start < at || !text.is_char_boundary(start) || !text.is_char_boundary(end) {
             continue;
         }
-        out.push_str(&text[at..start]);
-        out.push_str("[REDACTED:");
-        out.push_str(entity);
-        out.push(']');
+        out.push_str(text.get(at..start).unwrap_or(""));
+        if entity.starts_with("instruct.") {
+            out.push_str("[removed: ");
+            out.push_str(entity);
+            out.push(']');
+        } else {
+            out.push_str("[REDACTED:");
+            out.push_str(entity);
+            out.push(']');
+        }
         at = end;
     }
-    out.push_str(&text[at..]);
+    out.push_str(text.get(at..).unwrap_or(""));
     out
 }
 

@@ -20,7 +20,9 @@ pub mod stdio;
 use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use palisade_audit::{AuditEvent, AuditLog, DecisionRecord, Outcome, PrincipalRef};
+use palisade_config::InspectionPolicy;
 use palisade_config::{ActionClass, ArgType, Config};
+use palisade_gateway::inspection::{self, Flow, Verdict};
 use palisade_gateway::{Authenticator, Caller, DecisionPoint};
 use palisade_policy::{Action, ArgValue, RequestContext, Target};
 use serde_json::{Value, json};
@@ -149,6 +151,8 @@ pub struct McpGateway {
     stopping: tokio::sync::watch::Sender<bool>,
     store: Arc<dyn palisade_core::store::Store>,
     limits: Arc<palisade_gateway::limits::Limits>,
+    inspector: Arc<palisade_inspect::Inspector>,
+    provenance: Arc<dyn palisade_gateway::inspection::Provenance>,
     /// Which server listed which resource URI (`None`: more than one did, so reads of it are
     /// refused). Resources keep their URIs; tools and prompts get a `<server>__` prefix.
     resource_servers: Mutex<HashMap<String, Option<String>>>,
@@ -161,18 +165,40 @@ pub struct McpGateway {
     reported: Mutex<HashMap<String, String>>,
 }
 
+/// What the MCP gateway shares with the rest of the server.
+pub struct Services {
+    /// Token checks.
+    pub auth: Arc<dyn Authenticator>,
+    /// Decisions.
+    pub pdp: Arc<dyn DecisionPoint>,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// The clock.
+    pub clock: Arc<dyn palisade_core::Clock>,
+    /// The store (tool pins).
+    pub store: Arc<dyn palisade_core::store::Store>,
+    /// Rate limits and in-flight caps, shared with the HTTP gateway.
+    pub limits: Arc<palisade_gateway::limits::Limits>,
+    /// Content inspection.
+    pub inspector: Arc<palisade_inspect::Inspector>,
+    /// Session taint persistence.
+    pub provenance: Arc<dyn palisade_gateway::inspection::Provenance>,
+}
+
 impl McpGateway {
     /// A gateway for the configured servers (they start on first use), with the tool pins from
     /// the store.
-    pub fn new(
-        config: Arc<Config>,
-        auth: Arc<dyn Authenticator>,
-        pdp: Arc<dyn DecisionPoint>,
-        audit: AuditLog,
-        clock: Arc<dyn palisade_core::Clock>,
-        store: Arc<dyn palisade_core::store::Store>,
-        limits: Arc<palisade_gateway::limits::Limits>,
-    ) -> Result<Self, String> {
+    pub fn new(config: Arc<Config>, services: Services) -> Result<Self, String> {
+        let Services {
+            auth,
+            pdp,
+            audit,
+            clock,
+            store,
+            limits,
+            inspector,
+            provenance,
+        } = services;
         let mut pins: HashMap<String, String> = store
             .mcp_pins()
             .map_err(|e| format!("cannot read the MCP tool pins: {e}"))?
@@ -205,6 +231,8 @@ impl McpGateway {
             stopping: tokio::sync::watch::channel(false).0,
             store,
             limits,
+            inspector,
+            provenance,
             resource_servers: Mutex::default(),
             prompt_names: Mutex::default(),
             last_relist: Mutex::default(),
@@ -1030,6 +1058,21 @@ impl McpGateway {
         act: Action,
         arguments: Option<&[(String, ArgValue)]>,
     ) -> (palisade_policy::Decision, String) {
+        self.decide_with(caller, server, name, tool, act, arguments, None)
+    }
+
+    /// [`McpGateway::decide_on`] with what inspection found in the call's arguments.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_with(
+        &self,
+        caller: &Caller,
+        server: &Upstream,
+        name: &str,
+        tool: bool,
+        act: Action,
+        arguments: Option<&[(String, ArgValue)]>,
+        sent: Option<&Verdict>,
+    ) -> (palisade_policy::Decision, String) {
         let c = server.config();
         let target = Target {
             route: &c.name,
@@ -1043,12 +1086,23 @@ impl McpGateway {
         };
         let path = format!("{}/{}/{name}", palisade_config::MCP_PATH, c.name);
         let mut ctx = RequestContext::at("POST", &path, self.clock.now());
+        let taint = caller
+            .session
+            .as_ref()
+            .map(|s| s.taint())
+            .unwrap_or_default();
         if let Some(s) = &caller.session {
             let counters = s.counters();
             ctx.calls = counters.calls;
             ctx.objects_read = counters.objects_read;
             ctx.bytes_out = counters.bytes_out;
             ctx.initiating_human = s.initiating_human.as_deref();
+            ctx.taint = &taint;
+            ctx.sensitive = s.is_sensitive();
+        }
+        if let Some(v) = sent {
+            ctx.findings = &v.categories;
+            ctx.data_tier = v.data_tier();
         }
         if caller.initiating_human.is_some() {
             ctx.initiating_human = caller.initiating_human.as_deref();
@@ -1399,7 +1453,8 @@ impl McpGateway {
         let result = server
             .request(kind.read_method(), forward)
             .await
-            .map_err(|e| upstream_failure(&server.config().name, e));
+            .map_err(|e| upstream_failure(&server.config().name, e))
+            .and_then(|r| self.inspect_read(caller, &server, r, event));
         if result.is_ok()
             && let Some(read) = object
         {
@@ -1604,7 +1659,36 @@ impl McpGateway {
         if let Some(s) = &caller.session {
             s.count_call();
         }
-        let (decision, version) = self.decide(caller, server, tool_name, class, Some(&typed));
+        // What the agent sends in the arguments is inspected before the decision, so policies
+        // see `context.findings` and `context.data_tier`.
+        let policy = server.config().inspection;
+        let sent = policy.enabled.then(|| {
+            let text = strings_of(&arguments).join("\n");
+            let verdict = inspection::judge(&self.inspector, &text, &policy, Flow::Send);
+            if !verdict.report.findings.is_empty() {
+                let action = if verdict.blocked.is_empty() {
+                    if verdict.sanitize {
+                        "sanitize"
+                    } else {
+                        "allow"
+                    }
+                } else {
+                    "block"
+                };
+                event.detail["inspection_send"] =
+                    inspection::audit_record(&self.inspector, &text, &verdict, Flow::Send, action);
+            }
+            verdict
+        });
+        let (decision, version) = self.decide_with(
+            caller,
+            server,
+            tool_name,
+            true,
+            action(class),
+            Some(&typed),
+            sent.as_ref(),
+        );
         event.decision = Some(DecisionRecord {
             allowed: decision.allowed,
             policies: decision.policies.clone(),
@@ -1643,6 +1727,19 @@ impl McpGateway {
                 data: Some(json!({ "error": "insufficient_scope", "scope": write_scope })),
             });
         }
+        let mut arguments = arguments;
+        if let Some(v) = &sent {
+            if !v.blocked.is_empty() {
+                return Err(RpcError {
+                    code: FORBIDDEN,
+                    message: inspection::blocked_message(v, Flow::Send, &format!("tool `{name}`")),
+                    data: Some(json!({ "findings": inspection::header_value(v) })),
+                });
+            }
+            if v.sanitize {
+                self.sanitize_strings(&mut arguments, &policy, Flow::Send);
+            }
+        }
         let mut upstream_params = json!({ "name": tool_name, "arguments": arguments });
         // The agent's own progress token never travels upstream (servers are shared).
         let _route = sink.map(|s| {
@@ -1650,10 +1747,122 @@ impl McpGateway {
             upstream_params = progress::with_token(upstream_params.clone(), &registration.token);
             registration
         });
-        server
+        let result = server
             .request("tools/call", upstream_params)
             .await
-            .map_err(|e| upstream_failure(server_name, e))
+            .map_err(|e| upstream_failure(server_name, e))?;
+        self.inspect_read(caller, server, result, event)
+    }
+
+    /// What a tool result, resource or prompt brings to the agent: inspected under the
+    /// server's read actions (refused, sanitized or annotated in `_meta`), and the session
+    /// tainted or marked sensitive (and stored) before the agent gets it.
+    fn inspect_read(
+        &self,
+        caller: &Caller,
+        server: &Upstream,
+        mut result: Value,
+        event: &mut AuditEvent,
+    ) -> Result<Value, RpcError> {
+        let config = server.config();
+        let policy = config.inspection;
+        let mut verdict = None;
+        if policy.enabled {
+            let text = strings_of(&result).join("\n");
+            let v = inspection::judge(&self.inspector, &text, &policy, Flow::Read);
+            let action = if !v.blocked.is_empty() {
+                "block"
+            } else if v.sanitize {
+                "sanitize"
+            } else if v.annotate {
+                "annotate"
+            } else {
+                "allow"
+            };
+            if !v.report.findings.is_empty() {
+                event.detail["inspection_read"] =
+                    inspection::audit_record(&self.inspector, &text, &v, Flow::Read, action);
+            }
+            if !v.blocked.is_empty() {
+                return Err(RpcError {
+                    code: FORBIDDEN,
+                    message: inspection::blocked_message(
+                        &v,
+                        Flow::Read,
+                        &format!("server `{}`", config.name),
+                    ),
+                    data: Some(json!({ "findings": inspection::header_value(&v) })),
+                });
+            }
+            if v.sanitize {
+                self.sanitize_strings(&mut result, &policy, Flow::Read);
+            }
+            if v.annotate
+                && let Some(obj) = result.as_object_mut()
+            {
+                let meta = obj.entry("_meta").or_insert_with(|| json!({}));
+                if let Some(m) = meta.as_object_mut() {
+                    m.insert(
+                        "palisade/findings".into(),
+                        json!({
+                            "categories": v.categories,
+                            "summary": inspection::header_value(&v),
+                            "sanitized": v.sanitize,
+                        }),
+                    );
+                }
+            }
+            verdict = Some(v);
+        }
+        if let Some(s) = &caller.session {
+            let mut changed = match &verdict {
+                Some(v) => inspection::mark_session(s, v, config.classification),
+                None => {
+                    config.classification >= palisade_core::principal::Classification::Confidential
+                        && s.mark_sensitive()
+                }
+            };
+            if policy.untrusted {
+                changed |= s.add_taint("untrusted");
+            }
+            if s.is_tainted() || s.is_sensitive() {
+                event.detail["session_state"] =
+                    json!({ "taint": s.taint(), "sensitive": s.is_sensitive() });
+            }
+            if changed && let Err(e) = self.provenance.session_changed(s) {
+                tracing::error!(error = %e, "cannot store the session's taint; withholding the result");
+                return Err(RpcError::new(
+                    -32603,
+                    "the session's state cannot be stored, so the result is withheld".into(),
+                ));
+            }
+        }
+        Ok(result)
+    }
+
+    /// Sanitizes every string of `value` on its own (masking and stripping per the policy).
+    fn sanitize_strings(&self, value: &mut Value, policy: &InspectionPolicy, flow: Flow) {
+        match value {
+            Value::String(text) => {
+                let v = inspection::judge(&self.inspector, text, policy, flow);
+                if v.sanitize {
+                    *text = inspection::sanitized(&self.inspector, text, &v, policy, flow);
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.sanitize_strings(item, policy, flow);
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map.iter_mut() {
+                    if !SKIPPED_KEYS.contains(&key.as_str()) {
+                        self.sanitize_strings(item, policy, flow);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1770,6 +1979,27 @@ fn joined(r: Result<Result<Value, RpcError>, tokio::task::JoinError>) -> Result<
             "the call failed inside Palisade".into(),
         ))
     })
+}
+
+/// Keys whose string values are protocol data, not content (never inspected or rewritten).
+const SKIPPED_KEYS: &[&str] = &["_meta", "type", "mimeType", "uri", "name", "role"];
+
+/// Every string of `value` (content, not protocol fields), for inspection.
+fn strings_of(value: &Value) -> Vec<&str> {
+    fn walk<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            Value::Object(map) => map
+                .iter()
+                .filter(|(k, _)| !SKIPPED_KEYS.contains(&k.as_str()))
+                .for_each(|(_, i)| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, &mut out);
+    out
 }
 
 /// An mpsc receiver as a stream of body chunks.

@@ -1237,7 +1237,15 @@ async fn a_remote_https_upstream_gets_its_own_credential_never_the_agents_token(
     let client = RawClient::connect(&h, agent_token.clone()).await;
     let mut names = client.tool_names().await;
     names.sort();
-    assert_eq!(names, ["remote__count", "remote__whoami"]);
+    assert_eq!(
+        names,
+        [
+            "remote__count",
+            "remote__echo",
+            "remote__page",
+            "remote__whoami"
+        ]
+    );
     let answer = client
         .send(
             "tools/call",
@@ -1366,5 +1374,79 @@ async fn progress_reaches_the_python_sdk_over_an_event_stream_answer() {
         .filter(|i| i["event"]["kind"] == "mcp.tool_call" && i["event"]["outcome"]["status"] == 200)
         .count();
     assert_eq!(calls, 3, "every call is audited, streamed or not: {all}");
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_tool_result_is_sanitized_and_taints_the_session_and_secrets_never_leave() {
+    let dir = support::temp_dir("mcp-inspect");
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = remote_fixture(&dir, false).await;
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"remote\"\nurl = \"http://127.0.0.1:{}/mcp\"\n",
+        upstream.port
+    );
+    let h = Harness::start_with("mcp-inspect", &extra).await;
+    let secret = mcp_agent(&h, "browser", |a| {
+        a["allowed_resources"] = json!(["remote"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request("agent:browser", &secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+
+    let answer = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__page", "arguments": {} }),
+        )
+        .await;
+    let content = &answer["result"]["content"];
+    assert_eq!(
+        content[0]["text"], "<p>Release notes for 2.4.</p>",
+        "hidden HTML stripped: {answer}"
+    );
+    assert_eq!(
+        content[1]["text"], "Changelog.",
+        "smuggled TAG characters stripped: {answer}"
+    );
+    let meta = &answer["result"]["_meta"]["palisade/findings"];
+    assert_eq!(meta["categories"], json!(["injection"]), "{answer}");
+    assert_eq!(meta["sanitized"], true);
+    let (_, state) = h.api(Method::GET, &format!("/sessions/{sid}"), None).await;
+    assert_eq!(state["taint"], json!(["injection"]), "{state}");
+
+    // A secret in a tool's arguments never reaches the server.
+    let key = "AKIA37UABTXUJDCSOX6I";
+    let refused = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__echo", "arguments": { "text": format!("use {key}") } }),
+        )
+        .await;
+    assert_eq!(refused["error"]["code"], -32001, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("secret=AWS_ACCESS_KEY_ID") && !message.contains(key),
+        "{message}"
+    );
+    let ok = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__echo", "arguments": { "text": "hello" } }),
+        )
+        .await;
+    assert_eq!(ok["result"]["content"][0]["text"], "hello", "{ok}");
+    let echoed = std::fs::read_to_string(upstream.header_log.with_extension("log.echo")).unwrap();
+    assert_eq!(echoed, "hello\n", "the server saw the clean call only");
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let text = all.to_string();
+    assert!(!text.contains(key), "the key is not in the audit log");
+    assert!(
+        text.contains("\"inspection_read\""),
+        "the sanitizing is audited"
+    );
     h.server.stop().await;
 }

@@ -123,6 +123,13 @@ pub struct RequestContext<'a> {
     pub approval: &'static str,
     /// Labels of what the session has ingested.
     pub taint: &'a [String],
+    /// Whether the session has read Confidential or Restricted data.
+    pub sensitive: bool,
+    /// Categories of what content inspection found in the request's own content
+    /// (`injection`, `hidden`, `secret`, `pii`, `exfil_indicator`).
+    pub findings: &'a [String],
+    /// The tier those findings imply (0 public to 3 restricted; 0 when nothing was found).
+    pub data_tier: i64,
     /// An MCP tool call's declared arguments, typed.
     pub arguments: Option<&'a [(String, ArgValue)]>,
 }
@@ -198,6 +205,9 @@ impl<'a> RequestContext<'a> {
             initiating_human: None,
             approval: "none",
             taint: &[],
+            sensitive: false,
+            findings: &[],
+            data_tier: 0,
             arguments: None,
         }
     }
@@ -668,6 +678,15 @@ impl PolicyEngine {
                 RestrictedExpression::new_string(ctx.approval.to_string()),
             ),
             ("taint".to_string(), string_set(ctx.taint)),
+            (
+                "sensitive".to_string(),
+                RestrictedExpression::new_bool(ctx.sensitive),
+            ),
+            ("findings".to_string(), string_set(ctx.findings)),
+            (
+                "data_tier".to_string(),
+                RestrictedExpression::new_long(ctx.data_tier),
+            ),
             ("now".to_string(), RestrictedExpression::new_long(ctx.now)),
             (
                 "in_window".to_string(),

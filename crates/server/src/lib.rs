@@ -11,6 +11,7 @@ pub mod demo;
 pub mod oauth;
 pub mod oidc;
 pub mod policy;
+mod provenance;
 pub mod sessions;
 pub mod tokens;
 
@@ -211,22 +212,34 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .map_err(StartError::Other)?,
     );
     let (audit, writer) = AuditLog::start(store.clone())?;
+    let inspection_key = ensure_key(&config.server.data_dir.join(INSPECTION_KEY_FILE))?;
+    let inspector = Arc::new(palisade_inspect::Inspector::new(inspection_key));
+    let provenance: Arc<dyn palisade_gateway::inspection::Provenance> = Arc::new(
+        provenance::StoreProvenance::load(store.clone(), tokens.sessions.clone(), clock.clone())
+            .map_err(StartError::Other)?,
+    );
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         tokens.clone(),
         policy.clone(),
         audit.clone(),
         clock.clone(),
+        inspector.clone(),
+        provenance.clone(),
     ));
     let mcp = Arc::new(
         palisade_mcp::McpGateway::new(
             config.clone(),
-            tokens.clone(),
-            policy.clone(),
-            audit.clone(),
-            clock,
-            store.clone(),
-            gateway.limits(),
+            palisade_mcp::Services {
+                auth: tokens.clone(),
+                pdp: policy.clone(),
+                audit: audit.clone(),
+                clock,
+                store: store.clone(),
+                limits: gateway.limits(),
+                inspector,
+                provenance,
+            },
         )
         .map_err(StartError::Other)?,
     );
@@ -294,6 +307,45 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
 }
 
 /// Reads the admin token file, creating it (mode 0600) with a fresh token on first start.
+/// The key of the inspection fingerprints (keyed hashes of PII and secrets in audit events),
+/// created on first start next to the admin token.
+pub const INSPECTION_KEY_FILE: &str = "inspection.key";
+
+/// Reads a 32-byte key (hex) from `path`, creating it (0600) on first start.
+fn ensure_key(path: &std::path::Path) -> Result<[u8; 32], StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let text = text.trim();
+            let mut key = [0u8; 32];
+            let ok = text.len() == 64
+                && key.iter_mut().enumerate().all(|(i, b)| {
+                    text.get(i * 2..i * 2 + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .map(|v| *b = v)
+                        .is_some()
+                });
+            if !ok {
+                return Err(StartError::Other(format!(
+                    "{} does not hold a 64-digit hex key; restore it from a backup (fingerprints in the audit log depend on it) or delete it to have a new one created",
+                    path.display()
+                )));
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = palisade_core::secret::random_bytes::<32>()
+                .map_err(|e| StartError::Other(e.to_string()))?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            write_private(path, &hex)?;
+            Ok(key)
+        }
+        Err(e) => Err(StartError::Other(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 fn ensure_admin_token(path: &std::path::Path) -> Result<[u8; 32], StartError> {
     match std::fs::read_to_string(path) {
         Ok(text) => {

@@ -496,11 +496,14 @@ fn decide_write_token(
         let mut ctx =
             palisade_policy::RequestContext::at("POST", "/oauth2/token", app.tokens.now());
         ctx.initiating_human = initiating_human;
+        let taint = session.as_ref().map(|s| s.taint()).unwrap_or_default();
         if let Some(s) = &session {
             let c = s.counters();
             ctx.calls = c.calls;
             ctx.objects_read = c.objects_read;
             ctx.bytes_out = c.bytes_out;
+            ctx.taint = &taint;
+            ctx.sensitive = s.is_sensitive();
         }
         let (decision, version) =
             app.policy

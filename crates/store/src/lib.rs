@@ -88,6 +88,15 @@ const MIGRATIONS: &[&str] = &[
         pinned_ns INTEGER NOT NULL
     );
     "#,
+    // 4: content written through Palisade by tainted sessions (cross-agent taint).
+    r#"
+    CREATE TABLE content_labels (
+        resource   TEXT PRIMARY KEY,
+        label      TEXT NOT NULL,
+        session    TEXT NOT NULL,
+        labeled_ns INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -634,6 +643,36 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         data.map(|d| serde_json::from_str(&d).map_err(|e| backend(format!("session row: {e}"))))
             .transpose()
+    }
+
+    fn put_content_label(
+        &self,
+        resource: &str,
+        label: &str,
+        session: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "INSERT INTO content_labels (resource, label, session, labeled_ns) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(resource) DO UPDATE SET label = excluded.label, session = excluded.session, labeled_ns = excluded.labeled_ns",
+                params![resource, label, session, ns(at)],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn content_labels(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT resource, label FROM content_labels")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
     }
 
     fn mcp_pins(&self) -> Result<Vec<(String, String)>, StoreError> {

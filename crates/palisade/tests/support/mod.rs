@@ -20,18 +20,39 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
+/// Documents of the test upstream's `/docs/` store, shared by every test upstream of a test
+/// binary (tests use distinct names).
+type Docs = std::collections::HashMap<String, (String, Vec<u8>)>;
+static DOCS: std::sync::LazyLock<Mutex<Docs>> = std::sync::LazyLock::new(Mutex::default);
+
+/// Puts a document into the test upstream's store (as if someone outside Palisade wrote it).
+pub fn put_doc(name: &str, content_type: &str, body: &str) {
+    DOCS.lock().unwrap().insert(
+        name.to_string(),
+        (content_type.to_string(), body.as_bytes().to_vec()),
+    );
+}
+
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 /// A real HTTP upstream that records every request and answers JSON. Paths ending in `/slow`
-/// answer after 3 s; paths ending in `/stream` answer 192 KiB in three chunks without a length.
+/// answer after 3 s; paths ending in `/stream` answer 192 KiB in three chunks without a length;
+/// paths under `/docs/` are a document store (PUT keeps, GET serves).
 pub async fn upstream() -> Upstream {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let app = Router::new().fallback(
         |State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: axum::extract::Request| async move {
             let path = req.uri().path().to_string();
+            let method = req.method().to_string();
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("text/plain")
+                .to_string();
             seen.lock().unwrap().push(Seen {
                 method: req.method().to_string(),
                 path: path.clone(),
@@ -42,6 +63,30 @@ pub async fn upstream() -> Upstream {
                 .unwrap_or_default();
             if path.ends_with("/slow") {
                 tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            }
+            // A document store: a PUT under `/docs/` keeps the body and its content type; a GET
+            // serves them back.
+            if path.contains("/docs/") {
+                let key = path.rsplit("/docs/").next().unwrap_or("").to_string();
+                if method == "PUT" {
+                    DOCS.lock()
+                        .unwrap()
+                        .insert(key, (content_type, body.to_vec()));
+                    return axum::response::Response::builder()
+                        .status(201)
+                        .body(axum::body::Body::empty())
+                        .unwrap();
+                }
+                return match DOCS.lock().unwrap().get(&key) {
+                    Some((ct, bytes)) => axum::response::Response::builder()
+                        .header("content-type", ct.as_str())
+                        .body(axum::body::Body::from(bytes.clone()))
+                        .unwrap(),
+                    None => axum::response::Response::builder()
+                        .status(404)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                };
             }
             if path.ends_with("/stream") {
                 let chunks = (0..3u8).map(|i| {
