@@ -1,5 +1,6 @@
 //! Inspection throughput on clean prose and on HTML: the combined scan (injection and DLP) and
-//! each half alone, in MB/s on one core. Prints the median of 15 runs over about 1 MiB.
+//! each half alone, in MB/s on one core. Prints the median of 15 runs over about 1 MiB. With
+//! `BREAKDOWN=1` it also times each stage alone, and lol_html with handlers for comparison.
 //!
 //! `cargo bench -p palisade-inspect --bench scan` (results in BENCHMARKS.md)
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -145,6 +146,13 @@ pub fn breakdown(prose: &str) {
     });
     t("model score", &mut || {
         std::hint::black_box(judge.model().score(prose));
+    });
+    t("prefix sums", &mut || {
+        std::hint::black_box(judge.model().prefix_sums(prose));
+    });
+    t("windows+lines", &mut || {
+        std::hint::black_box(palisade_inspect::instruct::windows(prose));
+        std::hint::black_box(palisade_inspect::instruct::lines(prose));
     });
     t("judge visible", &mut || {
         std::hint::black_box(judge.judge(prose, Context::Visible));

@@ -1,7 +1,7 @@
 //! The semantic scorer: logistic regression over hashed word unigrams and bigrams.
 //!
-//! Text is split into lowercase words (letters and digits; each CJK character is a word of its
-//! own), and every word and pair of adjacent words is hashed into one of 2^18 buckets. A text's
+//! Text is split into lowercase words (letters and digits; CJK characters are left out), and
+//! every word and pair of adjacent words is hashed into one of 2^18 buckets. A text's
 //! score is the logistic function of the bias plus the weights of its buckets, each scaled by
 //! 1/sqrt(number of features) so long and short texts are comparable. Inference is a hash and a
 //! table read per feature: no allocation, microseconds per kilobyte.
@@ -118,10 +118,12 @@ impl Model {
 /// Running sums of feature weights over one text, so any window's score is a difference of
 /// two sums (no second pass over the text).
 pub struct PrefixSums {
-    /// Byte offset just after each feature's word.
+    /// Byte offset just after each word.
     ends: Vec<u32>,
-    /// Sum of the weights of all features up to and including each one.
+    /// Sum of the weights of all features up to and including each word's.
     sums: Vec<f64>,
+    /// Number of features up to and including each word's.
+    counts: Vec<u32>,
 }
 
 impl PrefixSums {
@@ -136,28 +138,86 @@ impl PrefixSums {
         if j <= i {
             return sigmoid(model.bias);
         }
-        let before = if i == 0 {
-            0.0
+        let (sum_before, count_before) = if i == 0 {
+            (0.0, 0)
         } else {
-            self.sums.get(i - 1).copied().unwrap_or(0.0)
+            (
+                self.sums.get(i - 1).copied().unwrap_or(0.0),
+                self.counts.get(i - 1).copied().unwrap_or(0),
+            )
         };
-        let sum = self.sums.get(j - 1).copied().unwrap_or(0.0) - before;
-        sigmoid(model.bias + sum as f32 / ((j - i) as f32).sqrt())
+        let sum = self.sums.get(j - 1).copied().unwrap_or(0.0) - sum_before;
+        let n = self.counts.get(j - 1).copied().unwrap_or(0) - count_before;
+        sigmoid(model.bias + sum as f32 / (n.max(1) as f32).sqrt())
     }
 }
 
 impl Model {
+    /// The score of each `spans` window of `text`, in one pass over its features: the running
+    /// sum is recorded only where a window starts or ends.
+    pub fn window_scores(&self, text: &str, spans: &[(usize, usize)]) -> Vec<f32> {
+        let mut marks: Vec<usize> = spans.iter().flat_map(|&(s, e)| [s, e]).collect();
+        marks.sort_unstable();
+        marks.dedup();
+        // (sum, count) of the features whose word ends at or before each mark.
+        let mut at_mark: Vec<(f64, u32)> = Vec::with_capacity(marks.len());
+        let mut total = 0.0f64;
+        let mut n = 0u32;
+        features_at(text, |at, h| {
+            while marks.get(at_mark.len()).is_some_and(|m| *m < at) {
+                at_mark.push((total, n));
+            }
+            total += f64::from(self.weights.get(h).copied().unwrap_or(0.0));
+            n += 1;
+        });
+        while at_mark.len() < marks.len() {
+            at_mark.push((total, n));
+        }
+        let find = |x: usize| {
+            marks
+                .binary_search(&x)
+                .ok()
+                .and_then(|i| at_mark.get(i).copied())
+                .unwrap_or((0.0, 0))
+        };
+        spans
+            .iter()
+            .map(|&(s, e)| {
+                let (s_sum, s_n) = find(s);
+                let (e_sum, e_n) = find(e);
+                let count = e_n.saturating_sub(s_n);
+                if count == 0 {
+                    return sigmoid(self.bias);
+                }
+                sigmoid(self.bias + (e_sum - s_sum) as f32 / (count as f32).sqrt())
+            })
+            .collect()
+    }
+
     /// One pass over `text` for [`PrefixSums::score`].
     pub fn prefix_sums(&self, text: &str) -> PrefixSums {
-        let mut ends = Vec::with_capacity(text.len() / 3);
-        let mut sums = Vec::with_capacity(text.len() / 3);
+        let mut ends: Vec<u32> = Vec::with_capacity(text.len() / 5);
+        let mut sums: Vec<f64> = Vec::with_capacity(text.len() / 5);
+        let mut counts: Vec<u32> = Vec::with_capacity(text.len() / 5);
         let mut total = 0.0f64;
+        let mut n = 0u32;
         features_at(text, |at, h| {
             total += f64::from(self.weights.get(h).copied().unwrap_or(0.0));
-            ends.push(u32::try_from(at).unwrap_or(u32::MAX));
-            sums.push(total);
+            n += 1;
+            let at = u32::try_from(at).unwrap_or(u32::MAX);
+            // A word's unigram and bigram end at the same offset: one entry.
+            if ends.last() == Some(&at) {
+                if let (Some(s), Some(c)) = (sums.last_mut(), counts.last_mut()) {
+                    *s = total;
+                    *c = n;
+                }
+            } else {
+                ends.push(at);
+                sums.push(total);
+                counts.push(n);
+            }
         });
-        PrefixSums { ends, sums }
+        PrefixSums { ends, sums, counts }
     }
 }
 
@@ -205,20 +265,18 @@ pub fn features_at(text: &str, mut f: impl FnMut(usize, usize)) {
             c.to_lowercase().next().unwrap_or(c)
         };
         if lower.is_alphanumeric() {
+            // CJK characters are not features: in the public corpora the only CJK text is in
+            // injections, so the model would learn "Japanese means attack" and flag every
+            // Japanese page. (Injections in CJK text are left to the rules.)
             if is_cjk(lower) {
                 if in_word {
                     emit(word, at, &mut prev);
                 }
-                emit(
-                    SEED ^ u64::from(u32::from(lower)),
-                    at + c.len_utf8(),
-                    &mut prev,
-                );
                 word = SEED;
                 in_word = false;
                 continue;
             }
-            word = (word ^ u64::from(u32::from(lower))).wrapping_mul(0x0100_0000_01b3);
+            word = word.rotate_left(7) ^ u64::from(u32::from(lower));
             in_word = true;
         } else if in_word {
             emit(word, at, &mut prev);
@@ -241,9 +299,15 @@ fn ascii_features(bytes: &[u8], mut f: impl FnMut(usize, usize)) {
             i += 1;
             continue;
         }
+        // Rotate-and-xor per byte (no multiply in the loop-carried chain); `mix` scrambles
+        // the word once at its end.
         let mut word = SEED;
-        while let Some(b) = bytes.get(i).filter(|b| b.is_ascii_alphanumeric()) {
-            word = (word ^ u64::from(b.to_ascii_lowercase())).wrapping_mul(0x0100_0000_01b3);
+        while let Some(&b) = bytes.get(i) {
+            let lower = LOWER_ALNUM[usize::from(b)];
+            if lower == 0 {
+                break;
+            }
+            word = word.rotate_left(7) ^ u64::from(lower);
             i += 1;
         }
         let w = mix(word);
@@ -257,6 +321,20 @@ fn ascii_features(bytes: &[u8], mut f: impl FnMut(usize, usize)) {
         prev = Some(w);
     }
 }
+
+/// ASCII letters and digits, lowercased; 0 for anything else.
+const LOWER_ALNUM: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        if b.is_ascii_alphanumeric() {
+            t[i] = b.to_ascii_lowercase();
+        }
+        i += 1;
+    }
+    t
+};
 
 fn is_cjk(c: char) -> bool {
     matches!(u32::from(c), 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF)
@@ -366,6 +444,11 @@ mod tests {
         let sums = model.prefix_sums(text);
         let direct = model.score(text);
         assert!((sums.score(&model, 0, text.len()) - direct).abs() < 1e-4);
+        let spans = [(0, text.len()), (0, 17), (18, text.len())];
+        let scores = model.window_scores(text, &spans);
+        for (&(s, e), got) in spans.iter().zip(&scores) {
+            assert!((sums.score(&model, s, e) - got).abs() < 1e-4, "{s}..{e}");
+        }
         let mut ascii = Vec::new();
         features(text, |h| ascii.push(h));
         let mut unicode = Vec::new();

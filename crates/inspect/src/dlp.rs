@@ -192,7 +192,11 @@ fn never() -> Regex {
 impl Scanner {
     /// Compiles the detectors.
     pub fn new() -> Self {
-        let prefixes = AhoCorasick::new(PREFIXED.iter().map(|(p, _, _)| *p)).ok();
+        // Leftmost-longest: at one position `sk-ant-` wins over `sk-`.
+        let prefixes = AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(PREFIXED.iter().map(|(p, _, _)| *p))
+            .ok();
         Self {
             prefixes,
             prefixed: PREFIXED
@@ -215,8 +219,8 @@ impl Scanner {
                 r"(?:\+|(?-u:\b)00)?(?:\d{1,4}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,8}(?:[ .-]\d{2,8}){0,4}(?:\s?(?:x|ext\.?)\s?\d{1,6})?(?-u:\b)",
             ),
             keywords: AhoCorasick::builder()
-                .ascii_case_insensitive(true)
-                .build(KEYWORDS)
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(keyword_variants())
                 .ok(),
         }
     }
@@ -274,7 +278,7 @@ impl Scanner {
         let Some(prefixes) = &self.prefixes else {
             return;
         };
-        for m in prefixes.find_overlapping_iter(text) {
+        for m in prefixes.find_iter(text) {
             let Some(p) = self.prefixed.get(m.pattern().as_usize()) else {
                 continue;
             };
@@ -349,11 +353,7 @@ impl Scanner {
         let bytes = text.as_bytes();
         let mut i = 0;
         let mut last_end = 0;
-        while let Some(o) = bytes
-            .get(i..)
-            .and_then(|b| b.iter().position(u8::is_ascii_digit))
-        {
-            let first = i + o;
+        while let Some(first) = crate::next_digit(bytes, i) {
             // A cluster: digits with at most two separator characters between them.
             let mut end = first;
             let mut j = first;
@@ -377,40 +377,37 @@ impl Scanner {
             while !text.is_char_boundary(stop) {
                 stop -= 1;
             }
-            if end - first >= 2
+            // Cards, SSNs and phone numbers have at least seven digits.
+            let digits = bytes
+                .get(first..end)
+                .map_or(0, |c| c.iter().filter(|b| b.is_ascii_digit()).count());
+            if digits >= 7
                 && let Some(slice) = text.get(start..stop)
             {
                 self.number_slice(text, start, slice, found);
             }
-            last_end = end;
-            i = end.max(first + 1);
-        }
-        for i in 0..bytes.len().saturating_sub(3) {
-            let (Some(a), Some(b), Some(c), Some(d)) = (
-                bytes.get(i),
-                bytes.get(i + 1),
-                bytes.get(i + 2),
-                bytes.get(i + 3),
-            ) else {
-                break;
-            };
-            if a.is_ascii_uppercase()
-                && b.is_ascii_uppercase()
-                && c.is_ascii_digit()
-                && d.is_ascii_digit()
-                && (i == 0 || !bytes.get(i - 1).is_some_and(u8::is_ascii_alphanumeric))
+            // An IBAN: two capitals right before the cluster's first two digits, at a word
+            // start.
+            let at = first.saturating_sub(2);
+            if first >= 2
+                && bytes.get(at).is_some_and(u8::is_ascii_uppercase)
+                && bytes.get(at + 1).is_some_and(u8::is_ascii_uppercase)
+                && bytes.get(first + 1).is_some_and(u8::is_ascii_digit)
+                && (at == 0 || !bytes.get(at - 1).is_some_and(u8::is_ascii_alphanumeric))
             {
-                let mut stop = (i + 42).min(bytes.len());
+                let mut stop = (at + 42).min(bytes.len());
                 while !text.is_char_boundary(stop) {
                     stop -= 1;
                 }
-                if let Some(m) = text.get(i..stop).and_then(|s| self.iban.find(s))
+                if let Some(m) = text.get(at..stop).and_then(|s| self.iban.find(s))
                     && m.start() == 0
                     && is_iban(m.as_str())
                 {
-                    found.push((i, i + m.end(), IBAN));
+                    found.push((at, at + m.end(), IBAN));
                 }
             }
+            last_end = end;
+            i = end.max(first + 1);
         }
     }
 
@@ -484,7 +481,7 @@ impl Scanner {
             }
             // "key" alone only as a word of its own or after `_`, `-`, `.` ("api.key", not
             // "monkey").
-            if m.pattern().as_usize() == KEYWORDS.len() - 1
+            if m.pattern().as_usize() / 3 == KEYWORDS.len() - 1
                 && m.start() > 0
                 && bytes
                     .get(m.start() - 1)
@@ -540,18 +537,10 @@ impl Scanner {
     /// keyword (40 is an AWS secret key's shape, others a generic secret), and 1,000+ as a
     /// bulk blob. PEM bodies, data URIs and digests are skipped.
     fn runs(&self, text: &str, found: &mut Vec<(usize, usize, Entity)>) {
+        const RUN: [bool; 256] =
+            crate::byte_class!(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
         let bytes = text.as_bytes();
-        let is_b64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
-        let mut i = 0;
-        while i < bytes.len() {
-            if !bytes.get(i).copied().is_some_and(is_b64) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while bytes.get(i).copied().is_some_and(is_b64) {
-                i += 1;
-            }
+        for (start, i) in crate::long_runs(bytes, &RUN, 28) {
             let len = i - start;
             if len >= 1000 {
                 let mut end = i;
@@ -594,6 +583,21 @@ impl Scanner {
             found.push((start, i, entity));
         }
     }
+}
+
+/// The keywords in lower, upper and capitalised case, in that order per keyword (explicit
+/// variants keep the search on the SIMD prefilter, which case-insensitive search leaves).
+fn keyword_variants() -> Vec<String> {
+    KEYWORDS
+        .iter()
+        .flat_map(|k| {
+            let mut capital = k.to_string();
+            if let Some(first) = capital.get_mut(..1) {
+                first.make_ascii_uppercase();
+            }
+            [k.to_string(), k.to_ascii_uppercase(), capital]
+        })
+        .collect()
 }
 
 /// Keywords that introduce a secret value; "key" must stay last (it has a word rule).

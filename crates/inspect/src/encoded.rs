@@ -32,22 +32,56 @@ fn markers() -> Option<&'static AhoCorasick> {
     static M: OnceLock<Option<AhoCorasick>> = OnceLock::new();
     M.get_or_init(|| {
         AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(MARKERS)
+            .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+            .build(MARKERS.iter().map(|(p, _)| p))
             .ok()
     })
     .as_ref()
 }
 
-const MARKERS: &[&str] = &[
-    "rot13", "rot-13", "caesar", "ascii85", "base85", "<~", " gur ", " naq ", " lbh", "vtaber",
-    "cevag", " nyy ", " vf ", " bs ",
+/// What a marker means.
+#[derive(Clone, Copy)]
+enum Marker {
+    Rot13,
+    Ascii85,
+    RotWord,
+}
+
+// Case variants are listed rather than searched case-insensitively: it keeps the search on
+// the SIMD prefilter. ROT13 words are common English words rotated (the, and, you, ignore,
+// print).
+const MARKERS: &[(&str, Marker)] = &[
+    ("rot13", Marker::Rot13),
+    ("ROT13", Marker::Rot13),
+    ("Rot13", Marker::Rot13),
+    ("rot-13", Marker::Rot13),
+    ("ROT-13", Marker::Rot13),
+    ("caesar", Marker::Rot13),
+    ("Caesar", Marker::Rot13),
+    ("ascii85", Marker::Ascii85),
+    ("ASCII85", Marker::Ascii85),
+    ("Ascii85", Marker::Ascii85),
+    ("base85", Marker::Ascii85),
+    ("Base85", Marker::Ascii85),
+    ("BASE85", Marker::Ascii85),
+    ("<~", Marker::Ascii85),
+    ("gur ", Marker::RotWord),
+    ("Gur ", Marker::RotWord),
+    ("naq ", Marker::RotWord),
+    ("lbh", Marker::RotWord),
+    ("vtaber", Marker::RotWord),
+    ("Vtaber", Marker::RotWord),
+    ("cevag", Marker::RotWord),
 ];
 
 /// Bytes of the base64 alphabets (standard and URL-safe).
-fn is_b64(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-')
-}
+const B64: [bool; 256] =
+    crate::byte_class!(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-'));
+/// Bytes of the Ascii85 alphabet.
+const A85: [bool; 256] = crate::byte_class!(|b| b >= b'!' && b <= b'u');
+/// Bytes of a hex byte list.
+const HEX_LIST: [bool; 256] =
+    crate::byte_class!(|b| b.is_ascii_hexdigit() || matches!(b, b' ' | b':' | b','));
 
 /// Decodes candidates in `text` and reports the ones that instruct.
 pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding>) {
@@ -61,21 +95,12 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
     };
     // Runs of 16+ characters of the base64 alphabet (with up to two `=`): base64, base32 or
     // hex, by their characters.
-    let mut i = 0;
-    while i < bytes.len() {
-        if !bytes.get(i).copied().is_some_and(is_b64) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while bytes.get(i).copied().is_some_and(is_b64) {
-            i += 1;
-        }
-        let mut end = i;
-        while end - i < 2 && bytes.get(end) == Some(&b'=') {
+    for (start, run_end) in crate::long_runs(bytes, &B64, 16) {
+        let mut end = run_end;
+        while end - run_end < 2 && bytes.get(end) == Some(&b'=') {
             end += 1;
         }
-        if end - start < 16 || end - start > MAX_CANDIDATE || is_digest_context(text, start) {
+        if end - start > MAX_CANDIDATE || is_digest_context(text, start) {
             continue;
         }
         let Some(run) = text.get(start..end) else {
@@ -105,57 +130,76 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             report(&inner, detector, (start, end));
         }
     }
-    // Whitespace-separated tokens: Ascii85 blobs (20+ characters of its alphabet with
-    // punctuation in them) and hex byte lists (`57 68 61 74 ...`).
-    let mut hex_run: Option<(usize, usize)> = None;
-    let mut hex_tokens = 0;
-    let mut i = 0;
-    loop {
-        while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        if i >= bytes.len() {
-            break;
-        }
-        let start = i;
-        let mut punct = 0;
-        let mut ascii85 = true;
-        while let Some(&b) = bytes.get(i).filter(|b| !b.is_ascii_whitespace()) {
-            punct += usize::from(!b.is_ascii_alphanumeric());
-            ascii85 &= (b'!'..=b'u').contains(&b);
-            i += 1;
-        }
-        let len = i - start;
-        // Hex byte lists.
-        let pair = len == 2 || (len == 3 && matches!(bytes.get(start + 2), Some(b',' | b':')));
-        if pair
-            && bytes
-                .get(start..start + 2)
-                .is_some_and(|t| t.iter().all(u8::is_ascii_hexdigit))
+    // Ascii85 blobs: whitespace-delimited tokens of 20+ characters of its alphabet with
+    // punctuation in them (wrappers like `[[...]]` peeled off).
+    for (start, end) in crate::long_runs(bytes, &A85, 20) {
+        let delimited = |b: Option<&u8>| b.is_none_or(u8::is_ascii_whitespace);
+        if end - start > MAX_CANDIDATE
+            || !delimited(start.checked_sub(1).and_then(|i| bytes.get(i)))
+            || !delimited(bytes.get(end))
         {
-            hex_tokens += 1;
-            hex_run = Some((hex_run.map_or(start, |r| r.0), start + 2));
-        } else {
-            flush_hex(text, &mut hex_run, &mut hex_tokens, &mut report);
+            continue;
         }
-        if (20..=MAX_CANDIDATE).contains(&len) && punct >= 3 && ascii85 {
-            let Some(token) = text.get(start..i) else {
-                continue;
-            };
-            let peeled = token
-                .trim_start_matches("[[")
-                .trim_end_matches("]]")
-                .trim_end_matches("-->");
-            for candidate in [token, peeled] {
-                if let Some(d) = decode_ascii85(candidate)
-                    && report(&d, "encoded.ascii85", (start, i))
-                {
-                    break;
-                }
+        let Some(token) = text.get(start..end) else {
+            continue;
+        };
+        // Markup and URLs are made of the same characters; Ascii85 has no reason to hold an
+        // attribute, a scheme or an end tag (checked first: they are the cheap refusals).
+        if token.contains("=\"") || token.contains("://") || has_end_tag(token) {
+            continue;
+        }
+        if token.bytes().filter(|b| !b.is_ascii_alphanumeric()).count() < 3 {
+            continue;
+        }
+        let peeled = token
+            .trim_start_matches("[[")
+            .trim_end_matches("]]")
+            .trim_end_matches("-->");
+        for candidate in [token, peeled] {
+            if let Some(d) = decode_ascii85(candidate)
+                && report(&d, "encoded.ascii85", (start, end))
+            {
+                break;
             }
         }
     }
-    flush_hex(text, &mut hex_run, &mut hex_tokens, &mut report);
+    // Hex byte lists (`57 68 61 74 ...`, `57:68:61`): nine or more two-digit tokens in a row.
+    for (start, end) in crate::long_runs(bytes, &HEX_LIST, 26) {
+        let mut pairs: Vec<(usize, usize)> = Vec::new();
+        let mut flush = |pairs: &mut Vec<(usize, usize)>| {
+            if let (true, Some(&(s, _)), Some(&(_, e))) =
+                (pairs.len() >= 9, pairs.first(), pairs.last())
+            {
+                let digits: String = text
+                    .get(s..e)
+                    .unwrap_or("")
+                    .chars()
+                    .filter(char::is_ascii_hexdigit)
+                    .collect();
+                if let Some(d) = decode_hex(&digits) {
+                    report(&d, "encoded.hex", (s, e));
+                }
+            }
+            pairs.clear();
+        };
+        let mut i = start;
+        while i < end {
+            let token_end = (i..end)
+                .find(|&j| !bytes.get(j).is_some_and(u8::is_ascii_hexdigit))
+                .unwrap_or(end);
+            if token_end - i == 2 {
+                // Pairs are one separator apart; anything else starts a new list.
+                if pairs.last().is_some_and(|&(_, prev)| prev + 1 != i) {
+                    flush(&mut pairs);
+                }
+                pairs.push((i, token_end));
+            } else if token_end > i {
+                flush(&mut pairs);
+            }
+            i = token_end + 1;
+        }
+        flush(&mut pairs);
+    }
     if memchr::memchr(b'%', bytes).is_some()
         && let Some(re) = percent_regex()
     {
@@ -165,18 +209,29 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             }
         }
     }
-    if memchr::memchr(b'=', bytes).is_some() {
+    // Quoted-printable only where there are `=XX` escapes (upper-case hex, as encoders write).
+    let escapes = memchr::memchr_iter(b'=', bytes)
+        .filter(|&i| {
+            bytes.get(i + 1..i + 3).is_some_and(|h| {
+                h.iter()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b))
+            })
+        })
+        .take(3)
+        .count();
+    if escapes >= 3 {
         quoted_printable(text, &mut report);
     }
     let (mut mentions_rot13, mut mentions_85, mut rot_words) = (false, None, false);
     if let Some(ac) = markers() {
         for m in ac.find_iter(text) {
-            match m.pattern().as_usize() {
-                0..=2 => mentions_rot13 = true,
-                3..=5 => {
+            match MARKERS.get(m.pattern().as_usize()).map(|(_, k)| *k) {
+                Some(Marker::Rot13) => mentions_rot13 = true,
+                Some(Marker::Ascii85) => {
                     mentions_85.get_or_insert(m.end());
                 }
-                _ => rot_words = true,
+                Some(Marker::RotWord) => rot_words = true,
+                None => {}
             }
         }
     }
@@ -224,27 +279,13 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
     }
 }
 
-/// Judges a finished hex byte list.
-fn flush_hex(
-    text: &str,
-    run: &mut Option<(usize, usize)>,
-    tokens: &mut usize,
-    report: &mut impl FnMut(&str, &'static str, (usize, usize)) -> bool,
-) {
-    if let Some((start, end)) = run.take()
-        && *tokens >= 8
-    {
-        let digits: String = text
-            .get(start..end)
-            .unwrap_or("")
-            .chars()
-            .filter(char::is_ascii_hexdigit)
-            .collect();
-        if let Some(d) = decode_hex(&digits) {
-            report(&d, "encoded.hex", (start, end));
-        }
-    }
-    *tokens = 0;
+/// Whether `token` holds an HTML end tag (`</name>`).
+fn has_end_tag(token: &str) -> bool {
+    token.match_indices("</").any(|(i, _)| {
+        let rest = token.get(i + 2..).unwrap_or("");
+        let name = rest.bytes().take_while(u8::is_ascii_alphanumeric).count();
+        name > 0 && rest.as_bytes().get(name) == Some(&b'>')
+    })
 }
 
 /// Common English words in `text` (a sign of language, rotated or not).

@@ -144,8 +144,32 @@ fn detector_name(technique: &str) -> &'static str {
     }
 }
 
+/// A tag name, lowercase, kept inline (names are short; longer ones are cut at 15 bytes,
+/// which only matters for telling two such custom elements apart).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Tag {
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl Tag {
+    fn new(name: &str) -> Self {
+        let mut bytes = [0u8; 15];
+        let mut len = 0;
+        for (slot, b) in bytes.iter_mut().zip(name.bytes()) {
+            *slot = b.to_ascii_lowercase();
+            len += 1;
+        }
+        Self { bytes, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.bytes.get(..usize::from(self.len)).unwrap_or(&[])).unwrap_or("")
+    }
+}
+
 struct Open {
-    tag: String,
+    tag: Tag,
     /// This element opened a hidden segment (its index).
     segment: Option<usize>,
 }
@@ -180,16 +204,42 @@ const BLOCKS: &[&str] = &[
 ];
 
 /// Elements without content (no end tag).
-const VOID: &[&str] = &[
-    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
-    "track", "wbr",
-];
+fn is_void(tag: &str) -> bool {
+    matches!(
+        tag,
+        "area"
+            | "base"
+            | "br"
+            | "col"
+            | "embed"
+            | "hr"
+            | "img"
+            | "input"
+            | "link"
+            | "meta"
+            | "param"
+            | "source"
+            | "track"
+            | "wbr"
+    )
+}
 
 /// Elements whose content is raw text up to their end tag (browsers run with scripting on, so
 /// `<noscript>` is one of them).
-const RAW_TEXT: &[&str] = &[
-    "script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes", "noscript",
-];
+fn is_raw_text(tag: &str) -> bool {
+    matches!(
+        tag,
+        "script"
+            | "style"
+            | "textarea"
+            | "title"
+            | "xmp"
+            | "iframe"
+            | "noembed"
+            | "noframes"
+            | "noscript"
+    )
+}
 
 /// One start tag's attributes (names as written; compared without regard to case).
 struct Attrs<'a>(Vec<(&'a str, &'a str)>);
@@ -221,25 +271,25 @@ impl<'t> Parser<'t> {
     /// `<li>`).
     fn auto_close(&mut self, tag: &str, at: usize) {
         while let Some(top) = self.stack.last() {
-            let closes = match top.tag.as_str() {
-                "p" => BLOCKS.contains(&tag),
-                "li" => tag == "li",
-                "dt" | "dd" => tag == "dt" || tag == "dd",
-                "option" => tag == "option",
-                "tr" => tag == "tr",
-                "td" | "th" => tag == "td" || tag == "th" || tag == "tr",
+            let top_tag = top.tag;
+            let closes = match top_tag.bytes.get(..usize::from(top_tag.len)).unwrap_or(&[]) {
+                b"p" => BLOCKS.contains(&tag),
+                b"li" => tag == "li",
+                b"dt" | b"dd" => tag == "dt" || tag == "dd",
+                b"option" => tag == "option",
+                b"tr" => tag == "tr",
+                b"td" | b"th" => tag == "td" || tag == "th" || tag == "tr",
                 _ => false,
             };
             if !closes {
                 break;
             }
-            let name = top.tag.clone();
-            self.pop_to(&name, at);
+            self.pop_to(top_tag, at);
         }
     }
 
     /// Pops up to and including the innermost open `tag`; closes a hidden segment it opened.
-    fn pop_to(&mut self, tag: &str, at: usize) {
+    fn pop_to(&mut self, tag: Tag, at: usize) {
         let Some(pos) = self.stack.iter().rposition(|o| o.tag == tag) else {
             return;
         };
@@ -299,7 +349,7 @@ impl<'t> Parser<'t> {
     fn start_tag(&mut self, tag: &str, attrs: &Attrs<'_>, start: usize, end: usize) {
         self.auto_close(tag, start);
         extract_attributes(tag, attrs, start..end, &mut self.doc.segments);
-        if VOID.contains(&tag) {
+        if is_void(tag) {
             return;
         }
         let reason = if self.hidden.is_none() {
@@ -327,7 +377,7 @@ impl<'t> Parser<'t> {
             self.hidden = segment;
         }
         self.stack.push(Open {
-            tag: tag.to_string(),
+            tag: Tag::new(tag),
             segment,
         });
     }
@@ -347,6 +397,7 @@ pub fn parse(text: &str) -> Document {
         doc: Document::default(),
     };
     let bytes = text.as_bytes();
+    let mut attrs: Vec<(&str, &str)> = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
         let Some(lt) = memchr::memchr(b'<', &bytes[i..]).map(|o| i + o) else {
@@ -385,25 +436,26 @@ pub fn parse(text: &str) -> Document {
                             .is_some_and(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
                     })
                     .unwrap_or(bytes.len());
-                let name = text
-                    .get(lt + 2..name_end)
-                    .unwrap_or("")
-                    .to_ascii_lowercase();
+                let name = Tag::new(text.get(lt + 2..name_end).unwrap_or(""));
                 let end = memchr::memchr(b'>', &bytes[name_end.min(bytes.len())..])
                     .map_or(bytes.len(), |o| name_end + o + 1);
-                p.pop_to(&name, end);
+                p.pop_to(name, end);
                 i = end;
             }
             Some(b) if b.is_ascii_alphabetic() => {
                 p.text(i, lt);
-                let (name, attrs, end) = start_tag(text, lt);
-                p.start_tag(&name, &attrs, lt, end);
+                let (tag, end) = start_tag(text, lt, &mut attrs);
+                let name = tag.as_str();
+                let found = Attrs(std::mem::take(&mut attrs));
+                p.start_tag(name, &found, lt, end);
+                // The buffer is kept for the next tag.
+                attrs = found.0;
                 i = end;
-                if RAW_TEXT.contains(&name.as_str()) {
+                if is_raw_text(name) {
                     // Raw text runs to `</name` (any case).
-                    let close = find_end_tag(bytes, end, &name);
+                    let close = find_end_tag(bytes, end, name);
                     let content = text.get(end..close).unwrap_or("");
-                    match name.as_str() {
+                    match name {
                         "style" => {
                             let (classes, ids) = hidden_selectors(content);
                             p.hidden_classes.extend(classes);
@@ -414,7 +466,7 @@ pub fn parse(text: &str) -> Document {
                     }
                     let after = memchr::memchr(b'>', &bytes[close.min(bytes.len())..])
                         .map_or(bytes.len(), |o| close + o + 1);
-                    p.pop_to(&name, after);
+                    p.pop_to(tag, after);
                     i = after;
                 }
             }
@@ -445,8 +497,10 @@ fn find_end_tag(bytes: &[u8], from: usize, name: &str) -> usize {
     bytes.len()
 }
 
-/// Parses the start tag at `lt`: its lowercase name, its attributes and the index after `>`.
-fn start_tag(text: &str, lt: usize) -> (String, Attrs<'_>, usize) {
+/// Parses the start tag at `lt`: its name and the index after `>`; its attributes go to
+/// `attrs` (cleared first).
+fn start_tag<'t>(text: &'t str, lt: usize, attrs: &mut Vec<(&'t str, &'t str)>) -> (Tag, usize) {
+    attrs.clear();
     let bytes = text.as_bytes();
     let mut j = lt + 1;
     while bytes
@@ -455,8 +509,7 @@ fn start_tag(text: &str, lt: usize) -> (String, Attrs<'_>, usize) {
     {
         j += 1;
     }
-    let name = text.get(lt + 1..j).unwrap_or("").to_ascii_lowercase();
-    let mut attrs = Vec::new();
+    let name = Tag::new(text.get(lt + 1..j).unwrap_or(""));
     loop {
         while bytes
             .get(j)
@@ -465,8 +518,8 @@ fn start_tag(text: &str, lt: usize) -> (String, Attrs<'_>, usize) {
             j += 1;
         }
         match bytes.get(j) {
-            None => return (name, Attrs(attrs), bytes.len()),
-            Some(b'>') => return (name, Attrs(attrs), j + 1),
+            None => return (name, bytes.len()),
+            Some(b'>') => return (name, j + 1),
             _ => {}
         }
         let name_start = j;

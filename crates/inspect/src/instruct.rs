@@ -23,6 +23,9 @@ use regex::bytes::Regex;
 pub enum Context {
     /// Shown to a reader.
     Visible,
+    /// The visible text of a web page: long, full of navigation and code samples, and judged
+    /// window by window, so the classifier must be surer than on a message.
+    Page,
     /// Hidden from a human reader (CSS, comments, invisible Unicode).
     Hidden,
     /// Decoded from base64, hex, ROT13 and the like.
@@ -31,6 +34,8 @@ pub enum Context {
 
 /// Classifier score from which visible text counts as an injection.
 pub const VISIBLE_THRESHOLD: f32 = 0.90;
+/// Classifier score from which the visible text of an HTML page counts.
+pub const PAGE_THRESHOLD: f32 = 0.95;
 /// Classifier score from which hidden or decoded text counts as an injection.
 pub const HIDDEN_THRESHOLD: f32 = 0.55;
 
@@ -71,6 +76,7 @@ pub struct Judge {
 
 // Patterns run over normalised (lowercase, ASCII-folded) text with ASCII word boundaries, which
 // keeps them on the regex crate's fast DFA path.
+/// The rules: name, score, whether a negation cancels it, pattern (over normalised text).
 const RULES: &[(&str, f32, bool, &str)] = &[
     (
         "override",
@@ -142,7 +148,9 @@ const RULES: &[(&str, f32, bool, &str)] = &[
         "role_tag",
         0.9,
         false,
-        r"<\|?im_start\|?>|<\|(system|assistant|user|endoftext)\|>|\[/?inst\]|<</?sys>>|(^|\n) *#{2,4} *(system|instructions?|assistant) *:?[ \t]*(\n|$)|(^|\n) *(system|assistant) *: |</?(system|instruction|instructions|admin|sys)>",
+        // The `###` and `system:` forms count only at the start of a line (checked in code, so
+        // every alternative starts with a literal and the search keeps its prefilter).
+        r"<\|?im_start\|?>|<\|(system|assistant|user|endoftext)\|>|\[/?inst\]|<</?sys>>|#{2,4} *(system|instructions?|assistant) *:?[ \t]*(\n|$)|\b(system|assistant) *: |</?(system|instruction|instructions|admin|sys)>",
     ),
     (
         "fake_tool_call",
@@ -263,13 +271,19 @@ impl Judge {
         let normal = normalize(text);
         let threshold = match context {
             Context::Visible => self.visible_threshold,
+            Context::Page => self.visible_threshold.max(PAGE_THRESHOLD),
             Context::Hidden | Context::Decoded => self.hidden_threshold,
         };
         let mut best = self.rule_verdict(&normal, text.len());
-        // One pass over the features; every window is then a difference of two sums.
-        let sums = self.model.prefix_sums(&normal);
-        for (start, end) in windows(&normal).into_iter().chain(lines(&normal)) {
-            let score = sums.score(&self.model, start, end);
+        // A few hidden words ("ignore: simplified code", a build comment) are too little for
+        // the classifier to judge; the rules still do.
+        if context != Context::Visible && normal.split_whitespace().nth(3).is_none() {
+            return best;
+        }
+        // One pass over the features scores every window.
+        let spans: Vec<(usize, usize)> =
+            windows(&normal).into_iter().chain(lines(&normal)).collect();
+        for score in self.model.window_scores(&normal, &spans) {
             if score >= threshold && best.is_none_or(|b| score > b.score) {
                 best = Some(Verdict {
                     score,
@@ -313,6 +327,18 @@ impl Judge {
                 if !rule.regex.is_match(matched) {
                     continue;
                 }
+                // Role headers (`### System:`, `assistant: `) only at the start of a line.
+                if rule.name == "role_tag"
+                    && matched
+                        .first()
+                        .is_some_and(|b| *b == b'#' || b.is_ascii_alphabetic())
+                {
+                    let line = bytes.get(..start).unwrap_or(&[]);
+                    let from = memchr::memrchr(b'\n', line).map_or(0, |i| i + 1);
+                    if !line.get(from..).unwrap_or(&[]).iter().all(|b| *b == b' ') {
+                        continue;
+                    }
+                }
                 let near = bytes.get(start.saturating_sub(24)..start).unwrap_or(&[]);
                 if rule.negatable
                     && NEGATIONS
@@ -339,7 +365,16 @@ impl Judge {
     /// Judges visible text and reports an injection finding for it, if any. For long texts
     /// the span is the deciding window.
     pub fn scan_visible(&self, text: &str, out: &mut Vec<Finding>) {
-        if let Some(v) = self.judge(text, Context::Visible) {
+        self.scan_as(text, Context::Visible, out);
+    }
+
+    /// [`Judge::scan_visible`] for the visible text of an HTML page.
+    pub fn scan_page(&self, text: &str, out: &mut Vec<Finding>) {
+        self.scan_as(text, Context::Page, out);
+    }
+
+    fn scan_as(&self, text: &str, context: Context, out: &mut Vec<Finding>) {
+        if let Some(v) = self.judge(text, context) {
             out.push(Finding {
                 detector: if v.rule == "classifier" {
                     "instruct.classifier"
@@ -443,8 +478,9 @@ pub fn windows(text: &str) -> Vec<(usize, usize)> {
         // Extend to the next line break or sentence end (at most 200 bytes more).
         let limit = (end + 200).min(text.len());
         if let Some(i) = text
+            .as_bytes()
             .get(end..limit)
-            .and_then(|s| s.find(['\n', '.']).map(|i| end + i + 1))
+            .and_then(|s| memchr::memchr2(b'\n', b'.', s).map(|i| end + i + 1))
         {
             end = i;
         } else {
@@ -475,25 +511,25 @@ pub fn normalize(text: &str) -> String {
         return normalize_unicode(text);
     }
     let mut out = text.to_ascii_lowercase().into_bytes();
-    // Leetspeak: digits inside words that also have letters ("1gn0re").
-    let mut i = 0;
-    while i < out.len() {
-        if !out.get(i).is_some_and(u8::is_ascii_alphanumeric) {
-            i += 1;
-            continue;
+    // Leetspeak: digits inside words that also have letters ("1gn0re"). Only words around a
+    // digit are looked at.
+    let mut at = 0;
+    while let Some(d) = crate::next_digit(&out, at) {
+        let mut start = d;
+        while start > 0 && out.get(start - 1).is_some_and(u8::is_ascii_alphanumeric) {
+            start -= 1;
         }
-        let start = i;
-        let (mut letters, mut digits) = (false, false);
-        while let Some(b) = out.get(i).filter(|b| b.is_ascii_alphanumeric()) {
-            letters |= b.is_ascii_alphabetic();
-            digits |= b.is_ascii_digit();
-            i += 1;
+        let mut end = d;
+        while out.get(end).is_some_and(u8::is_ascii_alphanumeric) {
+            end += 1;
         }
-        if letters && digits {
-            for b in out.get_mut(start..i).unwrap_or(&mut []) {
+        let word = out.get_mut(start..end).unwrap_or(&mut []);
+        if word.iter().any(u8::is_ascii_alphabetic) {
+            for b in word {
                 *b = unleet(*b);
             }
         }
+        at = end.max(d + 1);
     }
     // ASCII in, ASCII out.
     String::from_utf8(out).unwrap_or_default()

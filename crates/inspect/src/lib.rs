@@ -222,7 +222,7 @@ impl Inspector {
             // An HTML document: judge what a reader sees, mapped back to source offsets.
             Some(doc) => {
                 let mut found = Vec::new();
-                self.instruct.scan_visible(&doc.visible, &mut found);
+                self.instruct.scan_page(&doc.visible, &mut found);
                 for mut f in found {
                     f.start = doc.source_offset(f.start).min(text.len());
                     f.end = doc
@@ -335,4 +335,136 @@ pub(crate) fn clip(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Maximal runs of at least `min` bytes for which `class` holds, found without looking at
+/// every byte: when the byte `min - 1` ahead is outside the class, no long run can start before
+/// it, so the search jumps `min` bytes (the idea of Boyer-Moore's skip).
+pub(crate) fn long_runs<'a>(
+    bytes: &'a [u8],
+    class: &'a [bool; 256],
+    min: usize,
+) -> impl Iterator<Item = (usize, usize)> + 'a {
+    let min = min.max(1);
+    let inside = move |i: usize| bytes.get(i).is_some_and(|b| class[usize::from(*b)]);
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        while pos + min <= bytes.len() {
+            let probe = pos + min - 1;
+            if !inside(probe) {
+                pos = probe + 1;
+                continue;
+            }
+            // The run holding `probe`: back to its start (not before `pos`) ...
+            let mut start = probe;
+            while start > pos && inside(start - 1) {
+                start -= 1;
+            }
+            // ... and forward to its end.
+            let mut end = probe + 1;
+            while inside(end) {
+                end += 1;
+            }
+            // A run that began before `pos` was already reported or too short; runs are
+            // maximal only when the byte before `start` is outside the class.
+            let maximal = start == 0 || !inside(start - 1);
+            pos = end + 1;
+            if end - start >= min && maximal {
+                return Some((start, end));
+            }
+        }
+        None
+    })
+}
+
+/// The index of the first ASCII digit at or after `from`, eight bytes at a time (SWAR: a byte
+/// is a digit when adding 0x50 sets its high bit and adding 0x46 does not, on bytes with the
+/// high bit cleared so no carry crosses bytes).
+pub(crate) fn next_digit(bytes: &[u8], from: usize) -> Option<usize> {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let low = w & LOW;
+        let at_least_0 = low.wrapping_add(0x5050_5050_5050_5050);
+        let above_9 = low.wrapping_add(0x4646_4646_4646_4646);
+        let digits = at_least_0 & !above_9 & !w & HIGH;
+        if digits != 0 {
+            return Some(i + (digits.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    bytes
+        .get(i..)
+        .and_then(|rest| rest.iter().position(u8::is_ascii_digit))
+        .map(|o| i + o)
+}
+
+/// A byte class as a lookup table, computed at compile time: `byte_class!(|b| ...)`.
+macro_rules! byte_class {
+    (|$b:ident| $e:expr) => {{
+        let mut table = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let $b = i as u8;
+            table[i] = $e;
+            i += 1;
+        }
+        table
+    }};
+}
+pub(crate) use byte_class;
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    #[test]
+    fn long_runs_match_a_plain_scan() {
+        const ALNUM: [bool; 256] = byte_class!(|b| b.is_ascii_alphanumeric());
+        let text = b"ab cdefghijklmnopqrstu vw xyzABCDEFGHIJKLMNOPQ 0123456789012345 x";
+        for min in [1, 3, 5, 16, 20, 30] {
+            let fast: Vec<(usize, usize)> = long_runs(text, &ALNUM, min).collect();
+            let mut slow = Vec::new();
+            let mut i = 0;
+            while i < text.len() {
+                if ALNUM[usize::from(text[i])] {
+                    let s = i;
+                    while i < text.len() && ALNUM[usize::from(text[i])] {
+                        i += 1;
+                    }
+                    if i - s >= min {
+                        slow.push((s, i));
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            assert_eq!(fast, slow, "min {min}");
+        }
+    }
+
+    #[test]
+    fn next_digit_finds_every_digit_like_a_plain_scan() {
+        let text = "ab\u{e9}c 0x9f \u{663}\u{ff10}/:09 zz7 ~\u{80}8".as_bytes();
+        for from in 0..text.len() {
+            let slow = text[from..]
+                .iter()
+                .position(u8::is_ascii_digit)
+                .map(|o| from + o);
+            assert_eq!(next_digit(text, from), slow, "from {from}");
+        }
+        let all: Vec<u8> = (0..=255u8).collect();
+        let slow: Vec<usize> = (0..256).filter(|i| all[*i].is_ascii_digit()).collect();
+        let mut fast = Vec::new();
+        let mut at = 0;
+        while let Some(d) = next_digit(&all, at) {
+            fast.push(d);
+            at = d + 1;
+        }
+        assert_eq!(fast, slow);
+    }
 }
