@@ -956,11 +956,15 @@ fn in_pem_or_data(text: &str, at: usize) -> bool {
     }
     let before = text.get(from..at).unwrap_or("");
     if let Some(begin) = before.rfind("-----BEGIN ")
-        && !before[begin..].contains("-----END ")
+        && !before.get(begin..).unwrap_or("").contains("-----END ")
     {
         return true;
     }
-    let near = &before[before.len().saturating_sub(24)..];
+    let mut cut = before.len().saturating_sub(24);
+    while !before.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let near = before.get(cut..).unwrap_or("");
     near.contains(";base64,")
         || near.ends_with("sha256-")
         || near.ends_with("sha384-")

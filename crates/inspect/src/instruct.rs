@@ -268,13 +268,21 @@ impl Judge {
 
     /// Whether `text` instructs, judged for its context.
     pub fn judge(&self, text: &str, context: Context) -> Option<Verdict> {
-        let normal = normalize(text);
+        let (normal, map) = normalize_mapped(text);
         let threshold = match context {
             Context::Visible => self.visible_threshold,
             Context::Page => self.visible_threshold.max(PAGE_THRESHOLD),
             Context::Hidden | Context::Decoded => self.hidden_threshold,
         };
-        let mut best = self.rule_verdict(&normal, text.len());
+        // Rule spans refer to the normalised text; map them back to the source.
+        let mut best = self.rule_verdict(&normal, text.len()).map(|mut v| {
+            if let Some(map) = &map {
+                let back = |i: usize| map.get(i).copied().unwrap_or(text.len());
+                v.start = back(v.start);
+                v.end = back(v.end);
+            }
+            v
+        });
         // A few hidden words ("ignore: simplified code", a build comment) are too little for
         // the classifier to judge; the rules still do.
         if context != Context::Visible && normal.split_whitespace().nth(3).is_none() {
@@ -298,7 +306,15 @@ impl Judge {
 
     /// The rules alone (no classifier), for text that is not language (rotated guesses).
     pub fn rules_only(&self, text: &str) -> Option<Verdict> {
-        self.rule_verdict(&normalize(text), text.len())
+        let (normal, map) = normalize_mapped(text);
+        self.rule_verdict(&normal, text.len()).map(|mut v| {
+            if let Some(map) = &map {
+                let back = |i: usize| map.get(i).copied().unwrap_or(text.len());
+                v.start = back(v.start);
+                v.end = back(v.end);
+            }
+            v
+        })
     }
 
     fn rule_verdict(&self, normal: &str, original_len: usize) -> Option<Verdict> {
@@ -539,32 +555,56 @@ pub fn normalize(text: &str) -> String {
 /// words that also hold ASCII letters (a homoglyph swap), so native Cyrillic or Greek words
 /// stay themselves; full-width forms are always folded.
 fn normalize_unicode(text: &str) -> String {
+    normalize_mapped(text).0
+}
+
+/// [`normalize`] with, for non-ASCII text, the source byte offset of every byte of the result
+/// (offsets of ASCII text are unchanged, so it gets no map).
+pub fn normalize_mapped(text: &str) -> (String, Option<Vec<usize>>) {
+    if text.is_ascii() {
+        return (normalize(text), None);
+    }
     let mut out = String::with_capacity(text.len());
-    let visible: String = text
-        .chars()
-        .filter(|c| !crate::unicode::is_invisible(*c))
-        .map(|c| match u32::from(c) {
-            0xFF01..=0xFF5E | 0x3000 => crate::unicode::fold(c),
-            _ => c,
+    let mut map: Vec<usize> = Vec::with_capacity(text.len());
+    // (source offset, character) of what a reader sees, full width folded.
+    let visible: Vec<(usize, char)> = text
+        .char_indices()
+        .filter(|(_, c)| !crate::unicode::is_invisible(*c))
+        .map(|(at, c)| match u32::from(c) {
+            0xFF01..=0xFF5E | 0x3000 => (at, crate::unicode::fold(c)),
+            _ => (at, c),
         })
         .collect();
-    for word in visible.split_inclusive(|c: char| !c.is_alphanumeric()) {
-        let ascii = word.chars().any(|c| c.is_ascii_alphabetic());
-        let foreign = word.chars().any(|c| !c.is_ascii() && c.is_alphabetic());
-        for c in word.chars() {
+    let mut i = 0;
+    while i < visible.len() {
+        // One word (letters and digits) or one other character.
+        let start = i;
+        if visible.get(i).is_some_and(|(_, c)| c.is_alphanumeric()) {
+            while visible.get(i).is_some_and(|(_, c)| c.is_alphanumeric()) {
+                i += 1;
+            }
+        } else {
+            i += 1;
+        }
+        let word = visible.get(start..i).unwrap_or(&[]);
+        let ascii = word.iter().any(|(_, c)| c.is_ascii_alphabetic());
+        let foreign = word.iter().any(|(_, c)| !c.is_ascii() && c.is_alphabetic());
+        for &(at, c) in word {
             let c = if ascii && foreign && !c.is_ascii() {
                 crate::unicode::fold(c)
             } else {
                 c
             };
+            let before = out.len();
             if c.is_ascii() {
                 out.push(c.to_ascii_lowercase());
             } else {
                 out.extend(c.to_lowercase());
             }
+            map.extend(std::iter::repeat_n(at, out.len() - before));
         }
     }
-    out
+    (out, Some(map))
 }
 
 fn unleet(b: u8) -> u8 {

@@ -210,6 +210,21 @@ impl Inspector {
         if detectors.dlp {
             self.dlp.scan(text, &mut report.findings);
         }
+        // INVARIANT (spans-in-bounds): every span lies inside the text, on character
+        // boundaries (spans mapped back from decoded or normalised text can only be
+        // approximate; they are widened to whole characters).
+        for f in &mut report.findings {
+            let mut start = f.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let mut end = f.end.clamp(start, text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            f.start = start;
+            f.end = end;
+        }
         report.finish()
     }
 
