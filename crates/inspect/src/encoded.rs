@@ -144,11 +144,21 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             continue;
         };
         // Markup and URLs are made of the same characters; Ascii85 has no reason to hold an
-        // attribute, a scheme or an end tag (checked first: they are the cheap refusals).
-        if token.contains("=\"") || token.contains("://") || has_end_tag(token) {
-            continue;
+        // attribute (`="`), a scheme (`://`) or an end tag. One pass over the token decides.
+        let t = token.as_bytes();
+        let mut punct = 0;
+        let (mut attribute, mut scheme, mut closing) = (false, false, false);
+        for (k, &b) in t.iter().enumerate() {
+            if b.is_ascii_alphanumeric() {
+                continue;
+            }
+            punct += 1;
+            let next = t.get(k + 1).copied();
+            attribute |= b == b'=' && next == Some(b'"');
+            scheme |= b == b':' && t.get(k + 1..k + 3) == Some(b"//");
+            closing |= b == b'<' && next == Some(b'/');
         }
-        if token.bytes().filter(|b| !b.is_ascii_alphanumeric()).count() < 3 {
+        if punct < 3 || attribute || scheme || (closing && has_end_tag(token)) {
             continue;
         }
         let peeled = token
