@@ -25,6 +25,7 @@ use palisade_config::{ActionClass, ArgType, Config};
 use palisade_gateway::inspection::{self, Flow, Verdict};
 use palisade_gateway::{Authenticator, Caller, DecisionPoint};
 use palisade_policy::{Action, ArgValue, RequestContext, Target};
+use regex::Regex;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -160,6 +161,8 @@ pub struct McpGateway {
     prompt_names: Mutex<std::collections::HashSet<String>>,
     /// When the lists were last fetched to resolve an unknown name (at most every 10 s).
     last_relist: Mutex<Option<Instant>>,
+    /// Resource templates per server (`uriTemplate` and its matcher), from the last listing.
+    templates: Mutex<Vec<(String, String, Regex)>>,
     pins: Mutex<HashMap<String, String>>,
     /// The last changed definition audited per tool, so each change is reported once.
     reported: Mutex<HashMap<String, String>>,
@@ -236,6 +239,7 @@ impl McpGateway {
             resource_servers: Mutex::default(),
             prompt_names: Mutex::default(),
             last_relist: Mutex::default(),
+            templates: Mutex::default(),
             pins: Mutex::new(pins),
             reported: Mutex::default(),
         })
@@ -615,7 +619,7 @@ impl McpGateway {
                 self.read(&caller, &params, Readable::Prompts, started)
                     .await
             }
-            "resources/templates/list" => Ok(json!({ "resourceTemplates": [] })),
+            "resources/templates/list" => self.list_templates(&caller).await,
             other => Err(RpcError::new(
                 -32601,
                 format!("method `{other}` is not supported by the Palisade MCP gateway"),
@@ -1281,6 +1285,89 @@ impl McpGateway {
         Ok(json!({ kind.field(): shown }))
     }
 
+    /// `resources/templates/list`, merged over the servers: each template is shown if its
+    /// server may be read by the caller (decided on `Palisade::Resource::"<server>/<template>"`);
+    /// the matchers are kept so a read of a URI no server listed goes to the one server whose
+    /// template it matches.
+    async fn list_templates(&self, caller: &Caller) -> Result<Value, RpcError> {
+        let mut pending = tokio::task::JoinSet::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            let server = server.clone();
+            pending.spawn(async move {
+                let mut all = Vec::new();
+                let mut cursor: Option<String> = None;
+                for _ in 0..20 {
+                    let params = match &cursor {
+                        Some(c) => json!({ "cursor": c }),
+                        None => json!({}),
+                    };
+                    let Ok(page) = server.request("resources/templates/list", params).await else {
+                        break;
+                    };
+                    if let Some(items) = page.get("resourceTemplates").and_then(Value::as_array) {
+                        all.extend(items.iter().cloned());
+                    }
+                    cursor = page
+                        .get("nextCursor")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+                (i, all)
+            });
+        }
+        let mut lists: Vec<Vec<Value>> = self.servers.iter().map(|_| Vec::new()).collect();
+        while let Some(done) = pending.join_next().await {
+            if let Ok((i, items)) = done
+                && let Some(slot) = lists.get_mut(i)
+            {
+                *slot = items;
+            }
+        }
+        let mut matchers = Vec::new();
+        let mut shown = Vec::new();
+        for (server, items) in self.servers.iter().zip(lists) {
+            for item in items.into_iter().take(10_000) {
+                let Some(template) = item.get("uriTemplate").and_then(Value::as_str) else {
+                    continue;
+                };
+                let Some(matcher) = template_matcher(template) else {
+                    continue;
+                };
+                matchers.push((server.config().name.clone(), template.to_string(), matcher));
+                let (decision, _) = self.decide_read(caller, server, template);
+                if decision.allowed {
+                    shown.push(item);
+                }
+            }
+        }
+        *self.templates.lock().unwrap_or_else(|p| p.into_inner()) = matchers;
+        Ok(json!({ "resourceTemplates": shown }))
+    }
+
+    /// The one server whose resource template `uri` matches (`Err` if several do).
+    fn lookup_template(&self, uri: &str) -> Result<Option<Arc<Upstream>>, ()> {
+        let templates = self.templates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut owners: Vec<&str> = templates
+            .iter()
+            .filter(|(_, _, m)| m.is_match(uri))
+            .map(|(s, _, _)| s.as_str())
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        match owners.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(self
+                .servers
+                .iter()
+                .find(|s| s.config().name == *one)
+                .cloned()),
+            _ => Err(()),
+        }
+    }
+
     /// `resources/read` or `prompts/get`: decided as a read, forwarded, audited as `mcp.read`.
     async fn read(
         &self,
@@ -1326,7 +1413,12 @@ impl McpGateway {
                 if matches!(owner, Ok(None)) && self.may_relist() {
                     // Not listed yet: list once (at most every 10 s), then look again.
                     let _ = self.list_readables(caller, Readable::Resources).await;
+                    let _ = self.list_templates(caller).await;
                     owner = self.lookup_resource(uri);
+                }
+                if matches!(owner, Ok(None)) {
+                    // A URI of a server's resource template.
+                    owner = self.lookup_template(uri);
                 }
                 let server = match owner {
                     Ok(Some(s)) => s,
@@ -1981,6 +2073,36 @@ fn joined(r: Result<Result<Value, RpcError>, tokio::task::JoinError>) -> Result<
     })
 }
 
+/// A matcher for an RFC 6570 URI template (the forms MCP servers use): `{var}` is one path
+/// segment's worth (no `/`, `?` or `#`), `{+var}` and `{#var}` anything, `{/var}` path
+/// segments, `{?var}` and `{&var}` a query. `None` for a template that is not one.
+fn template_matcher(template: &str) -> Option<Regex> {
+    if template.len() > 2048 {
+        return None;
+    }
+    let mut pattern = String::from("^");
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        pattern.push_str(&regex::escape(rest.get(..open)?));
+        let close = rest.get(open..)?.find('}')? + open;
+        let expr = rest.get(open + 1..close)?;
+        pattern.push_str(match expr.chars().next()? {
+            '+' | '#' => ".*",
+            '/' => "(?:/[^/?#]*)*",
+            '?' | '&' => "(?:[?&][^#]*)?",
+            '.' => "(?:\\.[^/?#.]*)*",
+            _ => "[^/?#]*",
+        });
+        rest = rest.get(close + 1..)?;
+    }
+    if rest.contains('}') {
+        return None;
+    }
+    pattern.push_str(&regex::escape(rest));
+    pattern.push('$');
+    Regex::new(&pattern).ok()
+}
+
 /// Keys whose string values are protocol data, not content (never inspected or rewritten).
 const SKIPPED_KEYS: &[&str] = &["_meta", "type", "mimeType", "uri", "name", "role"];
 
@@ -2146,4 +2268,49 @@ fn accepted() -> Response<Body> {
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::ACCEPTED;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn uri_templates_match_the_uris_they_describe() {
+        let cases = [
+            (
+                "demo://resource/dynamic/text/{id}",
+                "demo://resource/dynamic/text/7",
+                true,
+            ),
+            (
+                "demo://resource/dynamic/text/{id}",
+                "demo://resource/dynamic/text/7/x",
+                false,
+            ),
+            (
+                "demo://resource/dynamic/text/{id}",
+                "demo://resource/dynamic/blob/7",
+                false,
+            ),
+            ("file:///{+path}", "file:///etc/hosts", true),
+            (
+                "repo://{owner}/{repo}/issues{?state}",
+                "repo://a/b/issues?state=open",
+                true,
+            ),
+            (
+                "repo://{owner}/{repo}/issues{?state}",
+                "repo://a/b/issues",
+                true,
+            ),
+            ("a.b/{x}", "aXb/1", false),
+        ];
+        for (template, uri, expected) in cases {
+            let m = template_matcher(template).unwrap();
+            assert_eq!(m.is_match(uri), expected, "{template} vs {uri}");
+        }
+        assert!(template_matcher("bad://{unclosed").is_none());
+        assert!(template_matcher("bad://x}").is_none());
+    }
 }

@@ -752,7 +752,8 @@ forbid (principal, action, resource == Palisade::Resource::"everything/prompt:ar
             { "name": "everything__get-env", "arguments": {} },
         ]),
         Some(json!({
-            "resources": ["<first>"],
+            // The second is no listed resource: it is one of the server's resource templates.
+            "resources": ["<first>", "demo://resource/dynamic/text/7"],
             "prompts": ["everything__simple-prompt", "everything__args-prompt"],
         })),
     );
@@ -771,9 +772,13 @@ forbid (principal, action, resource == Palisade::Resource::"everything/prompt:ar
         seen["reads"][0]["ok"], true,
         "the first resource reads: {seen}"
     );
-    assert_eq!(seen["reads"][1]["ok"], true, "simple-prompt: {seen}");
+    assert_eq!(
+        seen["reads"][1]["ok"], true,
+        "a URI of a resource template reads: {seen}"
+    );
+    assert_eq!(seen["reads"][2]["ok"], true, "simple-prompt: {seen}");
     assert!(
-        seen["reads"][2]["error"]
+        seen["reads"][3]["error"]
             .as_str()
             .unwrap_or("")
             .contains("everything.no-args-prompt"),

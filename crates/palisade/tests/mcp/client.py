@@ -4,7 +4,7 @@ usage: client.py URL TOKEN CALLS_JSON [READS_JSON]
 Initialises, lists tools, makes the calls (a call with "progress": true asks for progress
 reports and records them), and prints one JSON object with what it saw. With
 READS_JSON ({"resources": [uri, ...], "prompts": [name, ...]}) it also lists resources and
-prompts and reads those.
+prompts and reads those ("<first>" stands for the first listed resource).
 """
 
 import asyncio
@@ -54,9 +54,10 @@ async def main(url: str, token: str, calls_json: str, reads_json: str = "") -> N
                     prompts = await session.list_prompts()
                     out["prompts"] = sorted(p.name for p in prompts.prompts)
                     out["reads"] = []
-                    uris = reads.get("resources", [])
-                    if uris == ["<first>"]:
-                        uris = out["resources"][:1]
+                    uris = [
+                        (out["resources"][0] if out["resources"] else "none://") if u == "<first>" else u
+                        for u in reads.get("resources", [])
+                    ]
                     for uri in uris:
                         try:
                             r = await session.read_resource(uri)
