@@ -321,7 +321,7 @@ async fn the_trifecta_rule_stops_exfiltration_once_a_session_is_tainted_and_sens
         body["deciding_policies"]
             .as_array()
             .unwrap()
-            .contains(&json!("palisade.trifecta")),
+            .contains(&json!("palisade.trifecta.write")),
         "{body}"
     );
     h.server.stop().await;
