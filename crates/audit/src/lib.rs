@@ -6,6 +6,8 @@
 //! INVARIANT (no-secrets): events are built from typed fields; nothing here copies headers or
 //! bodies, so a token or secret can only enter an event if a caller puts it in a field by name.
 
+pub mod checkpoint;
+
 use palisade_core::store::{Store, StoreError, StoredAuditEvent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

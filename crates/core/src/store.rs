@@ -61,7 +61,7 @@ pub struct RevocationRecord {
 }
 
 /// An audit event as stored, with its place in the hash chain.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredAuditEvent {
     /// Position in the chain, from 1, without gaps.
     pub seq: u64,
@@ -162,6 +162,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every content label: `(resource, label)`.
     fn content_labels(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Stores a signed audit checkpoint (JSON) of the chain at `seq`.
+    fn put_audit_checkpoint(&self, seq: u64, checkpoint: &str) -> Result<(), StoreError>;
+    /// The latest `limit` audit checkpoints (JSON), newest first.
+    fn audit_checkpoints(&self, limit: usize) -> Result<Vec<String>, StoreError>;
 
     /// The last event of the audit chain.
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;

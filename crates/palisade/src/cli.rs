@@ -429,8 +429,32 @@ enum AuditCmd {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Check the hash chain in the database file; names the first bad event.
-    Verify,
+    /// Check the hash chain, in the database file or in an exported FILE (without the server):
+    /// every link, every signed checkpoint, and that no event a checkpoint signed is missing.
+    Verify {
+        /// An export written by `palisade audit export` (default: the database in --data-dir).
+        file: Option<PathBuf>,
+        /// A checkpoint (JSON, from `palisade audit checkpoint`) to trust as the starting point
+        /// and as the least the chain must reach.
+        #[arg(long, value_name = "CHECKPOINT.json")]
+        from: Option<PathBuf>,
+        /// The public key (base64url) or key id every checkpoint must be signed by.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Write the events (after --after) and every signed checkpoint as JSON lines, from the
+    /// database in --data-dir (the server may be running).
+    Export {
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Only events after this sequence number (pair with `verify --from`).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Sign the chain's head now and print the checkpoint (keep it: `verify --from` checks
+    /// later exports against it).
+    Checkpoint,
 }
 
 #[derive(Subcommand)]
@@ -546,7 +570,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit(AuditCmd::Tail { limit, follow }) => {
             audit_tail(&client()?, limit, follow, cli.json).await
         }
-        Command::Audit(AuditCmd::Verify) => audit_verify(&data_dir, cli.json),
+        Command::Audit(AuditCmd::Verify { file, from, key }) => {
+            audit_verify_export(file, &data_dir, from, key, cli.json)
+        }
+        Command::Audit(AuditCmd::Export { out, after }) => audit_export(&data_dir, out, after),
+        Command::Audit(AuditCmd::Checkpoint) => {
+            let v = client()?
+                .call(Method::POST, "/audit/checkpoints", None)
+                .await?;
+            println!("{}", pretty(&v));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(cmd) => policy(cmd, &client, cli.json).await,
         Command::Owner(OwnerCmd::Kill { id, why }) => {
             let v = kill(&client()?, &format!("/owners/{id}/kill"), why).await?;
@@ -1266,35 +1300,93 @@ fn print_event(item: &Value, as_json: bool) {
     );
 }
 
-fn audit_verify(data_dir: &std::path::Path, as_json: bool) -> Result<ExitCode> {
+fn audit_export(data_dir: &std::path::Path, out: Option<PathBuf>, after: u64) -> Result<ExitCode> {
     let store =
         palisade_store::SqliteStore::open_existing(data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    match palisade_audit::verify(&store) {
+    let count = match &out {
+        Some(path) => {
+            let tmp = path.with_extension("partial");
+            let mut file = std::io::BufWriter::new(
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?,
+            );
+            let n = palisade_audit::checkpoint::export(&store, after, &mut file)?;
+            use std::io::Write;
+            file.flush()
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            drop(file);
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot move the export to {}", path.display()))?;
+            n
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            palisade_audit::checkpoint::export(&store, after, &mut stdout)?
+        }
+    };
+    eprintln!("exported {count} events");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify_export(
+    file: Option<PathBuf>,
+    data_dir: &std::path::Path,
+    from: Option<PathBuf>,
+    key: Option<String>,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let text = match &file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        None => {
+            let store = palisade_store::SqliteStore::open_existing(data_dir)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut buf = Vec::new();
+            palisade_audit::checkpoint::export(&store, 0, &mut buf)?;
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    let from = match &from {
+        Some(path) => {
+            let json = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Some(
+                serde_json::from_str::<palisade_audit::checkpoint::Checkpoint>(&json)
+                    .with_context(|| {
+                        format!(
+                            "{} is not a checkpoint (save the output of `palisade audit checkpoint`)",
+                            path.display()
+                        )
+                    })?,
+            )
+        }
+        None => None,
+    };
+    match palisade_audit::checkpoint::verify_export(&text, from.as_ref(), key.as_deref()) {
         Ok(report) => {
             if as_json {
-                println!(
-                    "{}",
-                    json!({ "ok": true, "events": report.events, "head_hash": report.head_hash })
-                );
+                println!("{}", json!({ "ok": true, "report": report }));
             } else {
                 println!(
-                    "audit chain intact: {} events, head {}",
-                    report.events, report.head_hash
+                    "audit chain intact: {} events up to event {}, head {}; {} signed checkpoints verified (latest at event {})",
+                    report.events,
+                    report.last_seq,
+                    report.head_hash,
+                    report.checkpoints,
+                    report
+                        .last_checkpoint
+                        .map_or("-".to_string(), |s| s.to_string())
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(palisade_audit::VerifyError::Broken(f)) => {
+        Err(e) => {
             if as_json {
-                println!(
-                    "{}",
-                    json!({ "ok": false, "seq": f.seq, "event_id": f.event_id, "reason": f.reason })
-                );
+                println!("{}", json!({ "ok": false, "reason": e.to_string() }));
             } else {
-                eprintln!("{f}");
+                eprintln!("{e}");
             }
             Ok(ExitCode::FAILURE)
         }
-        Err(e) => bail!("cannot verify: {e}"),
     }
 }

@@ -505,6 +505,61 @@ fn default_limit() -> usize {
     100
 }
 
+/// `GET /api/v1/audit/checkpoints`: the latest 100 signed checkpoints, newest first.
+pub async fn audit_checkpoints(State(app): State<Arc<App>>) -> Response {
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.audit_checkpoints(100)).await {
+        Ok(Ok(list)) => {
+            let items: Vec<Value> = list
+                .iter()
+                .filter_map(|j| serde_json::from_str(j).ok())
+                .collect();
+            axum::Json(json!({ "items": items })).into_response()
+        }
+        _ => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the audit store failed; see the server log",
+            None,
+        ),
+    }
+}
+
+/// `POST /api/v1/audit/checkpoints`: signs the head now (if it moved since the last one) and
+/// returns the latest checkpoint, for an auditor to keep.
+pub async fn audit_checkpoint_now(State(app): State<Arc<App>>) -> Response {
+    let (store, key, clock) = (
+        app.store.clone(),
+        app.checkpoint_key.clone(),
+        app.tokens.clock(),
+    );
+    let done = tokio::task::spawn_blocking(move || {
+        crate::audit_checkpoint(store.as_ref(), &key, clock.as_ref());
+        store.audit_checkpoints(1)
+    })
+    .await;
+    match done {
+        Ok(Ok(latest)) => match latest
+            .first()
+            .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        {
+            Some(c) => axum::Json(c).into_response(),
+            None => error_response(
+                StatusCode::CONFLICT,
+                "no_events",
+                "the audit log is empty; there is nothing to sign yet",
+                None,
+            ),
+        },
+        _ => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the audit store failed; see the server log",
+            None,
+        ),
+    }
+}
+
 /// `GET /api/v1/audit/events?after=SEQ&limit=N`.
 pub async fn audit_events(
     State(app): State<Arc<App>>,

@@ -60,6 +60,8 @@ pub struct App {
     pub identity_providers: oidc::Providers,
     /// The MCP gateway at `/mcp`.
     pub mcp: Arc<palisade_mcp::McpGateway>,
+    /// Signs the audit chain's checkpoints.
+    pub checkpoint_key: Arc<ed25519_dalek::SigningKey>,
 }
 
 /// Why the server did not start.
@@ -108,6 +110,7 @@ pub struct RunningServer {
     checkpointer: palisade_store::Checkpointer,
     watcher: tokio::task::JoinHandle<()>,
     sweeper: tokio::task::JoinHandle<()>,
+    checkpoints: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -126,11 +129,18 @@ impl RunningServer {
             checkpointer,
             watcher,
             sweeper,
+            checkpoints,
             ..
         } = self;
         let _ = task.await;
         watcher.abort();
         sweeper.abort();
+        checkpoints.abort();
+        let (store, key, clock) = (
+            app.store.clone(),
+            app.checkpoint_key.clone(),
+            app.tokens.clock(),
+        );
         // Last counters of live sessions, so a restart continues from them, and the audit
         // events of session ends still due.
         let sessions = app.tokens.sessions.clone();
@@ -145,7 +155,11 @@ impl RunningServer {
             tokio::task::spawn_blocking(move || writer.join()),
         )
         .await;
-        // Last: a final checkpoint after the audit log has drained.
+        // A signed checkpoint of the final head, then the last WAL checkpoint.
+        let _ = tokio::task::spawn_blocking(move || {
+            audit_checkpoint(store.as_ref(), &key, clock.as_ref());
+        })
+        .await;
         let _ = tokio::task::spawn_blocking(move || drop(checkpointer)).await;
     }
 
@@ -213,6 +227,9 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     );
     let (audit, writer) = AuditLog::start(store.clone())?;
     let inspection_key = ensure_key(&config.server.data_dir.join(INSPECTION_KEY_FILE))?;
+    let checkpoint_key = Arc::new(ed25519_dalek::SigningKey::from_bytes(&ensure_key(
+        &config.server.data_dir.join(AUDIT_CHECKPOINT_KEY_FILE),
+    )?));
     let inspector = Arc::new(palisade_inspect::Inspector::new(inspection_key));
     let provenance: Arc<dyn palisade_gateway::inspection::Provenance> = Arc::new(
         provenance::StoreProvenance::load(store.clone(), tokens.sessions.clone(), clock.clone())
@@ -246,6 +263,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     let identity_providers =
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        checkpoint_key,
         mcp,
         identity_providers,
         config,
@@ -267,6 +285,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .map_err(|e| StartError::Other(e.to_string()))?;
 
     let watcher = policy::watch(Arc::downgrade(&app), std::time::Duration::from_secs(1));
+    let checkpoints = checkpoint_task(Arc::downgrade(&app), AUDIT_CHECKPOINT_EVERY);
     let sweeper = sessions::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -303,10 +322,56 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         checkpointer,
         watcher,
         sweeper,
+        checkpoints,
     })
 }
 
-/// Reads the admin token file, creating it (mode 0600) with a fresh token on first start.
+/// How often the audit chain's head is signed (when it moved).
+pub const AUDIT_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The key that signs audit checkpoints, created `0600` on first start.
+pub const AUDIT_CHECKPOINT_KEY_FILE: &str = "audit-checkpoint.key";
+
+/// Signs and stores a checkpoint of the head if it moved; logs failures.
+pub fn audit_checkpoint(
+    store: &dyn Store,
+    key: &ed25519_dalek::SigningKey,
+    clock: &dyn palisade_core::Clock,
+) -> Option<palisade_audit::checkpoint::Checkpoint> {
+    let now = i64::try_from(clock.now().unix_nanos()).unwrap_or(i64::MAX);
+    match palisade_audit::checkpoint::checkpoint_now(store, key, now) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store an audit checkpoint");
+            None
+        }
+    }
+}
+
+fn checkpoint_task(
+    app: std::sync::Weak<App>,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(app) = app.upgrade() else { return };
+            let (store, key, clock) = (
+                app.store.clone(),
+                app.checkpoint_key.clone(),
+                app.tokens.clock(),
+            );
+            drop(app);
+            let _ = tokio::task::spawn_blocking(move || {
+                audit_checkpoint(store.as_ref(), &key, clock.as_ref());
+            })
+            .await;
+        }
+    })
+}
+
 /// The key of the inspection fingerprints (keyed hashes of PII and secrets in audit events),
 /// created on first start next to the admin token.
 pub const INSPECTION_KEY_FILE: &str = "inspection.key";
@@ -346,6 +411,7 @@ fn ensure_key(path: &std::path::Path) -> Result<[u8; 32], StartError> {
     }
 }
 
+/// Reads the admin token file, creating it (mode 0600) with a fresh token on first start.
 fn ensure_admin_token(path: &std::path::Path) -> Result<[u8; 32], StartError> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
@@ -394,6 +460,10 @@ fn router(app: Arc<App>) -> Router {
         .route("/keys", get(admin::keys))
         .route("/keys/rotate", post(admin::rotate_keys))
         .route("/audit/events", get(admin::audit_events))
+        .route(
+            "/audit/checkpoints",
+            get(admin::audit_checkpoints).post(admin::audit_checkpoint_now),
+        )
         .route("/policy", get(policy::status))
         .route("/policy/reload", post(policy::reload))
         .route("/policy/agents/{id}", get(policy::show_agent))

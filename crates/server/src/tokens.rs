@@ -320,6 +320,11 @@ impl TokenService {
         self.clock.now()
     }
 
+    /// The clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
     /// The checks every token request makes before a token is signed, first or renewal: the
     /// agent's access review is not overdue and the request falls in its allowed hours and
     /// weekdays (the temporal blast radius). Status is checked by client authentication, and

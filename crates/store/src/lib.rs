@@ -97,6 +97,13 @@ const MIGRATIONS: &[&str] = &[
         labeled_ns INTEGER NOT NULL
     );
     "#,
+    // 5: signed checkpoints of the audit chain's head.
+    r#"
+    CREATE TABLE audit_checkpoints (
+        seq  INTEGER PRIMARY KEY,
+        data TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -660,6 +667,32 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn put_audit_checkpoint(&self, seq: u64, checkpoint: &str) -> Result<(), StoreError> {
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Backend("seq overflow".into()))?;
+        self.main()?
+            .execute(
+                "INSERT INTO audit_checkpoints (seq, data) VALUES (?1, ?2) \
+                 ON CONFLICT(seq) DO UPDATE SET data = excluded.data",
+                params![seq, checkpoint],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn audit_checkpoints(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT data FROM audit_checkpoints ORDER BY seq DESC LIMIT ?1")
+            .map_err(backend)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map([limit], |r| r.get(0))
+            .map_err(backend)?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
     }
 
     fn content_labels(&self) -> Result<Vec<(String, String)>, StoreError> {

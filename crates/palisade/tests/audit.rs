@@ -1,0 +1,140 @@
+//! Tamper evidence an auditor can use without the server: signed checkpoints, exports, and
+//! `palisade audit verify` on an exported file (modification, tail deletion, forged keys).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use reqwest::Method;
+use serde_json::Value;
+use std::path::Path;
+use support::Harness;
+
+fn palisade(args: &[&str], data_dir: &Path) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_verify_offline_and_tampering_or_tail_deletion_is_named() {
+    let h = Harness::start("audit-export").await;
+    let token = h.agent_token("auditor-subject", &["tickets"]).await;
+    for _ in 0..3 {
+        assert_eq!(h.get_tickets(&token).await.status(), 200);
+    }
+    // The auditor asks for a checkpoint and keeps it.
+    let (s, checkpoint) = h.api(Method::POST, "/audit/checkpoints", None).await;
+    assert_eq!(s, 200, "{checkpoint}");
+    let signed_seq = checkpoint["seq"].as_u64().unwrap();
+    assert!(signed_seq >= 5, "{checkpoint}");
+    let (_, listed) = h.api(Method::GET, "/audit/checkpoints", None).await;
+    assert_eq!(listed["items"][0]["seq"], checkpoint["seq"]);
+    // More events after the checkpoint.
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+    let data_dir = h.data_dir.clone();
+    h.server.stop().await;
+
+    let dir = support::temp_dir("audit-export-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kept = dir.join("checkpoint.json");
+    std::fs::write(&kept, checkpoint.to_string()).unwrap();
+    let export = dir.join("audit.jsonl");
+    let (ok, _, err) = palisade(
+        &["audit", "export", "--out", export.to_str().unwrap()],
+        &data_dir,
+    );
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&export).unwrap();
+
+    let verify = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["audit", "verify", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        palisade(&args, &dir)
+    };
+    let key_id = checkpoint["key_id"].as_str().unwrap().to_string();
+    let (ok, out, err) = verify(&export, &["--key", &key_id]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("audit chain intact"), "{out}");
+    // The server's final checkpoint at shutdown is in the export too.
+    assert!(out.contains("signed checkpoints verified"), "{out}");
+
+    // A modified event is named.
+    let lines: Vec<&str> = text.lines().collect();
+    let tampered_seq = 3;
+    let tampered: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            if v["type"] == "event" && v["seq"] == tampered_seq {
+                l.replace("gateway.decision", "gateway.decisioX")
+                    .replace("server.start", "server.stArt")
+                    .replace("\\\"allowed\\\":true", "\\\"allowed\\\":false")
+                    .replace("agent:", "agenT:")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    let file = dir.join("tampered.jsonl");
+    std::fs::write(&file, tampered.join("\n")).unwrap();
+    let (ok, _, err) = verify(&file, &[]);
+    assert!(!ok);
+    assert!(err.contains(&format!("event {tampered_seq} ")), "{err}");
+
+    // Deleting the newest events and every later checkpoint is caught against the kept one.
+    let truncated: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            match v["type"].as_str().unwrap() {
+                "event" => v["seq"].as_u64().unwrap() < signed_seq - 1,
+                "checkpoint" => false,
+                _ => true,
+            }
+        })
+        .collect();
+    let file = dir.join("truncated.jsonl");
+    std::fs::write(&file, truncated.join("\n")).unwrap();
+    let (ok, out, _) = verify(&file, &[]);
+    assert!(
+        ok,
+        "without a checkpoint a shortened chain still links: {out}"
+    );
+    let (ok, _, err) = verify(&file, &["--from", kept.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("deleted"), "{err}");
+
+    // An export that starts after the kept checkpoint verifies from it.
+    let (ok, _, err) = palisade(
+        &[
+            "audit",
+            "export",
+            "--out",
+            dir.join("later.jsonl").to_str().unwrap(),
+            "--after",
+            &signed_seq.to_string(),
+        ],
+        &data_dir,
+    );
+    assert!(ok, "{err}");
+    let later = dir.join("later.jsonl");
+    let (ok, out, err) = verify(&later, &["--from", kept.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = verify(&later, &[]);
+    assert!(!ok, "without the checkpoint it cannot start mid-chain");
+    assert!(err.contains("--from"), "{err}");
+
+    // A checkpoint signed by another key is refused when the key is pinned.
+    let (ok, _, err) = verify(&export, &["--key", "0123456789abcdef"]);
+    assert!(!ok);
+    assert!(err.contains("not the pinned key"), "{err}");
+}
