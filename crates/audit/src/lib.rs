@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-/// Version of the event schema.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the event schema (2 added `trace_id` and `reasoning`).
+pub const SCHEMA_VERSION: u32 = 2;
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const MAX_BATCH: usize = 2048;
@@ -70,6 +70,22 @@ pub struct Delegation {
     pub actor_chain: Vec<String>,
 }
 
+/// An agent's reasoning trace for one action (`Palisade-Reasoning` header, or
+/// `_meta["palisade/reasoning"]` of an MCP call): capped, scanned, redacted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reasoning {
+    /// The text, at most 4 KiB, secrets and PII masked as `[REDACTED:<TYPE>]`.
+    pub text: String,
+    /// SHA-256 (hex) of the text as sent (before capping and masking).
+    pub sha256: String,
+    /// Whether it was longer than the cap.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Categories content inspection found in it (`secret`, `pii`, `injection`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<String>,
+}
+
 /// An alert-grade finding attached to an event, for detection rules and the SOC.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
@@ -95,6 +111,12 @@ pub struct AuditEvent {
     /// The request this belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The W3C trace id (from the caller's `traceparent`, or started here), 32 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The agent's stated reason for the action, as it sent it, with secrets and PII masked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<Reasoning>,
     /// The acting principal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<PrincipalRef>,
@@ -134,6 +156,8 @@ impl AuditEvent {
             time_ns: i64::try_from(now).unwrap_or(i64::MAX),
             kind: kind.to_string(),
             request_id: None,
+            trace_id: None,
+            reasoning: None,
             principal: None,
             action: None,
             resource: None,

@@ -259,6 +259,82 @@ pub fn blocked_message(verdict: &Verdict, flow: Flow, place: &str) -> String {
     }
 }
 
+/// Largest reasoning trace kept in an audit event.
+pub const MAX_REASONING: usize = 4096;
+
+/// An agent's reasoning trace as the audit log keeps it: capped, scanned, secrets and PII
+/// masked (never stored as sent), with a hash of what was sent.
+pub fn reasoning(inspector: &Inspector, sent: &str) -> palisade_audit::Reasoning {
+    use sha2::Digest;
+    let sha256 = palisade_core::secret::hex(&sha2::Sha256::digest(sent.as_bytes()));
+    let mut end = sent.len().min(MAX_REASONING);
+    while !sent.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept = sent.get(..end).unwrap_or("");
+    let report = inspector.inspect(kept, Detectors::default());
+    let mut findings: Vec<String> = report
+        .findings
+        .iter()
+        .map(|f| f.category.as_str().to_string())
+        .collect();
+    findings.sort();
+    findings.dedup();
+    let text = inspector.sanitize_with(
+        kept,
+        &report,
+        &[Category::Secret, Category::Pii, Category::ExfilIndicator],
+        false,
+    );
+    palisade_audit::Reasoning {
+        text,
+        sha256,
+        truncated: end < sent.len(),
+        findings,
+    }
+}
+
+/// The W3C trace context of a request: the caller's `traceparent` when it is well formed
+/// (version 00, 32 hex trace id, 16 hex parent id, 2 hex flags, ids not all zero), else a new
+/// one started here. Returns the trace id and the `traceparent` to send upstream.
+pub fn trace_context(header: Option<&str>) -> (String, String) {
+    let valid = header.and_then(|h| {
+        let parts: Vec<&str> = h.trim().split('-').collect();
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        match parts.as_slice() {
+            [v, trace, parent, flags]
+                if *v == "00"
+                    && hex(trace, 32)
+                    && hex(parent, 16)
+                    && hex(flags, 2)
+                    && trace.bytes().any(|b| b != b'0')
+                    && parent.bytes().any(|b| b != b'0') =>
+            {
+                Some((trace.to_string(), h.trim().to_string()))
+            }
+            _ => None,
+        }
+    });
+    valid.unwrap_or_else(|| {
+        // Random ids; should the OS generator fail, a time-based id still keeps traces apart.
+        let ids = palisade_core::secret::random_bytes::<24>().unwrap_or_else(|_| {
+            let mut b = [0u8; 24];
+            let now = uuid::Uuid::now_v7();
+            b[..16].copy_from_slice(now.as_bytes());
+            b[16..].copy_from_slice(&now.as_bytes()[8..]);
+            b
+        });
+        let trace = palisade_core::secret::hex(ids.get(..16).unwrap_or(&[]));
+        let parent = palisade_core::secret::hex(ids.get(16..).unwrap_or(&[]));
+        let header = format!("00-{trace}-{parent}-01");
+        (trace, header)
+    })
+}
+
 /// Whether a content type is text worth inspecting (text, JSON, XML, JavaScript, forms,
 /// Markdown, YAML, event streams). No content type counts as text.
 pub fn is_textual(content_type: Option<&str>) -> bool {
@@ -321,6 +397,42 @@ mod tests {
             Some(32)
         );
         assert!(blocked_message(&v, Flow::Send, "route `x`").contains("pii=CREDIT_CARD"));
+    }
+
+    #[test]
+    fn reasoning_is_capped_and_masked_and_trace_context_is_kept_or_started() {
+        let inspector = Inspector::new([1; 32]);
+        let r = reasoning(
+            &inspector,
+            "Refunding card 4111 1111 1111 1111 as the ticket asks.",
+        );
+        assert_eq!(
+            r.text,
+            "Refunding card [REDACTED:CREDIT_CARD] as the ticket asks."
+        );
+        assert_eq!(r.findings, vec!["pii"]);
+        assert!(!r.truncated);
+        let long = "a ".repeat(5000);
+        let r = reasoning(&inspector, &long);
+        assert!(r.truncated && r.text.len() <= MAX_REASONING);
+
+        let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_context(Some(given)),
+            (
+                "4bf92f3577b34da6a3ce929d0e0e4736".to_string(),
+                given.to_string()
+            )
+        );
+        for bad in [
+            None,
+            Some("garbage"),
+            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        ] {
+            let (trace, header) = trace_context(bad);
+            assert_eq!(trace.len(), 32);
+            assert!(header.starts_with(&format!("00-{trace}-")), "{header}");
+        }
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub struct Gateway {
     provenance: Arc<dyn Provenance>,
 }
 
+/// The header in which an agent states why it makes a request (audited, never forwarded).
+pub const REASONING_HEADER: &str = "palisade-reasoning";
+
 // RFC 9110 §7.6.1 hop-by-hop fields, plus proxy credentials; never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -176,7 +179,7 @@ impl Gateway {
     }
 
     /// Runs the phases for one request.
-    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Body>) -> Response<Body> {
         let started = Instant::now();
         let request_id = uuid::Uuid::now_v7().to_string();
         // INVARIANT (one-path): routing, classification, the decision and the forwarded request
@@ -207,6 +210,24 @@ impl Gateway {
         let mut event = AuditEvent::new("gateway.decision");
         event.request_id = Some(request_id.clone());
         event.detail = json!({ "route": route.name, "method": method.as_str(), "path": path });
+        // The trace this request belongs to (kept, or started here) travels upstream; the
+        // agent's reasoning is for the audit log only.
+        let (trace_id, traceparent) = inspection::trace_context(
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        event.trace_id = Some(trace_id);
+        if let Ok(v) = HeaderValue::from_str(&traceparent) {
+            req.headers_mut()
+                .insert(HeaderName::from_static("traceparent"), v);
+        }
+        if let Some(r) = req.headers_mut().remove(REASONING_HEADER) {
+            event.reasoning = Some(inspection::reasoning(
+                &self.inspector,
+                &String::from_utf8_lossy(r.as_bytes()),
+            ));
+        }
 
         // Phase 2: authenticate.
         let caller = match bearer(req.headers()) {
@@ -382,7 +403,6 @@ impl Gateway {
         }
 
         // Phase 4b: inspect what the agent sends, before the decision so policies see it.
-        let mut req = req;
         let mut send: Option<inspection::Verdict> = None;
         let inspect_send = route.inspection.enabled
             && (bytes_in.is_some_and(|n| n > 0)

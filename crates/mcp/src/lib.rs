@@ -465,6 +465,15 @@ impl McpGateway {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        // The W3C trace the request belongs to (the caller's, or started here).
+        let trace = Some(
+            inspection::trace_context(
+                req.headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok()),
+            )
+            .0,
+        );
         let accepts_stream = req
             .headers()
             .get_all(header::ACCEPT)
@@ -599,14 +608,23 @@ impl McpGateway {
                 match (wants_progress, accepts_stream) {
                     (Some(token), true) => {
                         match self
-                            .call_tool_streaming(&caller, params, started, token, id.clone())
+                            .call_tool_streaming(
+                                &caller,
+                                params,
+                                started,
+                                (token, trace.clone()),
+                                id.clone(),
+                            )
                             .await
                         {
                             Streamed::Done(outcome) => outcome,
                             Streamed::Stream(resp) => return resp,
                         }
                     }
-                    _ => self.call_tool(&caller, &params, started, None).await,
+                    _ => {
+                        self.call_tool(&caller, &params, started, None, trace.clone())
+                            .await
+                    }
                 }
             }
             "resources/list" => self.list_readables(&caller, Readable::Resources).await,
@@ -1593,17 +1611,17 @@ impl McpGateway {
         caller: &Caller,
         params: Value,
         started: Instant,
-        agent_token: Value,
+        (agent_token, trace): (Value, Option<String>),
         id: Value,
     ) -> Streamed {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
         let sink = progress::Sink { agent_token, tx };
         let this = self.clone();
         let caller = caller.clone();
-        let mut call =
-            tokio::spawn(
-                async move { this.call_tool(&caller, &params, started, Some(sink)).await },
-            );
+        let mut call = tokio::spawn(async move {
+            this.call_tool(&caller, &params, started, Some(sink), trace)
+                .await
+        });
         let first = tokio::select! {
             biased;
             done = &mut call => return Streamed::Done(joined(done)),
@@ -1661,8 +1679,16 @@ impl McpGateway {
         params: &Value,
         started: Instant,
         sink: Option<progress::Sink>,
+        trace_id: Option<String>,
     ) -> Result<Value, RpcError> {
         let mut event = AuditEvent::new("mcp.tool_call");
+        event.trace_id = trace_id;
+        if let Some(r) = params
+            .pointer("/_meta/palisade~1reasoning")
+            .and_then(Value::as_str)
+        {
+            event.reasoning = Some(inspection::reasoning(&self.inspector, r));
+        }
         event.principal = Some(PrincipalRef {
             id: caller.principal.id.to_string(),
             model: caller
@@ -1746,7 +1772,7 @@ impl McpGateway {
         let class = self.action_of(server, &definition);
         event.action = Some(class.as_str().into());
         let typed = typed_arguments(server, tool_name, &arguments)?;
-        event.detail["arguments"] = Value::Object(redacted(&typed, &arguments));
+        event.detail["arguments"] = Value::Object(redacted(&typed, &arguments, &self.inspector));
         // Counted before the decision, so `context.calls` includes this call (as on HTTP).
         if let Some(s) = &caller.session {
             s.count_call();
@@ -2028,8 +2054,12 @@ fn typed_arguments(
 }
 
 /// The declared argument values policies saw, for the audit event; secret-looking names are
-/// shown as `[redacted]`.
-fn redacted(typed: &[(String, ArgValue)], arguments: &Value) -> serde_json::Map<String, Value> {
+/// kept only as keyed fingerprints (`hmac:<hex>`).
+fn redacted(
+    typed: &[(String, ArgValue)],
+    arguments: &Value,
+    inspector: &palisade_inspect::Inspector,
+) -> serde_json::Map<String, Value> {
     typed
         .iter()
         .map(|(k, _)| {
@@ -2045,8 +2075,17 @@ fn redacted(typed: &[(String, ArgValue)], arguments: &Value) -> serde_json::Map<
             ]
             .iter()
             .any(|s| lower.contains(s));
+            // A secret-looking value is kept only as a keyed fingerprint: equal values can be
+            // correlated across events, the value itself cannot be read.
             let shown = if secret {
-                json!("[redacted]")
+                let value = arguments.get(k).map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+                json!(format!(
+                    "hmac:{}",
+                    inspector.fingerprint(value.as_deref().unwrap_or(""))
+                ))
             } else {
                 arguments.get(k).cloned().unwrap_or(Value::Null)
             };

@@ -171,7 +171,7 @@ async fn a_blocking_route_withholds_the_content_and_the_session_stays_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_egress_request_carrying_a_card_number_is_refused_before_the_upstream_sees_it() {
-    let (h, up) = start("inspect-egress", "").await;
+    let (h, _up) = start("inspect-egress", "").await;
     let secret = h.agent_secret("payer", &["tickets", "notes"]).await;
     let writer = h
         .scoped_token("agent:payer", &secret, "tickets:write", None)
@@ -198,14 +198,16 @@ async fn an_egress_request_carrying_a_card_number_is_refused_before_the_upstream
             .unwrap()
             .contains("pii=CREDIT_CARD")
     );
-    assert!(
-        !up.seen
+    let posted = |h: &Harness| {
+        h.upstream
+            .seen
             .lock()
             .unwrap()
             .iter()
-            .any(|s| s.method == "POST" && s.path == "/tickets/7"),
-        "the upstream never saw the request"
-    );
+            .filter(|s| s.method == "POST" && s.path == "/tickets/7")
+            .count()
+    };
+    assert_eq!(posted(&h), 0, "the upstream never saw the request");
     let event = decisions(&h)
         .await
         .into_iter()
@@ -225,6 +227,7 @@ async fn an_egress_request_carrying_a_card_number_is_refused_before_the_upstream
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    assert_eq!(posted(&h), 1, "the clean request reached the upstream");
     h.server.stop().await;
 }
 
@@ -398,5 +401,74 @@ async fn a_text_answer_over_the_inspection_cap_is_withheld_with_the_setting_name
     let resp = h.get_with("/tickets/docs/picture", &token).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap().len(), 5000);
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_context_travels_and_the_reasoning_is_audited_masked_but_never_forwarded() {
+    let (h, _up) = start("inspect-trace", "").await;
+    let (_, token, _) = agent_session(&h, "explainer", &["tickets"]).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = h
+        .http
+        .get(h.url("/tickets/77"))
+        .bearer_auth(&token)
+        .header("traceparent", traceparent)
+        .header(
+            "palisade-reasoning",
+            "The customer (card 4111 1111 1111 1111) asked for the ticket status.",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = h
+        .upstream
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.path == "/tickets/77")
+        .cloned()
+        .unwrap();
+    assert_eq!(seen.headers["traceparent"], traceparent, "propagated as is");
+    assert!(
+        !seen.headers.contains_key("palisade-reasoning"),
+        "the reasoning stays with Palisade"
+    );
+    let event = decisions(&h)
+        .await
+        .into_iter()
+        .find(|e| e["detail"]["path"] == "/tickets/77")
+        .unwrap();
+    assert_eq!(event["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(event["schema"], 2);
+    let reasoning = &event["reasoning"];
+    assert_eq!(
+        reasoning["text"],
+        "The customer (card [REDACTED:CREDIT_CARD]) asked for the ticket status.",
+        "{event}"
+    );
+    assert_eq!(reasoning["findings"], json!(["pii"]));
+    assert!(!event.to_string().contains("4111"));
+
+    // Without a traceparent one is started and sent upstream.
+    assert_eq!(h.get_with("/tickets/78", &token).await.status(), 200);
+    let started = h
+        .upstream
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.path == "/tickets/78")
+        .map(|s| s.headers["traceparent"].to_str().unwrap().to_string())
+        .unwrap();
+    let event = decisions(&h)
+        .await
+        .into_iter()
+        .find(|e| e["detail"]["path"] == "/tickets/78")
+        .unwrap();
+    let trace = event["trace_id"].as_str().unwrap();
+    assert!(started.starts_with(&format!("00-{trace}-")), "{started}");
     h.server.stop().await;
 }
