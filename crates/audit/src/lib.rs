@@ -7,6 +7,7 @@
 //! bodies, so a token or secret can only enter an event if a caller puts it in a field by name.
 
 pub mod checkpoint;
+pub mod query;
 
 use palisade_core::store::{Store, StoreError, StoredAuditEvent};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,23 @@ pub struct PrincipalRef {
     /// Owner id for agents and service accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// An agent's purpose tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+}
+
+impl PrincipalRef {
+    /// The reference to a principal: id, and for agents model, owner and purpose tag.
+    pub fn of(p: &palisade_core::Principal) -> Self {
+        Self {
+            id: p.id.to_string(),
+            model: p
+                .agent()
+                .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
+            owner: p.owner().map(ToString::to_string),
+            purpose: p.agent().map(|a| a.purpose_tag.clone()),
+        }
+    }
 }
 
 /// A policy decision as recorded.

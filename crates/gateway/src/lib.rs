@@ -282,6 +282,7 @@ impl Gateway {
         };
         event.action = Some(class.action.as_str().to_string());
         event.resource = Some(resource_name);
+        event.detail["resource_type"] = json!(class.kind);
 
         // Phase 4: limit.
         if bytes_in.is_some_and(|n| n > route.max_body_bytes) {
@@ -1153,13 +1154,7 @@ fn target_text(t: &Target<'_>) -> String {
 }
 
 fn principal_ref(p: &Principal) -> PrincipalRef {
-    PrincipalRef {
-        id: p.id.to_string(),
-        model: p
-            .agent()
-            .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
-        owner: p.owner().map(ToString::to_string),
-    }
+    PrincipalRef::of(p)
 }
 
 /// The bearer token of a request, or why there is none usable (`None`: no credentials at all).

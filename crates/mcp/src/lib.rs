@@ -1689,14 +1689,7 @@ impl McpGateway {
         {
             event.reasoning = Some(inspection::reasoning(&self.inspector, r));
         }
-        event.principal = Some(PrincipalRef {
-            id: caller.principal.id.to_string(),
-            model: caller
-                .principal
-                .agent()
-                .map(|a| format!("{}/{}@{}", a.model_provider, a.model, a.model_version)),
-            owner: caller.principal.owner().map(ToString::to_string),
-        });
+        event.principal = Some(PrincipalRef::of(&caller.principal));
         if let Some(human) = &caller.initiating_human {
             event.delegation = Some(palisade_audit::Delegation {
                 initiating_human: human.clone(),
@@ -1745,6 +1738,9 @@ impl McpGateway {
         };
         let (server_name, tool_name) = name.split_once(SEPARATOR).ok_or_else(unknown)?;
         event.resource = Some(format!("Palisade::Tool::\"{server_name}/{tool_name}\""));
+        if let Some(s) = self.servers.iter().find(|s| s.config().name == server_name) {
+            event.detail["resource_type"] = json!(s.config().kind);
+        }
         let _slot = self.enter_limits(caller)?;
         let server = self
             .servers

@@ -455,6 +455,18 @@ enum AuditCmd {
     /// Sign the chain's head now and print the checkpoint (keep it: `verify --from` checks
     /// later exports against it).
     Checkpoint,
+    /// Run a Kusto-like query over the log in --data-dir (works with the server stopped), e.g.
+    /// `AgentAuditLog | where action_taken == "write" | summarize count() by agent_id`.
+    Query {
+        /// The query.
+        query: String,
+        /// `table`, `json` or `csv`.
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// A named list for `in (...)`: `--list approved=agent:a,agent:b` (repeatable).
+        #[arg(long = "list", value_name = "NAME=A,B,...")]
+        lists: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -574,6 +586,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             audit_verify_export(file, &data_dir, from, key, cli.json)
         }
         Command::Audit(AuditCmd::Export { out, after }) => audit_export(&data_dir, out, after),
+        Command::Audit(AuditCmd::Query {
+            query,
+            format,
+            lists,
+        }) => audit_query(&data_dir, &query, &format, &lists, cli.json),
         Command::Audit(AuditCmd::Checkpoint) => {
             let v = client()?
                 .call(Method::POST, "/audit/checkpoints", None)
@@ -1298,6 +1315,54 @@ fn print_event(item: &Value, as_json: bool) {
         status,
         decision
     );
+}
+
+fn audit_query(
+    data_dir: &std::path::Path,
+    query: &str,
+    format: &str,
+    lists: &[String],
+    as_json: bool,
+) -> Result<ExitCode> {
+    let format = if as_json { "json" } else { format };
+    if !matches!(format, "table" | "json" | "csv") {
+        bail!("--format `{format}` is not table, json or csv");
+    }
+    let mut named = std::collections::HashMap::new();
+    for l in lists {
+        let Some((name, values)) = l.split_once('=') else {
+            bail!("--list `{l}` must look like NAME=a,b,c");
+        };
+        named.insert(
+            name.trim().to_string(),
+            values
+                .split(',')
+                .filter(|v| !v.is_empty())
+                .map(|v| json!(v.trim()))
+                .collect(),
+        );
+    }
+    let store =
+        palisade_store::SqliteStore::open_existing(data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows = palisade_audit::query::rows_from_store(&store)?;
+    let now = i64::try_from(palisade_core::Timestamp::now().unix_nanos()).unwrap_or(i64::MAX);
+    match palisade_audit::query::run(query, rows, now, &named) {
+        Ok(out) => {
+            print!("{}", palisade_audit::query::render(&out, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            // Show the line of the query with a caret under the offending token.
+            let before: String = query.chars().take(e.column.saturating_sub(1)).collect();
+            let line_no = before.matches('\n').count();
+            let col_in_line = before.rsplit('\n').next().unwrap_or("").chars().count();
+            let line = query.lines().nth(line_no).unwrap_or(query);
+            eprintln!("error: {e}");
+            eprintln!("  {line}");
+            eprintln!("  {}^", " ".repeat(col_in_line));
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+    }
 }
 
 fn audit_export(data_dir: &std::path::Path, out: Option<PathBuf>, after: u64) -> Result<ExitCode> {

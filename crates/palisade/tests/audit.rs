@@ -138,3 +138,88 @@ async fn exports_verify_offline_and_tampering_or_tail_deletion_is_named() {
     assert!(!ok);
     assert!(err.contains("not the pinned key"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_detection_queries_run_on_the_real_log_by_cli_and_api() {
+    let h = Harness::start("audit-query").await;
+    let token = h.agent_token("reviewer", &["tickets"]).await;
+    for _ in 0..4 {
+        assert_eq!(h.get_tickets(&token).await.status(), 200);
+    }
+    // The first of the seed's queries, as written (no agent here has that purpose, and
+    // tickets hold tickets, so it finds nothing: the point is that it runs).
+    let scope = r#"AgentAuditLog
+| where agent_purpose != "code-review" AND resource_type == "database"
+| where timestamp > ago(1h)
+| project agent_id, resource_accessed, action_taken, initiating_user"#;
+    let (s, body) = h
+        .api(
+            Method::POST,
+            "/audit/query",
+            Some(serde_json::json!({ "query": scope })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["rows"], serde_json::json!([]));
+    // The same shape finds the reviewer's reads of tickets.
+    let reads = r#"AgentAuditLog
+| where agent_purpose == "pull-request-review" and resource_type == "tickets"
+| where timestamp > ago(1h)
+| project agent_id, resource_accessed, action_taken, initiating_user"#;
+    let (s, body) = h
+        .api(
+            Method::POST,
+            "/audit/query",
+            Some(serde_json::json!({ "query": reads })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let rows = body["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{body}");
+    assert_eq!(rows[0]["agent_id"], "agent:reviewer");
+    assert_eq!(rows[0]["action_taken"], "read");
+
+    let (s, body) = h
+        .api(
+            Method::POST,
+            "/audit/query",
+            Some(serde_json::json!({ "query": "AgentAuditLog | where agnt_id == 'x'" })),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert_eq!(body["token"], "agnt_id");
+    assert_eq!(body["column"], 23);
+
+    let data_dir = h.data_dir.clone();
+    h.server.stop().await;
+    let volume = "AgentAuditLog
+| where kind == 'gateway.decision'
+| summarize action_count = count() by agent_id, bin(timestamp, 5m)
+| where action_count > percentile_threshold_95
+| project agent_id, action_count, timestamp";
+    let (ok, out, err) = palisade(&["audit", "query", volume, "--format", "csv"], &data_dir);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("agent_id,action_count,timestamp"), "{out}");
+    let secrets = "AgentAuditLog
+| where resource_type in (\"keyvault\", \"secrets-manager\", \"tickets\")
+| where action_taken == \"read\"
+| where not(agent_id in (approved_secret_consumers))";
+    let (ok, out, err) = palisade(
+        &[
+            "audit",
+            "query",
+            secrets,
+            "--list",
+            "approved_secret_consumers=agent:other",
+        ],
+        &data_dir,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("agent:reviewer") && out.contains("(4 rows)"),
+        "{out}"
+    );
+    let (ok, _, err) = palisade(&["audit", "query", "AgentAuditLog | wher x"], &data_dir);
+    assert!(!ok);
+    assert!(err.contains("unknown stage") && err.contains("^"), "{err}");
+}

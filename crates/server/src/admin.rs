@@ -505,6 +505,65 @@ fn default_limit() -> usize {
     100
 }
 
+/// Body of `POST /api/v1/audit/query`.
+#[derive(serde::Deserialize)]
+pub struct QueryBody {
+    query: String,
+    #[serde(default)]
+    lists: std::collections::HashMap<String, Vec<Value>>,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// `POST /api/v1/audit/query`: runs a Kusto-like query over the audit log; `{"rows": [...]}`, or
+/// with `"format": "csv"`/`"table"` the rendered text. A bad query is a 400 naming the token.
+pub async fn audit_query(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let body: QueryBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("the body must be {{\"query\": \"...\", \"lists\": {{...}}}}: {e}"),
+                None,
+            );
+        }
+    };
+    let store = app.store.clone();
+    let now = i64::try_from(app.tokens.now().unix_nanos()).unwrap_or(i64::MAX);
+    let result = tokio::task::spawn_blocking(move || {
+        palisade_audit::query::rows_from_store(store.as_ref())
+            .map(|rows| palisade_audit::query::run(&body.query, rows, now, &body.lists))
+            .map(|r| (r, body.format))
+    })
+    .await;
+    match result {
+        Ok(Ok((Ok(answer), format))) => match format.as_deref() {
+            Some(f @ ("csv" | "table")) => {
+                palisade_audit::query::render(&answer, f).into_response()
+            }
+            _ => axum::Json(json!({ "columns": answer.columns, "rows": answer.rows }))
+                .into_response(),
+        },
+        Ok(Ok((Err(e), _))) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({
+                "error": "bad_query",
+                "message": e.to_string(),
+                "column": e.column,
+                "token": e.token,
+            })),
+        )
+            .into_response(),
+        _ => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the audit store failed; see the server log",
+            None,
+        ),
+    }
+}
+
 /// `GET /api/v1/audit/checkpoints`: the latest 100 signed checkpoints, newest first.
 pub async fn audit_checkpoints(State(app): State<Arc<App>>) -> Response {
     let store = app.store.clone();

@@ -460,6 +460,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/keys", get(admin::keys))
         .route("/keys/rotate", post(admin::rotate_keys))
         .route("/audit/events", get(admin::audit_events))
+        .route("/audit/query", post(admin::audit_query))
         .route(
             "/audit/checkpoints",
             get(admin::audit_checkpoints).post(admin::audit_checkpoint_now),

@@ -384,11 +384,7 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
             }
         };
     let mut event = AuditEvent::new("token.issued");
-    event.principal = Some(palisade_audit::PrincipalRef {
-        id: principal.id.to_string(),
-        model: claims.model.clone(),
-        owner: claims.owner.clone(),
-    });
+    event.principal = Some(palisade_audit::PrincipalRef::of(&principal));
     event.action = Some(
         if delegation.is_some() {
             "token_exchange"

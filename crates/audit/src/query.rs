@@ -1,0 +1,1270 @@
+//! A small Kusto-like pipeline language over the audit log, enough to run detection queries as
+//! SOC teams write them:
+//!
+//! ```text
+//! AgentAuditLog
+//! | where agent_purpose != "code-review" and resource_type == "database"
+//! | where timestamp > ago(1h)
+//! | summarize action_count = count() by agent_id, bin(timestamp, 5m)
+//! | where action_count > percentile_threshold_95
+//! | project agent_id, action_count, timestamp
+//! ```
+//!
+//! Stages: `where`, `project`, `extend name = expr`, `summarize agg, ... [by key, ...]` (`count()`,
+//! `dcount(x)`, `sum(x)`, `avg(x)`, `min(x)`, `max(x)`, `percentile(x, p)`), `sort by x [asc|desc]`,
+//! `top n by x [asc|desc]`, `take n` / `limit n`. Expressions: `==`, `!=`, `<`, `<=`, `>`, `>=`,
+//! `in (...)`, `!in (...)`, `not(...)`, `and`/`or` (any case), `+ - * /`, strings, numbers,
+//! durations (`30s`, `5m`, `1h`, `7d`), `true`/`false`, `ago(d)`, `now()`, `bin(x, d)`,
+//! `tolower(x)`, `strlen(x)`, `isnull(x)`, `isnotnull(x)`. `percentile_threshold_NN` in a comparison is
+//! the NN-th percentile of the other side over the rows at that stage. A name that is no column
+//! is looked up in the named lists (from the config), else it is an error that points at it.
+//!
+//! The table is the audit log flattened to columns (see [`COLUMNS`]); any field of an event is
+//! also reachable by its path, e.g. `detail.route`.
+
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+
+/// The named columns of an event row, and where they come from.
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("timestamp", "event time (nanoseconds; shown as RFC 3339)"),
+    ("event_id", "event id"),
+    (
+        "kind",
+        "event kind (gateway.decision, mcp.tool_call, token.issued, ...)",
+    ),
+    ("agent_id", "acting principal id"),
+    ("agent_model", "provider/model@version of an agent"),
+    ("agent_owner", "owner of an agent"),
+    ("agent_purpose", "purpose tag of an agent"),
+    ("action_taken", "action (read, write, destructive, ...)"),
+    ("resource_accessed", "resource (Cedar entity)"),
+    (
+        "resource_type",
+        "what the resource holds (the route's or server's kind)",
+    ),
+    ("initiating_user", "the human who started a delegated task"),
+    ("allowed", "the decision"),
+    ("deciding_policies", "policies that decided"),
+    ("status", "response status"),
+    ("bytes_in", "request body bytes"),
+    ("bytes_out", "response body bytes"),
+    ("latency_us", "latency in microseconds"),
+    ("trace_id", "W3C trace id"),
+    ("request_id", "request id"),
+    ("session", "agent session id"),
+    ("alert_rule", "alert raised, if any"),
+    ("alert_severity", "its severity"),
+    ("reasoning", "the agent's stated reasoning (masked)"),
+];
+
+/// A query error, with where in the query it is (1-based character column).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (at column {column}: `{token}`)")]
+pub struct QueryError {
+    /// What is wrong.
+    pub message: String,
+    /// 1-based column of the offending token.
+    pub column: usize,
+    /// The offending token.
+    pub token: String,
+}
+
+/// Rows: one JSON object per event or per summarized group, in order.
+pub type Rows = Vec<Map<String, Value>>;
+
+/// The flattened row of one event (its JSON form), with the named columns.
+pub fn row_of(event: &Value) -> Map<String, Value> {
+    let get = |p: &str| event.pointer(p).cloned().unwrap_or(Value::Null);
+    let mut row = Map::new();
+    row.insert("timestamp".into(), get("/time_ns"));
+    row.insert("event_id".into(), get("/event_id"));
+    row.insert("kind".into(), get("/kind"));
+    row.insert("agent_id".into(), get("/principal/id"));
+    row.insert("agent_model".into(), get("/principal/model"));
+    row.insert("agent_owner".into(), get("/principal/owner"));
+    row.insert("agent_purpose".into(), get("/principal/purpose"));
+    row.insert("action_taken".into(), get("/action"));
+    row.insert("resource_accessed".into(), get("/resource"));
+    row.insert("resource_type".into(), get("/detail/resource_type"));
+    row.insert(
+        "initiating_user".into(),
+        get("/delegation/initiating_human"),
+    );
+    row.insert("allowed".into(), get("/decision/allowed"));
+    row.insert("deciding_policies".into(), get("/decision/policies"));
+    row.insert("status".into(), get("/outcome/status"));
+    row.insert("bytes_in".into(), get("/outcome/bytes_in"));
+    row.insert("bytes_out".into(), get("/outcome/bytes_out"));
+    row.insert("latency_us".into(), get("/latency_us"));
+    row.insert("trace_id".into(), get("/trace_id"));
+    row.insert("request_id".into(), get("/request_id"));
+    row.insert("session".into(), get("/detail/session"));
+    row.insert("alert_rule".into(), get("/alert/rule"));
+    row.insert("alert_severity".into(), get("/alert/severity"));
+    row.insert("reasoning".into(), get("/reasoning/text"));
+    row.insert("__event".into(), event.clone());
+    row
+}
+
+/// Every event of the store as rows (the whole log is read; fine for the sizes one SQLite
+/// deployment holds, and the scale-out issue moves queries to an indexed store).
+pub fn rows_from_store(
+    store: &dyn palisade_core::store::Store,
+) -> Result<Rows, palisade_core::store::StoreError> {
+    let mut rows = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_audit(after, 2000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            if let Ok(v) = serde_json::from_str::<Value>(&e.body) {
+                rows.push(row_of(&v));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Renders rows as an aligned text table, JSON or CSV (`format`: `table`, `json`, `csv`).
+pub fn render(answer: &Answer, format: &str) -> String {
+    let cols = &answer.columns;
+    let rows = &answer.rows;
+    match format {
+        "json" => serde_json::to_string_pretty(rows).unwrap_or_default(),
+        "csv" => {
+            let quote = |s: String| {
+                if s.contains([',', '"', '\n']) {
+                    format!("\"{}\"", s.replace('"', "\"\""))
+                } else {
+                    s
+                }
+            };
+            let mut out = cols.join(",");
+            out.push('\n');
+            for r in rows {
+                let line: Vec<String> = cols
+                    .iter()
+                    .map(|c| quote(cell(c, r.get(c).unwrap_or(&Value::Null))))
+                    .collect();
+                out.push_str(&line.join(","));
+                out.push('\n');
+            }
+            out
+        }
+        _ => {
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    cols.iter()
+                        .map(|c| cell(c, r.get(c).unwrap_or(&Value::Null)))
+                        .collect()
+                })
+                .collect();
+            let widths: Vec<usize> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    cells
+                        .iter()
+                        .map(|r| r.get(i).map_or(0, |s| s.chars().count().min(60)))
+                        .chain([c.len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let line = |values: Vec<String>| {
+                values
+                    .iter()
+                    .zip(&widths)
+                    .map(|(v, w)| {
+                        let v: String = v.chars().take(60).collect();
+                        format!("{v:<w$}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            let mut out = line(cols.clone());
+            out.push('\n');
+            for r in cells {
+                out.push_str(&line(r));
+                out.push('\n');
+            }
+            out.push_str(&format!("({} rows)\n", rows.len()));
+            out
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lexer
+
+#[derive(Clone, Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    Str(String),
+    Num(f64),
+    /// Nanoseconds.
+    Dur(i64),
+    Sym(&'static str),
+}
+
+#[derive(Clone, Debug)]
+struct Token {
+    tok: Tok,
+    column: usize,
+    text: String,
+}
+
+fn lex(q: &str) -> Result<Vec<Token>, QueryError> {
+    let chars: Vec<char> = q.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let err = |i: usize, message: String, text: String| QueryError {
+        message,
+        column: i + 1,
+        token: text,
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        if c == '"' || c == '\'' {
+            i += 1;
+            let mut s = String::new();
+            while i < chars.len() && chars[i] != c {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                s.push(chars[i]);
+                i += 1;
+            }
+            if i >= chars.len() {
+                return Err(err(start, "the string is not closed".into(), c.to_string()));
+            }
+            i += 1;
+            out.push(Token {
+                tok: Tok::Str(s),
+                column: start + 1,
+                text: chars[start..i].iter().collect(),
+            });
+            continue;
+        }
+        if c.is_ascii_digit() {
+            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+                i += 1;
+            }
+            let number: String = chars[start..i].iter().collect();
+            let unit_start = i;
+            while i < chars.len() && chars[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            let unit: String = chars[unit_start..i].iter().collect();
+            let text: String = chars[start..i].iter().collect();
+            let n: f64 = number
+                .parse()
+                .map_err(|_| err(start, "not a number".into(), text.clone()))?;
+            let tok = match unit.as_str() {
+                "" => Tok::Num(n),
+                "ms" => Tok::Dur((n * 1e6) as i64),
+                "s" => Tok::Dur((n * 1e9) as i64),
+                "m" => Tok::Dur((n * 60e9) as i64),
+                "h" => Tok::Dur((n * 3600e9) as i64),
+                "d" => Tok::Dur((n * 86400e9) as i64),
+                _ => {
+                    return Err(err(
+                        start,
+                        "not a number or duration (units: ms, s, m, h, d)".into(),
+                        text,
+                    ));
+                }
+            };
+            out.push(Token {
+                tok,
+                column: start + 1,
+                text,
+            });
+            continue;
+        }
+        if c.is_alphabetic() || c == '_' {
+            while i < chars.len()
+                && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+            {
+                i += 1;
+            }
+            let text: String = chars[start..i].iter().collect();
+            out.push(Token {
+                tok: Tok::Ident(text.clone()),
+                column: start + 1,
+                text,
+            });
+            continue;
+        }
+        let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
+        let sym = match two.as_str() {
+            "==" => Some("=="),
+            "!=" => Some("!="),
+            "<=" => Some("<="),
+            ">=" => Some(">="),
+            "!i" if chars.get(i + 2) == Some(&'n') => Some("!in"),
+            _ => None,
+        };
+        if let Some(s) = sym {
+            i += s.len();
+            out.push(Token {
+                tok: Tok::Sym(s),
+                column: start + 1,
+                text: s.into(),
+            });
+            continue;
+        }
+        let one = match c {
+            '|' => "|",
+            '(' => "(",
+            ')' => ")",
+            ',' => ",",
+            '<' => "<",
+            '>' => ">",
+            '=' => "=",
+            '+' => "+",
+            '-' => "-",
+            '*' => "*",
+            '/' => "/",
+            _ => {
+                return Err(err(start, "unexpected character".into(), c.to_string()));
+            }
+        };
+        i += 1;
+        out.push(Token {
+            tok: Tok::Sym(one),
+            column: start + 1,
+            text: one.into(),
+        });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parser
+
+#[derive(Clone, Debug)]
+enum Expr {
+    Lit(Value),
+    Col(String, usize),
+    Threshold(f64),
+    Call(String, Vec<Expr>, usize),
+    Not(Box<Expr>),
+    Bin(&'static str, Box<Expr>, Box<Expr>),
+    In(Box<Expr>, Vec<Expr>, bool),
+}
+
+#[derive(Clone, Debug)]
+struct Agg {
+    name: String,
+    func: String,
+    args: Vec<Expr>,
+}
+
+#[derive(Clone, Debug)]
+enum Stage {
+    Where(Expr),
+    Project(Vec<(String, Expr)>),
+    Extend(Vec<(String, Expr)>),
+    Summarize(Vec<Agg>, Vec<(String, Expr)>),
+    Sort(Expr, bool),
+    Top(usize, Expr, bool),
+    Take(usize),
+}
+
+struct Parser {
+    toks: Vec<Token>,
+    pos: usize,
+    end_column: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Token> {
+        self.toks.get(self.pos)
+    }
+    fn error(&self, message: &str) -> QueryError {
+        match self.peek() {
+            Some(t) => QueryError {
+                message: message.into(),
+                column: t.column,
+                token: t.text.clone(),
+            },
+            None => QueryError {
+                message: message.into(),
+                column: self.end_column,
+                token: "<end>".into(),
+            },
+        }
+    }
+    fn is_sym(&self, s: &str) -> bool {
+        matches!(self.peek(), Some(Token { tok: Tok::Sym(x), .. }) if *x == s)
+    }
+    fn is_word(&self, w: &str) -> bool {
+        matches!(self.peek(), Some(Token { tok: Tok::Ident(x), .. }) if x.eq_ignore_ascii_case(w))
+    }
+    fn expect_sym(&mut self, s: &str) -> Result<(), QueryError> {
+        if self.is_sym(s) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.error(&format!("expected `{s}`")))
+        }
+    }
+    fn ident(&mut self, what: &str) -> Result<(String, usize), QueryError> {
+        match self.peek() {
+            Some(Token {
+                tok: Tok::Ident(x),
+                column,
+                ..
+            }) => {
+                let r = (x.clone(), *column);
+                self.pos += 1;
+                Ok(r)
+            }
+            _ => Err(self.error(&format!("expected {what}"))),
+        }
+    }
+    fn number(&mut self, what: &str) -> Result<usize, QueryError> {
+        match self.peek() {
+            Some(Token {
+                tok: Tok::Num(n), ..
+            }) if *n >= 0.0 => {
+                let n = *n as usize;
+                self.pos += 1;
+                Ok(n)
+            }
+            _ => Err(self.error(&format!("expected {what}"))),
+        }
+    }
+
+    fn query(&mut self) -> Result<Vec<Stage>, QueryError> {
+        let (_table, _) = self.ident("a table name, e.g. `AgentAuditLog`")?;
+        let mut stages = Vec::new();
+        while self.peek().is_some() {
+            self.expect_sym("|")?;
+            let (op, _) =
+                self.ident("a stage: where, project, extend, summarize, sort, top, take or limit")?;
+            let stage = match op.to_ascii_lowercase().as_str() {
+                "where" => Stage::Where(self.expr()?),
+                "project" => Stage::Project(self.named_list()?),
+                "extend" => Stage::Extend(self.named_list()?),
+                "summarize" => {
+                    let mut aggs = vec![self.agg()?];
+                    while self.is_sym(",") {
+                        self.pos += 1;
+                        aggs.push(self.agg()?);
+                    }
+                    let keys = if self.is_word("by") {
+                        self.pos += 1;
+                        self.named_list()?
+                    } else {
+                        Vec::new()
+                    };
+                    Stage::Summarize(aggs, keys)
+                }
+                "sort" | "order" => {
+                    if !self.is_word("by") {
+                        return Err(self.error("expected `by`"));
+                    }
+                    self.pos += 1;
+                    let e = self.expr()?;
+                    Stage::Sort(e, self.direction())
+                }
+                "top" => {
+                    let n = self.number("how many rows")?;
+                    if !self.is_word("by") {
+                        return Err(self.error("expected `by`"));
+                    }
+                    self.pos += 1;
+                    let e = self.expr()?;
+                    Stage::Top(n, e, self.direction())
+                }
+                "take" | "limit" => Stage::Take(self.number("how many rows")?),
+                _ => {
+                    self.pos -= 1;
+                    return Err(self.error(
+                        "unknown stage; use where, project, extend, summarize, sort, top, take or limit",
+                    ));
+                }
+            };
+            stages.push(stage);
+        }
+        Ok(stages)
+    }
+
+    /// Descending unless `asc` is given (Kusto's default).
+    fn direction(&mut self) -> bool {
+        if self.is_word("asc") {
+            self.pos += 1;
+            false
+        } else {
+            if self.is_word("desc") {
+                self.pos += 1;
+            }
+            true
+        }
+    }
+
+    fn named_list(&mut self) -> Result<Vec<(String, Expr)>, QueryError> {
+        let mut out = vec![self.named()?];
+        while self.is_sym(",") {
+            self.pos += 1;
+            out.push(self.named()?);
+        }
+        Ok(out)
+    }
+
+    fn named(&mut self) -> Result<(String, Expr), QueryError> {
+        // `name = expr` or `expr` (named after its column or function).
+        if let (
+            Some(Token {
+                tok: Tok::Ident(n), ..
+            }),
+            Some(Token {
+                tok: Tok::Sym("="), ..
+            }),
+        ) = (self.toks.get(self.pos), self.toks.get(self.pos + 1))
+        {
+            let name = n.clone();
+            self.pos += 2;
+            return Ok((name, self.expr()?));
+        }
+        let e = self.expr()?;
+        let name = match &e {
+            Expr::Col(c, _) => c.clone(),
+            Expr::Call(f, args, _) => match args.first() {
+                Some(Expr::Col(c, _)) => c.clone(),
+                _ => f.clone(),
+            },
+            _ => "expr".into(),
+        };
+        Ok((name, e))
+    }
+
+    fn agg(&mut self) -> Result<Agg, QueryError> {
+        let (name, expr) = self.named()?;
+        match expr {
+            Expr::Call(func, args, column) => {
+                let f = func.to_ascii_lowercase();
+                if !matches!(
+                    f.as_str(),
+                    "count" | "dcount" | "sum" | "avg" | "min" | "max" | "percentile"
+                ) {
+                    return Err(QueryError {
+                        message: "not an aggregation; use count(), dcount(x), sum(x), avg(x), min(x), max(x) or percentile(x, p)".into(),
+                        column,
+                        token: func,
+                    });
+                }
+                let name = if name == func || name == "expr" {
+                    format!("{f}_")
+                } else {
+                    name
+                };
+                Ok(Agg {
+                    name: name.trim_end_matches('_').to_string(),
+                    func: f,
+                    args,
+                })
+            }
+            _ => Err(self.error("expected an aggregation such as count()")),
+        }
+    }
+
+    fn expr(&mut self) -> Result<Expr, QueryError> {
+        let mut left = self.and()?;
+        while self.is_word("or") {
+            self.pos += 1;
+            left = Expr::Bin("or", Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+    fn and(&mut self) -> Result<Expr, QueryError> {
+        let mut left = self.cmp()?;
+        while self.is_word("and") {
+            self.pos += 1;
+            left = Expr::Bin("and", Box::new(left), Box::new(self.cmp()?));
+        }
+        Ok(left)
+    }
+    fn cmp(&mut self) -> Result<Expr, QueryError> {
+        let left = self.add()?;
+        for op in ["==", "!=", "<=", ">=", "<", ">"] {
+            if self.is_sym(op) {
+                self.pos += 1;
+                let right = self.add()?;
+                let op: &'static str = match op {
+                    "==" => "==",
+                    "!=" => "!=",
+                    "<=" => "<=",
+                    ">=" => ">=",
+                    "<" => "<",
+                    _ => ">",
+                };
+                return Ok(Expr::Bin(op, Box::new(left), Box::new(right)));
+            }
+        }
+        let negated = if self.is_sym("!in") {
+            true
+        } else if self.is_word("in") {
+            false
+        } else {
+            return Ok(left);
+        };
+        self.pos += 1;
+        self.expect_sym("(")?;
+        let mut items = vec![self.add()?];
+        while self.is_sym(",") {
+            self.pos += 1;
+            items.push(self.add()?);
+        }
+        self.expect_sym(")")?;
+        Ok(Expr::In(Box::new(left), items, negated))
+    }
+    fn add(&mut self) -> Result<Expr, QueryError> {
+        let mut left = self.mul()?;
+        loop {
+            let op = if self.is_sym("+") {
+                "+"
+            } else if self.is_sym("-") {
+                "-"
+            } else {
+                return Ok(left);
+            };
+            self.pos += 1;
+            left = Expr::Bin(op, Box::new(left), Box::new(self.mul()?));
+        }
+    }
+    fn mul(&mut self) -> Result<Expr, QueryError> {
+        let mut left = self.primary()?;
+        loop {
+            let op = if self.is_sym("*") {
+                "*"
+            } else if self.is_sym("/") {
+                "/"
+            } else {
+                return Ok(left);
+            };
+            self.pos += 1;
+            left = Expr::Bin(op, Box::new(left), Box::new(self.primary()?));
+        }
+    }
+    fn primary(&mut self) -> Result<Expr, QueryError> {
+        let Some(t) = self.peek().cloned() else {
+            return Err(self.error("expected a value"));
+        };
+        self.pos += 1;
+        match t.tok {
+            Tok::Str(s) => Ok(Expr::Lit(json!(s))),
+            Tok::Num(n) => Ok(Expr::Lit(json!(n))),
+            Tok::Dur(d) => Ok(Expr::Lit(json!(d))),
+            Tok::Sym("(") => {
+                let e = self.expr()?;
+                self.expect_sym(")")?;
+                Ok(e)
+            }
+            Tok::Sym("-") => {
+                let e = self.primary()?;
+                Ok(Expr::Bin("-", Box::new(Expr::Lit(json!(0))), Box::new(e)))
+            }
+            Tok::Ident(name) => {
+                let lower = name.to_ascii_lowercase();
+                if self.is_sym("(") {
+                    self.pos += 1;
+                    let mut args = Vec::new();
+                    if !self.is_sym(")") {
+                        args.push(self.expr()?);
+                        while self.is_sym(",") {
+                            self.pos += 1;
+                            args.push(self.expr()?);
+                        }
+                    }
+                    self.expect_sym(")")?;
+                    if lower == "not" {
+                        let Some(inner) = args.into_iter().next() else {
+                            return Err(QueryError {
+                                message: "not() takes one expression".into(),
+                                column: t.column,
+                                token: name,
+                            });
+                        };
+                        return Ok(Expr::Not(Box::new(inner)));
+                    }
+                    return Ok(Expr::Call(name, args, t.column));
+                }
+                match lower.as_str() {
+                    "true" => Ok(Expr::Lit(json!(true))),
+                    "false" => Ok(Expr::Lit(json!(false))),
+                    "null" => Ok(Expr::Lit(Value::Null)),
+                    _ => {
+                        if let Some(p) = lower.strip_prefix("percentile_threshold_")
+                            && let Ok(p) = p.parse::<f64>()
+                        {
+                            return Ok(Expr::Threshold(p));
+                        }
+                        Ok(Expr::Col(name, t.column))
+                    }
+                }
+            }
+            Tok::Sym(_) => {
+                self.pos -= 1;
+                Err(self.error("expected a value"))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation
+
+struct Env<'a> {
+    now_ns: i64,
+    lists: &'a HashMap<String, Vec<Value>>,
+}
+
+fn num(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok(),
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        _ => None,
+    }
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Null => false,
+        Value::Number(n) => n.as_f64().is_some_and(|x| x != 0.0),
+        Value::String(s) => !s.is_empty(),
+        _ => true,
+    }
+}
+
+fn equal(a: &Value, b: &Value) -> bool {
+    match (num(a), num(b), a, b) {
+        (_, _, Value::String(x), Value::String(y)) => x == y,
+        (Some(x), Some(y), _, _) => (x - y).abs() < 1e-9,
+        _ => a == b,
+    }
+}
+
+fn percentile(values: &mut [f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let rank = ((p / 100.0) * (values.len() as f64 - 1.0)).round() as usize;
+    values.get(rank.min(values.len() - 1)).copied()
+}
+
+fn known_column(name: &str) -> bool {
+    COLUMNS.iter().any(|(c, _)| *c == name) || name.contains('.')
+}
+
+/// Checks every name in an expression against the columns in scope and the named lists.
+fn check_names(
+    e: &Expr,
+    scope: &[String],
+    lists: &HashMap<String, Vec<Value>>,
+) -> Result<(), QueryError> {
+    match e {
+        Expr::Col(c, column) => {
+            if scope.iter().any(|s| s == c)
+                || lists.contains_key(c)
+                || (scope.is_empty() && known_column(c))
+            {
+                Ok(())
+            } else {
+                Err(QueryError {
+                    message: format!(
+                        "unknown name; columns here are {}, and named lists {}",
+                        if scope.is_empty() {
+                            COLUMNS
+                                .iter()
+                                .map(|(c, _)| *c)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        } else {
+                            scope.join(", ")
+                        },
+                        if lists.is_empty() {
+                            "(none configured)".to_string()
+                        } else {
+                            lists.keys().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                    column: *column,
+                    token: c.clone(),
+                })
+            }
+        }
+        Expr::Call(f, args, column) => {
+            let known = matches!(
+                f.to_ascii_lowercase().as_str(),
+                "ago" | "now" | "bin" | "tolower" | "toupper" | "strlen" | "isnull" | "isnotnull"
+            );
+            if !known {
+                return Err(QueryError {
+                    message: "unknown function; use ago, now, bin, tolower, toupper, strlen, isnull or isnotnull".into(),
+                    column: *column,
+                    token: f.clone(),
+                });
+            }
+            args.iter().try_for_each(|a| check_names(a, scope, lists))
+        }
+        Expr::Not(x) => check_names(x, scope, lists),
+        Expr::Bin(_, a, b) => {
+            check_names(a, scope, lists)?;
+            check_names(b, scope, lists)
+        }
+        Expr::In(x, items, _) => {
+            check_names(x, scope, lists)?;
+            items.iter().try_for_each(|i| check_names(i, scope, lists))
+        }
+        Expr::Lit(_) | Expr::Threshold(_) => Ok(()),
+    }
+}
+
+fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, Value>]) -> Value {
+    match e {
+        Expr::Lit(v) => v.clone(),
+        Expr::Col(c, _) => {
+            if let Some(v) = row.get(c) {
+                return v.clone();
+            }
+            if let Some(list) = env.lists.get(c) {
+                return Value::Array(list.clone());
+            }
+            // A path into the event: `detail.route`.
+            row.get("__event")
+                .and_then(|ev| ev.pointer(&format!("/{}", c.replace('.', "/"))))
+                .cloned()
+                .unwrap_or(Value::Null)
+        }
+        Expr::Threshold(p) => json!(*p),
+        Expr::Not(x) => json!(!truthy(&eval(x, row, env, rows))),
+        Expr::Bin(op, a, b) => {
+            // `x > percentile_threshold_95`: the threshold is the 95th percentile of x over the
+            // rows at this stage.
+            let resolve = |side: &Expr, other: &Expr| match side {
+                Expr::Threshold(p) => {
+                    let mut values: Vec<f64> = rows
+                        .iter()
+                        .filter_map(|r| num(&eval(other, r, env, rows)))
+                        .collect();
+                    percentile(&mut values, *p).map_or(Value::Null, |v| json!(v))
+                }
+                _ => eval(side, row, env, rows),
+            };
+            let (x, y) = (resolve(a, b), resolve(b, a));
+            match *op {
+                "and" => json!(truthy(&x) && truthy(&y)),
+                "or" => json!(truthy(&x) || truthy(&y)),
+                "==" => json!(equal(&x, &y)),
+                "!=" => json!(!equal(&x, &y) && !x.is_null()),
+                "<" | "<=" | ">" | ">=" => {
+                    let ord = match (num(&x), num(&y), &x, &y) {
+                        (_, _, Value::String(s), Value::String(t)) => Some(s.cmp(t)),
+                        (Some(p), Some(q), _, _) => p.partial_cmp(&q),
+                        _ => None,
+                    };
+                    json!(ord.is_some_and(|o| match *op {
+                        "<" => o.is_lt(),
+                        "<=" => o.is_le(),
+                        ">" => o.is_gt(),
+                        _ => o.is_ge(),
+                    }))
+                }
+                "+" | "-" | "*" | "/" => match (num(&x), num(&y)) {
+                    (Some(p), Some(q)) => {
+                        let r = match *op {
+                            "+" => p + q,
+                            "-" => p - q,
+                            "*" => p * q,
+                            _ if q != 0.0 => p / q,
+                            _ => return Value::Null,
+                        };
+                        if r.fract() == 0.0 && r.abs() < 9.0e15 {
+                            json!(r as i64)
+                        } else {
+                            json!(r)
+                        }
+                    }
+                    _ => Value::Null,
+                },
+                _ => Value::Null,
+            }
+        }
+        Expr::In(x, items, negated) => {
+            let v = eval(x, row, env, rows);
+            let mut found = false;
+            for item in items {
+                match eval(item, row, env, rows) {
+                    Value::Array(list) => found |= list.iter().any(|l| equal(&v, l)),
+                    other => found |= equal(&v, &other),
+                }
+            }
+            json!(found != *negated)
+        }
+        Expr::Call(f, args, _) => {
+            let arg = |i: usize| args.get(i).map_or(Value::Null, |a| eval(a, row, env, rows));
+            match f.to_ascii_lowercase().as_str() {
+                "now" => json!(env.now_ns),
+                "ago" => num(&arg(0)).map_or(Value::Null, |d| json!(env.now_ns - d as i64)),
+                "bin" => match (num(&arg(0)), num(&arg(1))) {
+                    (Some(x), Some(size)) if size > 0.0 => {
+                        json!(((x / size).floor() * size) as i64)
+                    }
+                    _ => Value::Null,
+                },
+                "tolower" => arg(0)
+                    .as_str()
+                    .map_or(Value::Null, |s| json!(s.to_lowercase())),
+                "toupper" => arg(0)
+                    .as_str()
+                    .map_or(Value::Null, |s| json!(s.to_uppercase())),
+                "strlen" => arg(0)
+                    .as_str()
+                    .map_or(Value::Null, |s| json!(s.chars().count())),
+                "isnull" => json!(arg(0).is_null()),
+                "isnotnull" => json!(!arg(0).is_null()),
+                _ => Value::Null,
+            }
+        }
+    }
+}
+
+/// A query's answer: its columns (in order) and rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows.
+    pub rows: Rows,
+}
+
+/// Runs `query` over event rows (from [`row_of`]) at time `now_ns`, with named lists.
+pub fn run(
+    query: &str,
+    mut rows: Rows,
+    now_ns: i64,
+    lists: &HashMap<String, Vec<Value>>,
+) -> Result<Answer, QueryError> {
+    let toks = lex(query)?;
+    let mut parser = Parser {
+        toks,
+        pos: 0,
+        end_column: query.chars().count() + 1,
+    };
+    let stages = parser.query()?;
+    let env = Env { now_ns, lists };
+    // Columns in scope after each stage (empty: every event column).
+    let mut scope: Vec<String> = Vec::new();
+    for stage in &stages {
+        match stage {
+            Stage::Where(e) => {
+                check_names(e, &scope, lists)?;
+                let snapshot = rows.clone();
+                rows.retain(|r| truthy(&eval(e, r, &env, &snapshot)));
+            }
+            Stage::Extend(cols) | Stage::Project(cols) => {
+                for (_, e) in cols {
+                    check_names(e, &scope, lists)?;
+                }
+                let snapshot = rows.clone();
+                let project = matches!(stage, Stage::Project(_));
+                for r in rows.iter_mut() {
+                    let values: Vec<(String, Value)> = cols
+                        .iter()
+                        .map(|(n, e)| (n.clone(), eval(e, r, &env, &snapshot)))
+                        .collect();
+                    if project {
+                        r.clear();
+                    }
+                    r.extend(values);
+                }
+                let names: Vec<String> = cols.iter().map(|(n, _)| n.clone()).collect();
+                if project {
+                    scope = names;
+                } else if !scope.is_empty() {
+                    scope.extend(names);
+                }
+            }
+            Stage::Summarize(aggs, keys) => {
+                for (_, e) in keys {
+                    check_names(e, &scope, lists)?;
+                }
+                for a in aggs {
+                    for e in &a.args {
+                        check_names(e, &scope, lists)?;
+                    }
+                }
+                let snapshot = rows.clone();
+                let mut groups: Vec<(Vec<Value>, Vec<usize>)> = Vec::new();
+                let mut index: HashMap<String, usize> = HashMap::new();
+                for (i, r) in snapshot.iter().enumerate() {
+                    let key: Vec<Value> = keys
+                        .iter()
+                        .map(|(_, e)| eval(e, r, &env, &snapshot))
+                        .collect();
+                    let k = serde_json::to_string(&key).unwrap_or_default();
+                    let slot = *index.entry(k).or_insert_with(|| {
+                        groups.push((key.clone(), Vec::new()));
+                        groups.len() - 1
+                    });
+                    if let Some(g) = groups.get_mut(slot) {
+                        g.1.push(i);
+                    }
+                }
+                rows = groups
+                    .into_iter()
+                    .map(|(key, members)| {
+                        let mut out = Map::new();
+                        for ((name, _), v) in keys.iter().zip(key) {
+                            out.insert(name.clone(), v);
+                        }
+                        for a in aggs {
+                            let values = |k: usize| -> Vec<Value> {
+                                members
+                                    .iter()
+                                    .filter_map(|m| snapshot.get(*m))
+                                    .map(|r| {
+                                        a.args
+                                            .get(k)
+                                            .map_or(Value::Null, |e| eval(e, r, &env, &snapshot))
+                                    })
+                                    .collect()
+                            };
+                            let nums =
+                                || -> Vec<f64> { values(0).iter().filter_map(num).collect() };
+                            let v = match a.func.as_str() {
+                                "count" => json!(members.len()),
+                                "dcount" => {
+                                    let mut seen: Vec<String> =
+                                        values(0).iter().map(|v| v.to_string()).collect();
+                                    seen.sort();
+                                    seen.dedup();
+                                    json!(seen.len())
+                                }
+                                "sum" => json!(nums().iter().sum::<f64>()),
+                                "avg" => {
+                                    let n = nums();
+                                    if n.is_empty() {
+                                        Value::Null
+                                    } else {
+                                        json!(n.iter().sum::<f64>() / n.len() as f64)
+                                    }
+                                }
+                                "min" => nums()
+                                    .into_iter()
+                                    .reduce(f64::min)
+                                    .map_or(Value::Null, |v| json!(v)),
+                                "max" => nums()
+                                    .into_iter()
+                                    .reduce(f64::max)
+                                    .map_or(Value::Null, |v| json!(v)),
+                                _ => {
+                                    let p = a
+                                        .args
+                                        .get(1)
+                                        .and_then(|e| match e {
+                                            Expr::Lit(v) => num(v),
+                                            _ => None,
+                                        })
+                                        .unwrap_or(50.0);
+                                    percentile(&mut nums(), p).map_or(Value::Null, |v| json!(v))
+                                }
+                            };
+                            out.insert(a.name.clone(), v);
+                        }
+                        out
+                    })
+                    .collect();
+                scope = keys
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .chain(aggs.iter().map(|a| a.name.clone()))
+                    .collect();
+            }
+            Stage::Sort(e, desc) | Stage::Top(_, e, desc) => {
+                check_names(e, &scope, lists)?;
+                let snapshot = rows.clone();
+                let mut keyed: Vec<(Value, Map<String, Value>)> = rows
+                    .into_iter()
+                    .map(|r| (eval(e, &r, &env, &snapshot), r))
+                    .collect();
+                keyed.sort_by(|(a, _), (b, _)| {
+                    let o = match (num(a), num(b)) {
+                        (Some(x), Some(y)) => {
+                            x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal)
+                        }
+                        _ => a.to_string().cmp(&b.to_string()),
+                    };
+                    if *desc { o.reverse() } else { o }
+                });
+                rows = keyed.into_iter().map(|(_, r)| r).collect();
+                if let Stage::Top(n, ..) = stage {
+                    rows.truncate(*n);
+                }
+            }
+            Stage::Take(n) => rows.truncate(*n),
+        }
+    }
+    for r in rows.iter_mut() {
+        r.remove("__event");
+    }
+    let columns = if scope.is_empty() {
+        COLUMNS.iter().map(|(c, _)| (*c).to_string()).collect()
+    } else {
+        scope
+    };
+    Ok(Answer { columns, rows })
+}
+
+/// A cell as text: timestamps as RFC 3339, strings bare, the rest as JSON.
+pub fn cell(column: &str, v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) if column == "timestamp" => n
+            .as_i64()
+            .and_then(|ns| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| n.to_string()),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rows() -> Rows {
+        let mut out = Vec::new();
+        let now = 10_000 * 60_000_000_000i64;
+        for i in 0..40i64 {
+            let agent = if i < 30 { "agent:busy" } else { "agent:calm" };
+            out.push(row_of(&json!({
+                "time_ns": now - i * 20_000_000_000,
+                "event_id": format!("e{i}"),
+                "kind": "gateway.decision",
+                "principal": { "id": agent, "purpose": if i % 2 == 0 { "code-review" } else { "support" } },
+                "action": if i % 3 == 0 { "read" } else { "write" },
+                "resource": "Palisade::Route::\"db\"",
+                "detail": { "resource_type": if i % 4 == 1 { "database" } else { "keyvault" }, "route": "db" },
+                "delegation": { "initiating_human": "human:ann", "actor_chain": [] },
+            })));
+        }
+        out
+    }
+
+    const NOW: i64 = 10_000 * 60_000_000_000;
+
+    #[test]
+    fn the_seeds_three_queries_run_as_written() {
+        let mut lists = HashMap::new();
+        lists.insert(
+            "approved_secret_consumers".to_string(),
+            vec![json!("agent:calm")],
+        );
+        let q1 = r#"AgentAuditLog
+| where agent_purpose != "code-review" AND resource_type == "database"
+| where timestamp > ago(1h)
+| project agent_id, resource_accessed, action_taken, initiating_user"#;
+        let out = run(q1, rows(), NOW, &lists).unwrap().rows;
+        assert!(!out.is_empty());
+        assert!(
+            out.iter()
+                .all(|r| r.len() == 4 && r["initiating_user"] == "human:ann")
+        );
+
+        let q2 = r#"AgentAuditLog
+| summarize action_count = count() by agent_id, bin(timestamp, 5m)
+| where action_count > percentile_threshold_95
+| project agent_id, action_count, timestamp"#;
+        let out = run(q2, rows(), NOW, &lists).unwrap().rows;
+        assert!(
+            out.iter()
+                .all(|r| r.contains_key("action_count") && r.contains_key("timestamp"))
+        );
+
+        let q3 = r#"AgentAuditLog
+| where resource_type in ("keyvault", "secrets-manager", "env-vars")
+| where action_taken == "read"
+| where not(agent_id in (approved_secret_consumers))"#;
+        let out = run(q3, rows(), NOW, &lists).unwrap().rows;
+        assert!(!out.is_empty());
+        assert!(
+            out.iter()
+                .all(|r| r["agent_id"] == "agent:busy" && r["action_taken"] == "read")
+        );
+    }
+
+    #[test]
+    fn summaries_sorting_and_paths() {
+        let out = run(
+            "AgentAuditLog | summarize n = count(), kinds = dcount(action_taken) by agent_id | top 1 by n",
+            rows(),
+            NOW,
+            &HashMap::new(),
+        )
+        .unwrap()
+        .rows;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["agent_id"], "agent:busy");
+        assert_eq!(out[0]["n"], 30);
+        assert_eq!(out[0]["kinds"], 2);
+        let out = run(
+            "AgentAuditLog | where detail.route == 'db' | take 3",
+            rows(),
+            NOW,
+            &HashMap::new(),
+        )
+        .unwrap()
+        .rows;
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn errors_point_at_the_offending_token() {
+        let lists = HashMap::new();
+        let e = run("AgentAuditLog | wher x == 1", rows(), NOW, &lists).unwrap_err();
+        assert_eq!((e.column, e.token.as_str()), (17, "wher"));
+        let e = run(
+            "AgentAuditLog | where agent_idd == 'x'",
+            rows(),
+            NOW,
+            &lists,
+        )
+        .unwrap_err();
+        assert_eq!((e.column, e.token.as_str()), (23, "agent_idd"));
+        assert!(e.message.contains("unknown name"));
+        let e = run("AgentAuditLog | where kind == 'x", rows(), NOW, &lists).unwrap_err();
+        assert!(e.message.contains("not closed"), "{e}");
+        let e = run(
+            "AgentAuditLog | summarize n = count() by agent_id | project kind",
+            rows(),
+            NOW,
+            &lists,
+        )
+        .unwrap_err();
+        assert_eq!(e.token, "kind");
+        let e = run("AgentAuditLog | where ago(1x) > 0", rows(), NOW, &lists).unwrap_err();
+        assert_eq!(e.token, "1x");
+    }
+}
