@@ -127,6 +127,64 @@ pub fn rows_from_store(
     Ok(rows)
 }
 
+/// Every event tied to `id`, oldest first: with that trace id, request id or event id, or with
+/// that principal acting or as the human who started the task (delegation); and every event
+/// that shares a trace with those.
+pub fn trace(rows: Rows, id: &str) -> Answer {
+    let is = |r: &Map<String, Value>, c: &str| r.get(c).and_then(Value::as_str) == Some(id);
+    let direct = |r: &Map<String, Value>| {
+        [
+            "trace_id",
+            "request_id",
+            "event_id",
+            "agent_id",
+            "initiating_user",
+        ]
+        .iter()
+        .any(|c| is(r, c))
+    };
+    let traces: std::collections::HashSet<String> = rows
+        .iter()
+        .filter(|r| direct(r))
+        .filter_map(|r| {
+            r.get("trace_id")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    let mut picked: Rows = rows
+        .into_iter()
+        .filter(|r| {
+            direct(r)
+                || r.get("trace_id")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| traces.contains(t))
+        })
+        .collect();
+    picked.sort_by_key(|r| r.get("timestamp").and_then(Value::as_i64).unwrap_or(0));
+    let columns: Vec<String> = [
+        "timestamp",
+        "kind",
+        "agent_id",
+        "initiating_user",
+        "action_taken",
+        "resource_accessed",
+        "allowed",
+        "status",
+        "trace_id",
+    ]
+    .iter()
+    .map(|c| (*c).to_string())
+    .collect();
+    for r in picked.iter_mut() {
+        r.retain(|k, _| columns.contains(k));
+    }
+    Answer {
+        columns,
+        rows: picked,
+    }
+}
+
 /// Renders rows as an aligned text table, JSON or CSV (`format`: `table`, `json`, `csv`).
 pub fn render(answer: &Answer, format: &str) -> String {
     let cols = &answer.columns;
@@ -1238,6 +1296,31 @@ mod tests {
         .unwrap()
         .rows;
         assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn a_trace_gathers_a_humans_task_and_everything_sharing_its_traces() {
+        let ev = |id: &str, t: i64, who: &str, human: Option<&str>, trace: &str| {
+            let mut e = json!({ "event_id": id, "time_ns": t, "kind": "k",
+                "principal": { "id": who }, "trace_id": trace });
+            if let Some(h) = human {
+                e["delegation"] = json!({ "initiating_human": h, "actor_chain": [] });
+            }
+            row_of(&e)
+        };
+        let rows = vec![
+            ev("3", 30, "agent:b", None, "t1"),
+            ev("1", 10, "human:ann", None, "t0"),
+            ev("2", 20, "agent:a", Some("human:ann"), "t1"),
+            ev("4", 40, "agent:c", None, "t9"),
+        ];
+        let answer = trace(rows, "human:ann");
+        let ids: Vec<&str> = answer
+            .rows
+            .iter()
+            .map(|r| r["agent_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["human:ann", "agent:a", "agent:b"]);
     }
 
     #[test]

@@ -455,6 +455,15 @@ enum AuditCmd {
     /// Sign the chain's head now and print the checkpoint (keep it: `verify --from` checks
     /// later exports against it).
     Checkpoint,
+    /// Every event of a trace, request, event or principal (acting, or as the human who started
+    /// the task), oldest first, with every event sharing their traces.
+    Trace {
+        /// A trace id, request id, event id, or principal id such as `human:alice`.
+        id: String,
+        /// `table`, `json` or `csv`.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Run a Kusto-like query over the log in --data-dir (works with the server stopped), e.g.
     /// `AgentAuditLog | where action_taken == "write" | summarize count() by agent_id`.
     Query {
@@ -591,6 +600,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             format,
             lists,
         }) => audit_query(&data_dir, &query, &format, &lists, cli.json),
+        Command::Audit(AuditCmd::Trace { id, format }) => {
+            let store = palisade_store::SqliteStore::open_existing(&data_dir)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let rows = palisade_audit::query::rows_from_store(&store)?;
+            let answer = palisade_audit::query::trace(rows, &id);
+            if answer.rows.is_empty() {
+                eprintln!("no event has trace, request, event or principal id `{id}`");
+                return Ok(ExitCode::FAILURE);
+            }
+            let format = if cli.json { "json" } else { format.as_str() };
+            print!("{}", palisade_audit::query::render(&answer, format));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(AuditCmd::Checkpoint) => {
             let v = client()?
                 .call(Method::POST, "/audit/checkpoints", None)

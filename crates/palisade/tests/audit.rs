@@ -219,6 +219,16 @@ async fn the_seeds_detection_queries_run_on_the_real_log_by_cli_and_api() {
         out.contains("agent:reviewer") && out.contains("(4 rows)"),
         "{out}"
     );
+    // One request's whole story by its trace id.
+    let (ok, out, err) = palisade(&["audit", "trace", "agent:reviewer"], &data_dir);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("token.issued") && out.contains("gateway.decision"),
+        "{out}"
+    );
+    let (ok, _, err) = palisade(&["audit", "trace", "nothing-like-this"], &data_dir);
+    assert!(!ok);
+    assert!(err.contains("no event"), "{err}");
     let (ok, _, err) = palisade(&["audit", "query", "AgentAuditLog | wher x"], &data_dir);
     assert!(!ok);
     assert!(err.contains("unknown stage") && err.contains("^"), "{err}");
