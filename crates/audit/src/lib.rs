@@ -7,6 +7,7 @@
 //! bodies, so a token or secret can only enter an event if a caller puts it in a field by name.
 
 pub mod checkpoint;
+pub mod detect;
 pub mod query;
 
 use palisade_core::store::{Store, StoreError, StoredAuditEvent};

@@ -870,11 +870,19 @@ fn check_names(
         Expr::Call(f, args, column) => {
             let known = matches!(
                 f.to_ascii_lowercase().as_str(),
-                "ago" | "now" | "bin" | "tolower" | "toupper" | "strlen" | "isnull" | "isnotnull"
+                "ago"
+                    | "now"
+                    | "bin"
+                    | "tolower"
+                    | "toupper"
+                    | "strlen"
+                    | "isnull"
+                    | "isnotnull"
+                    | "hourofday"
             );
             if !known {
                 return Err(QueryError {
-                    message: "unknown function; use ago, now, bin, tolower, toupper, strlen, isnull or isnotnull".into(),
+                    message: "unknown function; use ago, now, bin, hourofday, tolower, toupper, strlen, isnull or isnotnull".into(),
                     column: *column,
                     token: f.clone(),
                 });
@@ -996,11 +1004,24 @@ fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, V
                     .as_str()
                     .map_or(Value::Null, |s| json!(s.chars().count())),
                 "isnull" => json!(arg(0).is_null()),
+                "hourofday" => num(&arg(0)).map_or(Value::Null, |ns| {
+                    json!(((ns as i64).div_euclid(3_600_000_000_000)).rem_euclid(24))
+                }),
                 "isnotnull" => json!(!arg(0).is_null()),
                 _ => Value::Null,
             }
         }
     }
+}
+
+/// Checks a query without running it: syntax, functions, and every name (a column, a path, or
+/// one of `lists`).
+pub fn check(query: &str, lists: &[&str]) -> Result<(), QueryError> {
+    let known: HashMap<String, Vec<Value>> = lists
+        .iter()
+        .map(|l| ((*l).to_string(), Vec::new()))
+        .collect();
+    run(query, Vec::new(), 0, &known).map(|_| ())
 }
 
 /// A query's answer: its columns (in order) and rows.

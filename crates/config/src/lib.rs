@@ -66,6 +66,18 @@ pub mod raw {
         pub mcp: Mcp,
         #[serde(default)]
         pub inspection: Inspection,
+        #[serde(default)]
+        pub audit: Audit,
+    }
+
+    /// `[audit]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Audit {
+        pub rules_file: Option<String>,
+        #[serde(default)]
+        pub lists: std::collections::BTreeMap<String, Vec<String>>,
     }
 
     /// `[purposes.<tag>]`.
@@ -292,6 +304,17 @@ pub struct Config {
     pub mcp: McpConfig,
     /// `[inspection]`: limits of content inspection (actions live on routes and servers).
     pub inspection: InspectionConfig,
+    /// `[audit]`: detection rules and the named lists their queries use.
+    pub audit: AuditConfig,
+}
+
+/// Detection rules' configuration.
+#[derive(Clone, Debug, Default)]
+pub struct AuditConfig {
+    /// A TOML file of `[[rules]]` added to the built-in ones (relative to the config file).
+    pub rules_file: Option<PathBuf>,
+    /// Named lists for `in (...)` in queries, e.g. `approved_credential_consumers`.
+    pub lists: Vec<(String, Vec<String>)>,
 }
 
 /// Content inspection limits.
@@ -791,6 +814,9 @@ impl Config {
             server.cwd = server.cwd.as_deref().map(|dir| base.join(dir));
             server.ca_file = server.ca_file.as_deref().map(|f| base.join(f));
         }
+        if let Some(f) = config.audit.rules_file.take() {
+            config.audit.rules_file = Some(base.join(f));
+        }
         Ok(config)
     }
 
@@ -1207,7 +1233,18 @@ impl Config {
                 tool_pins,
             });
         }
+        for name in raw.audit.lists.keys() {
+            if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || name.is_empty() {
+                return Err(format!(
+                    "key `audit.lists.{name}`: list names are letters, digits and `_`"
+                ));
+            }
+        }
         Ok(Self {
+            audit: AuditConfig {
+                rules_file: raw.audit.rules_file.map(PathBuf::from),
+                lists: raw.audit.lists.into_iter().collect(),
+            },
             inspection: inspection_limits,
             mcp: McpConfig {
                 audience: format!("{issuer}{MCP_PATH}"),

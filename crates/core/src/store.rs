@@ -163,6 +163,12 @@ pub trait Store: Send + Sync + 'static {
     /// Every content label: `(resource, label)`.
     fn content_labels(&self) -> Result<Vec<(String, String)>, StoreError>;
 
+    /// Stores an alert (JSON) under its key unless one with that key exists; returns whether it
+    /// was new.
+    fn put_alert(&self, key: &str, time_ns: i64, alert: &str) -> Result<bool, StoreError>;
+    /// The latest `limit` alerts (JSON), newest first.
+    fn alerts(&self, limit: usize) -> Result<Vec<String>, StoreError>;
+
     /// Stores a signed audit checkpoint (JSON) of the chain at `seq`.
     fn put_audit_checkpoint(&self, seq: u64, checkpoint: &str) -> Result<(), StoreError>;
     /// The latest `limit` audit checkpoints (JSON), newest first.

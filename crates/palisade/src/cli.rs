@@ -67,6 +67,11 @@ enum Command {
     /// Agent sessions: list, show, end.
     #[command(subcommand)]
     Session(SessionCmd),
+    /// Alerts raised by the detection rules: list them, or run every rule now.
+    Alerts {
+        #[command(subcommand)]
+        cmd: Option<AlertsCmd>,
+    },
     /// Kill switch for every agent of a human or team.
     #[command(subcommand)]
     Owner(OwnerCmd),
@@ -479,6 +484,18 @@ enum AuditCmd {
 }
 
 #[derive(Subcommand)]
+enum AlertsCmd {
+    /// The latest alerts, newest first (the default).
+    List {
+        /// How many.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: usize,
+    },
+    /// Run every detection rule now and show what it raised.
+    Run,
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// Validate a config file (and its policy directory) without starting.
     Check { file: PathBuf },
@@ -624,6 +641,38 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Owner(OwnerCmd::Kill { id, why }) => {
             let v = kill(&client()?, &format!("/owners/{id}/kill"), why).await?;
             print_kill(&v, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Alerts { cmd } => {
+            let c = client()?;
+            let (items, empty) = match cmd.unwrap_or(AlertsCmd::List { limit: 50 }) {
+                AlertsCmd::List { limit } => {
+                    let v = c
+                        .call(Method::GET, &format!("/alerts?limit={limit}"), None)
+                        .await?;
+                    (v["items"].clone(), "no alerts")
+                }
+                AlertsCmd::Run => {
+                    let v = c.call(Method::POST, "/alerts/run", None).await?;
+                    (v["raised"].clone(), "no new alerts")
+                }
+            };
+            if cli.json {
+                println!("{}", pretty(&items));
+            } else if items.as_array().is_none_or(|a| a.is_empty()) {
+                println!("{empty}");
+            } else {
+                for a in items.as_array().into_iter().flatten() {
+                    let who = a["row"]["agent_id"].as_str().unwrap_or("-");
+                    println!(
+                        "{:<8} {:<30} {:<24} {}",
+                        a["severity"].as_str().unwrap_or(""),
+                        a["rule"].as_str().unwrap_or(""),
+                        who,
+                        a["message"].as_str().unwrap_or("")
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Mcp(cmd) => {

@@ -233,3 +233,85 @@ async fn the_seeds_detection_queries_run_on_the_real_log_by_cli_and_api() {
     assert!(!ok);
     assert!(err.contains("unknown stage") && err.contains("^"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_denials_raises_one_alert_and_a_normal_day_none() {
+    let dir = support::temp_dir("audit-rules-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rules]]\nname = \"any-delete\"\nseverity = \"medium\"\nevery = 60\n\
+         query = \"AgentAuditLog | where action_taken == 'destructive' | project timestamp, agent_id, resource_accessed\"\n\
+         message = \"an agent tried to delete\"\n",
+    )
+    .unwrap();
+    let extra = format!("[audit]\nrules_file = \"{}\"\n", rules.display());
+    let h = Harness::start_with("audit-alerts", &extra).await;
+    let token = h.agent_token("prober", &["tickets"]).await;
+    // A normal day: reads, one denial.
+    for _ in 0..3 {
+        assert_eq!(h.get_tickets(&token).await.status(), 200);
+    }
+    let (s, body) = h.api(Method::POST, "/alerts/run", None).await;
+    assert_eq!(s, 200, "{body}");
+    let raised: Vec<&str> = body["raised"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["rule"].as_str().unwrap())
+        .collect();
+    assert!(!raised.contains(&"denial-burst"), "{body}");
+    assert!(!raised.contains(&"any-delete"), "{body}");
+
+    // A burst: twelve denied deletes (tickets.no-deletes) in a row.
+    for _ in 0..12 {
+        let resp = h
+            .http
+            .delete(h.url("/tickets/1"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+    }
+    let (_, body) = h.api(Method::POST, "/alerts/run", None).await;
+    let raised: Vec<&str> = body["raised"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["rule"].as_str().unwrap())
+        .collect();
+    assert!(raised.contains(&"denial-burst"), "{body}");
+    assert!(
+        raised.contains(&"any-delete"),
+        "the configured rule fires too: {body}"
+    );
+    // Raised once: a second run finds nothing new.
+    let (_, body) = h.api(Method::POST, "/alerts/run", None).await;
+    assert!(
+        !body["raised"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["rule"] == "denial-burst"),
+        "{body}"
+    );
+    let out = h.cli(&["alerts"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("denial-burst") && text.contains("agent:prober"),
+        "{text}"
+    );
+    let (_, events) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"]["kind"] == "alert.raised"
+                && e["event"]["alert"]["rule"] == "denial-burst"),
+        "alerts are audited"
+    );
+    h.server.stop().await;
+}

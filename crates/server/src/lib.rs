@@ -6,6 +6,7 @@
 //! bound. Anything that fails stops the start with a message naming the problem.
 
 pub mod admin;
+pub mod alerts;
 pub mod authzen;
 pub mod demo;
 pub mod oauth;
@@ -62,6 +63,8 @@ pub struct App {
     pub mcp: Arc<palisade_mcp::McpGateway>,
     /// Signs the audit chain's checkpoints.
     pub checkpoint_key: Arc<ed25519_dalek::SigningKey>,
+    /// Detection rules.
+    pub detection: alerts::Detection,
 }
 
 /// Why the server did not start.
@@ -111,6 +114,7 @@ pub struct RunningServer {
     watcher: tokio::task::JoinHandle<()>,
     sweeper: tokio::task::JoinHandle<()>,
     checkpoints: tokio::task::JoinHandle<()>,
+    detection: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -130,8 +134,10 @@ impl RunningServer {
             watcher,
             sweeper,
             checkpoints,
+            detection,
             ..
         } = self;
+        detection.abort();
         let _ = task.await;
         watcher.abort();
         sweeper.abort();
@@ -262,7 +268,9 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     );
     let identity_providers =
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
+    let detection = alerts::Detection::load(&config).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        detection,
         checkpoint_key,
         mcp,
         identity_providers,
@@ -286,6 +294,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
 
     let watcher = policy::watch(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let checkpoints = checkpoint_task(Arc::downgrade(&app), AUDIT_CHECKPOINT_EVERY);
+    let detection = alerts::schedule(Arc::downgrade(&app));
     let sweeper = sessions::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -323,6 +332,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         watcher,
         sweeper,
         checkpoints,
+        detection,
     })
 }
 
@@ -461,6 +471,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/keys/rotate", post(admin::rotate_keys))
         .route("/audit/events", get(admin::audit_events))
         .route("/audit/query", post(admin::audit_query))
+        .route("/alerts", get(alerts::list))
+        .route("/alerts/run", post(alerts::run_now))
         .route(
             "/audit/checkpoints",
             get(admin::audit_checkpoints).post(admin::audit_checkpoint_now),

@@ -104,6 +104,15 @@ const MIGRATIONS: &[&str] = &[
         data TEXT NOT NULL
     );
     "#,
+    // 6: alerts raised by detection rules (key: rule and finding, so each is raised once).
+    r#"
+    CREATE TABLE alerts (
+        key     TEXT PRIMARY KEY,
+        time_ns INTEGER NOT NULL,
+        data    TEXT NOT NULL
+    );
+    CREATE INDEX alerts_time ON alerts(time_ns);
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -667,6 +676,31 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn put_alert(&self, key: &str, time_ns: i64, alert: &str) -> Result<bool, StoreError> {
+        let n = self
+            .main()?
+            .execute(
+                "INSERT OR IGNORE INTO alerts (key, time_ns, data) VALUES (?1, ?2, ?3)",
+                params![key, time_ns, alert],
+            )
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    fn alerts(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT data FROM alerts ORDER BY time_ns DESC LIMIT ?1")
+            .map_err(backend)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map([limit], |r| r.get(0))
+            .map_err(backend)?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
     }
 
     fn put_audit_checkpoint(&self, seq: u64, checkpoint: &str) -> Result<(), StoreError> {
