@@ -262,6 +262,7 @@ pub mod raw {
     pub struct McpTool {
         pub action: Option<String>,
         pub pin: Option<String>,
+        pub content: Option<String>,
         #[serde(default)]
         pub arguments: std::collections::BTreeMap<String, String>,
     }
@@ -497,6 +498,10 @@ pub struct McpServerConfig {
     pub tool_actions: Vec<(String, ActionClass)>,
     /// Per-tool arguments that policies see as `context.arguments`, with their types.
     pub tool_arguments: Vec<(String, Vec<(String, ArgType)>)>,
+    /// Per-tool string argument naming the content the tool reads or writes (a path, a
+    /// document id): content a tainted session writes is labelled under it, and a session
+    /// that reads labelled content is tainted.
+    pub tool_content: Vec<(String, String)>,
     /// What a tool whose definition changed since it was pinned gets: blocked (default) or
     /// allowed with a high-severity alert.
     pub block_changed_tools: bool,
@@ -507,6 +512,15 @@ pub struct McpServerConfig {
     pub write_scope: String,
     /// Content inspection of its tool calls and results.
     pub inspection: InspectionPolicy,
+}
+
+/// Whether `name` can name a tool-call argument in the config.
+fn valid_argument_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The type of a declared tool-call argument.
@@ -1138,7 +1152,16 @@ impl Config {
             let mut tool_actions = Vec::new();
             let mut tool_arguments = Vec::new();
             let mut tool_pins = Vec::new();
+            let mut tool_content = Vec::new();
             for (tool, t) in s.tools {
+                if let Some(arg) = &t.content {
+                    if !valid_argument_name(arg) {
+                        return Err(format!(
+                            "key `{at}.tools.{tool}.content`: `{arg}` is not an argument name (letters, digits, `_` and `-`)"
+                        ));
+                    }
+                    tool_content.push((tool.clone(), arg.clone()));
+                }
                 if let Some(pin) = &t.pin {
                     let hex = pin
                         .strip_prefix("sha256:")
@@ -1162,12 +1185,7 @@ impl Config {
                 let mut args = Vec::new();
                 for (name, ty) in &t.arguments {
                     let key = format!("{at}.tools.{tool}.arguments.{name}");
-                    let ok_name = !name.is_empty()
-                        && name.len() <= 64
-                        && name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                    if !ok_name {
+                    if !valid_argument_name(name) {
                         return Err(format!(
                             "key `{key}`: argument names are letters, digits, `_` and `-`"
                         ));
@@ -1230,6 +1248,7 @@ impl Config {
                 classification,
                 tool_actions,
                 tool_arguments,
+                tool_content,
                 tool_pins,
             });
         }
@@ -1635,6 +1654,10 @@ mod tests {
             (
                 "[[mcp.servers]]\nname = \"git\"\ncommand = \"g\"\n[mcp.servers.tools.log]\narguments = { repo = \"path\" }\n",
                 "mcp.servers[0].tools.log.arguments.repo`: `path` is not one of string",
+            ),
+            (
+                "[[mcp.servers]]\nname = \"git\"\ncommand = \"g\"\n[mcp.servers.tools.log]\ncontent = \"a path\"\n",
+                "mcp.servers[0].tools.log.content`: `a path` is not an argument name",
             ),
             (
                 "[[mcp.servers]]\nname = \"git\"\ncommand = \"g\"\n[mcp.servers.tools.a]\narguments = { repo = \"string\" }\n[mcp.servers.tools.b]\narguments = { repo = \"long\" }\n",

@@ -1564,7 +1564,14 @@ impl McpGateway {
             .request(kind.read_method(), forward)
             .await
             .map_err(|e| upstream_failure(&server.config().name, e))
-            .and_then(|r| self.inspect_read(caller, &server, r, event));
+            .and_then(|r| {
+                // A resource's URI is its content key, as a tool's content argument is.
+                let labeled = matches!(kind, Readable::Resources)
+                    && self
+                        .provenance
+                        .is_labeled(&content_label(&server.config().name, &key));
+                self.inspect_read(caller, &server, r, event, labeled)
+            });
         if result.is_ok()
             && let Some(read) = object
         {
@@ -1841,6 +1848,7 @@ impl McpGateway {
                 data: Some(json!({ "error": "insufficient_scope", "scope": write_scope })),
             });
         }
+        let content = content_key(server.config(), tool_name, &arguments)?;
         let mut arguments = arguments;
         if let Some(v) = &sent {
             if !v.blocked.is_empty() {
@@ -1865,7 +1873,26 @@ impl McpGateway {
             .request("tools/call", upstream_params)
             .await
             .map_err(|e| upstream_failure(server_name, e))?;
-        self.inspect_read(caller, server, result, event)
+        // Content a tainted session wrote is labelled (whatever the result says: a failed
+        // write may have written part), so whoever reads it later is tainted too.
+        if class != ActionClass::Read
+            && let (Some(key), Some(s)) = (&content, &caller.session)
+            && s.is_tainted()
+        {
+            if let Err(e) = self.provenance.label(key, &s.sid) {
+                tracing::error!(error = %e, "cannot label content written by a tainted session");
+                return Err(RpcError::new(
+                    -32603,
+                    "the label on content this tainted session wrote cannot be stored, so the result is withheld".into(),
+                ));
+            }
+            event.detail["content_labeled"] = json!(key);
+        }
+        let labeled = class == ActionClass::Read
+            && content
+                .as_deref()
+                .is_some_and(|k| self.provenance.is_labeled(k));
+        self.inspect_read(caller, server, result, event, labeled)
     }
 
     /// What a tool result, resource or prompt brings to the agent: inspected under the
@@ -1877,6 +1904,7 @@ impl McpGateway {
         server: &Upstream,
         mut result: Value,
         event: &mut AuditEvent,
+        labeled: bool,
     ) -> Result<Value, RpcError> {
         let config = server.config();
         let policy = config.inspection;
@@ -1939,6 +1967,9 @@ impl McpGateway {
             if policy.untrusted {
                 changed |= s.add_taint("untrusted");
             }
+            if labeled {
+                changed |= s.add_taint("tainted-content");
+            }
             if s.is_tainted() || s.is_sensitive() {
                 event.detail["session_state"] =
                     json!({ "taint": s.taint(), "sensitive": s.is_sensitive() });
@@ -1977,6 +2008,33 @@ impl McpGateway {
             }
             _ => {}
         }
+    }
+}
+
+/// The label key of content on an MCP server: `mcp/<server>:<path or URI>`.
+fn content_label(server: &str, content: &str) -> String {
+    format!("mcp/{server}:{content}")
+}
+
+/// The label key of the content a tool call reads or writes, when the config names the
+/// argument that holds it; that argument must then be a string.
+fn content_key(
+    server: &palisade_config::McpServerConfig,
+    tool: &str,
+    arguments: &Value,
+) -> Result<Option<String>, RpcError> {
+    let Some((_, arg)) = server.tool_content.iter().find(|(t, _)| t == tool) else {
+        return Ok(None);
+    };
+    match arguments.get(arg) {
+        Some(Value::String(v)) => Ok(Some(content_label(&server.name, v))),
+        _ => Err(RpcError::new(
+            -32602,
+            format!(
+                "tool `{}{SEPARATOR}{tool}` needs its content argument `{arg}` as a string",
+                server.name
+            ),
+        )),
     }
 }
 

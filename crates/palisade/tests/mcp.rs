@@ -1248,6 +1248,7 @@ async fn a_remote_https_upstream_gets_its_own_credential_never_the_agents_token(
             "remote__count",
             "remote__echo",
             "remote__page",
+            "remote__read_note",
             "remote__whoami"
         ]
     );
@@ -1453,5 +1454,137 @@ async fn a_poisoned_tool_result_is_sanitized_and_taints_the_session_and_secrets_
         text.contains("\"inspection_read\""),
         "the sanitizing is audited"
     );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_a_tainted_session_writes_through_a_tool_taints_the_agent_that_reads_it() {
+    let dir = support::temp_dir("mcp-labels");
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = remote_fixture(&dir, false).await;
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"remote\"\nurl = \"http://127.0.0.1:{}/mcp\"\n\
+         [mcp.servers.tools.write_note]\ncontent = \"path\"\n\
+         [mcp.servers.tools.read_note]\ncontent = \"path\"\n",
+        upstream.port
+    );
+    let h = Harness::start_with("mcp-labels", &extra).await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("notes.cedar"),
+        r#"
+@id("notes.writers")
+permit (principal, action == Palisade::Action::"write", resource in Palisade::Route::"remote");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let mcp = h.url("/mcp");
+    let secret = mcp_agent(&h, "browser", |a| {
+        a["allowed_resources"] = json!(["remote"]);
+        a["scopes"] = json!(["remote:read", "remote:write"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request("agent:browser", &secret, &[("resource", &mcp)])
+        .await;
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let (s, w) = h
+        .token_request(
+            "agent:browser",
+            &secret,
+            &[
+                ("resource", &mcp),
+                ("scope", "remote:write"),
+                ("session_id", &sid),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{w}");
+    let browser = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    let writer = RawClient::connect(&h, w["access_token"].as_str().unwrap().to_string()).await;
+    // Written before the session is tainted: no label.
+    let clean = writer
+        .send(
+            "tools/call",
+            json!({ "name": "remote__write_note", "arguments": { "path": "/n/clean", "text": "fine" } }),
+        )
+        .await;
+    assert_eq!(clean["result"]["content"][0]["text"], "kept", "{clean}");
+    // The browser reads a poisoned page: its session is tainted.
+    browser
+        .send(
+            "tools/call",
+            json!({ "name": "remote__page", "arguments": {} }),
+        )
+        .await;
+    let written = writer
+        .send(
+            "tools/call",
+            json!({ "name": "remote__write_note", "arguments": { "path": "/n/shared", "text": "summary" } }),
+        )
+        .await;
+    assert_eq!(written["result"]["content"][0]["text"], "kept", "{written}");
+    // The content argument must be a string.
+    let bad = writer
+        .send(
+            "tools/call",
+            json!({ "name": "remote__write_note", "arguments": { "path": 7, "text": "x" } }),
+        )
+        .await;
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("content argument `path`"),
+        "{bad}"
+    );
+
+    // Another agent: reading the clean note leaves it clean, reading the labelled one taints it.
+    let secret = mcp_agent(&h, "summarizer", |a| {
+        a["allowed_resources"] = json!(["remote"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request("agent:summarizer", &secret, &[("resource", &mcp)])
+        .await;
+    let other = t["session_id"].as_str().unwrap().to_string();
+    let reader = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+    let read = reader
+        .send(
+            "tools/call",
+            json!({ "name": "remote__read_note", "arguments": { "path": "/n/clean" } }),
+        )
+        .await;
+    assert_eq!(read["result"]["content"][0]["text"], "fine", "{read}");
+    let (_, state) = h
+        .api(Method::GET, &format!("/sessions/{other}"), None)
+        .await;
+    assert!(
+        state["taint"].as_array().is_none_or(Vec::is_empty),
+        "reading unlabelled content taints nothing: {state}"
+    );
+    let read = reader
+        .send(
+            "tools/call",
+            json!({ "name": "remote__read_note", "arguments": { "path": "/n/shared" } }),
+        )
+        .await;
+    assert_eq!(read["result"]["content"][0]["text"], "summary", "{read}");
+    let (_, state) = h
+        .api(Method::GET, &format!("/sessions/{other}"), None)
+        .await;
+    assert_eq!(state["taint"], json!(["tainted-content"]), "{state}");
+
+    // Only the write by the tainted session was labelled, and the event says so.
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let labeled: Vec<&Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["event"]["detail"].get("content_labeled"))
+        .collect();
+    assert_eq!(labeled, [&json!("mcp/remote:/n/shared")], "{all}");
     h.server.stop().await;
 }

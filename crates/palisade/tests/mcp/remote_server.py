@@ -6,7 +6,8 @@ Every request's Authorization header is appended to HEADER_LOG, so a test can pr
 credential reached the server. Tools: `whoami` answers with the Authorization header of its
 call; `page` answers a poisoned page (hidden HTML and TAG-smuggled instructions); `echo`
 answers its `text` argument (and appends it to HEADER_LOG.echo); `count` (with a progressToken) answers over an event stream, sending a progress
-notification per step before the result.
+notification per step before the result; `write_note` (a write tool) keeps `text` under `path`
+in memory and `read_note` answers it.
 """
 
 import json
@@ -42,7 +43,21 @@ TOOLS = [
         "inputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}},
         "annotations": {"readOnlyHint": True},
     },
+    {
+        "name": "write_note",
+        "description": "Keeps `text` under `path`.",
+        "inputSchema": {"type": "object",
+                        "properties": {"path": {"type": "string"}, "text": {"type": "string"}}},
+        "annotations": {"readOnlyHint": False, "destructiveHint": False},
+    },
+    {
+        "name": "read_note",
+        "description": "Answers the text kept under `path`.",
+        "inputSchema": {"type": "object", "properties": {"path": {"type": "string"}}},
+        "annotations": {"readOnlyHint": True},
+    },
 ]
+NOTES = {}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -96,6 +111,16 @@ class Handler(BaseHTTPRequestHandler):
             text = (params.get("arguments") or {}).get("text", "")
             with log_lock, open(header_log + ".echo", "a") as f:
                 f.write(text + "\n")
+            result = {"content": [{"type": "text", "text": text}]}
+            return self.answer(200, {"jsonrpc": "2.0", "id": mid, "result": result})
+        if method == "tools/call" and params.get("name") in ("write_note", "read_note"):
+            args = params.get("arguments") or {}
+            with log_lock:
+                if params["name"] == "write_note":
+                    NOTES[args["path"]] = args["text"]
+                    text = "kept"
+                else:
+                    text = NOTES.get(args["path"], "")
             result = {"content": [{"type": "text", "text": text}]}
             return self.answer(200, {"jsonrpc": "2.0", "id": mid, "result": result})
         if method == "tools/call" and params.get("name") == "count":
