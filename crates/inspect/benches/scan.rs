@@ -1,6 +1,7 @@
 //! Inspection throughput on clean prose and on HTML: the combined scan (injection and DLP) and
 //! each half alone, in MB/s on one core. Prints the median of 15 runs over about 1 MiB. With
-//! `BREAKDOWN=1` it also times each stage alone, and lol_html with handlers for comparison.
+//! `BREAKDOWN=1` it also times each stage alone, and lol_html with handlers for comparison;
+//! `ONLY=<part of a case name>` runs only the matching cases.
 //!
 //! `cargo bench -p palisade-inspect --bench scan` (results in BENCHMARKS.md)
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -66,6 +67,10 @@ fn html(size: usize) -> String {
 }
 
 fn measure(name: &str, inspector: &Inspector, text: &str, detectors: Detectors) {
+    // `ONLY=html` runs the cases whose name holds `html` (for a profiler).
+    if std::env::var("ONLY").is_ok_and(|only| !name.contains(&only)) {
+        return;
+    }
     // Warm-up, then 15 timed runs; the median is reported.
     for _ in 0..2 {
         std::hint::black_box(inspector.inspect(text, detectors));
