@@ -9,12 +9,14 @@
 pub mod checkpoint;
 pub mod detect;
 pub mod query;
+pub mod siem;
 
 use palisade_core::store::{Store, StoreError, StoredAuditEvent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Version of the event schema (2 added `trace_id` and `reasoning`).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -221,6 +223,54 @@ struct Job {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
+    head: watch::Receiver<u64>,
+    gate: Arc<SinkGate>,
+}
+
+/// What a refused caller is told while the required sinks fail (the reason, which names
+/// internal collectors, goes to the local log and the server log only).
+pub const FAIL_CLOSED_MESSAGE: &str = "a required audit sink cannot record, so requests are refused until it recovers (fail-closed); operators: palisade audit sinks";
+
+/// Fail-closed state of the required SIEM sinks: while every one of them is failing, the
+/// enforcement points refuse requests (Vault's contract: no action that cannot be recorded).
+#[derive(Debug, Default)]
+pub struct SinkGate {
+    /// Required sink name → its last delivery error (`None` while it delivers).
+    required: Mutex<BTreeMap<String, Option<String>>>,
+}
+
+impl SinkGate {
+    /// Declares a required sink (healthy until a delivery fails).
+    pub fn require(&self, sink: &str) {
+        self.lock().insert(sink.to_string(), None);
+    }
+
+    /// Records a required sink's delivery result; other sinks are ignored.
+    pub fn report(&self, sink: &str, result: Result<(), &str>) {
+        if let Some(state) = self.lock().get_mut(sink) {
+            *state = result.err().map(str::to_string);
+        }
+    }
+
+    /// Why requests must be refused now: every required sink is failing (names and errors).
+    pub fn refusal(&self) -> Option<String> {
+        let required = self.lock();
+        if required.is_empty() || required.values().any(Option::is_none) {
+            return None;
+        }
+        let failing: Vec<String> = required
+            .iter()
+            .map(|(name, e)| format!("{name} ({})", e.as_deref().unwrap_or("")))
+            .collect();
+        Some(format!(
+            "no required audit sink can record: {}",
+            failing.join("; ")
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<String>>> {
+        self.required.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The writer thread; joining it waits until every queued event is written.
@@ -240,11 +290,34 @@ impl AuditLog {
     pub fn start(store: Arc<dyn Store>) -> Result<(Self, AuditWriter), StoreError> {
         let head = store.audit_head()?;
         let (tx, rx) = mpsc::channel::<Job>(16 * 1024);
+        let (head_tx, head_rx) = watch::channel(head.as_ref().map_or(0, |h| h.seq));
         let thread = std::thread::Builder::new()
             .name("palisade-audit".into())
-            .spawn(move || writer_loop(store, rx, head))
+            .spawn(move || writer_loop(store, rx, head, head_tx))
             .map_err(|e| StoreError::Backend(format!("cannot start the audit writer: {e}")))?;
-        Ok((Self { tx }, AuditWriter { thread }))
+        Ok((
+            Self {
+                tx,
+                head: head_rx,
+                gate: Arc::default(),
+            },
+            AuditWriter { thread },
+        ))
+    }
+
+    /// The `seq` of the last committed event, updated after every commit (sinks wait on it).
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    /// The fail-closed gate of the required sinks.
+    pub fn gate(&self) -> &Arc<SinkGate> {
+        &self.gate
+    }
+
+    /// Why requests must be refused now, if they must (see [`SinkGate`]).
+    pub fn refusal(&self) -> Option<String> {
+        self.gate.refusal()
     }
 
     /// Records an event durably; resolves with its sequence number once committed.
@@ -258,7 +331,12 @@ impl AuditLog {
     }
 }
 
-fn writer_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, head: Option<StoredAuditEvent>) {
+fn writer_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Job>,
+    head: Option<StoredAuditEvent>,
+    head_tx: watch::Sender<u64>,
+) {
     let (mut seq, mut prev) = match head {
         Some(h) => (h.seq, h.hash),
         None => (0, GENESIS_HASH.to_string()),
@@ -309,6 +387,7 @@ fn writer_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, head: Option<
                 }
                 seq = next_seq;
                 prev = next_prev;
+                head_tx.send_replace(seq);
             }
             Err(e) => {
                 tracing::error!(error = %e, events = jobs.len(), "audit batch failed; the requests are refused");

@@ -78,6 +78,32 @@ pub mod raw {
         pub rules_file: Option<String>,
         #[serde(default)]
         pub lists: std::collections::BTreeMap<String, Vec<String>>,
+        #[serde(default)]
+        pub sinks: Vec<Sink>,
+    }
+
+    /// `[[audit.sinks]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Sink {
+        pub name: String,
+        pub kind: String,
+        pub format: Option<String>,
+        pub path: Option<String>,
+        pub url: Option<String>,
+        pub address: Option<String>,
+        pub transport: Option<String>,
+        #[serde(default)]
+        pub headers: std::collections::BTreeMap<String, String>,
+        pub ca_file: Option<String>,
+        #[serde(default)]
+        pub kinds: Vec<String>,
+        #[serde(default)]
+        pub required: bool,
+        pub batch: Option<usize>,
+        pub rotate_bytes: Option<u64>,
+        pub keep: Option<usize>,
     }
 
     /// `[purposes.<tag>]`.
@@ -316,6 +342,111 @@ pub struct AuditConfig {
     pub rules_file: Option<PathBuf>,
     /// Named lists for `in (...)` in queries, e.g. `approved_credential_consumers`.
     pub lists: Vec<(String, Vec<String>)>,
+    /// SIEM sinks that receive every audit event (at least once, in order).
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// One SIEM sink: where the audit log is delivered, in which format.
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    /// Unique name (its delivery cursor is stored under it).
+    pub name: String,
+    /// Where events go.
+    pub target: SinkTarget,
+    /// How each event is written.
+    pub format: SinkFormat,
+    /// Event kinds delivered (`alert.raised`, or a prefix such as `token.*`); empty: all.
+    pub kinds: Vec<String>,
+    /// Fail closed: while every required sink is failing, the enforcement points refuse
+    /// requests (the refusals are still recorded locally and delivered later).
+    pub required: bool,
+    /// Most events per delivery.
+    pub batch: usize,
+}
+
+impl SinkConfig {
+    /// Whether events of `kind` go to this sink.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.kinds.is_empty()
+            || self.kinds.iter().any(|k| match k.strip_suffix('*') {
+                Some(prefix) => kind.starts_with(prefix),
+                None => k == kind,
+            })
+    }
+}
+
+/// Where a sink delivers.
+#[derive(Clone, Debug)]
+pub enum SinkTarget {
+    /// Appends lines to a file, rotated by size.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Size from which the file is rotated (`path.1`, `path.2`, ...).
+        rotate_bytes: u64,
+        /// Rotated files kept.
+        keep: usize,
+    },
+    /// POSTs batches to an HTTP endpoint (Splunk HEC, a webhook, a log collector).
+    Http {
+        /// The endpoint.
+        url: Uri,
+        /// Sent with every request (the collector's credential).
+        headers: Vec<(http::HeaderName, Sensitive)>,
+        /// PEM roots instead of the public ones.
+        ca_file: Option<PathBuf>,
+    },
+    /// Syslog (RFC 5424) to a collector.
+    Syslog {
+        /// `host:port`.
+        address: String,
+        /// UDP (RFC 5426), TCP (RFC 6587 octet counting) or TLS (RFC 5425).
+        transport: SyslogTransport,
+        /// PEM roots for TLS instead of the public ones.
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// Syslog transports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyslogTransport {
+    /// One datagram per event.
+    Udp,
+    /// Octet-counted frames over TCP.
+    Tcp,
+    /// Octet-counted frames over TLS.
+    Tls,
+}
+
+/// How a sink writes each event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkFormat {
+    /// The event as stored, with its chain position (`seq`, `hash`).
+    Json,
+    /// OCSF 1.x (API Activity, Authentication, Authorize Session, Detection Finding).
+    Ocsf,
+    /// Splunk HTTP Event Collector envelopes.
+    Hec,
+    /// OpenTelemetry OTLP/HTTP JSON log records.
+    Otlp,
+    /// RFC 5424 with the event as JSON.
+    Syslog,
+    /// RFC 5424 carrying ArcSight CEF.
+    Cef,
+}
+
+impl SinkFormat {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Ocsf => "ocsf",
+            Self::Hec => "hec",
+            Self::Otlp => "otlp",
+            Self::Syslog => "rfc5424",
+            Self::Cef => "cef",
+        }
+    }
 }
 
 /// Content inspection limits.
@@ -831,6 +962,14 @@ impl Config {
         if let Some(f) = config.audit.rules_file.take() {
             config.audit.rules_file = Some(base.join(f));
         }
+        for sink in &mut config.audit.sinks {
+            match &mut sink.target {
+                SinkTarget::File { path, .. } => *path = base.join(&*path),
+                SinkTarget::Http { ca_file, .. } | SinkTarget::Syslog { ca_file, .. } => {
+                    *ca_file = ca_file.as_deref().map(|f| base.join(f));
+                }
+            }
+        }
         Ok(config)
     }
 
@@ -1106,34 +1245,7 @@ impl Config {
                     "key `{at}`: `env`, `args` and `cwd` are for a local server (`command`); a remote server gets its credential through `headers`"
                 ));
             }
-            let mut headers = Vec::new();
-            for (name, value) in s.headers {
-                let key = format!("{at}.headers.{name}");
-                let header = http::HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| format!("key `{key}`: `{name}` is not a header name"))?;
-                if matches!(
-                    header.as_str(),
-                    "host"
-                        | "content-type"
-                        | "content-length"
-                        | "accept"
-                        | "connection"
-                        | "transfer-encoding"
-                        | "mcp-session-id"
-                        | "mcp-protocol-version"
-                ) {
-                    return Err(format!(
-                        "key `{key}`: Palisade sets `{name}` itself; configure only the server's credential and custom headers"
-                    ));
-                }
-                let value = expand_env(&key, &value)?;
-                if http::HeaderValue::from_str(&value).is_err() {
-                    return Err(format!(
-                        "key `{key}`: the value is not a valid header value (control characters or non-ASCII)"
-                    ));
-                }
-                headers.push((header, Sensitive(value)));
-            }
+            let headers = credential_headers(&at, s.headers)?;
             let mut env = Vec::new();
             for (name, value) in s.env {
                 let value = expand_env(&format!("{at}.env.{name}"), &value)?;
@@ -1261,6 +1373,7 @@ impl Config {
         }
         Ok(Self {
             audit: AuditConfig {
+                sinks: sinks(raw.audit.sinks)?,
                 rules_file: raw.audit.rules_file.map(PathBuf::from),
                 lists: raw.audit.lists.into_iter().collect(),
             },
@@ -1339,6 +1452,218 @@ impl std::fmt::Debug for Sensitive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
     }
+}
+
+/// Configured request headers (a remote server's or a collector's credential): names checked,
+/// values read through [`expand_env`] and kept [`Sensitive`].
+fn credential_headers(
+    at: &str,
+    raw: std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(http::HeaderName, Sensitive)>, String> {
+    let mut headers = Vec::new();
+    for (name, value) in raw {
+        let key = format!("{at}.headers.{name}");
+        let header = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("key `{key}`: `{name}` is not a header name"))?;
+        if matches!(
+            header.as_str(),
+            "host"
+                | "content-type"
+                | "content-length"
+                | "accept"
+                | "connection"
+                | "transfer-encoding"
+                | "mcp-session-id"
+                | "mcp-protocol-version"
+        ) {
+            return Err(format!(
+                "key `{key}`: Palisade sets `{name}` itself; configure only the credential and custom headers"
+            ));
+        }
+        let value = expand_env(&key, &value)?;
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(format!(
+                "key `{key}`: the value is not a valid header value (control characters or non-ASCII)"
+            ));
+        }
+        headers.push((header, Sensitive(value)));
+    }
+    Ok(headers)
+}
+
+/// `[[audit.sinks]]`, checked: names unique, each kind with its own keys and formats.
+fn sinks(raw: Vec<raw::Sink>) -> Result<Vec<SinkConfig>, String> {
+    let mut out: Vec<SinkConfig> = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = format!("audit.sinks[{i}]");
+        let ok_name = !s.name.is_empty()
+            && s.name.len() <= 64
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok_name {
+            return Err(format!(
+                "key `{at}.name`: `{}` is not a sink name (letters, digits, `_` and `-`)",
+                s.name
+            ));
+        }
+        if out.iter().any(|o| o.name == s.name) {
+            return Err(format!(
+                "key `{at}.name`: `{}` is used twice; each sink keeps its own delivery cursor",
+                s.name
+            ));
+        }
+        let unused = |key: &str, set: bool| -> Result<(), String> {
+            if set {
+                Err(format!("key `{at}.{key}`: not used by a `{}` sink", s.kind))
+            } else {
+                Ok(())
+            }
+        };
+        let format = |allowed: &[SinkFormat], default: SinkFormat| match &s.format {
+            None => Ok(default),
+            Some(f) => allowed
+                .iter()
+                .copied()
+                .find(|a| a.as_str() == f)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
+                    format!(
+                        "key `{at}.format`: a `{}` sink writes {}, not `{f}`",
+                        s.kind,
+                        names.join(" or ")
+                    )
+                }),
+        };
+        let (target, format) = match s.kind.as_str() {
+            "file" => {
+                unused("url", s.url.is_some())?;
+                unused("address", s.address.is_some())?;
+                unused("transport", s.transport.is_some())?;
+                unused("headers", !s.headers.is_empty())?;
+                unused("ca_file", s.ca_file.is_some())?;
+                let path = s
+                    .path
+                    .clone()
+                    .ok_or_else(|| format!("key `{at}.path`: a file sink needs a path"))?;
+                let rotate_bytes = s.rotate_bytes.unwrap_or(100 << 20);
+                if rotate_bytes < 4096 {
+                    return Err(format!(
+                        "key `{at}.rotate_bytes`: {rotate_bytes} is below the smallest size, 4096"
+                    ));
+                }
+                let keep = s.keep.unwrap_or(5);
+                if keep > 1000 {
+                    return Err(format!("key `{at}.keep`: keep at most 1000 rotated files"));
+                }
+                (
+                    SinkTarget::File {
+                        path: PathBuf::from(path),
+                        rotate_bytes,
+                        keep,
+                    },
+                    format(&[SinkFormat::Json, SinkFormat::Ocsf], SinkFormat::Json)?,
+                )
+            }
+            "http" | "otlp" => {
+                unused("path", s.path.is_some())?;
+                unused("address", s.address.is_some())?;
+                unused("transport", s.transport.is_some())?;
+                unused("rotate_bytes", s.rotate_bytes.is_some())?;
+                unused("keep", s.keep.is_some())?;
+                let url = s
+                    .url
+                    .as_deref()
+                    .ok_or_else(|| format!("key `{at}.url`: an {} sink needs a url", s.kind))?;
+                let url = check_secure_url(&format!("{at}.url"), url)?;
+                let format = if s.kind == "otlp" {
+                    format(&[SinkFormat::Otlp], SinkFormat::Otlp)?
+                } else {
+                    format(
+                        &[SinkFormat::Json, SinkFormat::Ocsf, SinkFormat::Hec],
+                        SinkFormat::Json,
+                    )?
+                };
+                (
+                    SinkTarget::Http {
+                        url,
+                        headers: credential_headers(&at, s.headers)?,
+                        ca_file: s.ca_file.map(PathBuf::from),
+                    },
+                    format,
+                )
+            }
+            "syslog" => {
+                unused("path", s.path.is_some())?;
+                unused("url", s.url.is_some())?;
+                unused("headers", !s.headers.is_empty())?;
+                unused("rotate_bytes", s.rotate_bytes.is_some())?;
+                unused("keep", s.keep.is_some())?;
+                let address = s.address.clone().ok_or_else(|| {
+                    format!("key `{at}.address`: a syslog sink needs an address (host:port)")
+                })?;
+                let port_ok = address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if !port_ok {
+                    return Err(format!("key `{at}.address`: `{address}` is not host:port"));
+                }
+                let transport = match s.transport.as_deref() {
+                    None | Some("tls") => SyslogTransport::Tls,
+                    Some("tcp") => SyslogTransport::Tcp,
+                    Some("udp") => SyslogTransport::Udp,
+                    Some(other) => {
+                        return Err(format!(
+                            "key `{at}.transport`: `{other}` is not one of tls, tcp, udp"
+                        ));
+                    }
+                };
+                if transport != SyslogTransport::Tls && s.ca_file.is_some() {
+                    return Err(format!("key `{at}.ca_file`: only a tls transport uses it"));
+                }
+                (
+                    SinkTarget::Syslog {
+                        address,
+                        transport,
+                        ca_file: s.ca_file.map(PathBuf::from),
+                    },
+                    format(&[SinkFormat::Syslog, SinkFormat::Cef], SinkFormat::Syslog)?,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "key `{at}.kind`: `{other}` is not one of file, http, syslog, otlp"
+                ));
+            }
+        };
+        for k in &s.kinds {
+            let stem = k.strip_suffix('*').unwrap_or(k);
+            if stem.contains('*')
+                || !stem
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_')
+            {
+                return Err(format!(
+                    "key `{at}.kinds`: `{k}` is not an event kind (`alert.raised`) or a prefix (`token.*`)"
+                ));
+            }
+        }
+        let batch = s.batch.unwrap_or(500);
+        if !(1..=10_000).contains(&batch) {
+            return Err(format!(
+                "key `{at}.batch`: {batch} is not within 1 to 10000"
+            ));
+        }
+        out.push(SinkConfig {
+            name: s.name,
+            target,
+            format,
+            kinds: s.kinds,
+            required: s.required,
+            batch,
+        });
+    }
+    Ok(out)
 }
 
 /// `${NAME}` in a value is replaced by Palisade's environment variable `NAME` (so a secret need
@@ -1699,6 +2024,38 @@ mod tests {
             (
                 "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://h:1\"\n[[routes]]\nname = \"t\"\npath_prefix = \"/u\"\nupstream = \"http://h:1\"\n",
                 "used twice",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"kafka\"\n",
+                "audit.sinks[0].kind`: `kafka` is not one of file, http, syslog, otlp",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"file\"\n",
+                "audit.sinks[0].path`: a file sink needs a path",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\nurl = \"https://x\"\n",
+                "audit.sinks[0].url`: not used by a `file` sink",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://siem.example/hec\"\n",
+                "must use https://",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"syslog\"\naddress = \"h:514\"\nformat = \"json\"\n",
+                "a `syslog` sink writes rfc5424 or cef, not `json`",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"syslog\"\naddress = \"h\"\n",
+                "audit.sinks[0].address`: `h` is not host:port",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\n[[audit.sinks]]\nname = \"a\"\nkind = \"file\"\npath = \"y\"\n",
+                "audit.sinks[1].name`: `a` is used twice",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\nkinds = [\"to*ken\"]\n",
+                "audit.sinks[0].kinds`: `to*ken` is not an event kind",
             ),
             ("this is not toml", "test.toml"),
         ];

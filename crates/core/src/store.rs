@@ -169,6 +169,11 @@ pub trait Store: Send + Sync + 'static {
     /// The latest `limit` alerts (JSON), newest first.
     fn alerts(&self, limit: usize) -> Result<Vec<String>, StoreError>;
 
+    /// The last audit `seq` that SIEM sink `sink` delivered (0: none yet).
+    fn sink_cursor(&self, sink: &str) -> Result<u64, StoreError>;
+    /// Records that `sink` delivered every event up to `seq`.
+    fn put_sink_cursor(&self, sink: &str, seq: u64, at: Timestamp) -> Result<(), StoreError>;
+
     /// Stores a signed audit checkpoint (JSON) of the chain at `seq`.
     fn put_audit_checkpoint(&self, seq: u64, checkpoint: &str) -> Result<(), StoreError>;
     /// The latest `limit` audit checkpoints (JSON), newest first.

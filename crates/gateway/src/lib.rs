@@ -228,6 +228,26 @@ impl Gateway {
                 &String::from_utf8_lossy(r.as_bytes()),
             ));
         }
+        // Fail closed while no required SIEM sink can record; the refusal itself is kept in
+        // the local log and delivered when a sink recovers.
+        if let Some(reason) = self.audit.refusal() {
+            tracing::warn!(%reason, "request refused: fail-closed audit");
+            event.outcome = Some(Outcome {
+                status: 503,
+                bytes_in,
+                bytes_out: None,
+                error: Some(reason),
+            });
+            event.latency_us = Some(elapsed_us(started));
+            if self.audit.record(event).await.is_err() {
+                return audit_unavailable(&request_id);
+            }
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &request_id,
+                json!({ "error": "audit_unavailable", "message": palisade_audit::FAIL_CLOSED_MESSAGE }),
+            );
+        }
 
         // Phase 2: authenticate.
         let caller = match bearer(req.headers()) {

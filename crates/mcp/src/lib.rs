@@ -427,6 +427,17 @@ impl McpGateway {
     /// Handles one HTTP request to the MCP endpoint.
     pub async fn handle(self: &Arc<Self>, req: Request<Body>) -> Response<Body> {
         let started = Instant::now();
+        // Fail closed while no required SIEM sink can record (the refusal is kept locally).
+        if let Some(reason) = self.audit.refusal() {
+            tracing::warn!(%reason, "MCP request refused: fail-closed audit");
+            let resp = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                palisade_audit::FAIL_CLOSED_MESSAGE,
+            );
+            return self
+                .audited(None, "refused", Some(&reason), resp, started)
+                .await;
+        }
         let caller = match self.authenticate(req.headers()) {
             Ok(c) => c,
             Err(resp) => {

@@ -286,9 +286,20 @@ struct Expired;
 
 /// TLS for the server: Mozilla's roots, or only the certificates in its `ca_file`.
 fn tls_config(config: &McpServerConfig) -> Result<rustls::ClientConfig, String> {
-    let at = format!("mcp server `{}`", config.name);
+    client_tls(
+        config.ca_file.as_deref(),
+        &format!("mcp server `{}`", config.name),
+    )
+}
+
+/// TLS client settings: Mozilla's roots, or only the certificates in `ca_file` (PEM); `at`
+/// names the configured peer in errors. Also used by the SIEM sinks.
+pub fn client_tls(
+    ca_file: Option<&std::path::Path>,
+    at: &str,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    match &config.ca_file {
+    match ca_file {
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         Some(path) => {
             use rustls::pki_types::CertificateDer;
@@ -322,7 +333,7 @@ fn tls_config(config: &McpServerConfig) -> Result<rustls::ClientConfig, String> 
 }
 
 /// An error with its causes, which name what failed (a refused connection, a bad certificate).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

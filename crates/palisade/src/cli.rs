@@ -460,6 +460,9 @@ enum AuditCmd {
     /// Sign the chain's head now and print the checkpoint (keep it: `verify --from` checks
     /// later exports against it).
     Checkpoint,
+    /// The SIEM sinks: how far each has delivered, whether it is failing, and whether
+    /// requests are being refused because every required sink fails.
+    Sinks,
     /// Every event of a trace, request, event or principal (acting, or as the human who started
     /// the task), oldest first, with every event sharing their traces.
     Trace {
@@ -628,6 +631,50 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let format = if cli.json { "json" } else { format.as_str() };
             print!("{}", palisade_audit::query::render(&answer, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCmd::Sinks) => {
+            let v = client()?.call(Method::GET, "/audit/sinks", None).await?;
+            if cli.json {
+                println!("{}", pretty(&v));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = v["sinks"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    vec![
+                        cell(&s["name"]),
+                        format!("{}/{}", cell(&s["kind"]), cell(&s["format"])),
+                        cell(&s["target"]),
+                        if s["required"] == true { "yes" } else { "no" }.into(),
+                        cell(&s["delivered_seq"]),
+                        cell(&s["lag"]),
+                        s["last_error"].as_str().unwrap_or("ok").to_string(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("no sinks configured ([[audit.sinks]] in the config)");
+            } else {
+                print_table(
+                    &[
+                        "SINK",
+                        "KIND",
+                        "TARGET",
+                        "REQUIRED",
+                        "DELIVERED",
+                        "LAG",
+                        "STATE",
+                    ],
+                    &rows,
+                );
+            }
+            if let Some(reason) = v["refusing"].as_str() {
+                println!("REFUSING REQUESTS (fail-closed): {reason}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCmd::Checkpoint) => {

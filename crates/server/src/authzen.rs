@@ -277,14 +277,30 @@ async fn answer(
         id: caller.to_string(),
         ..PrincipalRef::default()
     });
-    event.outcome = Some(Outcome {
-        status: 200,
-        ..Outcome::default()
-    });
     event.request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(128).collect());
+    // Fail closed while no required SIEM sink can record: the decision is not released.
+    if let Some(reason) = app.audit.refusal() {
+        tracing::warn!(%reason, "AuthZEN answer withheld: fail-closed audit");
+        event.outcome = Some(Outcome {
+            status: 503,
+            error: Some(reason),
+            ..Outcome::default()
+        });
+        let resp = crate::error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            palisade_audit::FAIL_CLOSED_MESSAGE,
+            None,
+        );
+        return with_request_id(headers, crate::audit_or_503(app, event, resp).await);
+    }
+    event.outcome = Some(Outcome {
+        status: 200,
+        ..Outcome::default()
+    });
     let resp = crate::audit_or_503(app, event, axum::Json(body).into_response()).await;
     with_request_id(headers, resp)
 }

@@ -14,6 +14,7 @@ pub mod oidc;
 pub mod policy;
 mod provenance;
 pub mod sessions;
+pub mod sinks;
 pub mod tokens;
 
 use axum::Router;
@@ -65,6 +66,8 @@ pub struct App {
     pub checkpoint_key: Arc<ed25519_dalek::SigningKey>,
     /// Detection rules.
     pub detection: alerts::Detection,
+    /// SIEM sinks delivering the audit log.
+    pub sinks: Arc<sinks::Sinks>,
 }
 
 /// Why the server did not start.
@@ -153,6 +156,13 @@ impl RunningServer {
         if let Ok((due, _)) = tokio::task::spawn_blocking(move || sessions.sweep()).await {
             sessions::audit_taken(&app, &due).await;
         }
+        // The sinks get a moment to deliver the last events (the rest follow at the next
+        // start, from their cursors); their handles on the log must go before it can close.
+        let head = *app.audit.head().borrow();
+        app.sinks
+            .drain(head, std::time::Duration::from_secs(3))
+            .await;
+        app.sinks.stop().await;
         drop((app, shutdown));
         // The writer ends once every AuditLog handle is gone (the router's went with the task),
         // after writing everything still queued.
@@ -232,6 +242,10 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         .map_err(StartError::Other)?,
     );
     let (audit, writer) = AuditLog::start(store.clone())?;
+    let sinks = Arc::new(
+        sinks::Sinks::start(&config.audit.sinks, store.clone(), &audit, clock.clone())
+            .map_err(StartError::Other)?,
+    );
     let inspection_key = ensure_key(&config.server.data_dir.join(INSPECTION_KEY_FILE))?;
     let checkpoint_key = Arc::new(ed25519_dalek::SigningKey::from_bytes(&ensure_key(
         &config.server.data_dir.join(AUDIT_CHECKPOINT_KEY_FILE),
@@ -270,6 +284,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let detection = alerts::Detection::load(&config).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        sinks,
         detection,
         checkpoint_key,
         mcp,
@@ -473,6 +488,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/audit/query", post(admin::audit_query))
         .route("/alerts", get(alerts::list))
         .route("/alerts/run", post(alerts::run_now))
+        .route("/audit/sinks", get(sinks::list))
         .route(
             "/audit/checkpoints",
             get(admin::audit_checkpoints).post(admin::audit_checkpoint_now),

@@ -227,6 +227,24 @@ const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
 /// `POST /oauth2/token`: client credentials (RFC 6749 §4.4) and token exchange (RFC 8693).
 pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = std::time::Instant::now();
+    // Fail closed while no required SIEM sink can record (the refusal is kept locally).
+    if let Some(reason) = app.audit.refusal() {
+        tracing::warn!(%reason, "token request refused: fail-closed audit");
+        let mut event = AuditEvent::new("token.refused");
+        event.outcome = Some(palisade_audit::Outcome {
+            status: 503,
+            error: Some(reason),
+            ..Default::default()
+        });
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let resp = crate::error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            palisade_audit::FAIL_CLOSED_MESSAGE,
+            None,
+        );
+        return audit_or_503(&app, event, resp).await;
+    }
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
         Err(e) => return refuse(&app, e, None, started, "unknown").await,

@@ -113,6 +113,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX alerts_time ON alerts(time_ns);
     "#,
+    // 7: how far each SIEM sink has delivered the audit log (at-least-once, durable).
+    r#"
+    CREATE TABLE audit_sink_cursors (
+        name       TEXT PRIMARY KEY,
+        seq        INTEGER NOT NULL,
+        updated_ns INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -701,6 +709,31 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<String>, _>>()
             .map_err(backend)?;
         Ok(rows)
+    }
+
+    fn sink_cursor(&self, sink: &str) -> Result<u64, StoreError> {
+        let seq: Option<i64> = self
+            .main()?
+            .query_row(
+                "SELECT seq FROM audit_sink_cursors WHERE name = ?1",
+                [sink],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    fn put_sink_cursor(&self, sink: &str, seq: u64, at: Timestamp) -> Result<(), StoreError> {
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Backend("seq overflow".into()))?;
+        self.main()?
+            .execute(
+                "INSERT INTO audit_sink_cursors (name, seq, updated_ns) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, updated_ns = excluded.updated_ns",
+                params![sink, seq, ns(at)],
+            )
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn put_audit_checkpoint(&self, seq: u64, checkpoint: &str) -> Result<(), StoreError> {
