@@ -5,8 +5,9 @@
 //! operator writes):
 //! - `out-of-scope-access`: an action outside the agent's declared purpose (denied by purpose
 //!   binding, which marks the event);
-//! - `volume-anomaly`: an agent's 5-minute action count above the 95th percentile of all
-//!   5-minute counts, and at least 20;
+//! - `volume-anomaly`: an agent's 5-minute action count of at least 20 above the 95th
+//!   percentile of its own 5-minute counts over the last day (its baseline); an agent with less
+//!   than an hour of history (12 bins) is compared with the 95th percentile of every agent's;
 //! - `credential-access-unapproved`: a credential action by an agent not in the
 //!   `approved_credential_consumers` list;
 //! - `off-hours-activity`: agent actions between 22:00 and 06:00 UTC;
@@ -63,8 +64,8 @@ pub fn builtin() -> Vec<Rule> {
             "volume-anomaly",
             "medium",
             300,
-            "AgentAuditLog | where timestamp > ago(1d) and isnotnull(agent_id) | summarize action_count = count() by agent_id, window = bin(timestamp, 5m) | where action_count > percentile_threshold_95 and action_count >= 20 and window > ago(10m)",
-            "an agent's 5-minute action count is far above the usual",
+            "AgentAuditLog | where timestamp > ago(1d) and isnotnull(agent_id) | summarize action_count = count() by agent_id, window = bin(timestamp, 5m) | extend baseline = percentile_by(action_count, 95, agent_id), history = count_by(agent_id) | where window > ago(10m) and action_count >= 20 and ((history >= 12 and action_count > baseline) or (history < 12 and action_count > percentile_threshold_95))",
+            "an agent's 5-minute action count is far above its own baseline",
         ),
         rule(
             "credential-access-unapproved",
@@ -289,6 +290,30 @@ mod tests {
         }
         assert_eq!(fired("volume-anomaly", rows, &none), 1);
         assert_eq!(fired("volume-anomaly", steady, &none), 0);
+        // Each agent against its own baseline: a busy agent at its usual 25 per bin is quiet;
+        // a quiet agent's 22 in the last bin, far above its usual 1, fires (though 22 is below
+        // the fleet's 95th percentile).
+        let mut rows: Rows = Vec::new();
+        for bin in 0..30 {
+            for _ in 0..25 {
+                rows.push(event("agent:busy", bin * 5 + 1, true, json!({})));
+            }
+            if bin > 0 {
+                rows.push(event("agent:quiet", bin * 5 + 1, true, json!({})));
+            }
+        }
+        let usual = rows.clone();
+        for _ in 0..22 {
+            rows.push(event("agent:quiet", 1, true, json!({})));
+        }
+        let rule = builtin()
+            .into_iter()
+            .find(|r| r.name == "volume-anomaly")
+            .unwrap();
+        let alerts = evaluate(&rule, rows, NOW, &none).unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].row["agent_id"], "agent:quiet");
+        assert_eq!(fired("volume-anomaly", usual, &none), 0);
 
         // First-seen resource: new in the last 10 minutes vs long known.
         let old = event("agent:a", 600, true, json!({}));

@@ -16,7 +16,9 @@
 //! `in (...)`, `!in (...)`, `not(...)`, `and`/`or` (any case), `+ - * /`, strings, numbers,
 //! durations (`30s`, `5m`, `1h`, `7d`), `true`/`false`, `ago(d)`, `now()`, `bin(x, d)`,
 //! `tolower(x)`, `strlen(x)`, `isnull(x)`, `isnotnull(x)`. `percentile_threshold_NN` in a comparison is
-//! the NN-th percentile of the other side over the rows at that stage. A name that is no column
+//! the NN-th percentile of the other side over the rows at that stage. Window functions over the
+//! rows at a stage, per group: `percentile_by(x, p, key, ...)` (the p-th percentile of x among
+//! the rows with the same keys, e.g. an agent's own baseline) and `count_by(key, ...)`. A name that is no column
 //! is looked up in the named lists (from the config), else it is an error that points at it.
 //!
 //! The table is the audit log flattened to columns (see [`COLUMNS`]); any field of an event is
@@ -788,6 +790,23 @@ impl Parser {
 struct Env<'a> {
     now_ns: i64,
     lists: &'a HashMap<String, Vec<Value>>,
+    /// Values computed over all rows of the current stage (thresholds, per-group percentiles
+    /// and counts), so each is computed once per stage rather than once per row.
+    cache: std::cell::RefCell<HashMap<String, Value>>,
+}
+
+impl Env<'_> {
+    /// The value cached under `key`, computing (and caching) every group of `family` with
+    /// `fill` on a miss.
+    fn cached(&self, key: &str, fill: impl FnOnce() -> Vec<(String, Value)>) -> Value {
+        if let Some(v) = self.cache.borrow().get(key) {
+            return v.clone();
+        }
+        let computed = fill();
+        let mut cache = self.cache.borrow_mut();
+        cache.extend(computed);
+        cache.get(key).cloned().unwrap_or(Value::Null)
+    }
 }
 
 fn num(v: &Value) -> Option<f64> {
@@ -879,10 +898,12 @@ fn check_names(
                     | "isnull"
                     | "isnotnull"
                     | "hourofday"
+                    | "percentile_by"
+                    | "count_by"
             );
             if !known {
                 return Err(QueryError {
-                    message: "unknown function; use ago, now, bin, hourofday, tolower, toupper, strlen, isnull or isnotnull".into(),
+                    message: "unknown function; use ago, now, bin, hourofday, tolower, toupper, strlen, isnull, isnotnull, percentile_by or count_by".into(),
                     column: *column,
                     token: f.clone(),
                 });
@@ -925,11 +946,15 @@ fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, V
             // rows at this stage.
             let resolve = |side: &Expr, other: &Expr| match side {
                 Expr::Threshold(p) => {
-                    let mut values: Vec<f64> = rows
-                        .iter()
-                        .filter_map(|r| num(&eval(other, r, env, rows)))
-                        .collect();
-                    percentile(&mut values, *p).map_or(Value::Null, |v| json!(v))
+                    let key = format!("threshold|{p}|{other:?}");
+                    env.cached(&key, || {
+                        let mut values: Vec<f64> = rows
+                            .iter()
+                            .filter_map(|r| num(&eval(other, r, env, rows)))
+                            .collect();
+                        let v = percentile(&mut values, *p).map_or(Value::Null, |v| json!(v));
+                        vec![(key.clone(), v)]
+                    })
                 }
                 _ => eval(side, row, env, rows),
             };
@@ -1008,6 +1033,48 @@ fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, V
                     json!(((ns as i64).div_euclid(3_600_000_000_000)).rem_euclid(24))
                 }),
                 "isnotnull" => json!(!arg(0).is_null()),
+                // Window functions over the rows of this stage, per group of the key columns:
+                // `percentile_by(x, p, key, ...)` and `count_by(key, ...)`.
+                "percentile_by" | "count_by" => {
+                    let by_percentile = f.eq_ignore_ascii_case("percentile_by");
+                    let keys = args.get(if by_percentile { 2 } else { 0 }..).unwrap_or(&[]);
+                    let group = |r: &Map<String, Value>| {
+                        Value::Array(keys.iter().map(|k| eval(k, r, env, rows)).collect())
+                            .to_string()
+                    };
+                    let family = format!("{f}|{args:?}|");
+                    let key = format!("{family}{}", group(row));
+                    env.cached(&key, || {
+                        let mut groups: HashMap<String, Vec<f64>> = HashMap::new();
+                        for r in rows {
+                            let values = groups.entry(group(r)).or_default();
+                            if by_percentile {
+                                if let Some(x) =
+                                    args.first().and_then(|x| num(&eval(x, r, env, rows)))
+                                {
+                                    values.push(x);
+                                }
+                            } else {
+                                values.push(1.0);
+                            }
+                        }
+                        let p = args
+                            .get(1)
+                            .and_then(|p| num(&eval(p, row, env, rows)))
+                            .unwrap_or(50.0);
+                        groups
+                            .into_iter()
+                            .map(|(g, mut values)| {
+                                let v = if by_percentile {
+                                    percentile(&mut values, p).map_or(Value::Null, |v| json!(v))
+                                } else {
+                                    json!(values.len())
+                                };
+                                (format!("{family}{g}"), v)
+                            })
+                            .collect()
+                    })
+                }
                 _ => Value::Null,
             }
         }
@@ -1047,10 +1114,15 @@ pub fn run(
         end_column: query.chars().count() + 1,
     };
     let stages = parser.query()?;
-    let env = Env { now_ns, lists };
+    let env = Env {
+        now_ns,
+        lists,
+        cache: std::cell::RefCell::default(),
+    };
     // Columns in scope after each stage (empty: every event column).
     let mut scope: Vec<String> = Vec::new();
     for stage in &stages {
+        env.cache.borrow_mut().clear();
         match stage {
             Stage::Where(e) => {
                 check_names(e, &scope, lists)?;
