@@ -168,6 +168,9 @@ pub fn export(
     after: u64,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, ExportError> {
+    // Events retention pruned are in their archives; the export starts where the store does.
+    let base = store.audit_segments()?.last().map_or(0, |s| s.last_seq);
+    let after = after.max(base);
     let header = ExportLine::Header {
         format: "palisade-audit-export".into(),
         version: 1,
@@ -287,6 +290,15 @@ pub fn verify_export(
             line: 1,
             message: "no export header; write the file with `palisade audit export`".into(),
         });
+    };
+    // Without a trusted starting point, an export that starts after event N (a later archive,
+    // or an export after retention) starts from its own checkpoint of event N: its signature is
+    // checked (against the pinned key, when given) like every other.
+    let own_start = checkpoints.iter().find(|c| c.seq == after).cloned();
+    let from = match from {
+        Some(f) => Some(f),
+        None if after > 0 => own_start.as_ref(),
+        None => None,
     };
     if let Some(f) = from {
         f.verify(pinned).map_err(ExportVerifyError::Checkpoint)?;

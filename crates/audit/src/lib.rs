@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod detect;
 pub mod query;
+pub mod retention;
 pub mod siem;
 
 use palisade_core::store::{Store, StoreError, StoredAuditEvent};
@@ -406,6 +407,9 @@ pub struct VerifyReport {
     pub events: u64,
     /// Hash of the last event.
     pub head_hash: String,
+    /// Events before the stored chain, pruned into archives (the chain starts after them, at
+    /// a signed checkpoint).
+    pub pruned: u64,
 }
 
 /// The first break in the chain.
@@ -433,8 +437,39 @@ pub enum VerifyError {
 
 /// Walks the whole chain from the first event and checks every link and hash.
 pub fn verify(store: &dyn Store) -> Result<VerifyReport, VerifyError> {
-    let mut expected_seq = 1u64;
-    let mut prev = GENESIS_HASH.to_string();
+    // After retention pruned the oldest events, the chain starts at the last segment's sealed
+    // end: its checkpoint must be signed over exactly that event, and segments must be
+    // contiguous from the first event.
+    let (mut expected_seq, mut prev) = (1u64, GENESIS_HASH.to_string());
+    for segment in store.audit_segments()? {
+        let broken = |reason: String| VerifyFailure {
+            seq: segment.first_seq,
+            event_id: "<pruned segment>".into(),
+            reason,
+        };
+        if segment.first_seq != expected_seq || segment.last_seq < segment.first_seq {
+            return Err(broken(format!(
+                "pruned segment {}-{} does not follow event {}",
+                segment.first_seq,
+                segment.last_seq,
+                expected_seq - 1
+            ))
+            .into());
+        }
+        let sealed: checkpoint::Checkpoint = serde_json::from_str(&segment.checkpoint)
+            .map_err(|e| broken(format!("its sealing checkpoint is not readable: {e}")))?;
+        sealed.verify(None).map_err(broken)?;
+        if sealed.seq != segment.last_seq || sealed.head_hash != segment.last_hash {
+            return Err(broken(format!(
+                "its sealing checkpoint signs event {}, not the segment's end {}",
+                sealed.seq, segment.last_seq
+            ))
+            .into());
+        }
+        expected_seq = segment.last_seq + 1;
+        prev = segment.last_hash;
+    }
+    let pruned = expected_seq - 1;
     loop {
         let page = store.read_audit(expected_seq - 1, 1000)?;
         if page.is_empty() {
@@ -447,12 +482,17 @@ pub fn verify(store: &dyn Store) -> Result<VerifyReport, VerifyError> {
         }
     }
     Ok(VerifyReport {
-        events: expected_seq - 1,
+        events: expected_seq - 1 - pruned,
         head_hash: prev,
+        pruned,
     })
 }
 
-fn check_row(row: &StoredAuditEvent, expected_seq: u64, prev: &str) -> Result<(), VerifyFailure> {
+pub(crate) fn check_row(
+    row: &StoredAuditEvent,
+    expected_seq: u64,
+    prev: &str,
+) -> Result<(), VerifyFailure> {
     let fail = |seq: u64, reason: String| VerifyFailure {
         seq,
         event_id: row.event_id.clone(),

@@ -80,6 +80,8 @@ pub mod raw {
         pub lists: std::collections::BTreeMap<String, Vec<String>>,
         #[serde(default)]
         pub sinks: Vec<Sink>,
+        pub retention: Option<String>,
+        pub archive_dir: Option<String>,
     }
 
     /// `[[audit.sinks]]`.
@@ -344,6 +346,11 @@ pub struct AuditConfig {
     pub lists: Vec<(String, Vec<String>)>,
     /// SIEM sinks that receive every audit event (at least once, in order).
     pub sinks: Vec<SinkConfig>,
+    /// How long events stay in the store; older ones are archived, sealed and pruned (none:
+    /// kept forever).
+    pub retention: Option<std::time::Duration>,
+    /// Where pruned segments are archived (default `<data_dir>/audit-archive`).
+    pub archive_dir: Option<PathBuf>,
 }
 
 /// One SIEM sink: where the audit log is delivered, in which format.
@@ -962,6 +969,7 @@ impl Config {
         if let Some(f) = config.audit.rules_file.take() {
             config.audit.rules_file = Some(base.join(f));
         }
+        config.audit.archive_dir = config.audit.archive_dir.as_deref().map(|d| base.join(d));
         for sink in &mut config.audit.sinks {
             match &mut sink.target {
                 SinkTarget::File { path, .. } => *path = base.join(&*path),
@@ -1373,6 +1381,8 @@ impl Config {
         }
         Ok(Self {
             audit: AuditConfig {
+                retention: raw.audit.retention.as_deref().map(retention).transpose()?,
+                archive_dir: raw.audit.archive_dir.map(PathBuf::from),
                 sinks: sinks(raw.audit.sinks)?,
                 rules_file: raw.audit.rules_file.map(PathBuf::from),
                 lists: raw.audit.lists.into_iter().collect(),
@@ -1489,6 +1499,26 @@ fn credential_headers(
         headers.push((header, Sensitive(value)));
     }
     Ok(headers)
+}
+
+/// `[audit] retention`: a number and a unit (`90d`, `12h`, `30m`), at least a minute.
+fn retention(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || {
+        format!(
+            "key `audit.retention`: `{text}` is not a duration such as `90d`, `12h` or `30m` (at least 1m)"
+        )
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: u64 = t[..split].parse().map_err(|_| bad())?;
+    let unit = match &t[split..] {
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(unit).filter(|s| *s >= 60).ok_or_else(bad)?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// `[[audit.sinks]]`, checked: names unique, each kind with its own keys and formats.
@@ -2056,6 +2086,10 @@ mod tests {
             (
                 "[[audit.sinks]]\nname = \"a\"\nkind = \"file\"\npath = \"x\"\nkinds = [\"to*ken\"]\n",
                 "audit.sinks[0].kinds`: `to*ken` is not an event kind",
+            ),
+            (
+                "[audit]\nretention = \"30s\"\n",
+                "audit.retention`: `30s` is not a duration",
             ),
             ("this is not toml", "test.toml"),
         ];

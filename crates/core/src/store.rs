@@ -81,6 +81,24 @@ pub struct StoredAuditEvent {
     pub hash: String,
 }
 
+/// A pruned stretch of the audit chain: archived to a file, sealed by a signed checkpoint of its
+/// last event, then deleted from the store. The last segment is where the stored chain starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSegment {
+    /// First sequence number in the segment.
+    pub first_seq: u64,
+    /// Last sequence number in the segment.
+    pub last_seq: u64,
+    /// Hash of the last event (the next event's `prev_hash`).
+    pub last_hash: String,
+    /// The archive file it was written to.
+    pub archive: String,
+    /// The signed checkpoint of `(last_seq, last_hash)`, JSON.
+    pub checkpoint: String,
+    /// When it was pruned, nanoseconds since the epoch.
+    pub pruned_ns: i64,
+}
+
 /// Persistent state of one Palisade deployment.
 pub trait Store: Send + Sync + 'static {
     /// Inserts a new principal; `Conflict` if the id exists.
@@ -183,6 +201,12 @@ pub trait Store: Send + Sync + 'static {
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
     /// Appends events durably in one transaction (group commit); all or none.
     fn append_audit(&self, events: &[StoredAuditEvent]) -> Result<(), StoreError>;
+    /// The last sequence number of an event older than `time_ns`.
+    fn audit_seq_before(&self, time_ns: i64) -> Result<Option<u64>, StoreError>;
+    /// Pruned segments of the chain, oldest first.
+    fn audit_segments(&self) -> Result<Vec<AuditSegment>, StoreError>;
+    /// Records `segment` and deletes its events, in one transaction.
+    fn prune_audit(&self, segment: &AuditSegment) -> Result<(), StoreError>;
     /// Events with `seq > after`, ascending, at most `limit`.
     fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<StoredAuditEvent>, StoreError>;
 }

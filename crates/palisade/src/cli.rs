@@ -460,6 +460,9 @@ enum AuditCmd {
     /// Sign the chain's head now and print the checkpoint (keep it: `verify --from` checks
     /// later exports against it).
     Checkpoint,
+    /// Apply `[audit] retention` now: archive the events older than it (that every sink has
+    /// delivered) to a file sealed by a signed checkpoint, then prune them from the store.
+    Prune,
     /// The SIEM sinks: how far each has delivered, whether it is failing, and whether
     /// requests are being refused because every required sink fails.
     Sinks,
@@ -631,6 +634,26 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let format = if cli.json { "json" } else { format.as_str() };
             print!("{}", palisade_audit::query::render(&answer, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCmd::Prune) => {
+            let v = client()?.call(Method::POST, "/audit/prune", None).await?;
+            if cli.json {
+                println!("{}", pretty(&v));
+            } else if v["pruned"].is_null() {
+                println!(
+                    "nothing to prune: no event is older than the retention and delivered to every sink"
+                );
+            } else {
+                let p = &v["pruned"];
+                println!(
+                    "archived and pruned events {}..{} to {} (sealed by a checkpoint of event {}; verify it with `palisade audit verify FILE`)",
+                    cell(&p["first_seq"]),
+                    cell(&p["last_seq"]),
+                    cell(&p["archive"]),
+                    cell(&p["last_seq"])
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCmd::Sinks) => {

@@ -7,6 +7,7 @@ mod support;
 use reqwest::Method;
 use serde_json::Value;
 use std::path::Path;
+use std::sync::Arc;
 use support::Harness;
 
 fn palisade(args: &[&str], data_dir: &Path) -> (bool, String, String) {
@@ -313,5 +314,112 @@ async fn a_burst_of_denials_raises_one_alert_and_a_normal_day_none() {
                 && e["event"]["alert"]["rule"] == "denial-burst"),
         "alerts are audited"
     );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_archives_seals_and_prunes_and_every_piece_still_verifies() {
+    let clock = Arc::new(palisade_core::OffsetClock::new());
+    let h = Harness::start_full(
+        "audit-retention",
+        "",
+        "[audit]\nretention = \"1d\"\n",
+        Some(clock.clone()),
+    )
+    .await;
+    let token = h.agent_token("retained", &["tickets"]).await;
+    for _ in 0..3 {
+        assert_eq!(h.get_tickets(&token).await.status(), 200);
+    }
+    // Nothing is a day old yet.
+    let (s, v) = h.api(Method::POST, "/audit/prune", None).await;
+    assert_eq!((s, &v["pruned"]), (200, &Value::Null), "{v}");
+
+    clock.advance(2 * 86_400);
+    let (s, v) = h.api(Method::POST, "/audit/prune", None).await;
+    assert_eq!(s, 200, "{v}");
+    let first = v["pruned"].clone();
+    assert_eq!(first["first_seq"], 1);
+    let cut = first["last_seq"].as_u64().unwrap();
+    assert!(cut >= 6, "{first}");
+    let archive = std::path::PathBuf::from(first["archive"].as_str().unwrap());
+    // The store now starts after the segment; the pruning itself is audited.
+    let (_, events) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let items = events["items"].as_array().unwrap();
+    assert_eq!(items[0]["seq"].as_u64().unwrap(), cut + 1);
+    assert!(items.iter().any(|i| i["event"]["kind"] == "audit.pruned"));
+
+    // A second round: the next archive starts where the first ended.
+    let token = h.agent_token("retained-2", &["tickets"]).await;
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+    clock.advance(2 * 86_400);
+    let (_, v) = h.api(Method::POST, "/audit/prune", None).await;
+    let second = v["pruned"].clone();
+    assert_eq!(second["first_seq"].as_u64().unwrap(), cut + 1, "{v}");
+    let archive2 = std::path::PathBuf::from(second["archive"].as_str().unwrap());
+    let data_dir = h.data_dir.clone();
+    let out = h.cli(&["audit", "prune"]);
+    assert!(out.status.success());
+    h.server.stop().await;
+
+    // The store verifies from the last seal; each archive verifies on its own, offline.
+    let (ok, out, err) = palisade(&["audit", "verify"], &data_dir);
+    assert!(ok, "{out}{err}");
+    for file in [&archive, &archive2] {
+        let (ok, out, err) = palisade(&["audit", "verify", file.to_str().unwrap()], &data_dir);
+        assert!(ok, "{}: {out}{err}", file.display());
+    }
+    let (ok, out, _) = palisade(&["audit", "verify", archive2.to_str().unwrap()], &data_dir);
+    assert!(
+        ok && out.contains(&format!("up to event {}", second["last_seq"])),
+        "{out}"
+    );
+
+    // An archive that was edited does not verify.
+    let text = std::fs::read_to_string(&archive).unwrap();
+    let edited = text.replacen("retained", "innocent", 1);
+    assert_ne!(text, edited);
+    let forged = archive.with_extension("edited");
+    std::fs::write(&forged, edited).unwrap();
+    let (ok, _, err) = palisade(&["audit", "verify", forged.to_str().unwrap()], &data_dir);
+    assert!(!ok && err.contains("modified"), "{err}");
+
+    // Deleting the oldest stored events and claiming retention pruned them is caught: no
+    // signed checkpoint seals the claimed segment's end.
+    let db = data_dir.join("palisade.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let base: i64 = conn
+        .query_row("SELECT MAX(last_seq) FROM audit_segments", [], |r| r.get(0))
+        .unwrap();
+    conn.execute("DELETE FROM audit_events WHERE seq = ?1", [base + 1])
+        .unwrap();
+    conn.execute(
+        "INSERT INTO audit_segments (first_seq, last_seq, last_hash, archive, checkpoint, pruned_ns) \
+         SELECT ?1, ?1, last_hash, archive, checkpoint, pruned_ns FROM audit_segments WHERE last_seq = ?2",
+        [base + 1, base],
+    )
+    .unwrap();
+    drop(conn);
+    let (ok, out, err) = palisade(&["audit", "verify"], &data_dir);
+    assert!(!ok && err.contains("checkpoint"), "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_a_sink_has_not_delivered() {
+    let clock = Arc::new(palisade_core::OffsetClock::new());
+    let h = Harness::start_full(
+        "audit-retention-sink",
+        "",
+        "[audit]\nretention = \"1d\"\n[[audit.sinks]]\nname = \"down\"\nkind = \"http\"\nurl = \"http://127.0.0.1:1/never\"\n",
+        Some(clock.clone()),
+    )
+    .await;
+    let token = h.agent_token("kept", &["tickets"]).await;
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+    clock.advance(2 * 86_400);
+    let (s, v) = h.api(Method::POST, "/audit/prune", None).await;
+    assert_eq!((s, &v["pruned"]), (200, &Value::Null), "{v}");
+    let (_, events) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    assert_eq!(events["items"][0]["seq"], 1, "nothing was pruned");
     h.server.stop().await;
 }

@@ -564,6 +564,23 @@ pub async fn audit_query(State(app): State<Arc<App>>, body: axum::body::Bytes) -
     }
 }
 
+/// `POST /api/v1/audit/prune`: applies retention now; answers the pruned segment, or
+/// `{"pruned": null}` when nothing is old enough (or every old event awaits a sink).
+pub async fn audit_prune(State(app): State<Arc<App>>) -> Response {
+    match crate::prune_audit(&app).await {
+        Ok(Some(s)) => axum::Json(json!({ "pruned": {
+            "first_seq": s.first_seq,
+            "last_seq": s.last_seq,
+            "last_hash": s.last_hash,
+            "archive": s.archive,
+            "checkpoint": serde_json::from_str::<Value>(&s.checkpoint).unwrap_or(Value::Null),
+        }}))
+        .into_response(),
+        Ok(None) => axum::Json(json!({ "pruned": null })).into_response(),
+        Err(e) => error_response(StatusCode::CONFLICT, "retention", &e, None),
+    }
+}
+
 /// `GET /api/v1/audit/checkpoints`: the latest 100 signed checkpoints, newest first.
 pub async fn audit_checkpoints(State(app): State<Arc<App>>) -> Response {
     let store = app.store.clone();

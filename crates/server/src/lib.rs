@@ -380,6 +380,7 @@ fn checkpoint_task(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune: Option<tokio::time::Instant> = None;
         loop {
             tick.tick().await;
             let Some(app) = app.upgrade() else { return };
@@ -388,13 +389,76 @@ fn checkpoint_task(
                 app.checkpoint_key.clone(),
                 app.tokens.clock(),
             );
-            drop(app);
             let _ = tokio::task::spawn_blocking(move || {
                 audit_checkpoint(store.as_ref(), &key, clock.as_ref());
             })
             .await;
+            // Retention runs hourly (and at the first tick after start).
+            if app.config.audit.retention.is_some()
+                && last_prune.is_none_or(|t| t.elapsed() >= AUDIT_PRUNE_EVERY)
+            {
+                last_prune = Some(tokio::time::Instant::now());
+                if let Err(e) = prune_audit(&app).await {
+                    tracing::error!(error = %e, "audit retention failed; nothing was pruned");
+                }
+            }
         }
     })
+}
+
+/// How often retention looks for events to prune.
+pub const AUDIT_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Archives, seals and prunes the events older than `[audit] retention` that every sink has
+/// delivered; audits the pruning as `audit.pruned`. `Ok(None)`: nothing to prune.
+pub async fn prune_audit(
+    app: &Arc<App>,
+) -> Result<Option<palisade_core::store::AuditSegment>, String> {
+    let Some(retention) = app.config.audit.retention else {
+        return Err("no retention is configured ([audit] retention = \"90d\")".into());
+    };
+    let now = i64::try_from(app.tokens.now().unix_nanos()).unwrap_or(i64::MAX);
+    let cutoff = now.saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX));
+    let dir = app
+        .config
+        .audit
+        .archive_dir
+        .clone()
+        .unwrap_or_else(|| app.config.server.data_dir.join("audit-archive"));
+    let (store, key) = (app.store.clone(), app.checkpoint_key.clone());
+    let sinks: Vec<String> = app
+        .config
+        .audit
+        .sinks
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let segment = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let Some(mut up_to) = store.audit_seq_before(cutoff).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        // Events a sink has not delivered yet stay, so no sink ever misses one.
+        for sink in &sinks {
+            up_to = up_to.min(store.sink_cursor(sink).map_err(|e| e.to_string())?);
+        }
+        palisade_audit::retention::prune(store.as_ref(), &key, &dir, up_to, now)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    if let Some(s) = &segment {
+        let mut event = AuditEvent::new("audit.pruned");
+        event.action = Some("prune".into());
+        event.detail = json!({
+            "first_seq": s.first_seq,
+            "last_seq": s.last_seq,
+            "last_hash": s.last_hash,
+            "archive": s.archive,
+        });
+        app.audit.record(event).await.map_err(|e| e.to_string())?;
+        tracing::info!(first = s.first_seq, last = s.last_seq, archive = %s.archive, "audit events archived and pruned");
+    }
+    Ok(segment)
 }
 
 /// The key of the inspection fingerprints (keyed hashes of PII and secrets in audit events),
@@ -489,6 +553,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/alerts", get(alerts::list))
         .route("/alerts/run", post(alerts::run_now))
         .route("/audit/sinks", get(sinks::list))
+        .route("/audit/prune", post(admin::audit_prune))
         .route(
             "/audit/checkpoints",
             get(admin::audit_checkpoints).post(admin::audit_checkpoint_now),

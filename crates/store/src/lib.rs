@@ -9,7 +9,8 @@
 
 use palisade_core::session::SessionRecord;
 use palisade_core::store::{
-    ClientSecretRecord, RevocationRecord, SigningKeyRecord, Store, StoreError, StoredAuditEvent,
+    AuditSegment, ClientSecretRecord, RevocationRecord, SigningKeyRecord, Store, StoreError,
+    StoredAuditEvent,
 };
 use palisade_core::{Principal, PrincipalId, PrincipalKind, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -119,6 +120,18 @@ const MIGRATIONS: &[&str] = &[
         name       TEXT PRIMARY KEY,
         seq        INTEGER NOT NULL,
         updated_ns INTEGER NOT NULL
+    );
+    "#,
+    // 8: segments of the audit chain sealed by a signed checkpoint, archived, then pruned; the
+    // last one is where the stored chain now starts.
+    r#"
+    CREATE TABLE audit_segments (
+        first_seq  INTEGER PRIMARY KEY,
+        last_seq   INTEGER NOT NULL,
+        last_hash  TEXT NOT NULL,
+        archive    TEXT NOT NULL,
+        checkpoint TEXT NOT NULL,
+        pruned_ns  INTEGER NOT NULL
     );
     "#,
 ];
@@ -834,6 +847,64 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             }
         }
+        tx.commit().map_err(backend)
+    }
+
+    fn audit_seq_before(&self, time_ns: i64) -> Result<Option<u64>, StoreError> {
+        let seq: Option<i64> = self
+            .audit()?
+            .query_row(
+                "SELECT MAX(seq) FROM audit_events WHERE time_ns < ?1",
+                [time_ns],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        Ok(seq.and_then(|s| u64::try_from(s).ok()))
+    }
+
+    fn audit_segments(&self) -> Result<Vec<AuditSegment>, StoreError> {
+        let conn = self.audit()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT first_seq, last_seq, last_hash, archive, checkpoint, pruned_ns FROM audit_segments ORDER BY first_seq",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(AuditSegment {
+                    first_seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    last_seq: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    last_hash: r.get(2)?,
+                    archive: r.get(3)?,
+                    checkpoint: r.get(4)?,
+                    pruned_ns: r.get(5)?,
+                })
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
+    }
+
+    fn prune_audit(&self, segment: &AuditSegment) -> Result<(), StoreError> {
+        let mut conn = self.audit()?;
+        let tx = conn.transaction().map_err(backend)?;
+        let last = i64::try_from(segment.last_seq).map_err(backend)?;
+        let first = i64::try_from(segment.first_seq).map_err(backend)?;
+        tx.execute(
+            "INSERT INTO audit_segments (first_seq, last_seq, last_hash, archive, checkpoint, pruned_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                first,
+                last,
+                segment.last_hash,
+                segment.archive,
+                segment.checkpoint,
+                segment.pruned_ns
+            ],
+        )
+        .map_err(backend)?;
+        tx.execute("DELETE FROM audit_events WHERE seq <= ?1", [last])
+            .map_err(backend)?;
         tx.commit().map_err(backend)
     }
 
