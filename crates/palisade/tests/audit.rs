@@ -130,8 +130,27 @@ async fn exports_verify_offline_and_tampering_or_tail_deletion_is_named() {
     let later = dir.join("later.jsonl");
     let (ok, out, err) = verify(&later, &["--from", kept.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
-    let (ok, _, err) = verify(&later, &[]);
-    assert!(!ok, "without the checkpoint it cannot start mid-chain");
+    // Without it, the export starts from its own signed checkpoint of that event, which a
+    // pinned key must have signed when one is given.
+    let (ok, out, err) = verify(&later, &[]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = verify(&later, &["--key", "0123456789abcdef"]);
+    assert!(!ok && err.contains("not the pinned key"), "{err}");
+    // An export cut so that no checkpoint of its start remains cannot start mid-chain.
+    let text = std::fs::read_to_string(&later).unwrap();
+    let headless: String = text
+        .lines()
+        .filter(|l| !l.contains(&format!("\"type\":\"checkpoint\",\"seq\":{signed_seq},")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(headless, text);
+    let cut = dir.join("cut.jsonl");
+    std::fs::write(&cut, headless).unwrap();
+    let (ok, _, err) = verify(&cut, &[]);
+    assert!(
+        !ok,
+        "without a checkpoint of its start it cannot start mid-chain"
+    );
     assert!(err.contains("--from"), "{err}");
 
     // A checkpoint signed by another key is refused when the key is pinned.
