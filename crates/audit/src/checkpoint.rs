@@ -143,6 +143,65 @@ pub fn checkpoint_now(
     Ok(Some(checkpoint))
 }
 
+/// Verifies the database without exporting it: every link and hash (from the last pruned
+/// segment's seal), every stored checkpoint's signature (against `pinned` when given), that the
+/// chain holds the hash each checkpoint (and the auditor's `from`) signed, and that it reaches
+/// the latest of them (so deleting the newest events is caught).
+pub fn verify_store(
+    store: &dyn Store,
+    from: Option<&Checkpoint>,
+    pinned: Option<&str>,
+) -> Result<ExportReport, ExportVerifyError> {
+    let report = crate::verify(store).map_err(|e| match e {
+        crate::VerifyError::Broken(b) => ExportVerifyError::Broken(b),
+        crate::VerifyError::Store(s) => ExportVerifyError::Checkpoint(s.to_string()),
+    })?;
+    let last_seq = report.pruned + report.events;
+    let stored: Vec<Checkpoint> = store
+        .audit_checkpoints(usize::MAX)
+        .map_err(|e| ExportVerifyError::Checkpoint(e.to_string()))?
+        .iter()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
+    let mut latest: Option<u64> = None;
+    let mut checked = 0;
+    for c in from.into_iter().chain(&stored) {
+        c.verify(pinned).map_err(ExportVerifyError::Checkpoint)?;
+        checked += 1;
+        latest = latest.max(Some(c.seq));
+        if c.seq > last_seq {
+            return Err(ExportVerifyError::Checkpoint(format!(
+                "the chain ends at event {last_seq}, but a checkpoint signed it at event {} ({} ns): events {}..{} were deleted",
+                c.seq,
+                c.time_ns,
+                last_seq + 1,
+                c.seq
+            )));
+        }
+        if c.seq > report.pruned {
+            let at = store
+                .read_audit(c.seq - 1, 1)
+                .map_err(|e| ExportVerifyError::Checkpoint(e.to_string()))?;
+            if at
+                .first()
+                .is_none_or(|e| e.seq != c.seq || e.hash != c.head_hash)
+            {
+                return Err(ExportVerifyError::Checkpoint(format!(
+                    "event {} does not have the hash checkpoint {} signed: the chain was rewritten",
+                    c.seq, c.key_id
+                )));
+            }
+        }
+    }
+    Ok(ExportReport {
+        events: report.events,
+        last_seq,
+        head_hash: report.head_hash,
+        checkpoints: checked,
+        last_checkpoint: latest,
+    })
+}
+
 /// One line of an export.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

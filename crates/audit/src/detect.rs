@@ -169,7 +169,22 @@ pub fn evaluate(
     lists: &HashMap<String, Vec<Value>>,
 ) -> Result<Vec<Alert>, QueryError> {
     let answer = query::run(&rule.query, rows, now_ns, lists)?;
-    Ok(answer
+    Ok(alerts_of(rule, answer, now_ns))
+}
+
+/// [`evaluate`] over the store, streaming (a rule's time window bounds what is read).
+pub fn evaluate_on_store(
+    rule: &Rule,
+    store: &dyn palisade_core::store::Store,
+    now_ns: i64,
+    lists: &HashMap<String, Vec<Value>>,
+) -> Result<Vec<Alert>, query::StoreQueryError> {
+    let answer = query::run_on_store(&rule.query, store, now_ns, lists)?;
+    Ok(alerts_of(rule, answer, now_ns))
+}
+
+fn alerts_of(rule: &Rule, answer: query::Answer, now_ns: i64) -> Vec<Alert> {
+    answer
         .rows
         .into_iter()
         .map(|row| {
@@ -186,7 +201,7 @@ pub fn evaluate(
                 key: palisade_core::secret::hex(&h.finalize()),
             }
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

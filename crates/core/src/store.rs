@@ -201,12 +201,20 @@ pub trait Store: Send + Sync + 'static {
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
     /// Appends events durably in one transaction (group commit); all or none.
     fn append_audit(&self, events: &[StoredAuditEvent]) -> Result<(), StoreError>;
+    /// The first sequence number whose event time is at or after `time_ns`, found by binary
+    /// search on the (nearly) time-ordered log; one past the head if none. Callers allow for
+    /// events committed out of time order by asking for an earlier time.
+    fn audit_seq_from_time(&self, time_ns: i64) -> Result<u64, StoreError>;
     /// The last sequence number of an event older than `time_ns`.
     fn audit_seq_before(&self, time_ns: i64) -> Result<Option<u64>, StoreError>;
     /// Pruned segments of the chain, oldest first.
     fn audit_segments(&self) -> Result<Vec<AuditSegment>, StoreError>;
     /// Records `segment` and deletes its events, in one transaction.
     fn prune_audit(&self, segment: &AuditSegment) -> Result<(), StoreError>;
+    /// `(seq, body)` of the events with `seq > after`, ascending, at most `limit` (queries read
+    /// only the bodies).
+    fn read_audit_bodies(&self, after: u64, limit: usize)
+    -> Result<Vec<(u64, String)>, StoreError>;
     /// Events with `seq > after`, ascending, at most `limit`.
     fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<StoredAuditEvent>, StoreError>;
 }

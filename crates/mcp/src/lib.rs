@@ -1640,10 +1640,11 @@ impl McpGateway {
             this.call_tool(&caller, &params, started, Some(sink), trace)
                 .await
         });
+        // Progress already queued wins over a finished call, so it is not dropped.
         let first = tokio::select! {
             biased;
-            done = &mut call => return Streamed::Done(joined(done)),
             first = rx.recv() => first,
+            done = &mut call => return Streamed::Done(joined(done)),
         };
         let Some(first) = first else {
             // The sink is gone: the call is ending; answer as usual.
@@ -1673,6 +1674,13 @@ impl McpGateway {
                     },
                 }
             };
+            // Progress that arrived before the result goes out before it (the select above
+            // prefers the finished call, so some may still be queued).
+            while let Ok(note) = rx.try_recv() {
+                if send(&note).await.is_err() {
+                    break;
+                }
+            }
             let last = match outcome {
                 Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
                 Err(e) => json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() }),

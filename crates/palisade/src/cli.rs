@@ -1485,14 +1485,14 @@ fn audit_query(
     }
     let store =
         palisade_store::SqliteStore::open_existing(data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows = palisade_audit::query::rows_from_store(&store)?;
     let now = i64::try_from(palisade_core::Timestamp::now().unix_nanos()).unwrap_or(i64::MAX);
-    match palisade_audit::query::run(query, rows, now, &named) {
+    match palisade_audit::query::run_on_store(query, &store, now, &named) {
         Ok(out) => {
             print!("{}", palisade_audit::query::render(&out, format));
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
+        Err(palisade_audit::query::StoreQueryError::Store(e)) => Err(e.into()),
+        Err(palisade_audit::query::StoreQueryError::Query(e)) => {
             // Show the line of the query with a caret under the offending token.
             let before: String = query.chars().take(e.column.saturating_sub(1)).collect();
             let line_no = before.matches('\n').count();
@@ -1541,17 +1541,6 @@ fn audit_verify_export(
     key: Option<String>,
     as_json: bool,
 ) -> Result<ExitCode> {
-    let text = match &file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?,
-        None => {
-            let store = palisade_store::SqliteStore::open_existing(data_dir)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut buf = Vec::new();
-            palisade_audit::checkpoint::export(&store, 0, &mut buf)?;
-            String::from_utf8_lossy(&buf).into_owned()
-        }
-    };
     let from = match &from {
         Some(path) => {
             let json = std::fs::read_to_string(path)
@@ -1568,7 +1557,19 @@ fn audit_verify_export(
         }
         None => None,
     };
-    match palisade_audit::checkpoint::verify_export(&text, from.as_ref(), key.as_deref()) {
+    let verified = match &file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            palisade_audit::checkpoint::verify_export(&text, from.as_ref(), key.as_deref())
+        }
+        None => {
+            let store = palisade_store::SqliteStore::open_existing(data_dir)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            palisade_audit::checkpoint::verify_store(&store, from.as_ref(), key.as_deref())
+        }
+    };
+    match verified {
         Ok(report) => {
             if as_json {
                 println!("{}", json!({ "ok": true, "report": report }));

@@ -532,20 +532,20 @@ pub async fn audit_query(State(app): State<Arc<App>>, body: axum::body::Bytes) -
     let store = app.store.clone();
     let now = i64::try_from(app.tokens.now().unix_nanos()).unwrap_or(i64::MAX);
     let result = tokio::task::spawn_blocking(move || {
-        palisade_audit::query::rows_from_store(store.as_ref())
-            .map(|rows| palisade_audit::query::run(&body.query, rows, now, &body.lists))
-            .map(|r| (r, body.format))
+        let answer =
+            palisade_audit::query::run_on_store(&body.query, store.as_ref(), now, &body.lists);
+        (answer, body.format)
     })
     .await;
     match result {
-        Ok(Ok((Ok(answer), format))) => match format.as_deref() {
+        Ok((Ok(answer), format)) => match format.as_deref() {
             Some(f @ ("csv" | "table")) => {
                 palisade_audit::query::render(&answer, f).into_response()
             }
             _ => axum::Json(json!({ "columns": answer.columns, "rows": answer.rows }))
                 .into_response(),
         },
-        Ok(Ok((Err(e), _))) => (
+        Ok((Err(palisade_audit::query::StoreQueryError::Query(e)), _)) => (
             StatusCode::BAD_REQUEST,
             axum::Json(json!({
                 "error": "bad_query",

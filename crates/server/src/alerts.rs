@@ -86,12 +86,12 @@ pub async fn run(app: &Arc<App>, all: bool) -> Result<Vec<Alert>, String> {
     }
     let lists = app.detection.lists.clone();
     let fresh = tokio::task::spawn_blocking(move || -> Result<Vec<Alert>, String> {
-        let rows =
-            palisade_audit::query::rows_from_store(store.as_ref()).map_err(|e| e.to_string())?;
         let mut fresh = Vec::new();
         for rule in &due {
-            let alerts = palisade_audit::detect::evaluate(rule, rows.clone(), now, &lists)
-                .map_err(|e| format!("rule `{}`: {e}", rule.name))?;
+            // Each rule reads the log from the start of its time window.
+            let alerts =
+                palisade_audit::detect::evaluate_on_store(rule, store.as_ref(), now, &lists)
+                    .map_err(|e| format!("rule `{}`: {e}", rule.name))?;
             for alert in alerts {
                 let json = serde_json::to_string(&alert).map_err(|e| e.to_string())?;
                 if store
