@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Version of the event schema (2 added `trace_id` and `reasoning`).
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version of the event schema (2 added `trace_id` and `reasoning`, 3 `inputs`).
+pub const SCHEMA_VERSION: u32 = 3;
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const MAX_BATCH: usize = 2048;
@@ -92,6 +92,24 @@ pub struct Delegation {
     pub actor_chain: Vec<String>,
 }
 
+/// The input context of an action: the newest content references of the session, oldest
+/// first, and how many it ingested in all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputContext {
+    /// The newest references (at most 16).
+    pub recent: Vec<palisade_core::session::InputRef>,
+    /// Everything the session ingested so far.
+    pub total: u64,
+}
+
+impl InputContext {
+    /// The session's input context, or `None` before it ingested anything.
+    pub fn of(session: &palisade_core::session::LiveSession) -> Option<Self> {
+        let (recent, total) = session.inputs();
+        (total > 0).then_some(Self { recent, total })
+    }
+}
+
 /// An agent's reasoning trace for one action (`Palisade-Reasoning` header, or
 /// `_meta["palisade/reasoning"]` of an MCP call): capped, scanned, redacted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +157,10 @@ pub struct AuditEvent {
     /// The agent's stated reason for the action, as it sent it, with secrets and PII masked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<Reasoning>,
+    /// What the acting session ingested before this action: references (source, content
+    /// hash, labels), never content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<InputContext>,
     /// The acting principal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<PrincipalRef>,
@@ -180,6 +202,7 @@ impl AuditEvent {
             request_id: None,
             trace_id: None,
             reasoning: None,
+            inputs: None,
             principal: None,
             action: None,
             resource: None,

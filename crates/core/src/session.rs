@@ -145,6 +145,34 @@ pub struct LiveSession {
     audit: AtomicU8,
     taint: Mutex<Vec<String>>,
     sensitive: AtomicBool,
+    inputs: Mutex<Inputs>,
+}
+
+/// Most content references a session remembers (the newest are kept).
+pub const MAX_INPUTS: usize = 16;
+
+/// A reference to content a session ingested: where from, a hash of what was read, and what it
+/// carried (never the content itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    /// What was read: `<route>:<path>`, `mcp/<server>/<tool>` or `mcp/<server>:<uri>`.
+    pub source: String,
+    /// SHA-256 (hex) of the bytes the agent received, when Palisade saw them whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Labels the content carried (`untrusted`, `injection`, `tainted-content`, a finding
+    /// category), empty when clean.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// When it was read, nanoseconds since the epoch.
+    pub time_ns: i64,
+}
+
+/// The newest inputs of a session and how many it ingested in all.
+#[derive(Debug, Default)]
+struct Inputs {
+    recent: std::collections::VecDeque<InputRef>,
+    total: u64,
 }
 
 /// Why a session cannot be used (for a request or a renewal).
@@ -204,7 +232,24 @@ impl LiveSession {
             }),
             taint: Mutex::new(record.taint.clone()),
             sensitive: AtomicBool::new(record.sensitive),
+            inputs: Mutex::default(),
         }
+    }
+
+    /// Records content the session ingested (the newest [`MAX_INPUTS`] are kept, in memory).
+    pub fn add_input(&self, input: InputRef) {
+        let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        if inputs.recent.len() == MAX_INPUTS {
+            inputs.recent.pop_front();
+        }
+        inputs.recent.push_back(input);
+        inputs.total += 1;
+    }
+
+    /// The newest inputs, oldest first, and how many the session ingested in all.
+    pub fn inputs(&self) -> (Vec<InputRef>, u64) {
+        let inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        (inputs.recent.iter().cloned().collect(), inputs.total)
     }
 
     /// Adds a taint label; returns whether it is new (the caller then persists the session

@@ -287,6 +287,11 @@ impl Gateway {
                 d.insert("session".into(), json!(s.sid));
             }
         }
+        // What the session read before this action (references, never content).
+        event.inputs = caller
+            .session
+            .as_deref()
+            .and_then(palisade_audit::InputContext::of);
         let route_idx = self
             .config
             .routes
@@ -759,6 +764,7 @@ impl Gateway {
             && !(bytes_out.is_some_and(|n| n > self.config.inspection.max_bytes)
                 && self.config.inspection.pass_oversize);
         let mut read: Option<inspection::Verdict> = None;
+        let mut read_sha256: Option<String> = None;
         let body = if inspect_read {
             let cap = route
                 .max_response_bytes
@@ -846,6 +852,7 @@ impl Gateway {
             } else {
                 bytes
             };
+            read_sha256 = Some(hex_sha256(&out));
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
@@ -885,6 +892,25 @@ impl Gateway {
             if !s.taint().is_empty() || s.is_sensitive() {
                 event.detail["session_state"] =
                     json!({ "taint": s.taint(), "sensitive": s.is_sensitive() });
+            }
+            // The session now holds this content: later actions' events reference it.
+            if status.is_success() {
+                let mut labels: Vec<String> = read
+                    .as_ref()
+                    .map(|v| v.categories.clone())
+                    .unwrap_or_default();
+                if route.inspection.untrusted {
+                    labels.push("untrusted".into());
+                }
+                if action == Action::Read && self.provenance.is_labeled(&resource_key) {
+                    labels.push("tainted-content".into());
+                }
+                s.add_input(palisade_core::session::InputRef {
+                    source: resource_key.clone(),
+                    sha256: read_sha256.take(),
+                    labels,
+                    time_ns: i64::try_from(self.clock.now().unix_nanos()).unwrap_or(i64::MAX),
+                });
             }
             if changed && let Err(e) = self.provenance.session_changed(s) {
                 tracing::error!(error = %e, "cannot store the session's taint; withholding the response");
@@ -1282,6 +1308,12 @@ fn json_response(
             .insert(HeaderName::from_static("x-request-id"), v);
     }
     resp
+}
+
+/// SHA-256 of `bytes`, in hex.
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    palisade_core::secret::hex(&sha2::Sha256::digest(bytes))
 }
 
 #[cfg(test)]

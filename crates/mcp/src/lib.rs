@@ -1546,6 +1546,10 @@ impl McpGateway {
                 }
             }
         }
+        event.inputs = caller
+            .session
+            .as_deref()
+            .and_then(palisade_audit::InputContext::of);
         let cedar_name = kind.cedar_name(&key);
         event.resource = Some(format!(
             "Palisade::Resource::\"{}/{cedar_name}\"",
@@ -1581,7 +1585,11 @@ impl McpGateway {
                     && self
                         .provenance
                         .is_labeled(&content_label(&server.config().name, &key));
-                self.inspect_read(caller, &server, r, event, labeled)
+                let source = match kind {
+                    Readable::Resources => content_label(&server.config().name, &key),
+                    Readable::Prompts => format!("mcp/{}/prompt:{key}", server.config().name),
+                };
+                self.inspect_read(caller, &server, r, event, (labeled, &source))
             });
         if result.is_ok()
             && let Some(read) = object
@@ -1752,6 +1760,11 @@ impl McpGateway {
                 "`arguments` must be an object".into(),
             ));
         }
+        // What the session read before this call (references, never content).
+        event.inputs = caller
+            .session
+            .as_deref()
+            .and_then(palisade_audit::InputContext::of);
         event.detail["arguments_sha256"] =
             json!(hex(&Sha256::digest(arguments.to_string().as_bytes())));
         let unknown = || {
@@ -1911,7 +1924,10 @@ impl McpGateway {
             && content
                 .as_deref()
                 .is_some_and(|k| self.provenance.is_labeled(k));
-        self.inspect_read(caller, server, result, event, labeled)
+        let source = content
+            .clone()
+            .unwrap_or_else(|| format!("mcp/{server_name}/{tool_name}"));
+        self.inspect_read(caller, server, result, event, (labeled, &source))
     }
 
     /// What a tool result, resource or prompt brings to the agent: inspected under the
@@ -1923,7 +1939,7 @@ impl McpGateway {
         server: &Upstream,
         mut result: Value,
         event: &mut AuditEvent,
-        labeled: bool,
+        (labeled, source): (bool, &str),
     ) -> Result<Value, RpcError> {
         let config = server.config();
         let policy = config.inspection;
@@ -2000,6 +2016,23 @@ impl McpGateway {
                     "the session's state cannot be stored, so the result is withheld".into(),
                 ));
             }
+            // The session now holds this result: later calls' events reference it.
+            let mut labels: Vec<String> = verdict
+                .as_ref()
+                .map(|v| v.categories.clone())
+                .unwrap_or_default();
+            if policy.untrusted {
+                labels.push("untrusted".into());
+            }
+            if labeled {
+                labels.push("tainted-content".into());
+            }
+            s.add_input(palisade_core::session::InputRef {
+                source: source.to_string(),
+                sha256: Some(hex(&Sha256::digest(result.to_string().as_bytes()))),
+                labels,
+                time_ns: i64::try_from(self.clock.now().unix_nanos()).unwrap_or(i64::MAX),
+            });
         }
         Ok(result)
     }

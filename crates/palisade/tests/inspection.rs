@@ -128,6 +128,36 @@ async fn a_poisoned_page_is_sanitized_annotated_audited_and_taints_the_session()
     let record = &event["detail"]["inspection_read"];
     assert_eq!(record["action"], "sanitize", "{event}");
     assert_eq!(record["findings"][0]["detector"], "html.display_none");
+    assert!(
+        event.get("inputs").is_none(),
+        "nothing was read before: {event}"
+    );
+
+    // The next action's event names what the session read before it: the source, a hash of
+    // what the agent received and its labels, never the content.
+    assert_eq!(h.get_tickets(&token).await.status(), 200);
+    let next = decisions(&h)
+        .await
+        .into_iter()
+        .find(|e| e["detail"]["path"] == "/tickets/42")
+        .unwrap();
+    let inputs = &next["inputs"];
+    assert_eq!(inputs["total"], 1, "{next}");
+    let first = &inputs["recent"][0];
+    assert_eq!(first["source"], "tickets:/tickets/docs/report-1");
+    // The hidden text held an instruction and an email address.
+    assert_eq!(first["labels"], json!(["injection", "pii"]));
+    use sha2::Digest;
+    let delivered = "<html><body><p>Quarterly numbers are up.</p></body></html>";
+    let expected: String = sha2::Sha256::digest(delivered.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(first["sha256"], expected.as_str());
+    assert!(
+        !next.to_string().contains("Quarterly"),
+        "no content: {next}"
+    );
 
     // A tainted session gets no write token (palisade.privilege.tainted-session).
     let (s, refused) = h
@@ -442,7 +472,7 @@ async fn the_trace_context_travels_and_the_reasoning_is_audited_masked_but_never
         .find(|e| e["detail"]["path"] == "/tickets/77")
         .unwrap();
     assert_eq!(event["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(event["schema"], 2);
+    assert_eq!(event["schema"], 3);
     let reasoning = &event["reasoning"];
     assert_eq!(
         reasoning["text"],

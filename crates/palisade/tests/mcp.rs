@@ -1576,6 +1576,13 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
         .api(Method::GET, &format!("/sessions/{other}"), None)
         .await;
     assert_eq!(state["taint"], json!(["tainted-content"]), "{state}");
+    // Its next call's event names both reads, the labelled one with its label.
+    reader
+        .send(
+            "tools/call",
+            json!({ "name": "remote__read_note", "arguments": { "path": "/n/none" } }),
+        )
+        .await;
 
     // Only the write by the tainted session was labelled, and the event says so.
     let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
@@ -1586,5 +1593,24 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
         .filter_map(|i| i["event"]["detail"].get("content_labeled"))
         .collect();
     assert_eq!(labeled, [&json!("mcp/remote:/n/shared")], "{all}");
+    let last = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["event"])
+        .rfind(|e| e["kind"] == "mcp.tool_call")
+        .unwrap();
+    let recent = last["inputs"]["recent"].as_array().unwrap();
+    let sources: Vec<&str> = recent
+        .iter()
+        .map(|r| r["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sources,
+        ["mcp/remote:/n/clean", "mcp/remote:/n/shared"],
+        "{last}"
+    );
+    assert_eq!(recent[1]["labels"], json!(["tainted-content"]));
+    assert_eq!(recent[0]["sha256"].as_str().unwrap().len(), 64);
     h.server.stop().await;
 }
