@@ -68,6 +68,29 @@ pub mod raw {
         pub inspection: Inspection,
         #[serde(default)]
         pub audit: Audit,
+        #[serde(default)]
+        pub vault: Vault,
+    }
+
+    /// `[vault]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Vault {
+        pub master_key_file: Option<String>,
+        pub master_key_env: Option<String>,
+    }
+
+    /// `[[routes.credentials]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Credential {
+        pub secret: String,
+        pub kind: String,
+        pub name: Option<String>,
+        #[serde(default)]
+        pub actions: Vec<String>,
     }
 
     /// `[audit]`.
@@ -243,6 +266,8 @@ pub mod raw {
         pub inspection: InspectionOverride,
         #[serde(default)]
         pub rules: Vec<Rule>,
+        #[serde(default)]
+        pub credentials: Vec<Credential>,
     }
 
     /// `[mcp]`.
@@ -335,6 +360,41 @@ pub struct Config {
     pub inspection: InspectionConfig,
     /// `[audit]`: detection rules and the named lists their queries use.
     pub audit: AuditConfig,
+    /// `[vault]`: where the master key comes from.
+    pub vault: VaultConfig,
+}
+
+/// `[vault]`.
+#[derive(Clone, Debug, Default)]
+pub struct VaultConfig {
+    /// The master key file (default `<data_dir>/vault-master.key`, created `0600`).
+    pub master_key_file: Option<PathBuf>,
+    /// Or an environment variable holding the key (64 hex digits).
+    pub master_key_env: Option<String>,
+}
+
+/// A credential the gateway injects into a route's upstream requests, from the vault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialConfig {
+    /// The vault secret.
+    pub secret: String,
+    /// How it is sent.
+    pub kind: CredentialKind,
+    /// The action classes that get it (read and write credentials can differ).
+    pub actions: Vec<ActionClass>,
+}
+
+/// How an injected credential travels upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `Authorization: Bearer <value>`.
+    Bearer,
+    /// A header of its own: `<name>: <value>`.
+    Header(http::HeaderName),
+    /// `Authorization: Basic base64(<user>:<value>)`.
+    Basic(String),
+    /// A query parameter `<name>=<value>`.
+    Query(String),
 }
 
 /// Detection rules' configuration.
@@ -854,6 +914,8 @@ pub struct RouteConfig {
     pub write_scope: String,
     /// Content inspection of its requests and responses.
     pub inspection: InspectionPolicy,
+    /// Credentials injected into its upstream requests (the agent never holds them).
+    pub credentials: Vec<CredentialConfig>,
 }
 
 /// The action class of a request.
@@ -970,6 +1032,11 @@ impl Config {
             config.audit.rules_file = Some(base.join(f));
         }
         config.audit.archive_dir = config.audit.archive_dir.as_deref().map(|d| base.join(d));
+        config.vault.master_key_file = config
+            .vault
+            .master_key_file
+            .as_deref()
+            .map(|f| base.join(f));
         for sink in &mut config.audit.sinks {
             match &mut sink.target {
                 SinkTarget::File { path, .. } => *path = base.join(&*path),
@@ -1379,7 +1446,17 @@ impl Config {
                 ));
             }
         }
+        let vault = VaultConfig {
+            master_key_file: raw.vault.master_key_file.map(PathBuf::from),
+            master_key_env: raw.vault.master_key_env,
+        };
+        if vault.master_key_file.is_some() && vault.master_key_env.is_some() {
+            return Err(
+                "key `vault`: give `master_key_file` or `master_key_env`, not both".to_string(),
+            );
+        }
         Ok(Self {
+            vault,
             audit: AuditConfig {
                 retention: raw.audit.retention.as_deref().map(retention).transpose()?,
                 archive_dir: raw.audit.archive_dir.map(PathBuf::from),
@@ -1939,7 +2016,87 @@ fn validate_route(
             "key `{at}.system`: `{system}` must be lowercase letters, digits, `-`, `_` or `.`"
         ));
     }
+    let mut credentials = Vec::new();
+    for (i, c) in r.credentials.into_iter().enumerate() {
+        let key = format!("{at}.credentials[{i}]");
+        let secret_ok = !c.secret.is_empty()
+            && c.secret.len() <= 128
+            && c.secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !secret_ok {
+            return Err(format!(
+                "key `{key}.secret`: `{}` is not a secret name (letters, digits, `_`, `-`, `.`, `/`)",
+                c.secret
+            ));
+        }
+        let need_name = |what: &str| {
+            c.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+                format!(
+                    "key `{key}.name`: a `{}` credential needs the {what}",
+                    c.kind
+                )
+            })
+        };
+        let kind = match c.kind.as_str() {
+            "bearer" => CredentialKind::Bearer,
+            "header" => {
+                let n = need_name("header name")?;
+                let h = http::HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("key `{key}.name`: `{n}` is not a header name"))?;
+                if matches!(
+                    h.as_str(),
+                    "host" | "content-length" | "transfer-encoding" | "connection"
+                ) {
+                    return Err(format!(
+                        "key `{key}.name`: `{n}` is set by Palisade; choose the upstream's credential header"
+                    ));
+                }
+                CredentialKind::Header(h)
+            }
+            "basic" => CredentialKind::Basic(need_name("user name")?),
+            "query" => CredentialKind::Query(need_name("parameter name")?),
+            other => {
+                return Err(format!(
+                    "key `{key}.kind`: `{other}` is not one of bearer, header, basic, query"
+                ));
+            }
+        };
+        let mut actions = Vec::new();
+        for a in &c.actions {
+            actions.push(ActionClass::parse(a).ok_or_else(|| {
+                format!("key `{key}.actions`: `{a}` is not one of read, write, destructive")
+            })?);
+        }
+        if actions.is_empty() {
+            actions = vec![
+                ActionClass::Read,
+                ActionClass::Write,
+                ActionClass::Destructive,
+            ];
+        }
+        for other in &credentials {
+            let CredentialConfig { actions: taken, .. } = other;
+            if actions.iter().any(|a| taken.contains(a)) {
+                return Err(format!(
+                    "key `{key}.actions`: another credential of the route already covers one of {:?}; give each action class one credential",
+                    c.actions
+                ));
+            }
+        }
+        credentials.push(CredentialConfig {
+            secret: c.secret,
+            kind,
+            actions,
+        });
+    }
+    if !credentials.is_empty() && !inspection.enabled {
+        return Err(format!(
+            "key `{at}.inspection`: a route with credentials keeps content inspection on, so an upstream that echoes the credential back has it masked"
+        ));
+    }
     Ok(RouteConfig {
+        credentials,
         kind,
         system: r.system,
         classification,
@@ -2090,6 +2247,22 @@ mod tests {
             (
                 "[audit]\nretention = \"30s\"\n",
                 "audit.retention`: `30s` is not a duration",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://h:1\"\n[[routes.credentials]]\nsecret = \"s\"\nkind = \"header\"\n",
+                "routes[0].credentials[0].name`: a `header` credential needs the header name",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://h:1\"\n[[routes.credentials]]\nsecret = \"s\"\nkind = \"bearer\"\n[[routes.credentials]]\nsecret = \"w\"\nkind = \"bearer\"\nactions = [\"write\"]\n",
+                "another credential of the route already covers",
+            ),
+            (
+                "[[routes]]\nname = \"t\"\npath_prefix = \"/t\"\nupstream = \"http://h:1\"\n[routes.inspection]\nenabled = false\n[[routes.credentials]]\nsecret = \"s\"\nkind = \"bearer\"\n",
+                "keeps content inspection on",
+            ),
+            (
+                "[vault]\nmaster_key_file = \"k\"\nmaster_key_env = \"K\"\n",
+                "not both",
             ),
             ("this is not toml", "test.toml"),
         ];

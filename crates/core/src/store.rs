@@ -81,6 +81,28 @@ pub struct StoredAuditEvent {
     pub hash: String,
 }
 
+/// A vault secret as stored: its data key wrapped by the master key, its value sealed by the
+/// data key (both `nonce ‖ ciphertext`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRecord {
+    /// Name.
+    pub name: String,
+    /// Version, from 1.
+    pub version: u64,
+    /// What it is for.
+    pub description: String,
+    /// The data key, sealed by the master key.
+    pub wrapped_key: Vec<u8>,
+    /// The value, sealed by the data key.
+    pub ciphertext: Vec<u8>,
+    /// Id of the master key that wrapped the data key.
+    pub master_key_id: String,
+    /// Created, nanoseconds since the epoch.
+    pub created_ns: i64,
+    /// Last written, nanoseconds since the epoch.
+    pub updated_ns: i64,
+}
+
 /// A pruned stretch of the audit chain: archived to a file, sealed by a signed checkpoint of its
 /// last event, then deleted from the store. The last segment is where the stored chain starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,6 +223,17 @@ pub trait Store: Send + Sync + 'static {
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError>;
     /// Appends events durably in one transaction (group commit); all or none.
     fn append_audit(&self, events: &[StoredAuditEvent]) -> Result<(), StoreError>;
+    /// Creates or replaces a vault secret.
+    fn put_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
+    /// A vault secret.
+    fn get_secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError>;
+    /// Every vault secret.
+    fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Deletes a vault secret; returns whether it existed.
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError>;
+    /// Replaces the wrapped data keys (and master key ids) of these secrets in one transaction.
+    fn rewrap_secrets(&self, secrets: &[SecretRecord]) -> Result<(), StoreError>;
+
     /// The first sequence number whose event time is at or after `time_ns`, found by binary
     /// search on the (nearly) time-ordered log; one past the head if none. Callers allow for
     /// events committed out of time order by asking for an earlier time.

@@ -107,6 +107,7 @@ pub struct Gateway {
     limits: Arc<Limits>,
     inspector: Arc<Inspector>,
     provenance: Arc<dyn Provenance>,
+    credentials: Arc<dyn CredentialSource>,
 }
 
 /// The header in which an agent states why it makes a request (audited, never forwarded).
@@ -124,6 +125,70 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
     "proxy-authenticate",
 ];
+
+/// Where injected credentials come from (the vault).
+pub trait CredentialSource: Send + Sync + 'static {
+    /// The secret's value; the error names the secret, never a value.
+    fn reveal(&self, secret: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String>;
+}
+
+/// No vault: every injection fails closed.
+struct NoCredentials;
+
+impl CredentialSource for NoCredentials {
+    fn reveal(&self, secret: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        Err(format!("no vault is configured to hold `{secret}`"))
+    }
+}
+
+/// A credential on its way upstream: how it is sent and the forms an echo of it may take.
+struct Injected<'a> {
+    config: &'a palisade_config::CredentialConfig,
+    value: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl Injected<'_> {
+    /// The byte strings that must never reach the agent: the value and, for basic auth, its
+    /// encoded header form.
+    fn forms(&self) -> Vec<zeroize::Zeroizing<Vec<u8>>> {
+        let mut forms = vec![self.value.clone()];
+        if let palisade_config::CredentialKind::Basic(user) = &self.config.kind {
+            use base64::Engine;
+            let mut pair = zeroize::Zeroizing::new(format!("{user}:").into_bytes());
+            pair.extend_from_slice(&self.value);
+            forms.push(zeroize::Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .encode(pair.as_slice())
+                    .into_bytes(),
+            ));
+        }
+        forms
+    }
+}
+
+/// Replaces every occurrence of each form in `bytes`; returns whether any was found.
+fn mask_echoes(bytes: &[u8], forms: &[zeroize::Zeroizing<Vec<u8>>]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for form in forms.iter().filter(|f| !f.is_empty()) {
+        let src = out.as_deref().unwrap_or(bytes);
+        if memchr::memmem::find(src, form).is_none() {
+            continue;
+        }
+        let mut next = Vec::with_capacity(src.len());
+        let mut at = 0;
+        for i in memchr::memmem::find_iter(src, form.as_slice()) {
+            if i < at {
+                continue;
+            }
+            next.extend_from_slice(&src[at..i]);
+            next.extend_from_slice(b"[REDACTED:credential]");
+            at = i + form.len();
+        }
+        next.extend_from_slice(&src[at..]);
+        out = Some(next);
+    }
+    out
+}
 
 struct Classified {
     object_read: bool,
@@ -164,7 +229,14 @@ impl Gateway {
             limits,
             inspector,
             provenance,
+            credentials: Arc::new(NoCredentials),
         }
+    }
+
+    /// Injects route credentials from `source` (the vault).
+    pub fn with_credentials(mut self, source: Arc<dyn CredentialSource>) -> Self {
+        self.credentials = source;
+        self
     }
 
     /// The rate limiters and in-flight counters, shared with the MCP gateway so an agent's
@@ -662,24 +734,83 @@ impl Gateway {
                 .await;
         }
 
-        // Phase 6: forward.
-        let upstream_req =
-            match self.upstream_request(route, req, &path, &request_id, caller.session.clone()) {
-                Ok(r) => r,
-                Err(message) => {
-                    let body = json!({ "error": "bad_request", "message": message });
+        // Phase 5b: the route's credential for this action class, from the vault. A write or
+        // destructive credential is withheld from a tainted session (privilege separation).
+        let injected = match route
+            .credentials
+            .iter()
+            .find(|c| c.actions.contains(&class.action))
+        {
+            None => None,
+            Some(c) => {
+                if class.action != ActionClass::Read
+                    && caller.session.as_ref().is_some_and(|s| s.is_tainted())
+                {
+                    let body = json!({
+                        "error": "credential_withheld",
+                        "message": format!("route `{}`'s {} credential is not given to a session that ingested untrusted content; start a new session", route.name, class.action.as_str()),
+                    });
                     return self
                         .finish(
                             event,
                             started,
                             &request_id,
-                            StatusCode::BAD_REQUEST,
+                            StatusCode::FORBIDDEN,
                             bytes_in,
                             body,
                         )
                         .await;
                 }
-            };
+                match self.credentials.reveal(&c.secret) {
+                    Ok(value) => Some(Injected { config: c, value }),
+                    Err(e) => {
+                        tracing::error!(route = %route.name, secret = %c.secret, error = %e, "credential unavailable; refusing");
+                        let body = json!({
+                            "error": "credential_unavailable",
+                            "message": format!("route `{}`'s credential `{}` cannot be read from the vault; an administrator must check it (palisade secret list)", route.name, c.secret),
+                        });
+                        return self
+                            .finish(
+                                event,
+                                started,
+                                &request_id,
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                bytes_in,
+                                body,
+                            )
+                            .await;
+                    }
+                }
+            }
+        };
+        if let Some(i) = &injected {
+            event.detail["credential"] = json!(i.config.secret);
+        }
+
+        // Phase 6: forward.
+        let upstream_req = match self.upstream_request(
+            route,
+            req,
+            &path,
+            &request_id,
+            caller.session.clone(),
+            injected.as_ref(),
+        ) {
+            Ok(r) => r,
+            Err(message) => {
+                let body = json!({ "error": "bad_request", "message": message });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::BAD_REQUEST,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            }
+        };
         let timeout = Duration::from_secs(route.timeout_secs);
         let upstream = tokio::time::timeout(timeout, self.client.request(upstream_req)).await;
         let response = match upstream {
@@ -758,6 +889,19 @@ impl Gateway {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(i) = &injected {
+            let forms = i.forms();
+            let echoed: Vec<HeaderName> = parts
+                .headers
+                .iter()
+                .filter(|(_, v)| mask_echoes(v.as_bytes(), &forms).is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for name in echoed {
+                parts.headers.remove(&name);
+                event.detail["credential_echo_masked"] = json!(true);
+            }
+        }
         let resource_key = format!("{}:{path}", route.name);
         let inspect_read = route.inspection.enabled
             && inspection::is_textual(content_type(&parts.headers))
@@ -851,6 +995,17 @@ impl Gateway {
                 bytes::Bytes::from(clean)
             } else {
                 bytes
+            };
+            // An upstream that echoes the injected credential does not hand it to the agent.
+            let out = match injected
+                .as_ref()
+                .and_then(|i| mask_echoes(&out, &i.forms()))
+            {
+                Some(masked) => {
+                    event.detail["credential_echo_masked"] = json!(true);
+                    bytes::Bytes::from(masked)
+                }
+                None => out,
             };
             read_sha256 = Some(hex_sha256(&out));
             parts
@@ -1068,6 +1223,7 @@ impl Gateway {
         path: &str,
         request_id: &str,
         session: Option<Arc<LiveSession>>,
+        injected: Option<&Injected<'_>>,
     ) -> Result<Request<Body>, String> {
         let (mut parts, body) = req.into_parts();
         let rest = if route.strip_prefix && route.path_prefix != "/" {
@@ -1081,7 +1237,27 @@ impl Gateway {
         } else {
             format!("/{rest}")
         };
-        let path_and_query = match parts.uri.query() {
+        let mut query = parts.uri.query().map(str::to_string);
+        if let Some(Injected {
+            config:
+                palisade_config::CredentialConfig {
+                    kind: palisade_config::CredentialKind::Query(name),
+                    ..
+                },
+            value,
+        }) = injected
+        {
+            // The credential replaces any parameter of that name the agent sent.
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+                if k != name.as_str() {
+                    q.append_pair(&k, &v);
+                }
+            }
+            q.append_pair(name, &String::from_utf8_lossy(value));
+            query = Some(q.finish());
+        }
+        let path_and_query = match &query {
             Some(q) => format!("{base}{rest}?{q}"),
             None => format!("{base}{rest}"),
         };
@@ -1099,6 +1275,38 @@ impl Gateway {
         // INVARIANT (token-stays-here): the agent's bearer token is never forwarded upstream.
         parts.headers.remove(header::AUTHORIZATION);
         parts.headers.remove(header::HOST);
+        if let Some(i) = injected {
+            let value = |bytes: &[u8]| {
+                HeaderValue::from_bytes(bytes)
+                    .map(|mut v| {
+                        v.set_sensitive(true);
+                        v
+                    })
+                    .map_err(|_| {
+                        format!(
+                            "credential `{}` cannot travel in a header (control characters)",
+                            i.config.secret
+                        )
+                    })
+            };
+            match &i.config.kind {
+                palisade_config::CredentialKind::Bearer => {
+                    let mut v = zeroize::Zeroizing::new(b"Bearer ".to_vec());
+                    v.extend_from_slice(&i.value);
+                    parts.headers.insert(header::AUTHORIZATION, value(&v)?);
+                }
+                palisade_config::CredentialKind::Basic(_) => {
+                    let forms = i.forms();
+                    let mut v = zeroize::Zeroizing::new(b"Basic ".to_vec());
+                    v.extend_from_slice(forms.get(1).map_or(&[][..], |f| f.as_slice()));
+                    parts.headers.insert(header::AUTHORIZATION, value(&v)?);
+                }
+                palisade_config::CredentialKind::Header(name) => {
+                    parts.headers.insert(name.clone(), value(&i.value)?);
+                }
+                palisade_config::CredentialKind::Query(_) => {}
+            }
+        }
         if let Ok(v) = HeaderValue::from_str(request_id) {
             parts
                 .headers

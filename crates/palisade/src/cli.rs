@@ -80,6 +80,43 @@ enum Command {
     /// The MCP gateway's pinned tool definitions.
     #[command(subcommand)]
     Mcp(McpCmd),
+    /// Vault secrets that the gateway injects into upstream calls (values are write-only).
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// The vault itself.
+    #[command(subcommand)]
+    Vault(VaultCmd),
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Store a new version of a secret. The value is read from standard input (or --value-file,
+    /// or --from-env), never from the command line, so it stays out of shell history.
+    Put {
+        /// Name, e.g. `tickets/api-token`.
+        name: String,
+        /// What it is for.
+        #[arg(long)]
+        description: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "from_env")]
+        value_file: Option<PathBuf>,
+        /// Read the value from this environment variable.
+        #[arg(long)]
+        from_env: Option<String>,
+    },
+    /// A secret's metadata (version, dates, master key id); never its value.
+    GetMetadata { name: String },
+    /// Every secret's metadata.
+    List,
+    /// Delete a secret.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum VaultCmd {
+    /// Generate a new master key and rewrap every secret's data key under it (no downtime).
+    RotateMaster,
 }
 
 #[derive(Subcommand)]
@@ -742,6 +779,97 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                         a["message"].as_str().unwrap_or("")
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Secret(cmd) => {
+            let c = client()?;
+            let v = match cmd {
+                SecretCmd::Put {
+                    name,
+                    description,
+                    value_file,
+                    from_env,
+                } => {
+                    let raw = match (value_file, from_env) {
+                        (Some(path), _) => std::fs::read_to_string(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?,
+                        (None, Some(var)) => std::env::var(&var).with_context(|| {
+                            format!("environment variable `{var}` is not set (or not UTF-8)")
+                        })?,
+                        (None, None) => {
+                            use std::io::Read;
+                            let mut text = String::new();
+                            std::io::stdin()
+                                .read_to_string(&mut text)
+                                .context("cannot read the value from standard input")?;
+                            text
+                        }
+                    };
+                    // One trailing newline (from `echo` or a file) is not part of the value.
+                    let value = raw
+                        .strip_suffix('\n')
+                        .map(|v| v.strip_suffix('\r').unwrap_or(v))
+                        .unwrap_or(&raw);
+                    if value.is_empty() {
+                        bail!("the value is empty; pipe it in, or give --value-file or --from-env");
+                    }
+                    let mut body = json!({ "value": value });
+                    if let Some(d) = description {
+                        body["description"] = json!(d);
+                    }
+                    c.call(Method::PUT, &format!("/secrets/{name}"), Some(body))
+                        .await?
+                }
+                SecretCmd::GetMetadata { name } => {
+                    c.call(Method::GET, &format!("/secrets/{name}"), None)
+                        .await?
+                }
+                SecretCmd::List => {
+                    let v = c.call(Method::GET, "/secrets", None).await?;
+                    if !cli.json {
+                        let rows: Vec<Vec<String>> = v["items"]
+                            .as_array()
+                            .map(Vec::as_slice)
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|s| {
+                                vec![
+                                    cell(&s["name"]),
+                                    cell(&s["version"]),
+                                    cell(&s["master_key_id"]),
+                                    cell(&s["description"]),
+                                ]
+                            })
+                            .collect();
+                        print_table(&["NAME", "VERSION", "MASTER KEY", "DESCRIPTION"], &rows);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    v
+                }
+                SecretCmd::Delete { name } => {
+                    c.call(Method::DELETE, &format!("/secrets/{name}"), None)
+                        .await?;
+                    println!("deleted {name}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            };
+            println!("{}", pretty(&v));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vault(VaultCmd::RotateMaster) => {
+            let v = client()?
+                .call(Method::POST, "/vault/rotate-master", None)
+                .await?;
+            if cli.json {
+                println!("{}", pretty(&v));
+            } else {
+                println!(
+                    "master key {} replaced by {}; {} secret(s) rewrapped",
+                    cell(&v["previous_master_key_id"]),
+                    cell(&v["master_key_id"]),
+                    cell(&v["rewrapped"])
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -16,6 +16,7 @@ mod provenance;
 pub mod sessions;
 pub mod sinks;
 pub mod tokens;
+pub mod vault;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -68,6 +69,8 @@ pub struct App {
     pub detection: alerts::Detection,
     /// SIEM sinks delivering the audit log.
     pub sinks: Arc<sinks::Sinks>,
+    /// Secrets for injection.
+    pub vault: Arc<palisade_vault::Vault>,
 }
 
 /// Why the server did not start.
@@ -255,15 +258,39 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         provenance::StoreProvenance::load(store.clone(), tokens.sessions.clone(), clock.clone())
             .map_err(StartError::Other)?,
     );
-    let gateway = Arc::new(Gateway::new(
-        config.clone(),
-        tokens.clone(),
-        policy.clone(),
-        audit.clone(),
-        clock.clone(),
-        inspector.clone(),
-        provenance.clone(),
-    ));
+    let key_source = match &config.vault.master_key_env {
+        Some(name) => palisade_vault::KeySource::Env(name.clone()),
+        None => palisade_vault::KeySource::File(
+            config
+                .vault
+                .master_key_file
+                .clone()
+                .unwrap_or_else(|| config.server.data_dir.join(VAULT_MASTER_KEY_FILE)),
+        ),
+    };
+    let vault = Arc::new(
+        palisade_vault::Vault::open(store.clone(), key_source)
+            .map_err(|e| StartError::Other(e.to_string()))?,
+    );
+    for route in &config.routes {
+        for c in &route.credentials {
+            if !vault.contains(&c.secret) {
+                tracing::warn!(route = %route.name, secret = %c.secret, "the route's credential is not in the vault yet; its requests are refused until `palisade secret put` stores it");
+            }
+        }
+    }
+    let gateway = Arc::new(
+        Gateway::new(
+            config.clone(),
+            tokens.clone(),
+            policy.clone(),
+            audit.clone(),
+            clock.clone(),
+            inspector.clone(),
+            provenance.clone(),
+        )
+        .with_credentials(Arc::new(vault::VaultCredentials(vault.clone()))),
+    );
     let mcp = Arc::new(
         palisade_mcp::McpGateway::new(
             config.clone(),
@@ -284,6 +311,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let detection = alerts::Detection::load(&config).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        vault,
         sinks,
         detection,
         checkpoint_key,
@@ -353,6 +381,10 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
 
 /// How often the audit chain's head is signed (when it moved).
 pub const AUDIT_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The vault's master key file in the data directory (unless `[vault]` names another or an
+/// environment variable), created `0600` on first start.
+pub const VAULT_MASTER_KEY_FILE: &str = "vault-master.key";
 
 /// The key that signs audit checkpoints, created `0600` on first start.
 pub const AUDIT_CHECKPOINT_KEY_FILE: &str = "audit-checkpoint.key";
@@ -553,6 +585,12 @@ fn router(app: Arc<App>) -> Router {
         .route("/alerts", get(alerts::list))
         .route("/alerts/run", post(alerts::run_now))
         .route("/audit/sinks", get(sinks::list))
+        .route("/secrets", get(vault::list))
+        .route(
+            "/secrets/{*name}",
+            get(vault::metadata).put(vault::put).delete(vault::delete),
+        )
+        .route("/vault/rotate-master", post(vault::rotate_master))
         .route("/audit/prune", post(admin::audit_prune))
         .route(
             "/audit/checkpoints",

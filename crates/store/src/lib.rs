@@ -9,8 +9,8 @@
 
 use palisade_core::session::SessionRecord;
 use palisade_core::store::{
-    AuditSegment, ClientSecretRecord, RevocationRecord, SigningKeyRecord, Store, StoreError,
-    StoredAuditEvent,
+    AuditSegment, ClientSecretRecord, RevocationRecord, SecretRecord, SigningKeyRecord, Store,
+    StoreError, StoredAuditEvent,
 };
 use palisade_core::{Principal, PrincipalId, PrincipalKind, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -139,6 +139,19 @@ const MIGRATIONS: &[&str] = &[
     // agent, which halved append throughput.
     r#"
     DROP INDEX IF EXISTS audit_principal_time;
+    "#,
+    // 10: vault secrets (envelope-encrypted: wrapped data key, sealed value).
+    r#"
+    CREATE TABLE vault_secrets (
+        name          TEXT PRIMARY KEY,
+        version       INTEGER NOT NULL,
+        description   TEXT NOT NULL,
+        wrapped_key   BLOB NOT NULL,
+        ciphertext    BLOB NOT NULL,
+        master_key_id TEXT NOT NULL,
+        created_ns    INTEGER NOT NULL,
+        updated_ns    INTEGER NOT NULL
+    );
     "#,
 ];
 
@@ -296,6 +309,19 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         })?;
     }
     Ok(())
+}
+
+fn secret_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
+    Ok(SecretRecord {
+        name: r.get(0)?,
+        version: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+        description: r.get(2)?,
+        wrapped_key: r.get(3)?,
+        ciphertext: r.get(4)?,
+        master_key_id: r.get(5)?,
+        created_ns: r.get(6)?,
+        updated_ns: r.get(7)?,
+    })
 }
 
 fn connect(file: &Path) -> Result<Connection, StoreError> {
@@ -852,6 +878,77 @@ impl Store for SqliteStore {
                 ])
                 .map_err(backend)?;
             }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn put_secret(&self, s: &SecretRecord) -> Result<(), StoreError> {
+        let version = i64::try_from(s.version).map_err(backend)?;
+        self.main()?
+            .execute(
+                "INSERT INTO vault_secrets (name, version, description, wrapped_key, ciphertext, master_key_id, created_ns, updated_ns) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT(name) DO UPDATE SET version = excluded.version, description = excluded.description, \
+                 wrapped_key = excluded.wrapped_key, ciphertext = excluded.ciphertext, \
+                 master_key_id = excluded.master_key_id, updated_ns = excluded.updated_ns",
+                params![
+                    s.name,
+                    version,
+                    s.description,
+                    s.wrapped_key,
+                    s.ciphertext,
+                    s.master_key_id,
+                    s.created_ns,
+                    s.updated_ns
+                ],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn get_secret(&self, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+        self.main()?
+            .query_row(
+                "SELECT name, version, description, wrapped_key, ciphertext, master_key_id, created_ns, updated_ns FROM vault_secrets WHERE name = ?1",
+                [name],
+                secret_from_row,
+            )
+            .optional()
+            .map_err(backend)
+    }
+
+    fn list_secrets(&self) -> Result<Vec<SecretRecord>, StoreError> {
+        let conn = self.main()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT name, version, description, wrapped_key, ciphertext, master_key_id, created_ns, updated_ns FROM vault_secrets ORDER BY name",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], secret_from_row)
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(rows)
+    }
+
+    fn delete_secret(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .main()?
+            .execute("DELETE FROM vault_secrets WHERE name = ?1", [name])
+            .map_err(backend)?;
+        Ok(n > 0)
+    }
+
+    fn rewrap_secrets(&self, secrets: &[SecretRecord]) -> Result<(), StoreError> {
+        let mut conn = self.main()?;
+        let tx = conn.transaction().map_err(backend)?;
+        for s in secrets {
+            tx.execute(
+                "UPDATE vault_secrets SET wrapped_key = ?2, master_key_id = ?3 WHERE name = ?1",
+                params![s.name, s.wrapped_key, s.master_key_id],
+            )
+            .map_err(backend)?;
         }
         tx.commit().map_err(backend)
     }

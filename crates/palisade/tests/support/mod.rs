@@ -46,6 +46,7 @@ pub async fn upstream() -> Upstream {
     let app = Router::new().fallback(
         |State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: axum::extract::Request| async move {
             let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or("").to_string();
             let method = req.method().to_string();
             let content_type = req
                 .headers()
@@ -61,6 +62,28 @@ pub async fn upstream() -> Upstream {
             let body = axum::body::to_bytes(req.into_body(), 1 << 20)
                 .await
                 .unwrap_or_default();
+            // A careless upstream that repeats the credentials it received, in its body and in a
+            // header.
+            if path.ends_with("/echo-credential") {
+                let seen = seen.lock().unwrap();
+                let h = &seen.last().unwrap().headers;
+                let get = |n: &str| {
+                    h.get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let text = format!(
+                    "authorization={} x-api-key={} query={query}",
+                    get("authorization"),
+                    get("x-api-key")
+                );
+                return axum::response::Response::builder()
+                    .header("content-type", "text/plain")
+                    .header("x-echo", get("authorization"))
+                    .body(axum::body::Body::from(text))
+                    .unwrap();
+            }
             if path.ends_with("/slow") {
                 tokio::time::sleep(std::time::Duration::from_secs(3)).await;
             }

@@ -1,0 +1,296 @@
+//! The vault: secrets stored write-only and encrypted, injected by the gateway so the agent
+//! never holds them (read and write credentials apart), echoes masked, master-key rotation,
+//! tampering detected, and no value in any stored byte.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::io::Write;
+use support::Harness;
+
+const READ_SECRET: &str = "rd-7f3a9c1e-vault-read-credential";
+const WRITE_SECRET: &str = "wr-2b8d4f6a-vault-write-credential";
+
+fn extra(upstream: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "vaulted"
+path_prefix = "/vaulted"
+upstream = "http://{upstream}"
+[[routes.credentials]]
+secret = "vaulted/read"
+kind = "bearer"
+actions = ["read"]
+[[routes.credentials]]
+secret = "vaulted/write"
+kind = "header"
+name = "X-Api-Key"
+actions = ["write", "destructive"]
+
+[[routes]]
+name = "webpage"
+path_prefix = "/webpage"
+upstream = "http://{upstream}"
+untrusted = true
+
+[[routes]]
+name = "keyed"
+path_prefix = "/keyed"
+upstream = "http://{upstream}"
+[[routes.credentials]]
+secret = "keyed/token"
+kind = "query"
+name = "api_key"
+"#
+    )
+}
+
+fn cli_with_stdin(h: &Harness, args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .env("PALISADE_ADDR", h.server.url())
+        .env("PALISADE_TOKEN", &h.admin)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_injects_vault_credentials_the_agent_never_sees() {
+    // The upstream address is only known once the harness started its upstream, so the
+    // routes point at a second upstream started here.
+    let up = support::upstream().await;
+    let h = Harness::start_with("vault", &extra(&up.addr.to_string())).await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("vaulted.cedar"),
+        r#"
+@id("vaulted.writers")
+permit (principal, action == Palisade::Action::"write", resource in Palisade::Route::"vaulted");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert!(s == 201 || s == 409);
+    let mut agent = support::agent_body("vaulter");
+    agent["allowed_resources"] = json!(["vaulted", "webpage", "keyed"]);
+    agent["scopes"] = json!([
+        "vaulted:read",
+        "vaulted:write",
+        "webpage:read",
+        "keyed:read"
+    ]);
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let token = h.token_for("agent:vaulter", secret).await;
+
+    // Not in the vault yet: refused, fail closed, naming the secret.
+    let resp = h.get_with("/vaulted/echo-credential", &token).await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "credential_unavailable");
+    assert!(body["message"].as_str().unwrap().contains("vaulted/read"));
+
+    // Stored write-only: by the CLI from standard input, and by the API.
+    let out = cli_with_stdin(
+        &h,
+        &["secret", "put", "vaulted/read", "--description", "read key"],
+        &format!("{READ_SECRET}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("\"version\": 1") && !shown.contains(READ_SECRET),
+        "{shown}"
+    );
+    let (s, meta) = h
+        .api(
+            Method::PUT,
+            "/secrets/vaulted/write",
+            Some(json!({ "value": WRITE_SECRET })),
+        )
+        .await;
+    assert_eq!(s, 200, "{meta}");
+    let (s, _) = h
+        .api(
+            Method::PUT,
+            "/secrets/keyed/token",
+            Some(json!({ "value": "q-9e1d-query-credential" })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, bad) = h
+        .api(
+            Method::PUT,
+            "/secrets/vaulted/x",
+            Some(json!({ "value": "v", "extra": 1 })),
+        )
+        .await;
+    assert_eq!(s, 400, "{bad}");
+    let (_, listed) = h.api(Method::GET, "/secrets", None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 3);
+    assert!(!listed.to_string().contains(READ_SECRET));
+
+    // A read: the upstream gets the read credential as a bearer token, the agent gets the
+    // echo masked, in the body and in headers.
+    let resp = h.get_with("/vaulted/echo-credential", &token).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("x-echo").is_none(),
+        "the echoing header is dropped"
+    );
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(READ_SECRET), "{text}");
+    assert!(
+        text.contains("authorization=Bearer [REDACTED:credential]"),
+        "{text}"
+    );
+    let seen = up.seen.lock().unwrap().last().unwrap().headers.clone();
+    assert_eq!(
+        seen["authorization"].to_str().unwrap(),
+        format!("Bearer {READ_SECRET}")
+    );
+    assert!(
+        seen.get("x-api-key").is_none(),
+        "read requests never carry the write credential"
+    );
+
+    // A query-parameter credential replaces whatever the agent put there.
+    let resp = h
+        .get_with("/keyed/echo-credential?api_key=forged&page=2", &token)
+        .await;
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("query=page=2&api_key=[REDACTED:credential]"),
+        "{text}"
+    );
+
+    // A write: its own token, the write credential in its header.
+    let (_, t) = h.token_request("agent:vaulter", secret, &[]).await;
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let read_token = t["access_token"].as_str().unwrap().to_string();
+    let (s, w) = h
+        .token_request(
+            "agent:vaulter",
+            secret,
+            &[("scope", "vaulted:write"), ("session_id", &sid)],
+        )
+        .await;
+    assert_eq!(s, 200, "{w}");
+    let write_token = w["access_token"].as_str().unwrap().to_string();
+    let resp = h
+        .http
+        .post(h.url("/vaulted/items"))
+        .bearer_auth(&write_token)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.seen.lock().unwrap().last().unwrap().headers.clone();
+    assert_eq!(seen["x-api-key"].to_str().unwrap(), WRITE_SECRET);
+    assert!(seen.get("authorization").is_none());
+
+    // Once the session read untrusted content, the write credential is withheld.
+    assert_eq!(h.get_with("/webpage/news", &read_token).await.status(), 200);
+    let resp = h
+        .http
+        .post(h.url("/vaulted/items"))
+        .bearer_auth(&write_token)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "credential_withheld", "{body}");
+
+    // Rotating the master key keeps every secret injectable.
+    let out = h.cli(&["vault", "rotate-master"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 secret(s) rewrapped"));
+    let resp = h.get_with("/vaulted/echo-credential", &token).await;
+    assert_eq!(resp.status(), 200);
+    let seen = up.seen.lock().unwrap().last().unwrap().headers.clone();
+    assert_eq!(
+        seen["authorization"].to_str().unwrap(),
+        format!("Bearer {READ_SECRET}")
+    );
+    let out = h.cli(&["secret", "get-metadata", "vaulted/read"]);
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta["description"], "read key");
+
+    // No value in any stored byte (the audit log, the store, the key files aside).
+    let data_dir = h.data_dir.clone();
+    let h = h.restart().await;
+    let mut every_byte = Vec::new();
+    for entry in std::fs::read_dir(&data_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            every_byte.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    let haystack = String::from_utf8_lossy(&every_byte);
+    for value in [READ_SECRET, WRITE_SECRET, "q-9e1d-query-credential"] {
+        assert!(!haystack.contains(value), "a value is stored in clear");
+    }
+    let (_, events) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    assert!(events.to_string().contains("secret.put"));
+
+    // A ciphertext swapped in from another secret does not decrypt: the route fails closed.
+    h.server.stop().await;
+    let conn = rusqlite::Connection::open(data_dir.join("palisade.db")).unwrap();
+    conn.execute(
+        "UPDATE vault_secrets SET ciphertext = (SELECT ciphertext FROM vault_secrets WHERE name = 'keyed/token') WHERE name = 'vaulted/read'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let config = palisade_config::Config::from_toml(&h.toml, "test.toml").unwrap();
+    let server = palisade_server::start(config, palisade_server::StartOptions::default())
+        .await
+        .unwrap();
+    let token = {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/oauth2/token", server.url()))
+            .basic_auth("agent:vaulter", Some(secret))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        let body: Value = resp.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_string()
+    };
+    let resp = reqwest::Client::new()
+        .get(format!("{}/vaulted/echo-credential", server.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    server.stop().await;
+}
