@@ -1791,6 +1791,24 @@ fn expand_env(key: &str, value: &str) -> Result<String, String> {
                 )
             })?;
             let name = &r[..end];
+            // `${vault:NAME}` stays for the vault to fill in when the value is used.
+            if let Some(secret) = name.strip_prefix("vault:") {
+                let ok = !secret.is_empty()
+                    && secret.len() <= 128
+                    && secret.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/')
+                    });
+                if !ok {
+                    return Err(format!(
+                        "key `{key}`: `${{vault:{secret}}}` does not name a vault secret (letters, digits, `_`, `-`, `.`, `/`)"
+                    ));
+                }
+                out.push_str("${vault:");
+                out.push_str(secret);
+                out.push('}');
+                rest = &r[end + 1..];
+                continue;
+            }
             let ok =
                 !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !ok {
@@ -2263,6 +2281,10 @@ mod tests {
             (
                 "[vault]\nmaster_key_file = \"k\"\nmaster_key_env = \"K\"\n",
                 "not both",
+            ),
+            (
+                "[[mcp.servers]]\nname = \"g\"\ncommand = \"g\"\nenv = { T = \"${vault:bad name}\" }\n",
+                "does not name a vault secret",
             ),
             ("this is not toml", "test.toml"),
         ];

@@ -132,6 +132,31 @@ pub trait CredentialSource: Send + Sync + 'static {
     fn reveal(&self, secret: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String>;
 }
 
+/// `text` with each `${vault:NAME}` replaced by that secret (UTF-8); `$$` was already folded
+/// by the config, so any `${vault:` here is a reference. The error names the secret only.
+pub fn expand_vault(
+    text: &str,
+    source: &dyn CredentialSource,
+) -> Result<zeroize::Zeroizing<String>, String> {
+    let mut out = zeroize::Zeroizing::new(String::with_capacity(text.len()));
+    let mut rest = text;
+    while let Some(i) = rest.find("${vault:") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + "${vault:".len()..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "a `${vault:` reference is not closed".to_string())?;
+        let name = &after[..end];
+        let value = source.reveal(name)?;
+        let value = std::str::from_utf8(&value)
+            .map_err(|_| format!("vault secret `{name}` is not UTF-8 text"))?;
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// No vault: every injection fails closed.
 struct NoCredentials;
 

@@ -47,13 +47,17 @@ impl Upstream {
         config: palisade_config::McpServerConfig,
         changed: tokio::sync::broadcast::Sender<String>,
         progress: progress::Routes,
+        credentials: Arc<dyn palisade_gateway::CredentialSource>,
     ) -> Result<Self, String> {
         Ok(match config.url.clone() {
-            Some(url) => Self::Http(Box::new(remote::HttpServer::new(config, url, progress)?)),
+            Some(url) => Self::Http(Box::new(
+                remote::HttpServer::new(config, url, progress)?.with_credentials(credentials),
+            )),
             None => Self::Stdio(Box::new(
                 StdioServer::new(config)
                     .with_notifier(changed)
-                    .with_progress(progress),
+                    .with_progress(progress)
+                    .with_credentials(credentials),
             )),
         })
     }
@@ -154,6 +158,8 @@ pub struct McpGateway {
     limits: Arc<palisade_gateway::limits::Limits>,
     inspector: Arc<palisade_inspect::Inspector>,
     provenance: Arc<dyn palisade_gateway::inspection::Provenance>,
+    /// The vault (credentials the servers get, masked if they repeat them).
+    credentials: Arc<dyn palisade_gateway::CredentialSource>,
     /// Which server listed which resource URI (`None`: more than one did, so reads of it are
     /// refused). Resources keep their URIs; tools and prompts get a `<server>__` prefix.
     resource_servers: Mutex<HashMap<String, Option<String>>>,
@@ -186,6 +192,8 @@ pub struct Services {
     pub inspector: Arc<palisade_inspect::Inspector>,
     /// Session taint persistence.
     pub provenance: Arc<dyn palisade_gateway::inspection::Provenance>,
+    /// The vault, for `${vault:NAME}` in servers' `env` and `headers`.
+    pub credentials: Arc<dyn palisade_gateway::CredentialSource>,
 }
 
 impl McpGateway {
@@ -201,6 +209,7 @@ impl McpGateway {
             limits,
             inspector,
             provenance,
+            credentials,
         } = services;
         let mut pins: HashMap<String, String> = store
             .mcp_pins()
@@ -219,7 +228,15 @@ impl McpGateway {
             .mcp
             .servers
             .iter()
-            .map(|s| Upstream::new(s.clone(), changed.clone(), progress.clone()).map(Arc::new))
+            .map(|s| {
+                Upstream::new(
+                    s.clone(),
+                    changed.clone(),
+                    progress.clone(),
+                    credentials.clone(),
+                )
+                .map(Arc::new)
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
@@ -236,6 +253,7 @@ impl McpGateway {
             limits,
             inspector,
             provenance,
+            credentials,
             resource_servers: Mutex::default(),
             prompt_names: Mutex::default(),
             last_relist: Mutex::default(),
@@ -1941,6 +1959,12 @@ impl McpGateway {
         event: &mut AuditEvent,
         (labeled, source): (bool, &str),
     ) -> Result<Value, RpcError> {
+        // A server that repeats a credential it was given from the vault does not hand it to
+        // the agent.
+        let forms = self.vault_values(server);
+        if !forms.is_empty() && mask_values(&mut result, &forms) {
+            event.detail["credential_echo_masked"] = json!(true);
+        }
         let config = server.config();
         let policy = config.inspection;
         let mut verdict = None;
@@ -2037,6 +2061,27 @@ impl McpGateway {
         Ok(result)
     }
 
+    /// The values of the vault secrets the server's environment and headers reference.
+    fn vault_values(&self, server: &Upstream) -> Vec<zeroize::Zeroizing<String>> {
+        let c = server.config();
+        let mut out = Vec::new();
+        for text in c
+            .env
+            .iter()
+            .map(|(_, v)| v.expose())
+            .chain(c.headers.iter().map(|(_, v)| v.expose()))
+        {
+            for name in vault_refs(text) {
+                if let Ok(v) = self.credentials.reveal(name)
+                    && let Ok(s) = String::from_utf8(v.to_vec())
+                {
+                    out.push(zeroize::Zeroizing::new(s));
+                }
+            }
+        }
+        out
+    }
+
     /// Sanitizes every string of `value` on its own (masking and stripping per the policy).
     fn sanitize_strings(&self, value: &mut Value, policy: &InspectionPolicy, flow: Flow) {
         match value {
@@ -2061,6 +2106,45 @@ impl McpGateway {
             _ => {}
         }
     }
+}
+
+/// Replaces every occurrence of `forms` in the strings of `value`; returns whether any was.
+fn mask_values(value: &mut Value, forms: &[zeroize::Zeroizing<String>]) -> bool {
+    match value {
+        Value::String(text) => {
+            let mut hit = false;
+            for f in forms.iter().filter(|f| !f.is_empty()) {
+                if text.contains(f.as_str()) {
+                    *text = text.replace(f.as_str(), "[REDACTED:credential]");
+                    hit = true;
+                }
+            }
+            hit
+        }
+        // Every element is masked (no short-circuit).
+        Value::Array(items) => {
+            let mut hit = false;
+            for i in items {
+                hit |= mask_values(i, forms);
+            }
+            hit
+        }
+        Value::Object(map) => {
+            let mut hit = false;
+            for i in map.values_mut() {
+                hit |= mask_values(i, forms);
+            }
+            hit
+        }
+        _ => false,
+    }
+}
+
+/// The names of the vault secrets `text` references (`${vault:NAME}`).
+fn vault_refs(text: &str) -> impl Iterator<Item = &str> {
+    text.split("${vault:")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
 }
 
 /// The label key of content on an MCP server: `mcp/<server>:<path or URI>`.

@@ -41,6 +41,8 @@ pub struct HttpServer {
     next_id: AtomicU64,
     tools: Mutex<Option<(Vec<Value>, Instant)>>,
     progress: crate::progress::Routes,
+    /// Fills `${vault:NAME}` in its headers.
+    credentials: Option<std::sync::Arc<dyn palisade_gateway::CredentialSource>>,
 }
 
 impl HttpServer {
@@ -69,7 +71,17 @@ impl HttpServer {
             next_id: AtomicU64::new(1),
             tools: Mutex::new(None),
             progress,
+            credentials: None,
         })
+    }
+
+    /// Fills `${vault:NAME}` references in its headers from `source` on every request.
+    pub fn with_credentials(
+        mut self,
+        source: std::sync::Arc<dyn palisade_gateway::CredentialSource>,
+    ) -> Self {
+        self.credentials = Some(source);
+        self
     }
 
     /// The server's tools, fetched again when older than 30 s.
@@ -210,7 +222,20 @@ impl HttpServer {
             builder = builder.header("mcp-protocol-version", p);
         }
         for (name, value) in &self.config.headers {
-            let mut value = http::HeaderValue::from_str(value.expose())
+            let filled = match &self.credentials {
+                Some(source) if value.expose().contains("${vault:") => {
+                    palisade_gateway::expand_vault(value.expose(), source.as_ref()).map_err(
+                        |e| {
+                            UpstreamError::Unavailable(format!(
+                                "MCP server `{}`: header `{name}`: {e}",
+                                self.config.name
+                            ))
+                        },
+                    )?
+                }
+                _ => zeroize::Zeroizing::new(value.expose().to_string()),
+            };
+            let mut value = http::HeaderValue::from_str(&filled)
                 .map_err(|_| UpstreamError::Unavailable("a configured header is invalid".into()))?;
             value.set_sensitive(true);
             builder = builder.header(name, value);

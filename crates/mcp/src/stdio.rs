@@ -59,6 +59,8 @@ pub struct StdioServer {
     changed: Option<tokio::sync::broadcast::Sender<String>>,
     /// Where its progress notifications go.
     progress: crate::progress::Routes,
+    /// Fills `${vault:NAME}` in its environment.
+    credentials: Option<Arc<dyn palisade_gateway::CredentialSource>>,
 }
 
 impl StdioServer {
@@ -72,7 +74,14 @@ impl StdioServer {
             tools_stale: Arc::new(AtomicBool::new(false)),
             changed: None,
             progress: crate::progress::Routes::default(),
+            credentials: None,
         }
+    }
+
+    /// Fills `${vault:NAME}` references in its environment from `source` at each start.
+    pub fn with_credentials(mut self, source: Arc<dyn palisade_gateway::CredentialSource>) -> Self {
+        self.credentials = Some(source);
+        self
     }
 
     /// Passes this server's progress notifications to the calls registered in `routes`.
@@ -173,10 +182,26 @@ impl StdioServer {
                 c.name, c.command
             ))
         })?;
+        // The environment, with vault references filled in (the child is its only holder).
+        let mut env = Vec::with_capacity(c.env.len());
+        for (k, v) in &c.env {
+            let value = match &self.credentials {
+                Some(source) if v.expose().contains("${vault:") => {
+                    palisade_gateway::expand_vault(v.expose(), source.as_ref()).map_err(|e| {
+                        UpstreamError::Unavailable(format!(
+                            "MCP server `{}`: environment variable `{k}`: {e}",
+                            c.name
+                        ))
+                    })?
+                }
+                _ => zeroize::Zeroizing::new(v.expose().to_string()),
+            };
+            env.push((k.as_str(), value));
+        }
         let mut cmd = Command::new(program);
         cmd.args(&c.args)
             .env_clear()
-            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.expose())))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

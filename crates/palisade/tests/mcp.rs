@@ -1614,3 +1614,104 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
     assert_eq!(recent[0]["sha256"].as_str().unwrap().len(), 64);
     h.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_servers_get_vault_credentials_that_agents_never_see() {
+    let dir = support::temp_dir("mcp-vault");
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = remote_fixture(&dir, false).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"remote\"\nurl = \"http://127.0.0.1:{}/mcp\"\n\
+         headers = {{ Authorization = \"Bearer ${{vault:remote/token}}\" }}\n\
+         [[mcp.servers]]\nname = \"local\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n\
+         env = {{ SERVICE_TOKEN = \"${{vault:local/token}}\" }}\n",
+        upstream.port,
+        file.display()
+    );
+    let h = Harness::start_with("mcp-vault", &extra).await;
+    let secret = mcp_agent(&h, "vaulted", |a| {
+        a["allowed_resources"] = json!(["remote", "local"]);
+    })
+    .await;
+    let (_, t) = h
+        .token_request("agent:vaulted", &secret, &[("resource", &h.url("/mcp"))])
+        .await;
+    let client = RawClient::connect(&h, t["access_token"].as_str().unwrap().to_string()).await;
+
+    // Until the secret is in the vault, the server cannot be reached, and says which secret.
+    let refused = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__whoami", "arguments": {} }),
+        )
+        .await;
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("remote/token"),
+        "{refused}"
+    );
+    let remote_value = "rt-4c1f-remote-mcp-credential";
+    let local_value = "lt-8a2e-local-mcp-credential";
+    for (name, value) in [("remote/token", remote_value), ("local/token", local_value)] {
+        let (s, _) = h
+            .api(
+                Method::PUT,
+                &format!("/secrets/{name}"),
+                Some(json!({ "value": value })),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+
+    // The remote server gets its credential; its echo reaches the agent masked.
+    let answer = client
+        .send(
+            "tools/call",
+            json!({ "name": "remote__whoami", "arguments": {} }),
+        )
+        .await;
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "Bearer [REDACTED:credential]",
+        "{answer}"
+    );
+    let seen = std::fs::read_to_string(&upstream.header_log).unwrap();
+    assert!(seen.contains(&format!("Bearer {remote_value}")));
+
+    // The local server has it in its environment (it answers a hash of it), and repeating it
+    // does not leak it.
+    use sha2::Digest;
+    let expected: String = sha2::Sha256::digest(local_value.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let hashed = client
+        .send(
+            "tools/call",
+            json!({ "name": "local__echo", "arguments": { "text": "envsha:SERVICE_TOKEN" } }),
+        )
+        .await;
+    assert_eq!(
+        hashed["result"]["content"][0]["text"],
+        expected.as_str(),
+        "{hashed}"
+    );
+    let echoed = client
+        .send(
+            "tools/call",
+            json!({ "name": "local__echo", "arguments": { "text": "env:SERVICE_TOKEN" } }),
+        )
+        .await;
+    assert_eq!(
+        echoed["result"]["content"][0]["text"], "[REDACTED:credential]",
+        "{echoed}"
+    );
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let text = all.to_string();
+    assert!(!text.contains(remote_value) && !text.contains(local_value));
+    h.server.stop().await;
+}

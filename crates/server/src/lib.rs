@@ -303,6 +303,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
                 limits: gateway.limits(),
                 inspector,
                 provenance,
+                credentials: Arc::new(vault::VaultCredentials(vault.clone())),
             },
         )
         .map_err(StartError::Other)?,

@@ -63,6 +63,14 @@ for line in sys.stdin:
         text = msg["params"].get("arguments", {}).get("text", "")
         if text == "crash":
             os._exit(3)  # dies mid-call, without an answer
+        if text.startswith("envsha:"):
+            # A hash of one of its environment variables (proof it got a credential, without
+            # showing it).
+            import hashlib
+            value = os.environ.get(text[len("envsha:"):], "")
+            text = hashlib.sha256(value.encode()).hexdigest()
+        if text.startswith("env:"):
+            text = os.environ.get(text[len("env:"):], "")
         if text == "ask":
             # Asks its client something mid-call (as sampling or roots would) and echoes the
             # answer's error message.
