@@ -371,6 +371,8 @@ pub struct VaultConfig {
     pub master_key_file: Option<PathBuf>,
     /// Or an environment variable holding the key (64 hex digits).
     pub master_key_env: Option<String>,
+    /// The `aud` agent tokens need for the lease API: `<issuer>/vault`.
+    pub audience: String,
 }
 
 /// A credential the gateway injects into a route's upstream requests, from the vault.
@@ -1449,6 +1451,7 @@ impl Config {
         let vault = VaultConfig {
             master_key_file: raw.vault.master_key_file.map(PathBuf::from),
             master_key_env: raw.vault.master_key_env,
+            audience: String::new(),
         };
         if vault.master_key_file.is_some() && vault.master_key_env.is_some() {
             return Err(
@@ -1507,6 +1510,7 @@ impl Config {
             }
         }
         self.mcp.audience = format!("{}{MCP_PATH}", self.server.issuer);
+        self.vault.audience = format!("{}/vault", self.server.issuer);
     }
 
     /// The route serving `path`, longest prefix first.

@@ -294,3 +294,153 @@ permit (principal, action == Palisade::Action::"write", resource in Palisade::Ro
     assert_eq!(resp.status(), 503);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_decided_by_policy_bounded_by_the_session_and_audited_without_values() {
+    let h = Harness::start("vault-leases").await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("leases.cedar"),
+        r#"
+@id("leases.deploy-key")
+permit (principal is Palisade::Agent, action == Palisade::Action::"credential", resource == Palisade::Resource::"vault/deploy/key");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let deploy_value = "dk-5d9c-leased-deploy-key";
+    for (name, value) in [("deploy/key", deploy_value), ("other/key", "ok-other")] {
+        let (s, _) = h
+            .api(
+                Method::PUT,
+                &format!("/secrets/{name}"),
+                Some(json!({ "value": value })),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert!(s == 201 || s == 409);
+    let mut agent = support::agent_body("deployer");
+    agent["allowed_resources"] = json!(["tickets", "vault"]);
+    agent["blast_radius"] =
+        json!({ "max_action": "destructive", "max_classification": "restricted" });
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let vault_aud = h.url("/vault");
+    let (s, t) = h
+        .token_request("agent:deployer", secret, &[("resource", &vault_aud)])
+        .await;
+    assert_eq!(s, 200, "{t}");
+    let token = t["access_token"].as_str().unwrap().to_string();
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let lease = |body: Value, token: String| {
+        let h = &h;
+        async move {
+            let resp = h
+                .http
+                .post(h.url("/api/v1/leases"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    // A token for another audience is not a lease token.
+    let route_token = h.token_for("agent:deployer", secret).await;
+    let (s, _) = lease(json!({ "secret": "deploy/key" }), route_token).await;
+    assert_eq!(s, 401);
+    // Deny by default: no policy permits this one.
+    let (s, body) = lease(json!({ "secret": "other/key" }), token.clone()).await;
+    assert_eq!(s, 403, "{body}");
+    let (s, _) = lease(
+        json!({ "secret": "deploy/key", "ttl_seconds": 999_999 }),
+        token.clone(),
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    let (s, issued) = lease(
+        json!({ "secret": "deploy/key", "ttl_seconds": 60 }),
+        token.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{issued}");
+    assert_eq!(issued["value"], deploy_value);
+    let id = issued["lease_id"].as_str().unwrap().to_string();
+    let expires = time::OffsetDateTime::parse(
+        issued["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(
+        left.whole_seconds() <= 60 && left.whole_seconds() > 30,
+        "{left}"
+    );
+
+    let renew = |id: String, token: String| {
+        let h = &h;
+        async move {
+            h.http
+                .post(h.url(&format!("/api/v1/leases/{id}/renew")))
+                .bearer_auth(token)
+                .json(&json!({ "ttl_seconds": 120 }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(renew(id.clone(), token.clone()).await, 200);
+    let revoked = h
+        .http
+        .delete(h.url(&format!("/api/v1/leases/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    assert_eq!(
+        renew(id.clone(), token.clone()).await,
+        410,
+        "a revoked lease is over"
+    );
+
+    // A lease dies with its session.
+    let (_, second) = lease(json!({ "secret": "deploy/key" }), token.clone()).await;
+    let second_id = second["lease_id"].as_str().unwrap().to_string();
+    let (s, _) = h
+        .api(Method::POST, &format!("/sessions/{sid}/end"), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(renew(second_id, token.clone()).await, 401);
+
+    // Every step is audited, and no value is.
+    let (_, all) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    let kinds: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["event"]["kind"].as_str())
+        .filter(|k| k.starts_with("lease."))
+        .collect();
+    for k in [
+        "lease.issued",
+        "lease.refused",
+        "lease.renewed",
+        "lease.revoked",
+    ] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+    assert!(!all.to_string().contains(deploy_value));
+    h.server.stop().await;
+}

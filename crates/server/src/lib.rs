@@ -9,6 +9,7 @@ pub mod admin;
 pub mod alerts;
 pub mod authzen;
 pub mod demo;
+pub mod leases;
 pub mod oauth;
 pub mod oidc;
 pub mod policy;
@@ -71,6 +72,8 @@ pub struct App {
     pub sinks: Arc<sinks::Sinks>,
     /// Secrets for injection.
     pub vault: Arc<palisade_vault::Vault>,
+    /// Just-in-time leases of vault secrets.
+    pub leases: leases::Leases,
 }
 
 /// Why the server did not start.
@@ -312,6 +315,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let detection = alerts::Detection::load(&config).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        leases: leases::Leases::default(),
         vault,
         sinks,
         detection,
@@ -620,7 +624,14 @@ fn router(app: Arc<App>) -> Router {
             admin::require_admin,
         ))
         .layer(DefaultBodyLimit::max(64 * 1024));
+    // Leases are asked for with an agent's token, not the admin token.
+    let leases = Router::new()
+        .route("/api/v1/leases", post(leases::issue))
+        .route("/api/v1/leases/{id}/renew", post(leases::renew))
+        .route("/api/v1/leases/{id}", axum::routing::delete(leases::revoke))
+        .layer(DefaultBodyLimit::max(16 * 1024));
     let oauth = Router::new()
+        .merge(leases)
         .route("/oauth2/token", post(oauth::token))
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))

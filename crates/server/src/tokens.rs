@@ -291,6 +291,7 @@ impl TokenService {
                     .collect();
                 let known = one == self.config.oauth.default_audience
                     || one == self.config.mcp.audience
+                    || one == self.config.vault.audience
                     || !routes.is_empty();
                 if !known {
                     return Err((
