@@ -79,6 +79,29 @@ pub mod raw {
     pub struct Vault {
         pub master_key_file: Option<String>,
         pub master_key_env: Option<String>,
+        #[serde(default)]
+        pub databases: Vec<Database>,
+    }
+
+    /// `[[vault.databases]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Database {
+        pub name: String,
+        pub url: String,
+        #[serde(default)]
+        pub roles: std::collections::BTreeMap<String, DatabaseRole>,
+    }
+
+    /// `[vault.databases.roles.<role>]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct DatabaseRole {
+        pub creation: Vec<String>,
+        #[serde(default)]
+        pub revocation: Vec<String>,
     }
 
     /// `[[routes.credentials]]`.
@@ -373,6 +396,20 @@ pub struct VaultConfig {
     pub master_key_env: Option<String>,
     /// The `aud` agent tokens need for the lease API: `<issuer>/vault`.
     pub audience: String,
+    /// PostgreSQL databases whose login roles Palisade creates per lease.
+    pub databases: Vec<DatabaseConfig>,
+}
+
+/// `[[vault.databases]]`: a PostgreSQL database with role templates.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    /// Name in lease requests.
+    pub name: String,
+    /// The admin connection string (`${ENV}` read at start; `${vault:NAME}` filled in by the
+    /// vault).
+    pub url: Sensitive,
+    /// Role templates: name, creation statements, revocation statements.
+    pub roles: Vec<(String, Vec<String>, Vec<String>)>,
 }
 
 /// A credential the gateway injects into a route's upstream requests, from the vault.
@@ -1448,10 +1485,54 @@ impl Config {
                 ));
             }
         }
+        let mut databases: Vec<DatabaseConfig> = Vec::new();
+        for (i, d) in raw.vault.databases.into_iter().enumerate() {
+            let at = format!("vault.databases[{i}]");
+            if !is_name(&d.name) || databases.iter().any(|o| o.name == d.name) {
+                return Err(format!(
+                    "key `{at}.name`: `{}` must be a unique name of lowercase letters, digits, `-`, `_` or `.`",
+                    d.name
+                ));
+            }
+            if !(d.url.starts_with("postgres://") || d.url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "key `{at}.url`: give a postgres:// connection string for an admin role"
+                ));
+            }
+            if d.roles.is_empty() {
+                return Err(format!(
+                    "key `{at}.roles`: define at least one role, e.g. [vault.databases.roles.readonly] creation = [\"CREATE ROLE {{{{name}}}} LOGIN PASSWORD {{{{password}}}} VALID UNTIL {{{{expiry}}}}\", ...]"
+                ));
+            }
+            let mut roles = Vec::new();
+            for (role, r) in d.roles {
+                if !is_name(&role) {
+                    return Err(format!(
+                        "key `{at}.roles.{role}`: role names are lowercase letters, digits, `-`, `_` or `.`"
+                    ));
+                }
+                let creates = r
+                    .creation
+                    .iter()
+                    .any(|s| s.contains("{{name}}") && s.contains("VALID UNTIL {{expiry}}"));
+                if !creates {
+                    return Err(format!(
+                        "key `{at}.roles.{role}.creation`: a statement must create {{{{name}}}} with VALID UNTIL {{{{expiry}}}}, so the database enforces the lease's end too"
+                    ));
+                }
+                roles.push((role, r.creation, r.revocation));
+            }
+            databases.push(DatabaseConfig {
+                url: Sensitive(expand_env(&format!("{at}.url"), &d.url)?),
+                name: d.name,
+                roles,
+            });
+        }
         let vault = VaultConfig {
             master_key_file: raw.vault.master_key_file.map(PathBuf::from),
             master_key_env: raw.vault.master_key_env,
             audience: String::new(),
+            databases,
         };
         if vault.master_key_file.is_some() && vault.master_key_env.is_some() {
             return Err(
@@ -2289,6 +2370,14 @@ mod tests {
             (
                 "[[mcp.servers]]\nname = \"g\"\ncommand = \"g\"\nenv = { T = \"${vault:bad name}\" }\n",
                 "does not name a vault secret",
+            ),
+            (
+                "[[vault.databases]]\nname = \"db\"\nurl = \"postgres://a@h/d\"\n[vault.databases.roles.r]\ncreation = [\"CREATE ROLE {{name}} LOGIN\"]\n",
+                "must create {{name}} with VALID UNTIL {{expiry}}",
+            ),
+            (
+                "[[vault.databases]]\nname = \"db\"\nurl = \"mysql://a@h/d\"\n[vault.databases.roles.r]\ncreation = [\"x\"]\n",
+                "vault.databases[0].url",
             ),
             ("this is not toml", "test.toml"),
         ];

@@ -444,3 +444,197 @@ permit (principal is Palisade::Agent, action == Palisade::Action::"credential", 
     assert!(!all.to_string().contains(deploy_value));
     h.server.stop().await;
 }
+
+/// The PostgreSQL admin URL for the dynamic-credential test, or `None` (the test says it was
+/// skipped).
+fn pg_url() -> Option<String> {
+    let url = std::env::var("PALISADE_TEST_PG_URL").ok();
+    if url.is_none() {
+        eprintln!("SKIPPED: PALISADE_TEST_PG_URL is not set (.ci/run sets it)");
+    }
+    url
+}
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn leftover_roles(admin: &tokio_postgres::Client) -> Vec<String> {
+    admin
+        .query(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'palisade\\_leasetest\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_leases_create_a_real_role_that_reads_cannot_write_and_is_dropped() {
+    let Some(url) = pg_url() else { return };
+    let admin = pg(&url).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS palisade_lease_test (n int); \
+             INSERT INTO palisade_lease_test SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM palisade_lease_test);",
+        )
+        .await
+        .unwrap();
+    let extra = format!(
+        r#"
+[[vault.databases]]
+name = "leasetest"
+url = "{url}"
+[vault.databases.roles.reader]
+creation = [
+  "CREATE ROLE {{{{name}}}} LOGIN PASSWORD {{{{password}}}} VALID UNTIL {{{{expiry}}}}",
+  "GRANT SELECT ON palisade_lease_test TO {{{{name}}}}",
+]
+"#
+    );
+    let h = Harness::start_with("vault-db", &extra).await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("db.cedar"),
+        r#"
+@id("leases.db-reader")
+permit (principal is Palisade::Agent, action == Palisade::Action::"credential", resource == Palisade::Resource::"vault/db/leasetest/reader");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = h
+        .api(Method::POST, "/humans", Some(json!({ "id": "alice" })))
+        .await;
+    assert!(s == 201 || s == 409);
+    let mut agent = support::agent_body("analyst");
+    agent["allowed_resources"] = json!(["vault"]);
+    agent["blast_radius"] = json!({ "max_action": "read", "max_classification": "restricted" });
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let (_, t) = h
+        .token_request("agent:analyst", secret, &[("resource", &h.url("/vault"))])
+        .await;
+    let token = t["access_token"].as_str().unwrap().to_string();
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let lease = |ttl: u64| {
+        let (h, token) = (&h, token.clone());
+        async move {
+            let resp = h
+                .http
+                .post(h.url("/api/v1/leases"))
+                .bearer_auth(token)
+                .json(&json!({ "database": "leasetest", "role": "reader", "ttl_seconds": ttl }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+
+    let issued = lease(600).await;
+    let user = issued["username"].as_str().unwrap().to_string();
+    let password = issued["password"].as_str().unwrap().to_string();
+    assert!(user.starts_with("palisade_leasetest_"), "{user}");
+    // The database enforces the end too.
+    let valid_until: Option<String> = admin
+        .query_one(
+            "SELECT rolvaliduntil::text FROM pg_roles WHERE rolname = $1",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid_until.is_some(), "VALID UNTIL is set");
+
+    // The leased role logs in and reads, and cannot write.
+    let base = url.rsplit_once('@').map(|(_, host)| host).unwrap();
+    let role_url = format!("postgres://{user}:{password}@{base}");
+    let role = pg(&role_url).await;
+    let n: i32 = role
+        .query_one("SELECT n FROM palisade_lease_test LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let write = role
+        .execute("INSERT INTO palisade_lease_test VALUES (2)", &[])
+        .await;
+    assert!(write.is_err(), "a reader cannot write");
+
+    // Revoked: its session is terminated and the role is gone.
+    let id = issued["lease_id"].as_str().unwrap();
+    let resp = h
+        .http
+        .delete(h.url(&format!("/api/v1/leases/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let mut gone = false;
+    for _ in 0..100 {
+        if !leftover_roles(&admin).await.contains(&user) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the revoked role is dropped");
+    assert!(
+        role.query_one("SELECT 1", &[]).await.is_err(),
+        "its open session was terminated"
+    );
+    assert!(
+        tokio_postgres::connect(&role_url, tokio_postgres::NoTls)
+            .await
+            .is_err(),
+        "it can no longer log in"
+    );
+
+    // Expiry drops it too.
+    let short = lease(1).await;
+    let short_user = short["username"].as_str().unwrap().to_string();
+    let mut gone = false;
+    for _ in 0..100 {
+        if !leftover_roles(&admin).await.contains(&short_user) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "an expired lease's role is dropped");
+
+    // A lease dies with its session; none is left behind when the server stops.
+    let third = lease(600).await;
+    let third_user = third["username"].as_str().unwrap().to_string();
+    let (s, _) = h
+        .api(Method::POST, &format!("/sessions/{sid}/end"), None)
+        .await;
+    assert_eq!(s, 200);
+    let mut gone = false;
+    for _ in 0..100 {
+        if !leftover_roles(&admin).await.contains(&third_user) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the session's end drops its lease's role");
+    let (_, events) = h.api(Method::GET, "/audit/events?limit=1000", None).await;
+    assert!(
+        !events.to_string().contains(&password),
+        "no password in the audit log"
+    );
+    h.server.stop().await;
+    assert_eq!(leftover_roles(&admin).await, Vec::<String>::new());
+}

@@ -29,11 +29,14 @@ pub const MAX_TTL_SECS: u64 = 60 * 60;
 /// One lease.
 #[derive(Clone, Debug)]
 struct Lease {
+    /// The vault secret, or `db/<database>/<role>`.
     secret: String,
     principal: String,
     sid: String,
     expires_ns: i64,
     revoked: Option<&'static str>,
+    /// For a database lease: the database, role template and login role created.
+    dynamic: Option<(Arc<palisade_vault::database::Database>, String, String)>,
 }
 
 /// The live leases.
@@ -186,17 +189,43 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         Err(r) => return r,
     };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let Some(secret) = body
-        .get("secret")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_field",
-            "the body must be {\"secret\": \"<name>\", \"ttl_seconds\": <1..3600>}",
-            Some("secret"),
-        );
+    let database = match (body.get("database"), body.get("role")) {
+        (Some(Value::String(d)), Some(Value::String(r))) => {
+            match app.databases.iter().find(|db| db.name == *d) {
+                Some(db) if db.has_role(r) => Some((db.clone(), r.clone())),
+                _ => {
+                    return error_response(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!(
+                            "no database `{d}` with role `{r}` is configured ([[vault.databases]])"
+                        ),
+                        Some("database"),
+                    );
+                }
+            }
+        }
+        (None, None) => None,
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "a database lease names both `database` and `role`",
+                Some("role"),
+            );
+        }
+    };
+    let secret = match (&database, body.get("secret").and_then(Value::as_str)) {
+        (Some((db, role)), None) => format!("db/{}/{role}", db.name),
+        (None, Some(s)) => s.to_string(),
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "the body must be {\"secret\": \"<name>\"} or {\"database\": \"<db>\", \"role\": \"<role>\"}, with an optional \"ttl_seconds\": <1..3600>",
+                Some("secret"),
+            );
+        }
     };
     let ttl = match ttl_of(&body) {
         Ok(t) => t,
@@ -225,6 +254,9 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
             None,
         );
         return finish(&app, e, resp).await;
+    }
+    if let Some((db, role)) = database {
+        return issue_database(&app, &caller, e, db, role, ttl, secret).await;
     }
     let value = match app.vault.reveal(&secret) {
         Ok(v) => v,
@@ -277,6 +309,7 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
                 sid,
                 expires_ns,
                 revoked: None,
+                dynamic: None,
             },
         );
     e.detail["lease_id"] = json!(lease_id);
@@ -424,4 +457,158 @@ pub async fn revoke(
     let mut e = event("lease.revoked", &caller, &lease.secret);
     e.detail["lease_id"] = json!(id);
     finish(&app, e, StatusCode::NO_CONTENT.into_response()).await
+}
+
+/// A database lease: a login role created for it, valid until the lease's end.
+async fn issue_database(
+    app: &App,
+    caller: &Caller,
+    mut e: AuditEvent,
+    db: Arc<palisade_vault::database::Database>,
+    role: String,
+    ttl: u64,
+    secret: String,
+) -> Response {
+    let expires_ns = expiry(app, caller, ttl);
+    let issued = match db.issue(&role, &rfc3339(expires_ns)).await {
+        Ok(i) => i,
+        Err(err) => {
+            e.kind = "lease.refused".into();
+            tracing::error!(error = %err, "database lease failed");
+            let resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "credential_unavailable",
+                &err,
+                None,
+            );
+            return finish(app, e, resp).await;
+        }
+    };
+    let lease_id = match palisade_core::secret::random_id::<16>() {
+        Ok(id) => format!("lease_{id}"),
+        Err(err) => {
+            let _ = db.revoke(&role, &issued.username).await;
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &err.to_string(),
+                None,
+            );
+        }
+    };
+    let sid = caller
+        .session
+        .as_ref()
+        .map(|s| s.sid.clone())
+        .unwrap_or_default();
+    app.leases
+        .by_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            lease_id.clone(),
+            Lease {
+                secret: secret.clone(),
+                principal: caller.principal.id.to_string(),
+                sid,
+                expires_ns,
+                revoked: None,
+                dynamic: Some((db.clone(), role.clone(), issued.username.clone())),
+            },
+        );
+    e.detail["lease_id"] = json!(lease_id);
+    e.detail["expires_ns"] = json!(expires_ns);
+    e.detail["database"] = json!(db.name);
+    e.detail["username"] = json!(issued.username);
+    let resp = axum::Json(json!({
+        "lease_id": lease_id,
+        "database": db.name,
+        "role": role,
+        "username": issued.username,
+        "password": issued.password.as_str(),
+        "expires_at": rfc3339(expires_ns),
+        "renewable": false,
+    }))
+    .into_response();
+    finish(app, e, resp).await
+}
+
+/// Ends the leases that are over (revoked, expired, or their session ended); a database
+/// lease's login role is dropped, its sessions terminated, and the end audited.
+pub fn sweep(app: std::sync::Weak<App>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(app) = app.upgrade() else { return };
+            let now = now_ns(&app);
+            let over: Vec<(String, Lease)> = {
+                let leases = app.leases.by_id.lock().unwrap_or_else(|p| p.into_inner());
+                leases
+                    .iter()
+                    // A revoked static lease stays until its end, so a renewal is told why.
+                    .filter(|(_, l)| {
+                        (l.revoked.is_some() && l.dynamic.is_some())
+                            || l.expires_ns <= now
+                            || app.tokens.sessions.get(&l.sid).is_none_or(|s| s.is_ended())
+                    })
+                    .map(|(id, l)| (id.clone(), l.clone()))
+                    .collect()
+            };
+            for (id, lease) in over {
+                let why = lease.revoked.unwrap_or(if lease.expires_ns <= now {
+                    "expired"
+                } else {
+                    "session ended"
+                });
+                if let Some((db, role, username)) = &lease.dynamic {
+                    if let Err(err) = db.revoke(role, username).await {
+                        // Kept: the next sweep tries again.
+                        tracing::warn!(error = %err, lease = %id, "cannot drop a leased login role yet");
+                        continue;
+                    }
+                    let mut e = AuditEvent::new("lease.ended");
+                    e.principal = Some(PrincipalRef {
+                        id: lease.principal.clone(),
+                        ..PrincipalRef::default()
+                    });
+                    e.action = Some("credential".into());
+                    e.resource = Some(format!("Palisade::Resource::\"vault/{}\"", lease.secret));
+                    e.detail = json!({
+                        "lease_id": id,
+                        "reason": why,
+                        "username": username,
+                        "session": lease.sid,
+                    });
+                    let _ = app.audit.record(e).await;
+                }
+                app.leases
+                    .by_id
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+        }
+    })
+}
+
+/// Drops every leased login role (at shutdown: leases do not outlive the server).
+pub async fn drop_all(app: &App) {
+    let dynamic: Vec<Lease> = app
+        .leases
+        .by_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(_, l)| l)
+        .filter(|l| l.dynamic.is_some())
+        .collect();
+    for lease in dynamic {
+        if let Some((db, role, username)) = &lease.dynamic
+            && let Err(e) = db.revoke(role, username).await
+        {
+            tracing::warn!(error = %e, "cannot drop a leased login role at shutdown; the next start drops it");
+        }
+    }
 }

@@ -74,6 +74,8 @@ pub struct App {
     pub vault: Arc<palisade_vault::Vault>,
     /// Just-in-time leases of vault secrets.
     pub leases: leases::Leases,
+    /// PostgreSQL databases whose login roles are leased.
+    pub databases: Vec<Arc<palisade_vault::database::Database>>,
 }
 
 /// Why the server did not start.
@@ -124,6 +126,7 @@ pub struct RunningServer {
     sweeper: tokio::task::JoinHandle<()>,
     checkpoints: tokio::task::JoinHandle<()>,
     detection: tokio::task::JoinHandle<()>,
+    lease_sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -144,9 +147,11 @@ impl RunningServer {
             sweeper,
             checkpoints,
             detection,
+            lease_sweeper,
             ..
         } = self;
         detection.abort();
+        lease_sweeper.abort();
         let _ = task.await;
         watcher.abort();
         sweeper.abort();
@@ -162,6 +167,8 @@ impl RunningServer {
         if let Ok((due, _)) = tokio::task::spawn_blocking(move || sessions.sweep()).await {
             sessions::audit_taken(&app, &due).await;
         }
+        // Leased database roles end with the server (leases live in memory).
+        leases::drop_all(&app).await;
         // The sinks get a moment to deliver the last events (the rest follow at the next
         // start, from their cursors); their handles on the log must go before it can close.
         let head = *app.audit.head().borrow();
@@ -275,6 +282,36 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         palisade_vault::Vault::open(store.clone(), key_source)
             .map_err(|e| StartError::Other(e.to_string()))?,
     );
+    let mut databases = Vec::new();
+    for d in &config.vault.databases {
+        let url =
+            palisade_gateway::expand_vault(d.url.expose(), &vault::VaultCredentials(vault.clone()))
+                .map_err(|e| StartError::Other(format!("vault database `{}`: url: {e}", d.name)))?;
+        let roles = d
+            .roles
+            .iter()
+            .map(
+                |(name, creation, revocation)| palisade_vault::database::RoleTemplate {
+                    name: name.clone(),
+                    creation: creation.clone(),
+                    revocation: revocation.clone(),
+                },
+            )
+            .collect();
+        let db = Arc::new(palisade_vault::database::Database::new(&d.name, url, roles));
+        // Roles of leases from before this start are orphans (leases live in memory).
+        let orphans = db.clone();
+        tokio::spawn(async move {
+            match orphans.drop_orphans(&[]).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(database = %orphans.name, roles = n, "dropped login roles of leases from before the restart")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot check for leftover login roles"),
+            }
+        });
+        databases.push(db);
+    }
     for route in &config.routes {
         for c in &route.credentials {
             if !vault.contains(&c.secret) {
@@ -315,6 +352,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let detection = alerts::Detection::load(&config).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        databases,
         leases: leases::Leases::default(),
         vault,
         sinks,
@@ -344,6 +382,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     let checkpoints = checkpoint_task(Arc::downgrade(&app), AUDIT_CHECKPOINT_EVERY);
     let detection = alerts::schedule(Arc::downgrade(&app));
     let sweeper = sessions::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
+    let lease_sweeper = leases::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mcp = app.mcp.clone();
@@ -379,6 +418,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         checkpointer,
         watcher,
         sweeper,
+        lease_sweeper,
         checkpoints,
         detection,
     })

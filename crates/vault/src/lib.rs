@@ -10,6 +10,8 @@
 //! INVARIANT (write-only): nothing here returns a value except [`Vault::reveal`], which only the
 //! injection path calls; values are held in [`Zeroizing`] buffers and never formatted.
 
+pub mod database;
+
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use palisade_core::store::{SecretRecord, Store, StoreError};
