@@ -102,6 +102,8 @@ pub mod raw {
         pub creation: Vec<String>,
         #[serde(default)]
         pub revocation: Vec<String>,
+        #[serde(default)]
+        pub writes: bool,
     }
 
     /// `[[routes.credentials]]`.
@@ -408,8 +410,22 @@ pub struct DatabaseConfig {
     /// The admin connection string (`${ENV}` read at start; `${vault:NAME}` filled in by the
     /// vault).
     pub url: Sensitive,
-    /// Role templates: name, creation statements, revocation statements.
-    pub roles: Vec<(String, Vec<String>, Vec<String>)>,
+    /// Role templates.
+    pub roles: Vec<DatabaseRoleConfig>,
+}
+
+/// `[vault.databases.roles.<role>]`.
+#[derive(Clone, Debug)]
+pub struct DatabaseRoleConfig {
+    /// Name in lease requests.
+    pub name: String,
+    /// Statements that create and grant the role.
+    pub creation: Vec<String>,
+    /// Statements that revoke it (default: drop owned objects and the role).
+    pub revocation: Vec<String>,
+    /// Whether the role can change data: such leases are decided as `write` too and withheld
+    /// from tainted sessions (privilege separation).
+    pub writes: bool,
 }
 
 /// A credential the gateway injects into a route's upstream requests, from the vault.
@@ -1520,7 +1536,12 @@ impl Config {
                         "key `{at}.roles.{role}.creation`: a statement must create {{{{name}}}} with VALID UNTIL {{{{expiry}}}}, so the database enforces the lease's end too"
                     ));
                 }
-                roles.push((role, r.creation, r.revocation));
+                roles.push(DatabaseRoleConfig {
+                    name: role,
+                    creation: r.creation,
+                    revocation: r.revocation,
+                    writes: r.writes,
+                });
             }
             databases.push(DatabaseConfig {
                 url: Sensitive(expand_env(&format!("{at}.url"), &d.url)?),

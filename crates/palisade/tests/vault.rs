@@ -497,6 +497,12 @@ creation = [
   "CREATE ROLE {{{{name}}}} LOGIN PASSWORD {{{{password}}}} VALID UNTIL {{{{expiry}}}}",
   "GRANT SELECT ON palisade_lease_test TO {{{{name}}}}",
 ]
+[vault.databases.roles.writer]
+writes = true
+creation = [
+  "CREATE ROLE {{{{name}}}} LOGIN PASSWORD {{{{password}}}} VALID UNTIL {{{{expiry}}}}",
+  "GRANT SELECT, INSERT ON palisade_lease_test TO {{{{name}}}}",
+]
 "#
     );
     let h = Harness::start_with("vault-db", &extra).await;
@@ -504,7 +510,7 @@ creation = [
         h.data_dir.with_extension("policies").join("db.cedar"),
         r#"
 @id("leases.db-reader")
-permit (principal is Palisade::Agent, action == Palisade::Action::"credential", resource == Palisade::Resource::"vault/db/leasetest/reader");
+permit (principal is Palisade::Agent, action == Palisade::Action::"credential", resource in Palisade::Route::"vault");
 "#,
     )
     .unwrap();
@@ -540,6 +546,23 @@ permit (principal is Palisade::Agent, action == Palisade::Action::"credential", 
             resp.json::<Value>().await.unwrap()
         }
     };
+
+    // A role that changes data needs the write decision too: this agent's blast radius stops
+    // at reads, so the writer role is refused although the credential policy permits it.
+    let resp = h
+        .http
+        .post(h.url("/api/v1/leases"))
+        .bearer_auth(&token)
+        .json(&json!({ "database": "leasetest", "role": "writer" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body.to_string().contains("palisade.blast-radius.action"),
+        "{body}"
+    );
 
     let issued = lease(600).await;
     let user = issued["username"].as_str().unwrap().to_string();

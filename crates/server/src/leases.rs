@@ -90,6 +90,16 @@ fn caller(app: &App, headers: &HeaderMap) -> Result<Caller, Response> {
 
 /// The policy decision on leasing `secret` now.
 fn decide(app: &App, caller: &Caller, secret: &str) -> (palisade_policy::Decision, String) {
+    decide_as(app, caller, secret, Action::Credential)
+}
+
+/// The decision on `action` over the lease's resource.
+fn decide_as(
+    app: &App,
+    caller: &Caller,
+    secret: &str,
+    action: Action,
+) -> (palisade_policy::Decision, String) {
     let target = Target {
         route: "vault",
         resource: Some(secret),
@@ -116,8 +126,7 @@ fn decide(app: &App, caller: &Caller, secret: &str) -> (palisade_policy::Decisio
         ctx.taint = &taint;
         ctx.sensitive = s.is_sensitive();
     }
-    app.policy
-        .decide(&caller.principal, Action::Credential, &target, &ctx)
+    app.policy.decide(&caller.principal, action, &target, &ctx)
 }
 
 fn event(kind: &str, caller: &Caller, secret: &str) -> AuditEvent {
@@ -469,6 +478,42 @@ async fn issue_database(
     ttl: u64,
     secret: String,
 ) -> Response {
+    // Privilege separation: a role that changes data is leased only when policy allows writes
+    // here too, and never to a session that ingested untrusted content.
+    if db.role_writes(&role) {
+        if caller.session.as_ref().is_some_and(|s| s.is_tainted()) {
+            e.kind = "lease.refused".into();
+            let resp = error_response(
+                StatusCode::FORBIDDEN,
+                "credential_withheld",
+                &format!(
+                    "role `{role}` of `{}` changes data and is not leased to a session that ingested untrusted content; start a new session",
+                    db.name
+                ),
+                None,
+            );
+            return finish(app, e, resp).await;
+        }
+        let (decision, version) = decide_as(app, caller, &secret, Action::Write);
+        if !decision.allowed {
+            e.kind = "lease.refused".into();
+            e.decision = Some(DecisionRecord {
+                allowed: false,
+                policies: decision.policies.clone(),
+                policy_version: Some(version),
+            });
+            let resp = error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!(
+                    "role `{role}` changes data and writes are not allowed here; decided by {}",
+                    decision.policies.join(", ")
+                ),
+                None,
+            );
+            return finish(app, e, resp).await;
+        }
+    }
     let expires_ns = expiry(app, caller, ttl);
     let issued = match db.issue(&role, &rfc3339(expires_ns)).await {
         Ok(i) => i,

@@ -290,13 +290,12 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         let roles = d
             .roles
             .iter()
-            .map(
-                |(name, creation, revocation)| palisade_vault::database::RoleTemplate {
-                    name: name.clone(),
-                    creation: creation.clone(),
-                    revocation: revocation.clone(),
-                },
-            )
+            .map(|r| palisade_vault::database::RoleTemplate {
+                name: r.name.clone(),
+                creation: r.creation.clone(),
+                revocation: r.revocation.clone(),
+                writes: r.writes,
+            })
             .collect();
         let db = Arc::new(palisade_vault::database::Database::new(&d.name, url, roles));
         // Roles of leases from before this start are orphans (leases live in memory).

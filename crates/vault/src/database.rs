@@ -24,6 +24,8 @@ pub struct RoleTemplate {
     /// Statements that revoke it (after its sessions are terminated); default: drop owned
     /// objects and the role.
     pub revocation: Vec<String>,
+    /// Whether it can change data (its leases need the write decision and a clean session).
+    pub writes: bool,
 }
 
 /// A PostgreSQL database whose credentials Palisade issues.
@@ -97,6 +99,11 @@ impl Database {
     /// Whether `role` is configured.
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r.name == role)
+    }
+
+    /// Whether `role` can change data.
+    pub fn role_writes(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r.name == role && r.writes)
     }
 
     async fn client(&self) -> Result<Arc<tokio_postgres::Client>, String> {
