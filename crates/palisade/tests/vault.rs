@@ -442,6 +442,18 @@ permit (principal is Palisade::Agent, action == Palisade::Action::"credential", 
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
     assert!(!all.to_string().contains(deploy_value));
+    // The built-in rule for credential access by agents not approved for it sees the leases.
+    let (s, raised) = h.api(Method::POST, "/alerts/run", None).await;
+    assert_eq!(s, 200, "{raised}");
+    assert!(
+        raised["raised"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["rule"] == "credential-access-unapproved"
+                && a["row"]["agent_id"] == "agent:deployer"),
+        "{raised}"
+    );
     h.server.stop().await;
 }
 

@@ -204,7 +204,13 @@ mod tests {
     use super::*;
 
     fn engine() -> PolicyEngine {
-        let dir = std::env::temp_dir().join(format!("palisade-app-{}", std::process::id()));
+        // One directory per engine: the tests run in parallel in one process.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "palisade-app-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(

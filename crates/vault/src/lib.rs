@@ -181,7 +181,8 @@ impl From<&SecretRecord> for SecretMeta {
     }
 }
 
-/// Where the master key comes from.
+/// Where the master key comes from: a file or an environment variable; any other source (a
+/// KMS, an HSM) implements [`KeyProvider`] and opens the vault with [`Vault::with_provider`].
 #[derive(Clone, Debug)]
 pub enum KeySource {
     /// A file (created on first start; rotation writes the new key there).
@@ -190,10 +191,102 @@ pub enum KeySource {
     Env(String),
 }
 
+impl KeySource {
+    /// The provider for this source.
+    pub fn provider(&self) -> Box<dyn KeyProvider> {
+        match self {
+            Self::File(path) => Box::new(FileKeyProvider(path.clone())),
+            Self::Env(name) => Box::new(EnvKeyProvider(name.clone())),
+        }
+    }
+}
+
+/// A source of the master key. Rotation is two-phase so a crash between the store's rewrap
+/// and the provider's switch loses nothing: [`KeyProvider::stage`] keeps the new key beside
+/// the current one, the store commits, then [`KeyProvider::commit`] makes it current. At load
+/// the provider is told which key ids wrap the stored secrets, so it can finish or drop a
+/// staged key.
+pub trait KeyProvider: Send + Sync {
+    /// The current key (created on first use where the provider can).
+    fn load(&self, wrapping_ids: &[String]) -> Result<MasterKey, VaultError>;
+    /// Keeps `new` beside the current key, before the store is rewrapped.
+    fn stage(&self, new: &MasterKey) -> Result<(), VaultError>;
+    /// Makes the staged key the current one, after the store committed.
+    fn commit(&self) -> Result<(), VaultError>;
+}
+
+/// The master key in a `0600` file; a staged key waits in `<file>.next`.
+pub struct FileKeyProvider(pub PathBuf);
+
+impl KeyProvider for FileKeyProvider {
+    fn load(&self, wrapping_ids: &[String]) -> Result<MasterKey, VaultError> {
+        let path = &self.0;
+        let next = next_path(path);
+        let key = MasterKey::load_or_create(path)?;
+        // A rotation stopped between the store's rewrap and the rename: the store says which
+        // key wraps the secrets.
+        if next.exists() {
+            let pending = MasterKey::load_or_create(&next)?;
+            if wrapping_ids.iter().any(|id| id == pending.id()) {
+                std::fs::rename(&next, path).map_err(|e| {
+                    VaultError::MasterKey(format!("cannot finish the rotation: {e}"))
+                })?;
+                return Ok(pending);
+            }
+            let _ = std::fs::remove_file(&next);
+        }
+        Ok(key)
+    }
+
+    fn stage(&self, new: &MasterKey) -> Result<(), VaultError> {
+        let next = next_path(&self.0);
+        let _ = std::fs::remove_file(&next);
+        write_private(&next, &new.hex())
+    }
+
+    fn commit(&self) -> Result<(), VaultError> {
+        std::fs::rename(next_path(&self.0), &self.0).map_err(|e| {
+            VaultError::MasterKey(format!("cannot move the new key into place: {e}"))
+        })?;
+        if let Some(dir) = self.0.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// The master key in an environment variable (64 hex digits); rotated outside Palisade.
+pub struct EnvKeyProvider(pub String);
+
+impl KeyProvider for EnvKeyProvider {
+    fn load(&self, _: &[String]) -> Result<MasterKey, VaultError> {
+        let name = &self.0;
+        let text = Zeroizing::new(std::env::var(name).map_err(|_| {
+            VaultError::MasterKey(format!(
+                "environment variable `{name}` is not set; give it 64 hex digits"
+            ))
+        })?);
+        MasterKey::parse(&text, &format!("environment variable `{name}`"))
+    }
+
+    fn stage(&self, _: &MasterKey) -> Result<(), VaultError> {
+        Err(VaultError::MasterKey(format!(
+            "the master key comes from environment variable `{}`, which Palisade cannot change; use a key file ([vault] master_key_file) to rotate from Palisade",
+            self.0
+        )))
+    }
+
+    fn commit(&self) -> Result<(), VaultError> {
+        Ok(())
+    }
+}
+
 /// The secret store.
 pub struct Vault {
     store: Arc<dyn Store>,
-    source: KeySource,
+    provider: Box<dyn KeyProvider>,
     master: RwLock<Arc<MasterKey>>,
     records: RwLock<HashMap<String, SecretRecord>>,
     /// Serialises writes and rotation.
@@ -256,37 +349,20 @@ impl Vault {
     /// Opens the vault: loads the master key (finishing a rotation a crash interrupted) and
     /// the stored secrets, which must all be wrapped by it.
     pub fn open(store: Arc<dyn Store>, source: KeySource) -> Result<Self, VaultError> {
-        let master = match &source {
-            KeySource::File(path) => {
-                let next = next_path(path);
-                let key = MasterKey::load_or_create(path)?;
-                // A rotation stopped between writing the new key and renaming it into place:
-                // the store says which key wraps the secrets.
-                if next.exists() {
-                    let pending = MasterKey::load_or_create(&next)?;
-                    let records = store.list_secrets()?;
-                    if records.iter().any(|r| r.master_key_id == pending.id()) {
-                        std::fs::rename(&next, path).map_err(|e| {
-                            VaultError::MasterKey(format!("cannot finish the rotation: {e}"))
-                        })?;
-                        pending
-                    } else {
-                        let _ = std::fs::remove_file(&next);
-                        key
-                    }
-                } else {
-                    key
-                }
-            }
-            KeySource::Env(name) => {
-                let text = Zeroizing::new(std::env::var(name).map_err(|_| {
-                    VaultError::MasterKey(format!(
-                        "environment variable `{name}` is not set; give it 64 hex digits"
-                    ))
-                })?);
-                MasterKey::parse(&text, &format!("environment variable `{name}`"))?
-            }
-        };
+        Self::with_provider(store, source.provider())
+    }
+
+    /// Opens the vault with any key provider.
+    pub fn with_provider(
+        store: Arc<dyn Store>,
+        provider: Box<dyn KeyProvider>,
+    ) -> Result<Self, VaultError> {
+        let wrapping: Vec<String> = store
+            .list_secrets()?
+            .into_iter()
+            .map(|r| r.master_key_id)
+            .collect();
+        let master = provider.load(&wrapping)?;
         let records: HashMap<String, SecretRecord> = store
             .list_secrets()?
             .into_iter()
@@ -302,7 +378,7 @@ impl Vault {
         }
         Ok(Self {
             store,
-            source,
+            provider,
             master: RwLock::new(Arc::new(master)),
             records: RwLock::new(records),
             write: std::sync::Mutex::new(()),
@@ -447,11 +523,6 @@ impl Vault {
     /// next to the old one first and renamed into place after the store commits (a crash in
     /// between is finished at the next start). Returns the number of secrets rewrapped.
     pub fn rotate_master(&self) -> Result<(usize, String), VaultError> {
-        let KeySource::File(path) = &self.source else {
-            return Err(VaultError::MasterKey(
-                "the master key comes from an environment variable; rotate it there and restart with the old one set as well is not supported: use a key file ([vault] master_key_file) to rotate from Palisade".into(),
-            ));
-        };
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.master();
         let new = MasterKey::generate()?;
@@ -475,18 +546,9 @@ impl Vault {
             updated.master_key_id = new.id().to_string();
             rewrapped.push(updated);
         }
-        let next = next_path(path);
-        let _ = std::fs::remove_file(&next);
-        write_private(&next, &new.hex())?;
+        self.provider.stage(&new)?;
         self.store.rewrap_secrets(&rewrapped)?;
-        std::fs::rename(&next, path).map_err(|e| {
-            VaultError::MasterKey(format!("cannot move the new key into place: {e}"))
-        })?;
-        if let Some(dir) = path.parent()
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
+        self.provider.commit()?;
         let id = new.id().to_string();
         *self.master.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         let mut map = self.records.write().unwrap_or_else(|p| p.into_inner());
@@ -544,7 +606,7 @@ mod tests {
 
     #[test]
     fn tampering_and_swapping_are_detected() {
-        let (v, _, store) = vault("tamper");
+        let (v, key, store) = vault("tamper");
         v.put("a", b"alpha", None, 1).unwrap();
         v.put("b", b"bravo", None, 1).unwrap();
         let mut a = store.get_secret("a").unwrap().unwrap();
@@ -556,10 +618,63 @@ mod tests {
         let a_orig = store.get_secret("a").unwrap().unwrap();
         b.ciphertext = a_orig.ciphertext.clone();
         store.put_secret(&b).unwrap();
-        let reopened = Vault::open(store.clone(), v.source.clone()).unwrap();
+        let reopened = Vault::open(store.clone(), KeySource::File(key)).unwrap();
         let e = reopened.reveal("a").unwrap_err().to_string();
         assert!(e.contains("does not decrypt (its value)"), "{e}");
         assert!(reopened.reveal("b").is_err());
+    }
+
+    /// A provider of our own (as a KMS would be): keys held in memory.
+    /// The current and the staged key.
+    type Keys = (Option<[u8; 32]>, Option<[u8; 32]>);
+    struct MemoryProvider(std::sync::Mutex<Keys>);
+
+    impl KeyProvider for MemoryProvider {
+        fn load(&self, _: &[String]) -> Result<MasterKey, VaultError> {
+            let mut keys = self.0.lock().unwrap();
+            if keys.0.is_none() {
+                keys.0 = Some([5; 32]);
+            }
+            Ok(MasterKey::from_bytes(keys.0.unwrap()))
+        }
+        fn stage(&self, new: &MasterKey) -> Result<(), VaultError> {
+            self.0.lock().unwrap().1 = Some(*new.key);
+            Ok(())
+        }
+        fn commit(&self) -> Result<(), VaultError> {
+            let mut keys = self.0.lock().unwrap();
+            keys.0 = keys.1.take();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn other_key_providers_plug_in_and_an_environment_key_cannot_be_rotated_here() {
+        let dir = std::env::temp_dir().join(format!("palisade-vault-kp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(palisade_store::SqliteStore::open(&dir).unwrap());
+        let v = Vault::with_provider(
+            store.clone(),
+            Box::new(MemoryProvider(std::sync::Mutex::default())),
+        )
+        .unwrap();
+        v.put("k", b"value", None, 1).unwrap();
+        let before = v.master_key_id();
+        v.rotate_master().unwrap();
+        assert_ne!(v.master_key_id(), before);
+        assert_eq!(v.reveal("k").unwrap().as_slice(), b"value");
+
+        let dir = std::env::temp_dir().join(format!("palisade-vault-env-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(palisade_store::SqliteStore::open(&dir).unwrap());
+        let missing = Vault::open(
+            store.clone(),
+            KeySource::Env("PALISADE_TEST_NO_SUCH_KEY".into()),
+        );
+        assert!(missing.unwrap_err().to_string().contains("is not set"));
+        let provider = EnvKeyProvider("PALISADE_TEST_NO_SUCH_KEY".into());
+        let e = provider.stage(&MasterKey::from_bytes([1; 32])).unwrap_err();
+        assert!(e.to_string().contains("cannot change"), "{e}");
     }
 
     #[test]
