@@ -134,7 +134,14 @@ fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response> 
     }
 }
 
-async fn audited(app: &App, action: &str, resource: &str, detail: Value, ok: Response) -> Response {
+/// Audits an admin change (`admin.change` by `admin`) before answering `ok`.
+pub(crate) async fn audited(
+    app: &App,
+    action: &str,
+    resource: &str,
+    detail: Value,
+    ok: Response,
+) -> Response {
     let mut event = AuditEvent::new("admin.change");
     event.principal = Some(PrincipalRef {
         id: "admin".into(),

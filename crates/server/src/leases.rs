@@ -45,6 +45,39 @@ pub struct Leases {
     by_id: Mutex<HashMap<String, Lease>>,
 }
 
+impl Leases {
+    /// Records a new lease of `caller`'s session; returns its id.
+    fn add(
+        &self,
+        caller: &Caller,
+        secret: &str,
+        expires_ns: i64,
+        dynamic: Option<(Arc<palisade_vault::database::Database>, String, String)>,
+    ) -> Result<String, String> {
+        let id = format!(
+            "lease_{}",
+            palisade_core::secret::random_id::<16>().map_err(|e| e.to_string())?
+        );
+        let lease = Lease {
+            secret: secret.to_string(),
+            principal: caller.principal.id.to_string(),
+            sid: caller
+                .session
+                .as_ref()
+                .map(|s| s.sid.clone())
+                .unwrap_or_default(),
+            expires_ns,
+            revoked: None,
+            dynamic,
+        };
+        self.by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), lease);
+        Ok(id)
+    }
+}
+
 fn now_ns(app: &App) -> i64 {
     i64::try_from(app.tokens.now().unix_nanos()).unwrap_or(i64::MAX)
 }
@@ -289,38 +322,13 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         );
     };
     let value = zeroize::Zeroizing::new(value);
-    let lease_id = match palisade_core::secret::random_id::<16>() {
-        Ok(id) => format!("lease_{id}"),
-        Err(e) => {
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                &e.to_string(),
-                None,
-            );
+    let expires_ns = expiry(&app, &caller, ttl);
+    let lease_id = match app.leases.add(&caller, &secret, expires_ns, None) {
+        Ok(id) => id,
+        Err(err) => {
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &err, None);
         }
     };
-    let expires_ns = expiry(&app, &caller, ttl);
-    let sid = caller
-        .session
-        .as_ref()
-        .map(|s| s.sid.clone())
-        .unwrap_or_default();
-    app.leases
-        .by_id
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            lease_id.clone(),
-            Lease {
-                secret: secret.clone(),
-                principal: caller.principal.id.to_string(),
-                sid,
-                expires_ns,
-                revoked: None,
-                dynamic: None,
-            },
-        );
     e.detail["lease_id"] = json!(lease_id);
     e.detail["expires_ns"] = json!(expires_ns);
     let resp = axum::Json(json!({
@@ -529,38 +537,14 @@ async fn issue_database(
             return finish(app, e, resp).await;
         }
     };
-    let lease_id = match palisade_core::secret::random_id::<16>() {
-        Ok(id) => format!("lease_{id}"),
+    let dynamic = Some((db.clone(), role.clone(), issued.username.clone()));
+    let lease_id = match app.leases.add(caller, &secret, expires_ns, dynamic) {
+        Ok(id) => id,
         Err(err) => {
             let _ = db.revoke(&role, &issued.username).await;
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                &err.to_string(),
-                None,
-            );
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &err, None);
         }
     };
-    let sid = caller
-        .session
-        .as_ref()
-        .map(|s| s.sid.clone())
-        .unwrap_or_default();
-    app.leases
-        .by_id
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            lease_id.clone(),
-            Lease {
-                secret: secret.clone(),
-                principal: caller.principal.id.to_string(),
-                sid,
-                expires_ns,
-                revoked: None,
-                dynamic: Some((db.clone(), role.clone(), issued.username.clone())),
-            },
-        );
     e.detail["lease_id"] = json!(lease_id);
     e.detail["expires_ns"] = json!(expires_ns);
     e.detail["database"] = json!(db.name);

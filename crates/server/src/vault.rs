@@ -1,12 +1,12 @@
 //! The vault's admin API (`/api/v1/secrets`, `/api/v1/vault/rotate-master`) and the gateway's
 //! credential source. Values go in and never come out: every answer is metadata.
 
+use crate::admin::audited;
 use crate::{App, error_response};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use palisade_audit::{AuditEvent, Outcome, PrincipalRef};
 use palisade_vault::{Vault, VaultError};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -29,22 +29,6 @@ fn vault_error(e: &VaultError) -> Response {
         VaultError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     error_response(status, code, &e.to_string(), None)
-}
-
-async fn audited(app: &App, action: &str, resource: &str, detail: Value, ok: Response) -> Response {
-    let mut event = AuditEvent::new("admin.change");
-    event.principal = Some(PrincipalRef {
-        id: "admin".into(),
-        ..PrincipalRef::default()
-    });
-    event.action = Some(action.into());
-    event.resource = Some(resource.into());
-    event.outcome = Some(Outcome {
-        status: ok.status().as_u16(),
-        ..Outcome::default()
-    });
-    event.detail = detail;
-    crate::audit_or_503(app, event, ok).await
 }
 
 /// `GET /api/v1/secrets`: every secret's metadata.
