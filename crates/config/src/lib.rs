@@ -1800,7 +1800,20 @@ fn sinks(raw: Vec<raw::Sink>) -> Result<Vec<SinkConfig>, String> {
                 (
                     SinkTarget::Http {
                         url,
-                        headers: credential_headers(&at, s.headers)?,
+                        headers: {
+                            let headers = credential_headers(&at, s.headers)?;
+                            // Sinks start before the vault opens: their credentials come from
+                            // the environment.
+                            if let Some((name, _)) = headers
+                                .iter()
+                                .find(|(_, v)| v.expose().contains("${vault:"))
+                            {
+                                return Err(format!(
+                                    "key `{at}.headers.{name}`: a sink's headers take `${{NAME}}` from the environment, not `${{vault:...}}`"
+                                ));
+                            }
+                            headers
+                        },
                         ca_file: s.ca_file.map(PathBuf::from),
                     },
                     format,
@@ -2399,6 +2412,10 @@ mod tests {
             (
                 "[[vault.databases]]\nname = \"db\"\nurl = \"mysql://a@h/d\"\n[vault.databases.roles.r]\ncreation = [\"x\"]\n",
                 "vault.databases[0].url",
+            ),
+            (
+                "[[audit.sinks]]\nname = \"a\"\nkind = \"http\"\nurl = \"https://siem.example/\"\nheaders = { Authorization = \"${vault:siem/token}\" }\n",
+                "not `${vault:...}`",
             ),
             ("this is not toml", "test.toml"),
         ];

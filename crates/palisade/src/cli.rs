@@ -798,7 +798,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                             format!("environment variable `{var}` is not set (or not UTF-8)")
                         })?,
                         (None, None) => {
-                            use std::io::Read;
+                            use std::io::{IsTerminal, Read};
+                            if std::io::stdin().is_terminal() {
+                                eprintln!(
+                                    "reading the value of {name} from standard input; end it with Ctrl-D (or pipe it in, or use --value-file)"
+                                );
+                            }
                             let mut text = String::new();
                             std::io::stdin()
                                 .read_to_string(&mut text)

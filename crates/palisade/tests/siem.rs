@@ -587,16 +587,25 @@ address = "{tls_addr}"
     let got = datagrams.lock().unwrap().clone();
     assert_eq!(upto(got.iter().map(|m| seq_of(m)).collect()), all);
 
-    let lines = std::fs::read_to_string(files.join("ocsf.jsonl")).unwrap();
-    let events: Vec<Value> = lines
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // The file holds the decision once its sink caught up (polled: the snapshot above may
+    // predate the sink's last sync under load).
+    let mut events: Vec<Value> = Vec::new();
+    for _ in 0..200 {
+        let lines = std::fs::read_to_string(files.join("ocsf.jsonl")).unwrap_or_default();
+        events = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if events.iter().any(|e| e["message"] == "gateway.decision") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(events.len() as u64 >= head);
     let decision = events
         .iter()
         .find(|e| e["message"] == "gateway.decision")
-        .unwrap();
+        .unwrap_or_else(|| panic!("no decision in the OCSF file: {events:?}"));
     assert_eq!(decision["class_uid"], 6003);
     assert_eq!(decision["activity_id"], 2, "a read: {decision}");
     assert_eq!(decision["status_id"], 1);
