@@ -70,6 +70,35 @@ pub mod raw {
         pub audit: Audit,
         #[serde(default)]
         pub vault: Vault,
+        #[serde(default)]
+        pub approvals: Approvals,
+    }
+
+    /// `[approvals]`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct Approvals {
+        pub destructive: Option<bool>,
+        pub approvers: Option<Vec<String>>,
+        pub count: Option<u32>,
+        pub grant: Option<String>,
+        pub wait: Option<String>,
+        pub hold: Option<String>,
+        pub four_eyes: Option<bool>,
+        pub link: Option<String>,
+        #[serde(default)]
+        pub webhooks: Vec<ApprovalWebhook>,
+    }
+
+    /// `[[approvals.webhooks]]`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub struct ApprovalWebhook {
+        pub name: String,
+        pub url: String,
+        pub format: Option<String>,
     }
 
     /// `[vault]`.
@@ -387,6 +416,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[vault]`: where the master key comes from.
     pub vault: VaultConfig,
+    /// `[approvals]`: which actions wait for a human, and how.
+    pub approvals: ApprovalsConfig,
 }
 
 /// `[vault]`.
@@ -450,6 +481,36 @@ pub enum CredentialKind {
     Basic(String),
     /// A query parameter `<name>=<value>`.
     Query(String),
+}
+
+/// `[approvals]`: human-in-the-loop confirmation of actions.
+#[derive(Clone, Debug)]
+pub struct ApprovalsConfig {
+    /// Whether destructive actions need approval even when no policy asks (default true).
+    pub destructive: bool,
+    /// The defaults of every requirement (approvers, count, grant, four eyes).
+    pub defaults: palisade_core::approval::ResolvedRule,
+    /// How long a request waits for a decision before it expires, in seconds (default 1h).
+    pub wait_secs: u64,
+    /// How long the HTTP gateway holds a request for a decision before it answers 428 (default
+    /// 0: at once).
+    pub hold_secs: u64,
+    /// The approve link sent with notifications; `{id}` is replaced by the approval id
+    /// (default `<issuer>/api/v1/approvals/{id}`).
+    pub link: String,
+    /// Whether `link` was derived from the issuer (and follows the bound address).
+    pub link_derived: bool,
+    /// Where new requests are announced.
+    pub webhooks: Vec<ApprovalWebhook>,
+}
+
+/// `[[approvals.webhooks]]`: a Slack-compatible incoming webhook.
+#[derive(Clone, Debug)]
+pub struct ApprovalWebhook {
+    /// Name (audited instead of the URL, which is a secret for Slack).
+    pub name: String,
+    /// The URL (`http://` or `https://`).
+    pub url: Sensitive,
 }
 
 /// Detection rules' configuration.
@@ -1560,7 +1621,9 @@ impl Config {
                 "key `vault`: give `master_key_file` or `master_key_env`, not both".to_string(),
             );
         }
+        let approvals = approvals(raw.approvals, &issuer)?;
         Ok(Self {
+            approvals,
             vault,
             audit: AuditConfig {
                 retention: raw.audit.retention.as_deref().map(retention).transpose()?,
@@ -1613,6 +1676,9 @@ impl Config {
         }
         self.mcp.audience = format!("{}{MCP_PATH}", self.server.issuer);
         self.vault.audience = format!("{}/vault", self.server.issuer);
+        if self.approvals.link_derived {
+            self.approvals.link = format!("{}/api/v1/approvals/{{id}}", self.server.issuer);
+        }
     }
 
     /// The route serving `path`, longest prefix first.
@@ -1682,6 +1748,91 @@ fn credential_headers(
         headers.push((header, Sensitive(value)));
     }
     Ok(headers)
+}
+
+/// `[approvals]`, checked.
+fn approvals(raw: raw::Approvals, issuer: &str) -> Result<ApprovalsConfig, String> {
+    use palisade_core::approval::{Approver, ResolvedRule, parse_duration};
+    let duration = |key: &str, v: Option<String>, default: u64| -> Result<u64, String> {
+        v.map_or(Ok(default), |t| {
+            parse_duration(&t).map_err(|e| format!("key `approvals.{key}`: {e}"))
+        })
+    };
+    let mut approvers = Vec::new();
+    for a in raw.approvers.unwrap_or_else(|| vec!["owner".into()]) {
+        let a = Approver::parse(&a).map_err(|e| format!("key `approvals.approvers`: {e}"))?;
+        if !approvers.contains(&a) {
+            approvers.push(a);
+        }
+    }
+    if approvers.is_empty() {
+        return Err(
+            "key `approvals.approvers`: name at least one approver, e.g. [\"owner\"]".into(),
+        );
+    }
+    let count = raw.count.unwrap_or(1);
+    if !(1..=10).contains(&count) {
+        return Err(format!(
+            "key `approvals.count`: {count} must be from 1 to 10"
+        ));
+    }
+    let hold_secs = match raw.hold.as_deref().map(str::trim) {
+        None | Some("0") | Some("0s") => 0,
+        Some(t) => parse_duration(t).map_err(|e| format!("key `approvals.hold`: {e}"))?,
+    };
+    if hold_secs > 300 {
+        return Err(format!(
+            "key `approvals.hold`: {hold_secs}s is longer than 5m; clients and proxies time out, so answer at once (hold = \"0s\") and let the agent retry"
+        ));
+    }
+    let mut webhooks: Vec<ApprovalWebhook> = Vec::new();
+    for (i, w) in raw.webhooks.into_iter().enumerate() {
+        let at = format!("approvals.webhooks[{i}]");
+        if w.name.trim().is_empty() || webhooks.iter().any(|o| o.name == w.name) {
+            return Err(format!(
+                "key `{at}.name`: give each webhook a unique, non-empty name"
+            ));
+        }
+        if let Some(f) = w.format.as_deref().filter(|f| *f != "slack") {
+            return Err(format!(
+                "key `{at}.format`: `{f}` is unknown; the format is \"slack\" (Slack-compatible JSON)"
+            ));
+        }
+        let url = expand_env(&format!("{at}.url"), &w.url)?;
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || url.parse::<http::Uri>().is_err()
+        {
+            return Err(format!("key `{at}.url`: not an http:// or https:// URL"));
+        }
+        webhooks.push(ApprovalWebhook {
+            name: w.name,
+            url: Sensitive(url),
+        });
+    }
+    let link_derived = raw.link.is_none();
+    let link = raw
+        .link
+        .unwrap_or_else(|| format!("{issuer}/api/v1/approvals/{{id}}"));
+    if !link.contains("{id}") {
+        return Err(
+            "key `approvals.link`: the link must contain `{id}`, where the approval id goes".into(),
+        );
+    }
+    Ok(ApprovalsConfig {
+        destructive: raw.destructive.unwrap_or(true),
+        defaults: ResolvedRule {
+            approvers,
+            count,
+            grant_secs: duration("grant", raw.grant, 15 * 60)?,
+            four_eyes: raw.four_eyes.unwrap_or(true),
+            sources: vec!["config:approvals".into()],
+        },
+        wait_secs: duration("wait", raw.wait, 3600)?,
+        hold_secs,
+        link,
+        link_derived,
+        webhooks,
+    })
 }
 
 /// `[audit] retention`: a number and a unit (`90d`, `12h`, `30m`), at least a minute.

@@ -4,6 +4,7 @@
 //! This crate is pure domain logic. It must never depend on HTTP, SQL, Cedar or any I/O crate:
 //! storage is reached only through the [`store::Store`] trait, which `palisade-store` implements.
 
+pub mod approval;
 pub mod clock;
 pub mod id;
 pub mod principal;

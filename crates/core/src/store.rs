@@ -209,6 +209,19 @@ pub trait Store: Send + Sync + 'static {
     /// The latest `limit` alerts (JSON), newest first.
     fn alerts(&self, limit: usize) -> Result<Vec<String>, StoreError>;
 
+    /// Inserts or replaces an approval record (JSON) with its status.
+    fn put_approval(
+        &self,
+        id: &str,
+        status: &str,
+        requested_ns: i64,
+        record: &str,
+    ) -> Result<(), StoreError>;
+    /// Approval records (JSON), newest first, optionally only those with `status`.
+    fn approvals(&self, status: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// One approval record (JSON).
+    fn get_approval(&self, id: &str) -> Result<Option<String>, StoreError>;
+
     /// The last audit `seq` that SIEM sink `sink` delivered (0: none yet).
     fn sink_cursor(&self, sink: &str) -> Result<u64, StoreError>;
     /// Records that `sink` delivered every event up to `seq`.

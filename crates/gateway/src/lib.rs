@@ -40,6 +40,7 @@ use palisade_policy::{Action, Decision, RequestContext, Target};
 use serde_json::json;
 use std::sync::Arc;
 
+pub mod approval;
 pub mod inspection;
 pub mod limits;
 use inspection::{Flow, Provenance};
@@ -108,6 +109,7 @@ pub struct Gateway {
     inspector: Arc<Inspector>,
     provenance: Arc<dyn Provenance>,
     credentials: Arc<dyn CredentialSource>,
+    approvals: Option<Arc<palisade_approval::Approvals>>,
 }
 
 /// The header in which an agent states why it makes a request (audited, never forwarded).
@@ -255,7 +257,14 @@ impl Gateway {
             inspector,
             provenance,
             credentials: Arc::new(NoCredentials),
+            approvals: None,
         }
+    }
+
+    /// Holds actions that need approval in `approvals` (without it they are refused).
+    pub fn with_approvals(mut self, approvals: Arc<palisade_approval::Approvals>) -> Self {
+        self.approvals = Some(approvals);
+        self
     }
 
     /// Injects route credentials from `source` (the vault).
@@ -319,6 +328,11 @@ impl Gateway {
             req.headers_mut()
                 .insert(HeaderName::from_static("traceparent"), v);
         }
+        // The approval an agent retries under is for Palisade only.
+        let claimed_approval = req
+            .headers_mut()
+            .remove(palisade_approval::APPROVAL_HEADER)
+            .and_then(|v| v.to_str().ok().map(|s| s.trim().to_string()));
         if let Some(r) = req.headers_mut().remove(REASONING_HEADER) {
             event.reasoning = Some(inspection::reasoning(
                 &self.inspector,
@@ -757,6 +771,169 @@ impl Gateway {
                     body,
                 )
                 .await;
+        }
+
+        // Phase 5a: approval. An action the policy or the destructive default marks waits for
+        // authenticated humans; the approval is bound to this exact call and used once.
+        let requirement = palisade_core::approval::requirement(
+            decision.approval.as_ref(),
+            self.config.approvals.destructive && class.action == ActionClass::Destructive,
+            &self.config.approvals.defaults,
+        );
+        if let Some(rule) = requirement {
+            let Some(approvals) = self.approvals.clone() else {
+                let body = json!({ "error": "approval_unavailable", "message": "this action needs approval, and this gateway has no approval service; it is refused" });
+                return self
+                    .finish(
+                        event,
+                        started,
+                        &request_id,
+                        StatusCode::FORBIDDEN,
+                        bytes_in,
+                        body,
+                    )
+                    .await;
+            };
+            let (parts, body) = req.into_parts();
+            let limit = usize::try_from(route.max_body_bytes).unwrap_or(usize::MAX);
+            let bytes = match tokio::time::timeout(
+                Duration::from_secs(route.timeout_secs),
+                axum::body::to_bytes(body, limit),
+            )
+            .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(_)) => {
+                    let body = json!({
+                        "error": "payload_too_large",
+                        "message": format!("the request body is larger than route `{}`'s limit of {} bytes", route.name, route.max_body_bytes),
+                    });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+                Err(_) => {
+                    let body = json!({ "error": "request_timeout", "message": format!("the request body did not arrive within {}s", route.timeout_secs) });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::REQUEST_TIMEOUT,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+            };
+            let target = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let resource = event.resource.clone().unwrap_or_default();
+            let action = palisade_approval::Action {
+                principal: &caller.principal,
+                initiating_human: caller.initiating_human.as_deref(),
+                session: caller.session.as_ref().map(|s| s.sid.as_str()),
+                channel: "http",
+                action: class.action.as_str(),
+                resource: &resource,
+                method: method.as_str(),
+                target: &target,
+                body: &bytes,
+                preview: approval::preview(&self.inspector, &bytes),
+                reasoning: event.reasoning.as_ref().map(|r| r.text.clone()),
+                request_id: &request_id,
+            };
+            let mut gate = approvals
+                .gate(&action, &rule, claimed_approval.as_deref())
+                .await;
+            let hold = self.config.approvals.hold_secs;
+            if let (palisade_approval::Gate::Pending(a), true) = (&gate, hold > 0) {
+                approvals.wait(&a.id, Duration::from_secs(hold)).await;
+                let id = a.id.clone();
+                gate = approvals.gate(&action, &rule, Some(&id)).await;
+            }
+            match gate {
+                palisade_approval::Gate::Proceed(a) => {
+                    event.detail["approval"] = approval::summary(&a, &approvals.link(&a.id));
+                    event.detail["approval"]["approved_by"] = json!(
+                        a.votes
+                            .iter()
+                            .map(|v| v.approver.clone())
+                            .collect::<Vec<_>>()
+                    );
+                    req = Request::from_parts(parts, Body::from(bytes));
+                }
+                palisade_approval::Gate::Pending(a) => {
+                    let summary = approval::summary(&a, &approvals.link(&a.id));
+                    event.detail["approval"] = summary.clone();
+                    let what = format!("{} {target} on route `{}`", method.as_str(), route.name);
+                    let body = json!({
+                        "error": "approval_required",
+                        "message": approval::waiting_message(&a, &what),
+                        "approval": summary,
+                    });
+                    let mut resp = self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::PRECONDITION_REQUIRED,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                    if resp.status() == StatusCode::PRECONDITION_REQUIRED
+                        && let Ok(v) = HeaderValue::from_str(&a.id)
+                    {
+                        resp.headers_mut().insert(
+                            HeaderName::from_static(palisade_approval::APPROVAL_HEADER),
+                            v,
+                        );
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    }
+                    return resp;
+                }
+                palisade_approval::Gate::Refused { code, message, id } => {
+                    if let Some(id) = &id {
+                        event.detail["approval"] = json!({ "id": id, "refused": code });
+                    }
+                    let body = json!({ "error": code, "message": message, "approval_id": id });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::FORBIDDEN,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+                palisade_approval::Gate::Unavailable(reason) => {
+                    tracing::error!(%reason, "approval service unavailable; refusing");
+                    let body = json!({ "error": "approval_unavailable", "message": "the approval could not be recorded; retry later" });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+            }
         }
 
         // Phase 5b: the route's credential for this action class, from the vault. A write or

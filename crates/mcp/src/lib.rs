@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use stdio::{StdioServer, UpstreamError};
 
 /// An upstream MCP server: a local child over stdio or a remote one over Streamable HTTP.
@@ -160,6 +160,7 @@ pub struct McpGateway {
     provenance: Arc<dyn palisade_gateway::inspection::Provenance>,
     /// The vault (credentials the servers get, masked if they repeat them).
     credentials: Arc<dyn palisade_gateway::CredentialSource>,
+    approvals: Option<Arc<palisade_approval::Approvals>>,
     /// Which server listed which resource URI (`None`: more than one did, so reads of it are
     /// refused). Resources keep their URIs; tools and prompts get a `<server>__` prefix.
     resource_servers: Mutex<HashMap<String, Option<String>>>,
@@ -194,6 +195,8 @@ pub struct Services {
     pub provenance: Arc<dyn palisade_gateway::inspection::Provenance>,
     /// The vault, for `${vault:NAME}` in servers' `env` and `headers`.
     pub credentials: Arc<dyn palisade_gateway::CredentialSource>,
+    /// Approvals; without them, calls that need approval are refused.
+    pub approvals: Option<Arc<palisade_approval::Approvals>>,
 }
 
 impl McpGateway {
@@ -210,6 +213,7 @@ impl McpGateway {
             inspector,
             provenance,
             credentials,
+            approvals,
         } = services;
         let mut pins: HashMap<String, String> = store
             .mcp_pins()
@@ -254,6 +258,7 @@ impl McpGateway {
             inspector,
             provenance,
             credentials,
+            approvals,
             resource_servers: Mutex::default(),
             prompt_names: Mutex::default(),
             last_relist: Mutex::default(),
@@ -748,6 +753,7 @@ impl McpGateway {
     ) -> Result<Value, RpcError> {
         event.outcome = Some(Outcome {
             status: match &result {
+                Ok(_) if event.detail.pointer("/approval/status") == Some(&json!("pending")) => 428,
                 Ok(_) => 200,
                 Err(e) if e.code == FORBIDDEN || e.code == INSUFFICIENT_SCOPE => 403,
                 Err(e) if e.code == RATE_LIMITED => 429,
@@ -1912,6 +1918,30 @@ impl McpGateway {
                 self.sanitize_strings(&mut arguments, &policy, Flow::Send);
             }
         }
+        // Approval: the policy's or the destructive default's, bound to these exact arguments
+        // (as the agent sent them) and used once.
+        let requirement = palisade_core::approval::requirement(
+            decision.approval.as_ref(),
+            self.config.approvals.destructive && class == ActionClass::Destructive,
+            &self.config.approvals.defaults,
+        );
+        if let Some(rule) = requirement {
+            let claimed = params
+                .pointer("/_meta/palisade~1approval")
+                .and_then(Value::as_str);
+            if let Some(pending) = self
+                .approve(
+                    caller,
+                    params,
+                    event,
+                    (&rule, claimed),
+                    (server_name, tool_name, class),
+                )
+                .await?
+            {
+                return Ok(pending);
+            }
+        }
         let mut upstream_params = json!({ "name": tool_name, "arguments": arguments });
         // The agent's own progress token never travels upstream (servers are shared).
         let _route = sink.map(|s| {
@@ -1946,6 +1976,100 @@ impl McpGateway {
             .clone()
             .unwrap_or_else(|| format!("mcp/{server_name}/{tool_name}"));
         self.inspect_read(caller, server, result, event, (labeled, &source))
+    }
+
+    /// The approval gate of a tool call: `Ok(None)` to go ahead (the approval is now used),
+    /// `Ok(Some(result))` with a tool error saying the call waits, or a refusal.
+    async fn approve(
+        &self,
+        caller: &Caller,
+        params: &Value,
+        event: &mut AuditEvent,
+        (rule, claimed): (&palisade_core::approval::ResolvedRule, Option<&str>),
+        (server_name, tool_name, class): (&str, &str, ActionClass),
+    ) -> Result<Option<Value>, RpcError> {
+        let Some(approvals) = self.approvals.clone() else {
+            return Err(RpcError::new(
+                FORBIDDEN,
+                "this call needs approval, and this gateway has no approval service; it is refused"
+                    .into(),
+            ));
+        };
+        let arguments = params
+            .get("arguments")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let body = arguments.to_string();
+        let target = format!("{server_name}/{tool_name}");
+        let resource = format!("Palisade::Tool::\"{target}\"");
+        let request_id = event
+            .request_id
+            .clone()
+            .unwrap_or_else(|| event.event_id.clone());
+        let action = palisade_approval::Action {
+            principal: &caller.principal,
+            initiating_human: caller.initiating_human.as_deref(),
+            session: caller.session.as_ref().map(|s| s.sid.as_str()),
+            channel: "mcp",
+            action: class.as_str(),
+            resource: &resource,
+            method: "tools/call",
+            target: &target,
+            body: body.as_bytes(),
+            preview: palisade_gateway::approval::preview(&self.inspector, body.as_bytes()),
+            reasoning: event.reasoning.as_ref().map(|r| r.text.clone()),
+            request_id: &request_id,
+        };
+        let mut gate = approvals.gate(&action, rule, claimed).await;
+        let hold = self.config.approvals.hold_secs;
+        if let (palisade_approval::Gate::Pending(a), true) = (&gate, hold > 0) {
+            approvals.wait(&a.id, Duration::from_secs(hold)).await;
+            let id = a.id.clone();
+            gate = approvals.gate(&action, rule, Some(&id)).await;
+        }
+        match gate {
+            palisade_approval::Gate::Proceed(a) => {
+                event.detail["approval"] =
+                    palisade_gateway::approval::summary(&a, &approvals.link(&a.id));
+                event.detail["approval"]["approved_by"] = json!(
+                    a.votes
+                        .iter()
+                        .map(|v| v.approver.clone())
+                        .collect::<Vec<_>>()
+                );
+                Ok(None)
+            }
+            palisade_approval::Gate::Pending(a) => {
+                let summary = palisade_gateway::approval::summary(&a, &approvals.link(&a.id));
+                event.detail["approval"] = summary.clone();
+                let text = palisade_gateway::approval::waiting_message(
+                    &a,
+                    &format!("tool `{server_name}{SEPARATOR}{tool_name}`"),
+                );
+                Ok(Some(json!({
+                    "content": [{ "type": "text", "text": text }],
+                    "isError": true,
+                    "_meta": { "palisade/approval": summary },
+                })))
+            }
+            palisade_approval::Gate::Refused { code, message, id } => {
+                if let Some(id) = &id {
+                    event.detail["approval"] = json!({ "id": id, "refused": code });
+                }
+                Err(RpcError {
+                    code: FORBIDDEN,
+                    message,
+                    data: Some(json!({ "error": code, "approval_id": id })),
+                })
+            }
+            palisade_approval::Gate::Unavailable(reason) => {
+                tracing::error!(%reason, "approval service unavailable; refusing");
+                Err(RpcError::new(
+                    -32603,
+                    "the approval could not be recorded; retry later".into(),
+                ))
+            }
+        }
     }
 
     /// What a tool result, resource or prompt brings to the agent: inspected under the

@@ -86,6 +86,49 @@ enum Command {
     /// The vault itself.
     #[command(subcommand)]
     Vault(VaultCmd),
+    /// Human-in-the-loop approvals: list and show them, approve or deny one.
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// Approval requests, newest first (admin token).
+    List {
+        /// pending, approved, denied, expired, used or all.
+        #[arg(long, default_value = "pending")]
+        status: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One request: what it covers, who may approve, the decisions so far (admin token).
+    Show { id: String },
+    /// Approve a request, as the human whose approver token is in PALISADE_APPROVER_TOKEN.
+    Approve {
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The approver's token (palisade approvals token human:NAME).
+        #[arg(long, env = "PALISADE_APPROVER_TOKEN", hide_env_values = true)]
+        approver_token: Option<String>,
+    },
+    /// Deny a request, with a reason the agent and the audit log get.
+    Deny {
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        /// The approver's token (palisade approvals token human:NAME).
+        #[arg(long, env = "PALISADE_APPROVER_TOKEN", hide_env_values = true)]
+        approver_token: Option<String>,
+    },
+    /// Mint a human's approver token (admin token), until humans sign in through the console.
+    Token {
+        /// The human, e.g. human:alice.
+        human: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -862,6 +905,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", pretty(&v));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Approvals(cmd) => approvals(cmd, &cli.addr, &client, cli.json).await,
         Command::Vault(VaultCmd::RotateMaster) => {
             let v = client()?
                 .call(Method::POST, "/vault/rotate-master", None)
@@ -1441,6 +1485,174 @@ fn print_created(v: &Value, as_json: bool) {
         );
         println!("Store the secret now: it is shown only once.");
     }
+}
+
+async fn approvals(
+    cmd: ApprovalsCmd,
+    addr: &str,
+    client: &dyn Fn() -> Result<Client>,
+    json: bool,
+) -> Result<ExitCode> {
+    let decide = |id: &str, verb: &str, reason: Option<String>, token: Option<String>| {
+        let token = token.filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "approving needs your approver token in PALISADE_APPROVER_TOKEN (or --approver-token); an administrator mints it with `palisade approvals token human:NAME`. The admin token cannot approve: it names no human"
+            )
+        })?;
+        let c = Client::with_token(addr, token.trim())?;
+        Ok::<_, anyhow::Error>((
+            c,
+            format!("/approvals/{id}/{verb}"),
+            json!({ "reason": reason }),
+        ))
+    };
+    let v = match cmd {
+        ApprovalsCmd::List { status, limit } => {
+            let v = client()?
+                .call(
+                    Method::GET,
+                    &format!("/approvals?status={status}&limit={limit}"),
+                    None,
+                )
+                .await?;
+            if json {
+                println!("{}", pretty(&v));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = v["items"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|a| {
+                    vec![
+                        cell(&a["id"]),
+                        cell(&a["status"]),
+                        cell(&a["agent"]),
+                        format!("{} {}", cell(&a["method"]), cell(&a["target"])),
+                        format!("{}/{}", cell(&a["approved"]), cell(&a["rule"]["count"])),
+                        cell(&a["requested_at"]),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("no {status} approvals");
+            } else {
+                print_table(
+                    &["ID", "STATUS", "AGENT", "ACTION", "APPROVED", "REQUESTED"],
+                    &rows,
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ApprovalsCmd::Show { id } => {
+            client()?
+                .call(Method::GET, &format!("/approvals/{id}"), None)
+                .await?
+        }
+        ApprovalsCmd::Approve {
+            id,
+            reason,
+            approver_token,
+        } => {
+            let (c, path, body) = decide(&id, "approve", reason, approver_token)?;
+            c.call(Method::POST, &path, Some(body)).await?
+        }
+        ApprovalsCmd::Deny {
+            id,
+            reason,
+            approver_token,
+        } => {
+            let (c, path, body) = decide(&id, "deny", Some(reason), approver_token)?;
+            c.call(Method::POST, &path, Some(body)).await?
+        }
+        ApprovalsCmd::Token { human } => {
+            let v = client()?
+                .call(
+                    Method::POST,
+                    &format!("/humans/{human}/token?for=approvals"),
+                    None,
+                )
+                .await?;
+            if json {
+                println!("{}", pretty(&v));
+            } else {
+                println!("{}", v["access_token"].as_str().unwrap_or(""));
+                eprintln!(
+                    "approver token for {human}, valid {}s: give it to them only (export PALISADE_APPROVER_TOKEN=...)",
+                    cell(&v["expires_in"])
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if json {
+        println!("{}", pretty(&v));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("approval   {}", cell(&v["id"]));
+    println!("status     {}", cell(&v["status"]));
+    println!("agent      {}", cell(&v["agent"]));
+    if !v["initiating_human"].is_null() {
+        println!("for human  {}", cell(&v["initiating_human"]));
+    }
+    println!(
+        "action     {} {} ({}, {})",
+        cell(&v["method"]),
+        cell(&v["target"]),
+        cell(&v["action"]),
+        cell(&v["resource"])
+    );
+    println!(
+        "body       sha256 {} ({} bytes)",
+        cell(&v["body_sha256"]),
+        cell(&v["body_bytes"])
+    );
+    if let Some(p) = v["preview"].as_str() {
+        println!("preview    {p}");
+    }
+    if let Some(r) = v["reasoning"].as_str() {
+        println!("reasoning  {r}");
+    }
+    println!(
+        "approvers  {} ({} of {} approved; four eyes: {})",
+        cell(
+            &v["rule"]["approvers"]
+                .as_array()
+                .map(|a| Value::from(
+                    a.iter()
+                        .map(|x| match (x["kind"].as_str(), x["id"].as_str()) {
+                            (_, Some(id)) => id.to_string(),
+                            (Some(k), None) => k.to_string(),
+                            _ => "-".to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                ))
+                .unwrap_or_default()
+        ),
+        cell(&v["approved"]),
+        cell(&v["rule"]["count"]),
+        cell(&v["rule"]["four_eyes"])
+    );
+    for vote in v["votes"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        println!(
+            "decision   {} {} at {}: {}",
+            cell(&vote["approver"]),
+            if vote["approve"] == true {
+                "approved"
+            } else {
+                "denied"
+            },
+            cell(&vote["at"]),
+            cell(&vote["reason"])
+        );
+    }
+    println!(
+        "expires    {}",
+        palisade_core::Timestamp::from_unix_seconds(v["expires_at"].as_i64().unwrap_or(0))
+    );
+    println!("link       {}", cell(&v["link"]));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cell(v: &Value) -> String {

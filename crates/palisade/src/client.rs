@@ -32,6 +32,18 @@ impl Client {
         })
     }
 
+    /// With another bearer token (an approver's human token).
+    pub fn with_token(addr: &str, token: &str) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            http,
+            base: addr.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
+    }
+
     /// Sends a request and returns the JSON body, or an error carrying the server's message.
     pub async fn call(
         &self,

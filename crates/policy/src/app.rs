@@ -46,11 +46,13 @@ impl PolicyEngine {
             Ok(Some(d)) => d,
             Ok(None) => Decision {
                 allowed: false,
+                approval: None,
                 policies: vec![DEFAULT_DENY.into()],
                 errors: vec![],
             },
             Err(message) => Decision {
                 allowed: false,
+                approval: None,
                 policies: vec![ERROR_DENY.into()],
                 errors: vec![message],
             },

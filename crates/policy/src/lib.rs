@@ -11,6 +11,7 @@ use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
     PolicySet, Request, RestrictedExpression, Schema, SchemaFragment, ValidationMode, Validator,
 };
+use palisade_core::approval::{ApprovalRule, Approver};
 use palisade_core::{Principal, PrincipalDetail};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -218,6 +219,8 @@ impl<'a> RequestContext<'a> {
 pub struct Decision {
     /// Whether the request may proceed.
     pub allowed: bool,
+    /// For an allow: the approval the determining permits require (`@approval`), combined.
+    pub approval: Option<ApprovalRule>,
     /// The policies that determined it (`palisade.default-deny` when none matched).
     pub policies: Vec<String>,
     /// Evaluation errors, if any (they force a deny).
@@ -254,6 +257,66 @@ pub struct PolicyEngine {
     entities: HashMap<EntityUid, StoredEntity>,
     /// Action entities from the schema, with their groups.
     actions: HashMap<EntityUid, StoredEntity>,
+    /// Approval requirements of permits (`@approval` annotations), by policy id.
+    approvals: HashMap<String, ApprovalRule>,
+}
+
+/// The approval requirement a permit states with annotations: `@approval("owner, team:sre")`
+/// (required, and who may approve), optionally `@approval_count("2")`,
+/// `@approval_grant("10m")` (how long the approval stays usable) and
+/// `@approval_four_eyes("false")`.
+fn approval_annotations(id: &str, policy: &Policy) -> Result<Option<ApprovalRule>, String> {
+    let get = |k: &str| policy.annotation(k).map(str::trim);
+    let extra = ["approval_count", "approval_grant", "approval_four_eyes"];
+    let Some(approvers) = get("approval") else {
+        if let Some(k) = extra.iter().find(|k| get(k).is_some()) {
+            return Err(format!(
+                "`@{k}` needs `@approval(\"...\")` naming who approves (e.g. `@approval(\"owner\")`)"
+            ));
+        }
+        return Ok(None);
+    };
+    if policy.effect() != cedar_policy::Effect::Permit {
+        return Err(
+            "`@approval` belongs on a permit: a forbid cannot be approved away".to_string(),
+        );
+    }
+    let approvers = Approver::parse_list(approvers).map_err(|e| format!("`@approval`: {e}"))?;
+    let count = match get("approval_count") {
+        None => None,
+        Some(c) => Some(
+            c.parse::<u32>()
+                .ok()
+                .filter(|n| (1..=10).contains(n))
+                .ok_or_else(|| {
+                    format!("`@approval_count(\"{c}\")` must be a number from 1 to 10")
+                })?,
+        ),
+    };
+    let grant_secs = match get("approval_grant") {
+        None => None,
+        Some(g) => Some(
+            palisade_core::approval::parse_duration(g)
+                .map_err(|e| format!("`@approval_grant`: {e}"))?,
+        ),
+    };
+    let four_eyes = match get("approval_four_eyes") {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(v) => {
+            return Err(format!(
+                "`@approval_four_eyes(\"{v}\")` must be \"true\" or \"false\""
+            ));
+        }
+    };
+    Ok(Some(ApprovalRule {
+        approvers,
+        count,
+        grant_secs,
+        four_eyes,
+        source: id.to_string(),
+    }))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -395,6 +458,7 @@ impl PolicyEngine {
             .map_err(|e| PolicyLoadError::Invalid(vec![format!("schema: {e}")]))?;
         let mut set = PolicySet::new();
         let mut origin: HashMap<String, usize> = HashMap::new();
+        let mut approvals: HashMap<String, ApprovalRule> = HashMap::new();
         let mut hasher = Sha256::new();
         for (index, source) in sources.iter().enumerate() {
             hasher.update(source.name.as_bytes());
@@ -438,6 +502,16 @@ impl PolicyEngine {
                     ));
                     continue;
                 }
+                match approval_annotations(&id, policy) {
+                    Ok(Some(rule)) => {
+                        approvals.insert(id.clone(), rule);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        problems.push(format!("{}: policy `{id}`: {e}", source.name));
+                        continue;
+                    }
+                }
                 let renamed: Policy = policy.new_id(PolicyId::new(&id));
                 if let Err(e) = set.add(renamed) {
                     problems.push(format!("{}: {e}", source.name));
@@ -478,6 +552,7 @@ impl PolicyEngine {
             entities,
             actions,
             index,
+            approvals,
             principal_entities: std::sync::RwLock::new(HashMap::new()),
             route_entities: std::sync::RwLock::new(HashMap::new()),
             slicing: true,
@@ -517,6 +592,7 @@ impl PolicyEngine {
             Ok(d) => d,
             Err(message) => Decision {
                 allowed: false,
+                approval: None,
                 policies: vec![ERROR_DENY.into()],
                 errors: vec![message],
             },
@@ -805,8 +881,18 @@ impl PolicyEngine {
                 ERROR_DENY.into()
             }];
         }
+        let approval = if allowed && !self.approvals.is_empty() {
+            let rules: Vec<&ApprovalRule> = policies
+                .iter()
+                .filter_map(|p| self.approvals.get(p))
+                .collect();
+            ApprovalRule::combine(&rules)
+        } else {
+            None
+        };
         Decision {
             allowed,
+            approval,
             policies,
             errors,
         }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod alerts;
+pub mod approvals;
 pub mod authzen;
 pub mod demo;
 pub mod leases;
@@ -74,6 +75,8 @@ pub struct App {
     pub vault: Arc<palisade_vault::Vault>,
     /// Just-in-time leases of vault secrets.
     pub leases: leases::Leases,
+    /// Human-in-the-loop approvals.
+    pub approvals: Arc<palisade_approval::Approvals>,
     /// PostgreSQL databases whose login roles are leased.
     pub databases: Vec<Arc<palisade_vault::database::Database>>,
 }
@@ -127,6 +130,7 @@ pub struct RunningServer {
     checkpoints: tokio::task::JoinHandle<()>,
     detection: tokio::task::JoinHandle<()>,
     lease_sweeper: tokio::task::JoinHandle<()>,
+    approval_tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl RunningServer {
@@ -148,10 +152,14 @@ impl RunningServer {
             checkpoints,
             detection,
             lease_sweeper,
+            approval_tasks,
             ..
         } = self;
         detection.abort();
         lease_sweeper.abort();
+        for t in approval_tasks {
+            t.abort();
+        }
         let _ = task.await;
         watcher.abort();
         sweeper.abort();
@@ -318,6 +326,20 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
             }
         }
     }
+    let (announce, announced) = tokio::sync::mpsc::unbounded_channel();
+    let approvals = Arc::new(
+        palisade_approval::Approvals::load(
+            store.clone(),
+            clock.clone(),
+            audit.clone(),
+            palisade_approval::Settings {
+                wait_secs: config.approvals.wait_secs,
+                link: config.approvals.link.clone(),
+            },
+        )
+        .map_err(StartError::Other)?
+        .with_announcer(announce),
+    );
     let gateway = Arc::new(
         Gateway::new(
             config.clone(),
@@ -328,7 +350,8 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
             inspector.clone(),
             provenance.clone(),
         )
-        .with_credentials(Arc::new(vault::VaultCredentials(vault.clone()))),
+        .with_credentials(Arc::new(vault::VaultCredentials(vault.clone())))
+        .with_approvals(approvals.clone()),
     );
     let mcp = Arc::new(
         palisade_mcp::McpGateway::new(
@@ -343,6 +366,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
                 inspector,
                 provenance,
                 credentials: Arc::new(vault::VaultCredentials(vault.clone())),
+                approvals: Some(approvals.clone()),
             },
         )
         .map_err(StartError::Other)?,
@@ -351,6 +375,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         oidc::Providers::new(&config.oauth.identity_providers).map_err(StartError::Other)?;
     let detection = alerts::Detection::load(&config).map_err(StartError::Other)?;
     let app = Arc::new(App {
+        approvals,
         databases,
         leases: leases::Leases::default(),
         vault,
@@ -382,6 +407,10 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
     let detection = alerts::schedule(Arc::downgrade(&app));
     let sweeper = sessions::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
     let lease_sweeper = leases::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(1));
+    let approval_sweeper =
+        approvals::sweep(Arc::downgrade(&app), std::time::Duration::from_secs(2));
+    let notifier =
+        approvals::notifier(Arc::downgrade(&app), announced).map_err(StartError::Other)?;
     let router = router(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mcp = app.mcp.clone();
@@ -418,6 +447,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<RunningS
         watcher,
         sweeper,
         lease_sweeper,
+        approval_tasks: [approval_sweeper, notifier],
         checkpoints,
         detection,
     })
@@ -652,6 +682,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/owners/{id}/kill", post(sessions::kill_owner))
         .route("/panic", post(sessions::panic_all))
         .route("/humans/{id}/token", post(oauth::mint_human_token))
+        .route("/approvals", get(approvals::list))
+        .route("/approvals/{id}", get(approvals::get))
         .route("/mcp/pins", get(mcp_pins))
         .route("/mcp/pins/{server}/{tool}/accept", post(mcp_accept))
         .route("/{collection}", get(admin::list).post(admin::create))
@@ -669,8 +701,14 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/v1/leases/{id}/renew", post(leases::renew))
         .route("/api/v1/leases/{id}", axum::routing::delete(leases::revoke))
         .layer(DefaultBodyLimit::max(16 * 1024));
+    // Approvals are decided with an approver's human token, not the admin token.
+    let decisions = Router::new()
+        .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/api/v1/approvals/{id}/deny", post(approvals::deny))
+        .layer(DefaultBodyLimit::max(16 * 1024));
     let oauth = Router::new()
         .merge(leases)
+        .merge(decisions)
         .route("/oauth2/token", post(oauth::token))
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))

@@ -730,7 +730,22 @@ async fn external_delegation(
 pub async fn mint_human_token(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
 ) -> Response {
+    let audience = match query.get("for").map(String::as_str) {
+        None | Some("exchange") => app.tokens.human_token_audience(),
+        Some("approvals") => app.tokens.approvals_audience(),
+        Some(other) => {
+            return crate::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                &format!(
+                    "for: `{other}` is unknown; a human token is `for=exchange` (a token exchange's subject token, the default) or `for=approvals` (deciding approvals)"
+                ),
+                Some("for"),
+            );
+        }
+    };
     let id = match palisade_core::PrincipalId::parse_with_default(
         &id,
         Some(palisade_core::PrincipalKind::Human),
@@ -751,7 +766,7 @@ pub async fn mint_human_token(
             return crate::error_response(StatusCode::CONFLICT, "conflict", &f.reason, None);
         }
     };
-    let (token, claims) = match app.tokens.issue_human(&human) {
+    let (token, claims) = match app.tokens.issue_human_for(&human, &audience) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
@@ -774,7 +789,8 @@ pub async fn mint_human_token(
         status: 200,
         ..Outcome::default()
     });
-    event.detail = json!({ "jti": claims.jti, "exp": claims.exp, "sub": claims.sub });
+    event.detail =
+        json!({ "jti": claims.jti, "exp": claims.exp, "sub": claims.sub, "aud": claims.aud });
     let body = json!({
         "access_token": token,
         "token_type": "Bearer",

@@ -513,6 +513,22 @@ impl TokenService {
     /// An access token for a human, minted by an administrator (the stand-in for a human login
     /// until the web console's OIDC sign-in): the subject token of a token exchange.
     pub fn issue_human(&self, human: &Principal) -> Result<(String, AccessTokenClaims), String> {
+        self.issue_human_for(human, &self.human_token_audience())
+    }
+
+    /// The audience of approver tokens: `<issuer>/approvals`. Only the approval decision
+    /// endpoints accept it, so a human's token-exchange subject token (which agents hold) can
+    /// never approve.
+    pub fn approvals_audience(&self) -> String {
+        format!("{}/approvals", self.config.server.issuer)
+    }
+
+    /// A human's access token for `audience` (the token endpoint or the approvals endpoints).
+    pub fn issue_human_for(
+        &self,
+        human: &Principal,
+        audience: &str,
+    ) -> Result<(String, AccessTokenClaims), String> {
         let now = self.clock.now().unix_seconds();
         let jti = palisade_core::secret::random_id::<16>().map_err(|e| e.to_string())?;
         let claims = AccessTokenClaims {
@@ -520,7 +536,7 @@ impl TokenService {
             sub: human.id.to_string(),
             // Only the token endpoint accepts it (as a token exchange's subject token): no
             // gateway route has this audience, so a human token never calls an API itself.
-            aud: self.human_token_audience(),
+            aud: audience.to_string(),
             exp: now + self.config.oauth.access_token_ttl_secs,
             iat: now,
             nbf: None,

@@ -153,6 +153,16 @@ const MIGRATIONS: &[&str] = &[
         updated_ns    INTEGER NOT NULL
     );
     "#,
+    // 11: approvals (human-in-the-loop): the record as JSON, its status for listing.
+    r#"
+    CREATE TABLE approvals (
+        id           TEXT PRIMARY KEY,
+        status       TEXT NOT NULL,
+        requested_ns INTEGER NOT NULL,
+        record       TEXT NOT NULL
+    );
+    CREATE INDEX approvals_status ON approvals (status, requested_ns);
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -754,6 +764,54 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<String>, _>>()
             .map_err(backend)?;
         Ok(rows)
+    }
+
+    fn put_approval(
+        &self,
+        id: &str,
+        status: &str,
+        requested_ns: i64,
+        record: &str,
+    ) -> Result<(), StoreError> {
+        self.main()?
+            .execute(
+                "INSERT INTO approvals (id, status, requested_ns, record) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(id) DO UPDATE SET status = excluded.status, record = excluded.record",
+                params![id, status, requested_ns, record],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn approvals(&self, status: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let conn = self.main()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match status {
+            Some(st) => conn
+                .prepare_cached(
+                    "SELECT record FROM approvals WHERE status = ?1 ORDER BY requested_ns DESC LIMIT ?2",
+                )
+                .map_err(backend)?
+                .query_map(params![st, limit], |r| r.get(0))
+                .map_err(backend)?
+                .collect::<Result<Vec<String>, _>>(),
+            None => conn
+                .prepare_cached("SELECT record FROM approvals ORDER BY requested_ns DESC LIMIT ?1")
+                .map_err(backend)?
+                .query_map([limit], |r| r.get(0))
+                .map_err(backend)?
+                .collect::<Result<Vec<String>, _>>(),
+        };
+        rows.map_err(backend)
+    }
+
+    fn get_approval(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.main()?
+            .query_row("SELECT record FROM approvals WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(backend)
     }
 
     fn sink_cursor(&self, sink: &str) -> Result<u64, StoreError> {

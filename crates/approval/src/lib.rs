@@ -1,0 +1,893 @@
+//! Human-in-the-loop approvals.
+//!
+//! An enforcement point (the HTTP gateway, the MCP gateway) that finds an action needs approval
+//! asks [`Approvals::gate`]. The first time, a request is created (stored, audited, announced)
+//! and the caller is told to wait; once authenticated humans have approved it
+//! ([`Approvals::decide`]), the same call goes through exactly once.
+//!
+//! **Binding.** A request covers exactly one action: the agent, the human it acts for, the
+//! channel, method or tool, target, resource and the SHA-256 of the body or arguments
+//! ([`binding`]). Any other call, including the same call with a changed body, is not covered.
+//!
+//! **Single use.** `// INVARIANT (used-before-forward)`: a grant is marked used, in memory and in
+//! the store, before `gate` returns [`Gate::Proceed`], so a crash after forwarding can never let
+//! the grant be used again.
+//!
+//! **Who decides.** Only humans named by the requirement (the owner, a team, a human) and never
+//! the human the agent acts for under four eyes (`ResolvedRule::check_approver`); the server
+//! authenticates them with a human token for the approvals audience, which an agent cannot hold.
+
+use palisade_audit::{AuditEvent, AuditLog, Outcome, PrincipalRef};
+use palisade_core::approval::ResolvedRule;
+use palisade_core::store::Store;
+use palisade_core::{Clock, Principal, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How many requests one agent may have waiting at once; more are refused, so an agent cannot
+/// flood its approvers.
+pub const MAX_PENDING_PER_AGENT: usize = 20;
+
+/// The header (HTTP) or `_meta` key (MCP) with which an agent names the approval it retries
+/// under; optional, since a retry of the same call finds its approval by binding.
+pub const APPROVAL_HEADER: &str = "palisade-approval";
+
+/// Where a request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    /// Waiting for decisions.
+    Pending,
+    /// Approved and not used yet: the next identical call goes through.
+    Approved,
+    /// An approver refused.
+    Denied,
+    /// No decision in time, or the grant was not used in time.
+    Expired,
+    /// The approved call went through (single use).
+    Used,
+}
+
+impl ApprovalStatus {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Used => "used",
+        }
+    }
+
+    /// Parses a lowercase name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Approved,
+            Self::Denied,
+            Self::Expired,
+            Self::Used,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// One approver's decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    /// The human.
+    pub approver: String,
+    /// Approve (true) or deny.
+    pub approve: bool,
+    /// Why.
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// An approval request and its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// `apr_` and a UUIDv7.
+    pub id: String,
+    /// Where it stands.
+    pub status: ApprovalStatus,
+    /// The agent (or other principal) whose action waits.
+    pub agent: String,
+    /// The agent's owner when it asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The human the agent acts for (delegated token), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initiating_human: Option<String>,
+    /// The agent's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// `http` or `mcp`.
+    pub channel: String,
+    /// The action class (`destructive`, `write`, `read`).
+    pub action: String,
+    /// The Cedar resource.
+    pub resource: String,
+    /// The HTTP method, or `tools/call`.
+    pub method: String,
+    /// The path and query, or `<server>/<tool>`.
+    pub target: String,
+    /// SHA-256 (hex) of the request body or the tool arguments.
+    pub body_sha256: String,
+    /// Its size.
+    pub body_bytes: u64,
+    /// The start of the body or arguments with secrets and personal data masked, for the
+    /// approver to see what they approve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+    /// What the agent said it was doing (`Palisade-Reasoning`), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// SHA-256 (hex) over everything the approval is bound to.
+    pub binding: String,
+    /// Who may approve, how many, for how long.
+    pub rule: ResolvedRule,
+    /// The gateway request that asked.
+    pub request_id: String,
+    /// When it was asked for (RFC 3339).
+    pub requested_at: String,
+    /// Nanoseconds since the epoch, for ordering.
+    pub requested_ns: i64,
+    /// The deadline of the current state (unix seconds): the decision while pending, the use
+    /// while approved, how long a denial answers retries while denied.
+    pub expires_at: i64,
+    /// The decisions so far.
+    #[serde(default)]
+    pub votes: Vec<Vote>,
+    /// When it was approved or denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+    /// When the approved call went through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<String>,
+    /// The gateway request that used it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by_request: Option<String>,
+}
+
+impl Approval {
+    /// How many distinct approvers have approved.
+    pub fn approvals(&self) -> usize {
+        self.votes.iter().filter(|v| v.approve).count()
+    }
+
+    /// `expires_at` as RFC 3339.
+    pub fn expires_at_text(&self) -> String {
+        Timestamp::from_unix_seconds(self.expires_at).to_rfc3339()
+    }
+}
+
+/// The action an enforcement point asks about.
+pub struct Action<'a> {
+    /// The acting principal.
+    pub principal: &'a Principal,
+    /// The human it acts for.
+    pub initiating_human: Option<&'a str>,
+    /// Its session.
+    pub session: Option<&'a str>,
+    /// `http` or `mcp`.
+    pub channel: &'static str,
+    /// The action class.
+    pub action: &'a str,
+    /// The Cedar resource.
+    pub resource: &'a str,
+    /// The method, or `tools/call`.
+    pub method: &'a str,
+    /// The path and query, or `<server>/<tool>`.
+    pub target: &'a str,
+    /// The body or the arguments (canonical JSON).
+    pub body: &'a [u8],
+    /// A masked preview of the body for approvers.
+    pub preview: Option<String>,
+    /// The agent's stated reasoning.
+    pub reasoning: Option<String>,
+    /// The gateway's request id.
+    pub request_id: &'a str,
+}
+
+/// SHA-256 (hex) over what an approval is bound to, each part length-prefixed.
+pub fn binding(a: &Action<'_>, body_sha256: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        a.channel,
+        &a.principal.id.to_string(),
+        a.initiating_human.unwrap_or(""),
+        a.method,
+        a.target,
+        a.resource,
+        a.action,
+        body_sha256,
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex(&h.finalize())
+}
+
+/// What the enforcement point does.
+#[derive(Debug)]
+pub enum Gate {
+    /// Forward the call: this approval was approved and is now used.
+    Proceed(Approval),
+    /// Answer that the call waits for this approval.
+    Pending(Approval),
+    /// Refuse (403): `code` names the reason, `message` says what to do.
+    Refused {
+        /// Machine-readable reason: `approval_unknown`, `approval_mismatch`, `approval_denied`,
+        /// `approval_expired`, `approval_used`, `too_many_pending`.
+        code: &'static str,
+        /// For the agent.
+        message: String,
+        /// The approval concerned.
+        id: Option<String>,
+    },
+    /// The store or the audit log failed: refuse with 503.
+    Unavailable(String),
+}
+
+/// Why a decision was not taken.
+#[derive(Debug)]
+pub enum DecideError {
+    /// No approval has this id.
+    NotFound(String),
+    /// It is no longer pending (or this approver already decided).
+    Conflict(String),
+    /// The approver may not decide it.
+    Forbidden(String),
+    /// Bad input (e.g. a denial without a reason).
+    Invalid(String),
+    /// The store or audit log failed; nothing changed.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for DecideError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotFound(m)
+            | Self::Conflict(m)
+            | Self::Forbidden(m)
+            | Self::Invalid(m)
+            | Self::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Settings of the service.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long a request waits for decisions, in seconds.
+    pub wait_secs: u64,
+    /// The approve link; `{id}` is replaced.
+    pub link: String,
+}
+
+#[derive(Default)]
+struct State {
+    /// Pending, approved and recently denied requests (final ones are only in the store).
+    live: HashMap<String, Approval>,
+    /// The latest live request per binding.
+    by_binding: HashMap<String, String>,
+}
+
+/// The approval service: live requests in memory, every change stored before it counts.
+pub struct Approvals {
+    state: Mutex<State>,
+    changed: tokio::sync::Notify,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    audit: AuditLog,
+    settings: Settings,
+    announce: Option<tokio::sync::mpsc::UnboundedSender<Approval>>,
+}
+
+impl Approvals {
+    /// The service, with the pending and approved requests from the store.
+    pub fn load(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        audit: AuditLog,
+        settings: Settings,
+    ) -> Result<Self, String> {
+        let mut state = State::default();
+        for status in [ApprovalStatus::Pending, ApprovalStatus::Approved] {
+            let rows = store
+                .approvals(Some(status.as_str()), usize::MAX >> 1)
+                .map_err(|e| format!("cannot load approvals: {e}"))?;
+            for row in rows {
+                let a: Approval = serde_json::from_str(&row)
+                    .map_err(|e| format!("a stored approval is unreadable: {e}"))?;
+                state.by_binding.insert(a.binding.clone(), a.id.clone());
+                state.live.insert(a.id.clone(), a);
+            }
+        }
+        Ok(Self {
+            state: Mutex::new(state),
+            changed: tokio::sync::Notify::new(),
+            store,
+            clock,
+            audit,
+            settings,
+            announce: None,
+        })
+    }
+
+    /// New requests are also sent here (the server's webhook notifier).
+    pub fn with_announcer(mut self, tx: tokio::sync::mpsc::UnboundedSender<Approval>) -> Self {
+        self.announce = Some(tx);
+        self
+    }
+
+    /// The approve link of `id`.
+    pub fn link(&self, id: &str) -> String {
+        self.settings.link.replace("{id}", id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self, a: &Approval) -> Result<(), String> {
+        let record = serde_json::to_string(a).map_err(|e| e.to_string())?;
+        self.store
+            .put_approval(&a.id, a.status.as_str(), a.requested_ns, &record)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Saves `next` and only then puts it in memory (the store leads).
+    fn commit(&self, state: &mut State, next: Approval) -> Result<(), String> {
+        self.save(&next)?;
+        match next.status {
+            ApprovalStatus::Pending | ApprovalStatus::Approved | ApprovalStatus::Denied => {
+                state
+                    .by_binding
+                    .insert(next.binding.clone(), next.id.clone());
+                state.live.insert(next.id.clone(), next);
+            }
+            ApprovalStatus::Expired | ApprovalStatus::Used => {
+                if state.by_binding.get(&next.binding) == Some(&next.id) {
+                    state.by_binding.remove(&next.binding);
+                }
+                state.live.remove(&next.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// An approval by id: the live one, or the stored record.
+    pub fn get(&self, id: &str) -> Result<Option<Approval>, String> {
+        if let Some(a) = self.lock().live.get(id) {
+            return Ok(Some(a.clone()));
+        }
+        match self.store.get_approval(id).map_err(|e| e.to_string())? {
+            None => Ok(None),
+            Some(row) => serde_json::from_str(&row)
+                .map(Some)
+                .map_err(|e| format!("approval {id} is unreadable: {e}")),
+        }
+    }
+
+    /// Approvals, newest first, optionally with one status.
+    pub fn list(
+        &self,
+        status: Option<ApprovalStatus>,
+        limit: usize,
+    ) -> Result<Vec<Approval>, String> {
+        self.store
+            .approvals(status.map(ApprovalStatus::as_str), limit)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|row| serde_json::from_str(row).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    /// Whether `action` may go ahead under `rule`; `claimed` is the approval id the caller
+    /// names, if any.
+    pub async fn gate(
+        &self,
+        action: &Action<'_>,
+        rule: &ResolvedRule,
+        claimed: Option<&str>,
+    ) -> Gate {
+        let body_sha256 = hex(&Sha256::digest(action.body));
+        let bound = binding(action, &body_sha256);
+        let now = self.clock.now();
+        let mut events: Vec<AuditEvent> = Vec::new();
+        let outcome = {
+            let mut state = self.lock();
+            self.gate_locked(
+                &mut state,
+                action,
+                rule,
+                claimed,
+                (&bound, &body_sha256),
+                now,
+                &mut events,
+            )
+        };
+        for event in events {
+            if let Err(e) = self.audit.record(event).await {
+                return Gate::Unavailable(format!("the audit log cannot record: {e}"));
+            }
+        }
+        if let Gate::Pending(a) = &outcome
+            && a.request_id == action.request_id
+            && let Some(tx) = &self.announce
+        {
+            let _ = tx.send(a.clone());
+        }
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gate_locked(
+        &self,
+        state: &mut State,
+        action: &Action<'_>,
+        rule: &ResolvedRule,
+        claimed: Option<&str>,
+        (bound, body_sha256): (&str, &str),
+        now: Timestamp,
+        events: &mut Vec<AuditEvent>,
+    ) -> Gate {
+        let agent = action.principal.id.to_string();
+        let unavailable = |e: String| Gate::Unavailable(format!("cannot store the approval: {e}"));
+        if let Some(id) = claimed {
+            let found = match state.live.get(id) {
+                Some(a) => Some(a.clone()),
+                None => match self.store.get_approval(id) {
+                    Ok(row) => row.and_then(|r| serde_json::from_str::<Approval>(&r).ok()),
+                    Err(e) => return unavailable(e.to_string()),
+                },
+            };
+            let Some(a) = found.filter(|a| a.agent == agent) else {
+                return Gate::Refused {
+                    code: "approval_unknown",
+                    message: format!(
+                        "approval `{id}` does not exist for {agent}; retry without the {APPROVAL_HEADER} header to ask for an approval"
+                    ),
+                    id: None,
+                };
+            };
+            if a.binding != bound {
+                return Gate::Refused {
+                    code: "approval_mismatch",
+                    message: format!(
+                        "approval `{id}` covers a different call ({}); an approval covers exactly one method, target and body, so this call needs its own",
+                        mismatch(&a, action, body_sha256)
+                    ),
+                    id: Some(a.id),
+                };
+            }
+            return match self.settle(state, a, now, events) {
+                Ok(a) => self.use_or_wait(state, a, action, now),
+                Err(e) => unavailable(e),
+            };
+        }
+        if let Some(a) = state
+            .by_binding
+            .get(bound)
+            .and_then(|id| state.live.get(id))
+            .cloned()
+        {
+            let a = match self.settle(state, a, now, events) {
+                Ok(a) => a,
+                Err(e) => return unavailable(e),
+            };
+            match a.status {
+                ApprovalStatus::Pending | ApprovalStatus::Approved | ApprovalStatus::Denied => {
+                    return self.use_or_wait(state, a, action, now);
+                }
+                ApprovalStatus::Expired | ApprovalStatus::Used => {}
+            }
+        }
+        let waiting = state
+            .live
+            .values()
+            .filter(|a| a.agent == agent && a.status == ApprovalStatus::Pending)
+            .count();
+        if waiting >= MAX_PENDING_PER_AGENT {
+            return Gate::Refused {
+                code: "too_many_pending",
+                message: format!(
+                    "{agent} already has {waiting} approval requests waiting, its limit; wait for decisions before asking for more"
+                ),
+                id: None,
+            };
+        }
+        let a = Approval {
+            id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
+            status: ApprovalStatus::Pending,
+            agent,
+            owner: action
+                .principal
+                .agent()
+                .map(|d| d.owner.to_string())
+                .or_else(|| match &action.principal.detail {
+                    palisade_core::PrincipalDetail::ServiceAccount(s) => Some(s.owner.to_string()),
+                    _ => None,
+                }),
+            initiating_human: action.initiating_human.map(str::to_string),
+            session: action.session.map(str::to_string),
+            channel: action.channel.into(),
+            action: action.action.into(),
+            resource: action.resource.into(),
+            method: action.method.into(),
+            target: action.target.into(),
+            body_sha256: body_sha256.into(),
+            body_bytes: action.body.len() as u64,
+            preview: action.preview.clone(),
+            reasoning: action.reasoning.clone(),
+            binding: bound.into(),
+            rule: rule.clone(),
+            request_id: action.request_id.into(),
+            requested_at: now.to_rfc3339(),
+            requested_ns: i64::try_from(now.unix_nanos()).unwrap_or(i64::MAX),
+            expires_at: now
+                .unix_seconds()
+                .saturating_add(i64::try_from(self.settings.wait_secs).unwrap_or(i64::MAX)),
+            votes: Vec::new(),
+            decided_at: None,
+            used_at: None,
+            used_by_request: None,
+        };
+        if let Err(e) = self.commit(state, a.clone()) {
+            return unavailable(e);
+        }
+        events.push(self.event("approval.requested", &a, Some(action.principal), None));
+        Gate::Pending(a)
+    }
+
+    /// Moves `a` to expired if its deadline passed (stored and audited).
+    fn settle(
+        &self,
+        state: &mut State,
+        mut a: Approval,
+        now: Timestamp,
+        events: &mut Vec<AuditEvent>,
+    ) -> Result<Approval, String> {
+        if now.unix_seconds() < a.expires_at {
+            return Ok(a);
+        }
+        match a.status {
+            ApprovalStatus::Pending | ApprovalStatus::Approved => {
+                let was = a.status;
+                a.status = ApprovalStatus::Expired;
+                self.commit(state, a.clone())?;
+                let mut e = self.event("approval.expired", &a, None, None);
+                e.detail["was"] = json!(was.as_str());
+                events.push(e);
+            }
+            ApprovalStatus::Denied => {
+                // The denial stops answering retries; the record stays denied.
+                state.live.remove(&a.id);
+                if state.by_binding.get(&a.binding) == Some(&a.id) {
+                    state.by_binding.remove(&a.binding);
+                }
+            }
+            ApprovalStatus::Expired | ApprovalStatus::Used => {}
+        }
+        Ok(a)
+    }
+
+    fn use_or_wait(
+        &self,
+        state: &mut State,
+        mut a: Approval,
+        action: &Action<'_>,
+        now: Timestamp,
+    ) -> Gate {
+        match a.status {
+            ApprovalStatus::Pending => Gate::Pending(a),
+            ApprovalStatus::Approved => {
+                // INVARIANT (used-before-forward): stored as used before the call is forwarded.
+                a.status = ApprovalStatus::Used;
+                a.used_at = Some(now.to_rfc3339());
+                a.used_by_request = Some(action.request_id.to_string());
+                match self.commit(state, a.clone()) {
+                    Ok(()) => Gate::Proceed(a),
+                    Err(e) => Gate::Unavailable(format!("cannot store the approval: {e}")),
+                }
+            }
+            ApprovalStatus::Denied => {
+                let why = a
+                    .votes
+                    .iter()
+                    .find(|v| !v.approve)
+                    .map(|v| format!("{}: {}", v.approver, v.reason))
+                    .unwrap_or_default();
+                Gate::Refused {
+                    code: "approval_denied",
+                    message: format!(
+                        "approval `{}` was denied ({why}); do not retry this call",
+                        a.id
+                    ),
+                    id: Some(a.id),
+                }
+            }
+            ApprovalStatus::Expired => Gate::Refused {
+                code: "approval_expired",
+                message: format!(
+                    "approval `{}` expired without being used; retry without the {APPROVAL_HEADER} header to ask again",
+                    a.id
+                ),
+                id: Some(a.id),
+            },
+            ApprovalStatus::Used => Gate::Refused {
+                code: "approval_used",
+                message: format!(
+                    "approval `{}` was already used (by request {}); approvals are single use, so retry without the {APPROVAL_HEADER} header to ask again",
+                    a.id,
+                    a.used_by_request.as_deref().unwrap_or("-")
+                ),
+                id: Some(a.id),
+            },
+        }
+    }
+
+    /// Waits up to `limit` for `id` to leave pending.
+    pub async fn wait(&self, id: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pending = self
+                .lock()
+                .live
+                .get(id)
+                .is_some_and(|a| a.status == ApprovalStatus::Pending);
+            if !pending {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// `approver` approves or denies `id`. Denials need a reason.
+    pub async fn decide(
+        &self,
+        id: &str,
+        approver: &Principal,
+        approve: bool,
+        reason: &str,
+    ) -> Result<Approval, DecideError> {
+        let reason = reason.trim();
+        if !approve && reason.is_empty() {
+            return Err(DecideError::Invalid(
+                "reason: a denial needs a reason (--reason), which the agent and the audit log get"
+                    .into(),
+            ));
+        }
+        if reason.chars().count() > 1000 {
+            return Err(DecideError::Invalid(
+                "reason: at most 1000 characters".into(),
+            ));
+        }
+        let now = self.clock.now();
+        let mut events = Vec::new();
+        let result = {
+            let mut state = self.lock();
+            self.decide_locked(&mut state, id, approver, approve, reason, now, &mut events)
+        };
+        for event in events {
+            if let Err(e) = self.audit.record(event).await {
+                return Err(DecideError::Unavailable(format!(
+                    "the audit log cannot record: {e}"
+                )));
+            }
+        }
+        self.changed.notify_waiters();
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide_locked(
+        &self,
+        state: &mut State,
+        id: &str,
+        approver: &Principal,
+        approve: bool,
+        reason: &str,
+        now: Timestamp,
+        events: &mut Vec<AuditEvent>,
+    ) -> Result<Approval, DecideError> {
+        let unavailable = |e: String| DecideError::Unavailable(format!("cannot store: {e}"));
+        let Some(a) = state.live.get(id).cloned() else {
+            return match self.store.get_approval(id) {
+                Err(e) => Err(unavailable(e.to_string())),
+                Ok(None) => Err(DecideError::NotFound(format!("no approval `{id}`"))),
+                Ok(Some(row)) => {
+                    let status = serde_json::from_str::<Approval>(&row)
+                        .map(|a| a.status.as_str())
+                        .unwrap_or("unreadable");
+                    Err(DecideError::Conflict(format!(
+                        "approval `{id}` is {status}; only pending requests can be decided"
+                    )))
+                }
+            };
+        };
+        let mut a = self.settle(state, a, now, events).map_err(unavailable)?;
+        if a.status != ApprovalStatus::Pending {
+            return Err(DecideError::Conflict(format!(
+                "approval `{id}` is {}; only pending requests can be decided",
+                a.status.as_str()
+            )));
+        }
+        let owner = a
+            .owner
+            .as_deref()
+            .and_then(|o| palisade_core::PrincipalId::parse_with_default(o, None).ok());
+        if let Err(e) =
+            a.rule
+                .check_approver(approver, owner.as_ref(), a.initiating_human.as_deref())
+        {
+            let mut event = self.event("approval.refused", &a, Some(approver), Some(&e.0));
+            event.outcome = Some(Outcome {
+                status: 403,
+                error: Some(e.0.clone()),
+                ..Outcome::default()
+            });
+            events.push(event);
+            return Err(DecideError::Forbidden(e.0));
+        }
+        let who = approver.id.to_string();
+        if a.votes.iter().any(|v| v.approver == who) {
+            return Err(DecideError::Conflict(format!(
+                "{who} already decided approval `{id}`; {} more approval(s) from other approvers are needed",
+                (a.rule.count as usize).saturating_sub(a.approvals())
+            )));
+        }
+        a.votes.push(Vote {
+            approver: who,
+            approve,
+            reason: reason.to_string(),
+            at: now.to_rfc3339(),
+        });
+        let kind = if !approve {
+            a.status = ApprovalStatus::Denied;
+            a.decided_at = Some(now.to_rfc3339());
+            a.expires_at = now
+                .unix_seconds()
+                .saturating_add(i64::try_from(self.settings.wait_secs).unwrap_or(i64::MAX));
+            "approval.denied"
+        } else if a.approvals() >= a.rule.count as usize {
+            a.status = ApprovalStatus::Approved;
+            a.decided_at = Some(now.to_rfc3339());
+            a.expires_at = now
+                .unix_seconds()
+                .saturating_add(i64::try_from(a.rule.grant_secs).unwrap_or(i64::MAX));
+            "approval.approved"
+        } else {
+            "approval.vote"
+        };
+        self.commit(state, a.clone()).map_err(unavailable)?;
+        events.push(self.event(kind, &a, Some(approver), Some(reason)));
+        Ok(a)
+    }
+
+    /// Expires what passed its deadline; the server calls it every few seconds.
+    pub async fn sweep(&self) {
+        let now = self.clock.now();
+        let mut events = Vec::new();
+        {
+            let mut state = self.lock();
+            let due: Vec<Approval> = state
+                .live
+                .values()
+                .filter(|a| now.unix_seconds() >= a.expires_at)
+                .cloned()
+                .collect();
+            for a in due {
+                if let Err(e) = self.settle(&mut state, a, now, &mut events) {
+                    tracing::error!(error = %e, "cannot expire an approval; retrying");
+                }
+            }
+        }
+        let changed = !events.is_empty();
+        for event in events {
+            if let Err(e) = self.audit.record(event).await {
+                tracing::error!(error = %e, "cannot audit an approval's expiry");
+            }
+        }
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Records that a notification was (or could not be) delivered.
+    pub async fn notified(&self, a: &Approval, channel: &str, error: Option<String>) {
+        let mut event = self.event("approval.notified", a, None, None);
+        event.detail["channel"] = json!(channel);
+        event.outcome = Some(Outcome {
+            status: if error.is_some() { 502 } else { 200 },
+            error,
+            ..Outcome::default()
+        });
+        if let Err(e) = self.audit.record(event).await {
+            tracing::error!(error = %e, "cannot audit an approval notification");
+        }
+    }
+
+    /// An audit event about `a`: what it covers, linked by its id and the request that asked.
+    fn event(
+        &self,
+        kind: &str,
+        a: &Approval,
+        principal: Option<&Principal>,
+        reason: Option<&str>,
+    ) -> AuditEvent {
+        let mut event = AuditEvent::new(kind);
+        event.request_id = Some(a.request_id.clone());
+        event.principal = Some(match principal {
+            Some(p) => PrincipalRef::of(p),
+            None => PrincipalRef {
+                id: a.agent.clone(),
+                ..PrincipalRef::default()
+            },
+        });
+        event.action = Some(a.action.clone());
+        event.resource = Some(a.resource.clone());
+        event.detail = json!({
+            "approval": a.id,
+            "status": a.status.as_str(),
+            "agent": a.agent,
+            "channel": a.channel,
+            "method": a.method,
+            "target": a.target,
+            "body_sha256": a.body_sha256,
+            "binding": a.binding,
+            "approvers": a.rule.approvers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "count": a.rule.count,
+            "approved": a.approvals(),
+            "four_eyes": a.rule.four_eyes,
+            "rule_sources": a.rule.sources,
+            "expires_at": a.expires_at_text(),
+        });
+        if let Some(h) = &a.initiating_human {
+            event.detail["initiating_human"] = json!(h);
+        }
+        if let Some(r) = reason {
+            event.detail["reason"] = json!(r);
+        }
+        event
+    }
+}
+
+/// What differs between an approval and a call, for the refusal.
+fn mismatch(a: &Approval, action: &Action<'_>, body_sha256: &str) -> String {
+    let mut parts = Vec::new();
+    if a.method != action.method {
+        parts.push(format!("method {} ≠ {}", a.method, action.method));
+    }
+    if a.target != action.target {
+        parts.push(format!("target `{}` ≠ `{}`", a.target, action.target));
+    }
+    if a.body_sha256 != body_sha256 {
+        parts.push("the body or arguments differ".to_string());
+    }
+    if a.initiating_human.as_deref() != action.initiating_human {
+        parts.push("it was asked for another human".to_string());
+    }
+    if parts.is_empty() {
+        parts.push("the resource or action class differ".to_string());
+    }
+    parts.join("; ")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    palisade_core::secret::hex(bytes)
+}

@@ -1,0 +1,60 @@
+//! The approval phase's helpers, shared by the HTTP and MCP gateways: what an approval request
+//! shows its approvers, and what the agent is told while it waits.
+
+use palisade_approval::Approval;
+use palisade_inspect::{Detectors, Inspector};
+use serde_json::{Value, json};
+
+/// How much of a body approvers see.
+const PREVIEW_CHARS: usize = 1024;
+
+/// The start of a textual body with secrets and personal data masked (`None` for binary).
+pub fn preview(inspector: &Inspector, body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let cut = text
+        .char_indices()
+        .nth(PREVIEW_CHARS)
+        .map_or(text.len(), |(i, _)| i);
+    let head = &text[..cut];
+    let report = inspector.inspect(
+        head,
+        Detectors {
+            injection: false,
+            dlp: true,
+        },
+    );
+    let mut shown = inspector.sanitize(head, &report);
+    if cut < text.len() {
+        shown.push('…');
+    }
+    Some(shown)
+}
+
+/// The `approval` member of answers and audit details.
+pub fn summary(a: &Approval, link: &str) -> Value {
+    json!({
+        "id": a.id,
+        "status": a.status.as_str(),
+        "approvers": a.rule.approvers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "required": a.rule.count,
+        "approved": a.approvals(),
+        "expires_at": a.expires_at_text(),
+        "link": link,
+    })
+}
+
+/// What the agent is told while `a` waits.
+pub fn waiting_message(a: &Approval, what: &str) -> String {
+    let approvers: Vec<String> = a.rule.approvers.iter().map(ToString::to_string).collect();
+    format!(
+        "{what} needs human approval ({} of {} from: {}); approval `{}` waits until {}. Retry the same call after it is approved; it then runs once",
+        a.approvals(),
+        a.rule.count,
+        approvers.join(", "),
+        a.id,
+        a.expires_at_text()
+    )
+}
