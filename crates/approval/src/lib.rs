@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How many requests one agent may have waiting at once; more are refused, so an agent cannot
@@ -117,8 +117,14 @@ pub struct Approval {
     pub resource: String,
     /// The HTTP method, or `tools/call`.
     pub method: String,
-    /// The path and query, or `<server>/<tool>`.
+    /// The path, or `<server>/<tool>`.
     pub target: String,
+    /// The query string, secrets and personal data masked (HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// SHA-256 (hex) of what else is bound: the query and the forwarded headers (HTTP).
+    #[serde(default)]
+    pub context_sha256: String,
     /// SHA-256 (hex) of the request body or the tool arguments.
     pub body_sha256: String,
     /// Its size.
@@ -127,6 +133,9 @@ pub struct Approval {
     /// approver to see what they approve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<String>,
+    /// Whether the preview stops before the end of the body.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview_truncated: bool,
     /// What the agent said it was doing (`Palisade-Reasoning`), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
@@ -185,12 +194,17 @@ pub struct Action<'a> {
     pub resource: &'a str,
     /// The method, or `tools/call`.
     pub method: &'a str,
-    /// The path and query, or `<server>/<tool>`.
+    /// The path, or `<server>/<tool>`.
     pub target: &'a str,
+    /// Everything else the call is bound to, hashed only: the query and the headers that go
+    /// upstream (HTTP).
+    pub context: &'a str,
+    /// The query string as approvers see it (secrets and personal data masked).
+    pub query: Option<String>,
     /// The body or the arguments (canonical JSON).
     pub body: &'a [u8],
-    /// A masked preview of the body for approvers.
-    pub preview: Option<String>,
+    /// A masked preview of the body for approvers, and whether it was cut short.
+    pub preview: Option<(String, bool)>,
     /// The agent's stated reasoning.
     pub reasoning: Option<String>,
     /// The gateway's request id.
@@ -208,12 +222,17 @@ pub fn binding(a: &Action<'_>, body_sha256: &str) -> String {
         a.target,
         a.resource,
         a.action,
+        &sha256_hex(a.context.as_bytes()),
         body_sha256,
     ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
     hex(&h.finalize())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// What the enforcement point does.
@@ -267,7 +286,8 @@ impl std::fmt::Display for DecideError {
 /// Settings of the service.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// How long a request waits for decisions, in seconds.
+    /// How long a request waits for decisions, in seconds (and how long a denial answers
+    /// retries of the same call).
     pub wait_secs: u64,
     /// The approve link; `{id}` is replaced.
     pub link: String,
@@ -281,9 +301,30 @@ struct State {
     by_binding: HashMap<String, String>,
 }
 
-/// The approval service: live requests in memory, every change stored before it counts.
+impl State {
+    fn put(&mut self, next: Approval) {
+        match next.status {
+            ApprovalStatus::Pending | ApprovalStatus::Approved | ApprovalStatus::Denied => {
+                self.by_binding
+                    .insert(next.binding.clone(), next.id.clone());
+                self.live.insert(next.id.clone(), next);
+            }
+            ApprovalStatus::Expired | ApprovalStatus::Used => self.forget(&next),
+        }
+    }
+
+    fn forget(&mut self, a: &Approval) {
+        if self.by_binding.get(&a.binding) == Some(&a.id) {
+            self.by_binding.remove(&a.binding);
+        }
+        self.live.remove(&a.id);
+    }
+}
+
+/// The approval service: live requests in memory; every change is audited, then stored, then
+/// made visible, under one lock, so concurrent calls see each change whole.
 pub struct Approvals {
-    state: Mutex<State>,
+    state: tokio::sync::Mutex<State>,
     changed: tokio::sync::Notify,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -293,7 +334,8 @@ pub struct Approvals {
 }
 
 impl Approvals {
-    /// The service, with the pending and approved requests from the store.
+    /// The service, with the pending, approved and still-answering denied requests from the
+    /// store.
     pub fn load(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
@@ -301,19 +343,28 @@ impl Approvals {
         settings: Settings,
     ) -> Result<Self, String> {
         let mut state = State::default();
-        for status in [ApprovalStatus::Pending, ApprovalStatus::Approved] {
+        let now = clock.now().unix_seconds();
+        for status in [
+            ApprovalStatus::Pending,
+            ApprovalStatus::Approved,
+            ApprovalStatus::Denied,
+        ] {
             let rows = store
                 .approvals(Some(status.as_str()), usize::MAX >> 1)
                 .map_err(|e| format!("cannot load approvals: {e}"))?;
             for row in rows {
                 let a: Approval = serde_json::from_str(&row)
                     .map_err(|e| format!("a stored approval is unreadable: {e}"))?;
-                state.by_binding.insert(a.binding.clone(), a.id.clone());
-                state.live.insert(a.id.clone(), a);
+                // Denials older than their window are history; pending and approved ones past
+                // their deadline are expired (and audited) by the first sweep.
+                if status == ApprovalStatus::Denied && a.expires_at <= now {
+                    continue;
+                }
+                state.put(a);
             }
         }
         Ok(Self {
-            state: Mutex::new(state),
+            state: tokio::sync::Mutex::new(state),
             changed: tokio::sync::Notify::new(),
             store,
             clock,
@@ -334,42 +385,29 @@ impl Approvals {
         self.settings.link.replace("{id}", id)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn save(&self, a: &Approval) -> Result<(), String> {
-        let record = serde_json::to_string(a).map_err(|e| e.to_string())?;
-        self.store
-            .put_approval(&a.id, a.status.as_str(), a.requested_ns, &record)
-            .map_err(|e| e.to_string())
-    }
-
-    /// Saves `next` and only then puts it in memory (the store leads).
-    fn commit(&self, state: &mut State, next: Approval) -> Result<(), String> {
-        self.save(&next)?;
-        match next.status {
-            ApprovalStatus::Pending | ApprovalStatus::Approved | ApprovalStatus::Denied => {
-                state
-                    .by_binding
-                    .insert(next.binding.clone(), next.id.clone());
-                state.live.insert(next.id.clone(), next);
-            }
-            ApprovalStatus::Expired | ApprovalStatus::Used => {
-                if state.by_binding.get(&next.binding) == Some(&next.id) {
-                    state.by_binding.remove(&next.binding);
-                }
-                state.live.remove(&next.id);
-            }
+    /// Makes `next` the record: its audit event first (nothing changes if the log cannot
+    /// record it), then the store, then memory.
+    async fn apply(
+        &self,
+        state: &mut State,
+        next: Approval,
+        event: Option<AuditEvent>,
+    ) -> Result<(), String> {
+        if let Some(e) = event {
+            self.audit
+                .record(e)
+                .await
+                .map_err(|e| format!("the audit log cannot record: {e}"))?;
         }
+        let record = serde_json::to_string(&next).map_err(|e| e.to_string())?;
+        self.store
+            .put_approval(&next.id, next.status.as_str(), next.requested_ns, &record)
+            .map_err(|e| format!("cannot store the approval: {e}"))?;
+        state.put(next);
         Ok(())
     }
 
-    /// An approval by id: the live one, or the stored record.
-    pub fn get(&self, id: &str) -> Result<Option<Approval>, String> {
-        if let Some(a) = self.lock().live.get(id) {
-            return Ok(Some(a.clone()));
-        }
+    fn stored(&self, id: &str) -> Result<Option<Approval>, String> {
         match self.store.get_approval(id).map_err(|e| e.to_string())? {
             None => Ok(None),
             Some(row) => serde_json::from_str(&row)
@@ -378,7 +416,15 @@ impl Approvals {
         }
     }
 
-    /// Approvals, newest first, optionally with one status.
+    /// An approval by id: the live one, or the stored record.
+    pub async fn get(&self, id: &str) -> Result<Option<Approval>, String> {
+        if let Some(a) = self.state.lock().await.live.get(id) {
+            return Ok(Some(a.clone()));
+        }
+        self.stored(id)
+    }
+
+    /// Approvals from the store, newest first, optionally with one status.
     pub fn list(
         &self,
         status: Option<ApprovalStatus>,
@@ -400,38 +446,27 @@ impl Approvals {
         rule: &ResolvedRule,
         claimed: Option<&str>,
     ) -> Gate {
-        let body_sha256 = hex(&Sha256::digest(action.body));
+        let body_sha256 = sha256_hex(action.body);
         let bound = binding(action, &body_sha256);
         let now = self.clock.now();
-        let mut events: Vec<AuditEvent> = Vec::new();
-        let outcome = {
-            let mut state = self.lock();
-            self.gate_locked(
+        let mut state = self.state.lock().await;
+        let outcome = self
+            .gate_locked(
                 &mut state,
                 action,
                 rule,
                 claimed,
                 (&bound, &body_sha256),
                 now,
-                &mut events,
             )
-        };
-        for event in events {
-            if let Err(e) = self.audit.record(event).await {
-                return Gate::Unavailable(format!("the audit log cannot record: {e}"));
-            }
+            .await;
+        match outcome {
+            Ok(gate) => gate,
+            Err(e) => Gate::Unavailable(e),
         }
-        if let Gate::Pending(a) = &outcome
-            && a.request_id == action.request_id
-            && let Some(tx) = &self.announce
-        {
-            let _ = tx.send(a.clone());
-        }
-        outcome
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn gate_locked(
+    async fn gate_locked(
         &self,
         state: &mut State,
         action: &Action<'_>,
@@ -439,41 +474,34 @@ impl Approvals {
         claimed: Option<&str>,
         (bound, body_sha256): (&str, &str),
         now: Timestamp,
-        events: &mut Vec<AuditEvent>,
-    ) -> Gate {
+    ) -> Result<Gate, String> {
         let agent = action.principal.id.to_string();
-        let unavailable = |e: String| Gate::Unavailable(format!("cannot store the approval: {e}"));
         if let Some(id) = claimed {
             let found = match state.live.get(id) {
                 Some(a) => Some(a.clone()),
-                None => match self.store.get_approval(id) {
-                    Ok(row) => row.and_then(|r| serde_json::from_str::<Approval>(&r).ok()),
-                    Err(e) => return unavailable(e.to_string()),
-                },
+                None => self.stored(id)?,
             };
             let Some(a) = found.filter(|a| a.agent == agent) else {
-                return Gate::Refused {
+                return Ok(Gate::Refused {
                     code: "approval_unknown",
                     message: format!(
-                        "approval `{id}` does not exist for {agent}; retry without the {APPROVAL_HEADER} header to ask for an approval"
+                        "approval `{id}` does not exist for {agent}; make the call without naming an approval to ask for one"
                     ),
                     id: None,
-                };
+                });
             };
             if a.binding != bound {
-                return Gate::Refused {
+                return Ok(Gate::Refused {
                     code: "approval_mismatch",
                     message: format!(
-                        "approval `{id}` covers a different call ({}); an approval covers exactly one method, target and body, so this call needs its own",
+                        "approval `{id}` covers a different call ({}); an approval covers exactly one method, target, query, headers and body, so this call needs its own",
                         mismatch(&a, action, body_sha256)
                     ),
                     id: Some(a.id),
-                };
+                });
             }
-            return match self.settle(state, a, now, events) {
-                Ok(a) => self.use_or_wait(state, a, action, now),
-                Err(e) => unavailable(e),
-            };
+            let a = self.settle(state, a, rule, now).await?;
+            return self.use_or_wait(state, a, action, now).await;
         }
         if let Some(a) = state
             .by_binding
@@ -481,13 +509,10 @@ impl Approvals {
             .and_then(|id| state.live.get(id))
             .cloned()
         {
-            let a = match self.settle(state, a, now, events) {
-                Ok(a) => a,
-                Err(e) => return unavailable(e),
-            };
+            let a = self.settle(state, a, rule, now).await?;
             match a.status {
                 ApprovalStatus::Pending | ApprovalStatus::Approved | ApprovalStatus::Denied => {
-                    return self.use_or_wait(state, a, action, now);
+                    return self.use_or_wait(state, a, action, now).await;
                 }
                 ApprovalStatus::Expired | ApprovalStatus::Used => {}
             }
@@ -498,26 +523,23 @@ impl Approvals {
             .filter(|a| a.agent == agent && a.status == ApprovalStatus::Pending)
             .count();
         if waiting >= MAX_PENDING_PER_AGENT {
-            return Gate::Refused {
+            return Ok(Gate::Refused {
                 code: "too_many_pending",
                 message: format!(
                     "{agent} already has {waiting} approval requests waiting, its limit; wait for decisions before asking for more"
                 ),
                 id: None,
-            };
+            });
         }
         let a = Approval {
             id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
             status: ApprovalStatus::Pending,
             agent,
-            owner: action
-                .principal
-                .agent()
-                .map(|d| d.owner.to_string())
-                .or_else(|| match &action.principal.detail {
-                    palisade_core::PrincipalDetail::ServiceAccount(s) => Some(s.owner.to_string()),
-                    _ => None,
-                }),
+            owner: match &action.principal.detail {
+                palisade_core::PrincipalDetail::Agent(d) => Some(d.owner.to_string()),
+                palisade_core::PrincipalDetail::ServiceAccount(d) => Some(d.owner.to_string()),
+                _ => None,
+            },
             initiating_human: action.initiating_human.map(str::to_string),
             session: action.session.map(str::to_string),
             channel: action.channel.into(),
@@ -525,80 +547,75 @@ impl Approvals {
             resource: action.resource.into(),
             method: action.method.into(),
             target: action.target.into(),
+            query: action.query.clone(),
+            context_sha256: sha256_hex(action.context.as_bytes()),
             body_sha256: body_sha256.into(),
             body_bytes: action.body.len() as u64,
-            preview: action.preview.clone(),
+            preview: action.preview.as_ref().map(|p| p.0.clone()),
+            preview_truncated: action.preview.as_ref().is_some_and(|p| p.1),
             reasoning: action.reasoning.clone(),
             binding: bound.into(),
             rule: rule.clone(),
             request_id: action.request_id.into(),
             requested_at: now.to_rfc3339(),
             requested_ns: i64::try_from(now.unix_nanos()).unwrap_or(i64::MAX),
-            expires_at: now
-                .unix_seconds()
-                .saturating_add(i64::try_from(self.settings.wait_secs).unwrap_or(i64::MAX)),
+            expires_at: deadline(now, self.settings.wait_secs),
             votes: Vec::new(),
             decided_at: None,
             used_at: None,
             used_by_request: None,
         };
-        if let Err(e) = self.commit(state, a.clone()) {
-            return unavailable(e);
+        let event = self.event("approval.requested", &a, Some(action.principal), None);
+        self.apply(state, a.clone(), Some(event)).await?;
+        if let Some(tx) = &self.announce {
+            let _ = tx.send(a.clone());
         }
-        events.push(self.event("approval.requested", &a, Some(action.principal), None));
-        Gate::Pending(a)
+        Ok(Gate::Pending(a))
     }
 
-    /// Moves `a` to expired if its deadline passed (stored and audited).
-    fn settle(
+    /// Moves `a` to expired if its deadline passed, or if the rule that applies now differs
+    /// from the one it was asked under (a policy changed since), audited and stored.
+    async fn settle(
         &self,
         state: &mut State,
         mut a: Approval,
+        rule: &ResolvedRule,
         now: Timestamp,
-        events: &mut Vec<AuditEvent>,
     ) -> Result<Approval, String> {
-        if now.unix_seconds() < a.expires_at {
-            return Ok(a);
-        }
-        match a.status {
-            ApprovalStatus::Pending | ApprovalStatus::Approved => {
-                let was = a.status;
-                a.status = ApprovalStatus::Expired;
-                self.commit(state, a.clone())?;
-                let mut e = self.event("approval.expired", &a, None, None);
-                e.detail["was"] = json!(was.as_str());
-                events.push(e);
+        let open = matches!(a.status, ApprovalStatus::Pending | ApprovalStatus::Approved);
+        let superseded = open && !a.rule.same_as(rule);
+        if open && (superseded || now.unix_seconds() >= a.expires_at) {
+            let was = a.status;
+            a.status = ApprovalStatus::Expired;
+            let mut event = self.event("approval.expired", &a, None, None);
+            event.detail["was"] = json!(was.as_str());
+            if superseded {
+                event.detail["superseded"] = json!(true);
             }
-            ApprovalStatus::Denied => {
-                // The denial stops answering retries; the record stays denied.
-                state.live.remove(&a.id);
-                if state.by_binding.get(&a.binding) == Some(&a.id) {
-                    state.by_binding.remove(&a.binding);
-                }
-            }
-            ApprovalStatus::Expired | ApprovalStatus::Used => {}
+            self.apply(state, a.clone(), Some(event)).await?;
+        } else if a.status == ApprovalStatus::Denied && now.unix_seconds() >= a.expires_at {
+            // The denial stops answering retries; the record stays denied.
+            state.forget(&a);
         }
         Ok(a)
     }
 
-    fn use_or_wait(
+    async fn use_or_wait(
         &self,
         state: &mut State,
         mut a: Approval,
         action: &Action<'_>,
         now: Timestamp,
-    ) -> Gate {
-        match a.status {
+    ) -> Result<Gate, String> {
+        Ok(match a.status {
             ApprovalStatus::Pending => Gate::Pending(a),
             ApprovalStatus::Approved => {
                 // INVARIANT (used-before-forward): stored as used before the call is forwarded.
                 a.status = ApprovalStatus::Used;
                 a.used_at = Some(now.to_rfc3339());
                 a.used_by_request = Some(action.request_id.to_string());
-                match self.commit(state, a.clone()) {
-                    Ok(()) => Gate::Proceed(a),
-                    Err(e) => Gate::Unavailable(format!("cannot store the approval: {e}")),
-                }
+                self.apply(state, a.clone(), None).await?;
+                Gate::Proceed(a)
             }
             ApprovalStatus::Denied => {
                 let why = a
@@ -619,7 +636,7 @@ impl Approvals {
             ApprovalStatus::Expired => Gate::Refused {
                 code: "approval_expired",
                 message: format!(
-                    "approval `{}` expired without being used; retry without the {APPROVAL_HEADER} header to ask again",
+                    "approval `{}` expired (not decided or not used in time, or the policy's approval rule changed); make the call again without naming it to ask anew",
                     a.id
                 ),
                 id: Some(a.id),
@@ -627,13 +644,13 @@ impl Approvals {
             ApprovalStatus::Used => Gate::Refused {
                 code: "approval_used",
                 message: format!(
-                    "approval `{}` was already used (by request {}); approvals are single use, so retry without the {APPROVAL_HEADER} header to ask again",
+                    "approval `{}` was already used (by request {}); approvals are single use, so make the call again without naming it to ask anew",
                     a.id,
                     a.used_by_request.as_deref().unwrap_or("-")
                 ),
                 id: Some(a.id),
             },
-        }
+        })
     }
 
     /// Waits up to `limit` for `id` to leave pending.
@@ -644,7 +661,9 @@ impl Approvals {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let pending = self
+                .state
                 .lock()
+                .await
                 .live
                 .get(id)
                 .is_some_and(|a| a.status == ApprovalStatus::Pending);
@@ -678,24 +697,16 @@ impl Approvals {
             ));
         }
         let now = self.clock.now();
-        let mut events = Vec::new();
         let result = {
-            let mut state = self.lock();
-            self.decide_locked(&mut state, id, approver, approve, reason, now, &mut events)
+            let mut state = self.state.lock().await;
+            self.decide_locked(&mut state, id, approver, approve, reason, now)
+                .await
         };
-        for event in events {
-            if let Err(e) = self.audit.record(event).await {
-                return Err(DecideError::Unavailable(format!(
-                    "the audit log cannot record: {e}"
-                )));
-            }
-        }
         self.changed.notify_waiters();
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn decide_locked(
+    async fn decide_locked(
         &self,
         state: &mut State,
         id: &str,
@@ -703,46 +714,41 @@ impl Approvals {
         approve: bool,
         reason: &str,
         now: Timestamp,
-        events: &mut Vec<AuditEvent>,
     ) -> Result<Approval, DecideError> {
-        let unavailable = |e: String| DecideError::Unavailable(format!("cannot store: {e}"));
+        let unavailable = |e: String| DecideError::Unavailable(e);
         let Some(a) = state.live.get(id).cloned() else {
-            return match self.store.get_approval(id) {
-                Err(e) => Err(unavailable(e.to_string())),
+            return match self.stored(id) {
+                Err(e) => Err(unavailable(e)),
                 Ok(None) => Err(DecideError::NotFound(format!("no approval `{id}`"))),
-                Ok(Some(row)) => {
-                    let status = serde_json::from_str::<Approval>(&row)
-                        .map(|a| a.status.as_str())
-                        .unwrap_or("unreadable");
-                    Err(DecideError::Conflict(format!(
-                        "approval `{id}` is {status}; only pending requests can be decided"
-                    )))
-                }
+                Ok(Some(a)) => Err(DecideError::Conflict(format!(
+                    "approval `{id}` is {}; only pending requests can be decided",
+                    a.status.as_str()
+                ))),
             };
         };
-        let mut a = self.settle(state, a, now, events).map_err(unavailable)?;
+        let rule = a.rule.clone();
+        let mut a = self
+            .settle(state, a, &rule, now)
+            .await
+            .map_err(unavailable)?;
         if a.status != ApprovalStatus::Pending {
             return Err(DecideError::Conflict(format!(
                 "approval `{id}` is {}; only pending requests can be decided",
                 a.status.as_str()
             )));
         }
-        let owner = a
-            .owner
-            .as_deref()
-            .and_then(|o| palisade_core::PrincipalId::parse_with_default(o, None).ok());
-        if let Err(e) =
-            a.rule
-                .check_approver(approver, owner.as_ref(), a.initiating_human.as_deref())
-        {
-            let mut event = self.event("approval.refused", &a, Some(approver), Some(&e.0));
+        if let Err(e) = self.eligible(&a, approver) {
+            let mut event = self.event("approval.refused", &a, Some(approver), Some(&e));
             event.outcome = Some(Outcome {
                 status: 403,
-                error: Some(e.0.clone()),
+                error: Some(e.clone()),
                 ..Outcome::default()
             });
-            events.push(event);
-            return Err(DecideError::Forbidden(e.0));
+            self.audit
+                .record(event)
+                .await
+                .map_err(|e| unavailable(format!("the audit log cannot record: {e}")))?;
+            return Err(DecideError::Forbidden(e));
         }
         let who = approver.id.to_string();
         if a.votes.iter().any(|v| v.approver == who) {
@@ -760,31 +766,40 @@ impl Approvals {
         let kind = if !approve {
             a.status = ApprovalStatus::Denied;
             a.decided_at = Some(now.to_rfc3339());
-            a.expires_at = now
-                .unix_seconds()
-                .saturating_add(i64::try_from(self.settings.wait_secs).unwrap_or(i64::MAX));
+            a.expires_at = deadline(now, self.settings.wait_secs);
             "approval.denied"
         } else if a.approvals() >= a.rule.count as usize {
             a.status = ApprovalStatus::Approved;
             a.decided_at = Some(now.to_rfc3339());
-            a.expires_at = now
-                .unix_seconds()
-                .saturating_add(i64::try_from(a.rule.grant_secs).unwrap_or(i64::MAX));
+            a.expires_at = deadline(now, a.rule.grant_secs);
             "approval.approved"
         } else {
             "approval.vote"
         };
-        self.commit(state, a.clone()).map_err(unavailable)?;
-        events.push(self.event(kind, &a, Some(approver), Some(reason)));
+        let event = self.event(kind, &a, Some(approver), Some(reason));
+        self.apply(state, a.clone(), Some(event))
+            .await
+            .map_err(unavailable)?;
         Ok(a)
+    }
+
+    /// Whether `approver` may decide `a`; the error says why not.
+    pub fn eligible(&self, a: &Approval, approver: &Principal) -> Result<(), String> {
+        let owner = a
+            .owner
+            .as_deref()
+            .and_then(|o| palisade_core::PrincipalId::parse_with_default(o, None).ok());
+        a.rule
+            .check_approver(approver, owner.as_ref(), a.initiating_human.as_deref())
+            .map_err(|e| e.0)
     }
 
     /// Expires what passed its deadline; the server calls it every few seconds.
     pub async fn sweep(&self) {
         let now = self.clock.now();
-        let mut events = Vec::new();
+        let mut changed = false;
         {
-            let mut state = self.lock();
+            let mut state = self.state.lock().await;
             let due: Vec<Approval> = state
                 .live
                 .values()
@@ -792,15 +807,11 @@ impl Approvals {
                 .cloned()
                 .collect();
             for a in due {
-                if let Err(e) = self.settle(&mut state, a, now, &mut events) {
-                    tracing::error!(error = %e, "cannot expire an approval; retrying");
+                let rule = a.rule.clone();
+                match self.settle(&mut state, a, &rule, now).await {
+                    Ok(_) => changed = true,
+                    Err(e) => tracing::error!(error = %e, "cannot expire an approval; retrying"),
                 }
-            }
-        }
-        let changed = !events.is_empty();
-        for event in events {
-            if let Err(e) = self.audit.record(event).await {
-                tracing::error!(error = %e, "cannot audit an approval's expiry");
             }
         }
         if changed {
@@ -867,6 +878,12 @@ impl Approvals {
     }
 }
 
+/// `now` plus `secs`, in unix seconds.
+fn deadline(now: Timestamp, secs: u64) -> i64 {
+    now.unix_seconds()
+        .saturating_add(i64::try_from(secs).unwrap_or(i64::MAX))
+}
+
 /// What differs between an approval and a call, for the refusal.
 fn mismatch(a: &Approval, action: &Action<'_>, body_sha256: &str) -> String {
     let mut parts = Vec::new();
@@ -875,6 +892,9 @@ fn mismatch(a: &Approval, action: &Action<'_>, body_sha256: &str) -> String {
     }
     if a.target != action.target {
         parts.push(format!("target `{}` ≠ `{}`", a.target, action.target));
+    }
+    if a.context_sha256 != sha256_hex(action.context.as_bytes()) {
+        parts.push("the query or headers differ".to_string());
     }
     if a.body_sha256 != body_sha256 {
         parts.push("the body or arguments differ".to_string());
@@ -890,4 +910,222 @@ fn mismatch(a: &Approval, action: &Action<'_>, body_sha256: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     palisade_core::secret::hex(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_core::approval::Approver;
+    use palisade_core::principal::HumanDetail;
+    use palisade_core::{PrincipalDetail, PrincipalId, Status};
+
+    fn human(slug: &str) -> Principal {
+        Principal {
+            id: PrincipalId::parse_with_default(slug, Some(palisade_core::PrincipalKind::Human))
+                .unwrap(),
+            display_name: slug.into(),
+            status: Status::Active,
+            status_change: None,
+            created_at: Timestamp::from_unix_seconds(0),
+            updated_at: Timestamp::from_unix_seconds(0),
+            detail: PrincipalDetail::Human(HumanDetail {
+                email: None,
+                teams: Vec::new(),
+                may_act: Vec::new(),
+            }),
+        }
+    }
+
+    fn service(name: &str) -> (Arc<Approvals>, Arc<dyn Store>, palisade_audit::AuditWriter) {
+        let dir =
+            std::env::temp_dir().join(format!("palisade-approval-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Arc<dyn Store> = Arc::new(palisade_store::SqliteStore::open(&dir).unwrap());
+        let (audit, writer) = AuditLog::start(store.clone()).unwrap();
+        let settings = Settings {
+            wait_secs: 3600,
+            link: "https://c/{id}".into(),
+        };
+        let svc = Approvals::load(
+            store.clone(),
+            Arc::new(palisade_core::SystemClock),
+            audit,
+            settings,
+        )
+        .unwrap();
+        (Arc::new(svc), store, writer)
+    }
+
+    fn rule() -> ResolvedRule {
+        ResolvedRule {
+            approvers: vec![Approver::Human(
+                PrincipalId::parse_with_default("human:bob", None).unwrap(),
+            )],
+            count: 1,
+            grant_secs: 600,
+            four_eyes: true,
+            sources: vec!["test".into()],
+        }
+    }
+
+    fn action<'a>(who: &'a Principal, body: &'a [u8], request_id: &'a str) -> Action<'a> {
+        Action {
+            principal: who,
+            initiating_human: None,
+            session: None,
+            channel: "http",
+            action: "destructive",
+            resource: "Palisade::Route::\"r\"",
+            method: "DELETE",
+            target: "/r/1",
+            context: "",
+            query: None,
+            body,
+            preview: None,
+            reasoning: None,
+            request_id,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_retries_use_a_grant_exactly_once() {
+        let (svc, store, _writer) = service("once");
+        let agent = human("runner");
+        let bob = human("bob");
+        let Gate::Pending(a) = svc.gate(&action(&agent, b"{}", "r0"), &rule(), None).await else {
+            panic!("a new request waits");
+        };
+        let approved = svc.decide(&a.id, &bob, true, "ok").await.unwrap();
+        assert_eq!(approved.status, ApprovalStatus::Approved);
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let (svc, agent, id) = (svc.clone(), agent.clone(), a.id.clone());
+            tasks.push(tokio::spawn(async move {
+                let rid = format!("r{}", i + 1);
+                let claimed = (i % 2 == 0).then_some(id.as_str());
+                match svc
+                    .gate(&action(&agent, b"{}", &rid), &rule(), claimed)
+                    .await
+                {
+                    Gate::Proceed(_) => "proceed",
+                    Gate::Pending(_) => "pending",
+                    Gate::Refused { code, .. } => code,
+                    Gate::Unavailable(_) => "unavailable",
+                }
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        assert_eq!(
+            outcomes.iter().filter(|o| **o == "proceed").count(),
+            1,
+            "{outcomes:?}"
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| ["proceed", "pending", "approval_used"].contains(o)),
+            "{outcomes:?}"
+        );
+        // The store holds it as used, so a reload cannot bring the grant back.
+        let row = store.get_approval(&a.id).unwrap().unwrap();
+        let stored: Approval = serde_json::from_str(&row).unwrap();
+        assert_eq!(stored.status, ApprovalStatus::Used);
+        let (audit, _w) = AuditLog::start(store.clone()).unwrap();
+        let settings = Settings {
+            wait_secs: 3600,
+            link: "{id}".into(),
+        };
+        let reloaded =
+            Approvals::load(store, Arc::new(palisade_core::SystemClock), audit, settings).unwrap();
+        let again = reloaded
+            .gate(&action(&agent, b"{}", "r99"), &rule(), Some(&a.id))
+            .await;
+        assert!(
+            matches!(
+                again,
+                Gate::Refused {
+                    code: "approval_used",
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_rule_supersedes_requests_and_grants() {
+        let (svc, _store, _writer) = service("superseded");
+        let agent = human("runner");
+        let Gate::Pending(a) = svc.gate(&action(&agent, b"{}", "r0"), &rule(), None).await else {
+            panic!("a new request waits");
+        };
+        svc.decide(&a.id, &human("bob"), true, "ok").await.unwrap();
+        // A policy now asks for two approvers: the grant under the old rule does not count.
+        let stricter = ResolvedRule { count: 2, ..rule() };
+        let again = svc
+            .gate(&action(&agent, b"{}", "r1"), &stricter, Some(&a.id))
+            .await;
+        assert!(
+            matches!(
+                again,
+                Gate::Refused {
+                    code: "approval_expired",
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        let Gate::Pending(b) = svc
+            .gate(&action(&agent, b"{}", "r2"), &stricter, None)
+            .await
+        else {
+            panic!("a new request under the new rule");
+        };
+        assert_ne!(a.id, b.id);
+        assert_eq!(b.rule.count, 2);
+        assert_eq!(
+            svc.get(&a.id).await.unwrap().unwrap().status,
+            ApprovalStatus::Expired
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_named_humans_decide_once_and_wait_wakes_up() {
+        let (svc, _store, _writer) = service("decide");
+        let agent = human("runner");
+        let Gate::Pending(a) = svc.gate(&action(&agent, b"x", "r0"), &rule(), None).await else {
+            panic!("a new request waits");
+        };
+        let eve = human("eve");
+        assert!(matches!(
+            svc.decide(&a.id, &eve, true, "").await,
+            Err(DecideError::Forbidden(_))
+        ));
+        assert!(matches!(
+            svc.decide(&a.id, &human("bob"), false, " ").await,
+            Err(DecideError::Invalid(_))
+        ));
+        let waiter = {
+            let (svc, id) = (svc.clone(), a.id.clone());
+            tokio::spawn(async move { svc.wait(&id, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "waits while pending");
+        svc.decide(&a.id, &human("bob"), false, "no").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the decision wakes the waiter")
+            .unwrap();
+        assert!(matches!(
+            svc.decide(&a.id, &human("bob"), true, "").await,
+            Err(DecideError::Conflict(_))
+        ));
+        assert!(matches!(
+            svc.decide("apr_nope", &human("bob"), true, "").await,
+            Err(DecideError::NotFound(_))
+        ));
+    }
 }

@@ -16,6 +16,8 @@
 //! - `first-seen-resource`: an agent reaching a resource it never reached before, in the last
 //!   ten minutes;
 //! - `tool-definition-changed`: an MCP tool whose definition changed since it was pinned.
+//! - `approval-tampering`: someone not allowed tried to decide an approval, or an agent retried
+//!   a changed call under an approval (`approval_mismatch`).
 
 use crate::query::{self, QueryError, Rows};
 use serde::{Deserialize, Serialize};
@@ -101,6 +103,13 @@ pub fn builtin() -> Vec<Rule> {
             60,
             "AgentAuditLog | where timestamp > ago(10m) and kind == \"mcp.tool_changed\" | project timestamp, resource_accessed, detail.tool",
             "an MCP tool's definition changed since it was pinned",
+        ),
+        rule(
+            "approval-tampering",
+            "high",
+            60,
+            "AgentAuditLog | where timestamp > ago(10m) and (kind == \"approval.refused\" or detail.approval_refused == \"approval_mismatch\") | project timestamp, kind, agent_id, resource_accessed, detail.approval_refused",
+            "an approval was tampered with: a decision by someone not allowed, or a changed call under an approval",
         ),
     ]
 }
@@ -363,6 +372,27 @@ mod tests {
         // Tool-definition changes.
         let changed = event("agent:x", 1, true, json!({ "kind": "mcp.tool_changed" }));
         assert_eq!(fired("tool-definition-changed", vec![changed], &none), 1);
+
+        // Approval tampering: a refused approver, a changed call under an approval; not an
+        // ordinary wait.
+        let refused = event("human:eve", 1, true, json!({ "kind": "approval.refused" }));
+        let mismatch = event(
+            "agent:x",
+            1,
+            false,
+            json!({ "detail": { "approval_refused": "approval_mismatch" } }),
+        );
+        let waiting = event(
+            "agent:x",
+            1,
+            true,
+            json!({ "detail": { "approval_refused": "approval_used" } }),
+        );
+        assert_eq!(
+            fired("approval-tampering", vec![refused, mismatch], &none),
+            2
+        );
+        assert_eq!(fired("approval-tampering", vec![waiting], &none), 0);
     }
 
     #[test]

@@ -1753,10 +1753,14 @@ fn credential_headers(
 /// `[approvals]`, checked.
 fn approvals(raw: raw::Approvals, issuer: &str) -> Result<ApprovalsConfig, String> {
     use palisade_core::approval::{Approver, ResolvedRule, parse_duration};
-    let duration = |key: &str, v: Option<String>, default: u64| -> Result<u64, String> {
-        v.map_or(Ok(default), |t| {
+    let duration = |key: &str, v: Option<String>, default: u64, max: u64| -> Result<u64, String> {
+        let secs = v.map_or(Ok(default), |t| {
             parse_duration(&t).map_err(|e| format!("key `approvals.{key}`: {e}"))
-        })
+        })?;
+        if secs > max {
+            return Err(format!("key `approvals.{key}`: at most {}d", max / 86_400));
+        }
+        Ok(secs)
     };
     let mut approvers = Vec::new();
     for a in raw.approvers.unwrap_or_else(|| vec!["owner".into()]) {
@@ -1823,11 +1827,16 @@ fn approvals(raw: raw::Approvals, issuer: &str) -> Result<ApprovalsConfig, Strin
         defaults: ResolvedRule {
             approvers,
             count,
-            grant_secs: duration("grant", raw.grant, 15 * 60)?,
+            grant_secs: duration(
+                "grant",
+                raw.grant,
+                15 * 60,
+                palisade_core::approval::MAX_GRANT_SECS,
+            )?,
             four_eyes: raw.four_eyes.unwrap_or(true),
             sources: vec!["config:approvals".into()],
         },
-        wait_secs: duration("wait", raw.wait, 3600)?,
+        wait_secs: duration("wait", raw.wait, 3600, 7 * 86_400)?,
         hold_secs,
         link,
         link_derived,

@@ -96,25 +96,6 @@ pub struct ResolvedRule {
 }
 
 impl ApprovalRule {
-    /// The strictest combination of several requirements (every determining permit's): any
-    /// listed approver, the largest count, the shortest grant, four eyes if any asks.
-    pub fn combine(rules: &[&ApprovalRule]) -> Option<ApprovalRule> {
-        let (first, rest) = rules.split_first()?;
-        let mut out = (*first).clone();
-        for r in rest {
-            for a in &r.approvers {
-                if !out.approvers.contains(a) {
-                    out.approvers.push(a.clone());
-                }
-            }
-            out.count = max_opt(out.count, r.count, u32::max);
-            out.grant_secs = max_opt(out.grant_secs, r.grant_secs, u64::min);
-            out.four_eyes = max_opt(out.four_eyes, r.four_eyes, |a, b| a || b);
-            out.source = format!("{}, {}", out.source, r.source);
-        }
-        Some(out)
-    }
-
     /// Fills unset fields from the defaults.
     pub fn resolve(&self, defaults: &ResolvedRule) -> ResolvedRule {
         ResolvedRule {
@@ -126,40 +107,63 @@ impl ApprovalRule {
             count: self.count.unwrap_or(defaults.count).max(1),
             grant_secs: self.grant_secs.unwrap_or(defaults.grant_secs),
             four_eyes: self.four_eyes.unwrap_or(defaults.four_eyes),
-            sources: self.source.split(", ").map(str::to_string).collect(),
+            sources: vec![self.source.clone()],
         }
     }
 }
 
-/// The requirement for one action: the determining permits' (`policy`, with unset fields from
-/// the defaults; its approvers replace the default ones) and, when `destructive_default`
-/// applies, at least the configured default.
+/// The longest grant a policy or the configuration may give: a day.
+pub const MAX_GRANT_SECS: u64 = 86_400;
+
+/// The requirement for one action: each determining permit's (unset fields from the defaults)
+/// and, when `destructive_default` applies, the configured default, combined so that none is
+/// weakened: the largest count, the shortest grant, four eyes if any asks. Approvers are the
+/// permits' (any of them may approve), or the default's when no permit names any.
 pub fn requirement(
-    policy: Option<&ApprovalRule>,
+    policies: &[ApprovalRule],
     destructive_default: bool,
     defaults: &ResolvedRule,
 ) -> Option<ResolvedRule> {
     const DEFAULT_SOURCE: &str = "config:approvals.destructive";
-    match policy {
-        None if destructive_default => Some(ResolvedRule {
+    let mut rules: Vec<ResolvedRule> = policies.iter().map(|p| p.resolve(defaults)).collect();
+    if destructive_default {
+        rules.push(ResolvedRule {
             sources: vec![DEFAULT_SOURCE.into()],
             ..defaults.clone()
-        }),
-        None => None,
-        Some(p) => {
-            let mut r = p.resolve(defaults);
-            if destructive_default {
-                r.sources.push(DEFAULT_SOURCE.into());
-            }
-            Some(r)
-        }
+        });
     }
+    let (first, rest) = rules.split_first()?;
+    let mut out = first.clone();
+    for r in rest {
+        if r.sources.iter().any(|s| s == DEFAULT_SOURCE) && !policies.is_empty() {
+            // The default's approvers give way to the permits' own.
+        } else {
+            for a in &r.approvers {
+                if !out.approvers.contains(a) {
+                    out.approvers.push(a.clone());
+                }
+            }
+        }
+        out.count = out.count.max(r.count);
+        out.grant_secs = out.grant_secs.min(r.grant_secs);
+        out.four_eyes |= r.four_eyes;
+        out.sources.extend(r.sources.iter().cloned());
+    }
+    Some(out)
 }
 
-fn max_opt<T: Copy>(a: Option<T>, b: Option<T>, pick: impl Fn(T, T) -> T) -> Option<T> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(pick(a, b)),
-        (a, b) => a.or(b),
+impl ResolvedRule {
+    /// Whether two rules ask the same (who, how many, how long, four eyes), whatever their
+    /// sources.
+    pub fn same_as(&self, other: &ResolvedRule) -> bool {
+        let mut a: Vec<String> = self.approvers.iter().map(ToString::to_string).collect();
+        let mut b: Vec<String> = other.approvers.iter().map(ToString::to_string).collect();
+        a.sort();
+        b.sort();
+        a == b
+            && self.count == other.count
+            && self.grant_secs == other.grant_secs
+            && self.four_eyes == other.four_eyes
     }
 }
 
@@ -311,10 +315,10 @@ mod tests {
     }
 
     #[test]
-    fn combine_takes_the_strictest() {
+    fn combining_never_weakens_a_rule() {
         let a = ApprovalRule {
             approvers: vec![Approver::Owner],
-            count: Some(1),
+            count: None,
             grant_secs: Some(600),
             four_eyes: None,
             source: "a".into(),
@@ -328,14 +332,26 @@ mod tests {
             four_eyes: Some(false),
             source: "b".into(),
         };
-        let c = ApprovalRule::combine(&[&a, &b]).unwrap();
-        assert_eq!(c.approvers.len(), 2);
-        assert_eq!(
-            (c.count, c.grant_secs, c.four_eyes),
-            (Some(2), Some(60), Some(false))
-        );
-        let r = c.resolve(&rule("owner", true));
+        let defaults = rule("team:ops", true);
+        // b's explicit `four_eyes = false` does not lift a's default `true`.
+        let r = requirement(&[a.clone(), b.clone()], false, &defaults).unwrap();
+        assert_eq!(r.approvers.len(), 2);
+        assert_eq!((r.count, r.grant_secs, r.four_eyes), (2, 60, true));
         assert_eq!(r.sources, vec!["a".to_string(), "b".to_string()]);
+        // The destructive default is a floor, but its approvers give way to the permit's.
+        let lax = ApprovalRule {
+            four_eyes: Some(false),
+            grant_secs: Some(3600),
+            ..b
+        };
+        let r = requirement(&[lax], true, &defaults).unwrap();
+        assert_eq!(r.approvers.len(), 1);
+        assert_eq!((r.count, r.grant_secs, r.four_eyes), (2, 60, true));
+        // Without a permit's rule, the default alone.
+        let r = requirement(&[], true, &defaults).unwrap();
+        assert_eq!(r.approvers, defaults.approvers);
+        assert!(requirement(&[], false, &defaults).is_none());
+        assert!(r.same_as(&defaults) && !r.same_as(&rule("owner", true)));
         assert_eq!(parse_duration("15m").unwrap(), 900);
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 min").is_err());

@@ -8,8 +8,9 @@ use serde_json::{Value, json};
 /// How much of a body approvers see.
 const PREVIEW_CHARS: usize = 1024;
 
-/// The start of a textual body with secrets and personal data masked (`None` for binary).
-pub fn preview(inspector: &Inspector, body: &[u8]) -> Option<String> {
+/// The start of a textual body with secrets and personal data masked, and whether it was cut
+/// short (`None` for an empty or binary body).
+pub fn preview(inspector: &Inspector, body: &[u8]) -> Option<(String, bool)> {
     if body.is_empty() {
         return None;
     }
@@ -30,7 +31,52 @@ pub fn preview(inspector: &Inspector, body: &[u8]) -> Option<String> {
     if cut < text.len() {
         shown.push('…');
     }
-    Some(shown)
+    Some((shown, cut < text.len()))
+}
+
+/// What else an HTTP call is bound to besides method, path and body: the query and every
+/// header that goes upstream (by name, sorted), except those that never change what the call
+/// does (credentials, tracing, content negotiation, hop-by-hop, Palisade's own).
+pub fn http_context(query: Option<&str>, headers: &http::HeaderMap) -> String {
+    const UNBOUND: &[&str] = &[
+        "authorization",
+        "host",
+        "content-length",
+        "user-agent",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "traceparent",
+        "tracestate",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        crate::REASONING_HEADER,
+        palisade_approval::APPROVAL_HEADER,
+    ];
+    let mut lines: Vec<String> = headers
+        .iter()
+        .filter(|(name, _)| !UNBOUND.contains(&name.as_str()))
+        .map(|(name, value)| {
+            format!(
+                "{}: {}",
+                name.as_str(),
+                String::from_utf8_lossy(value.as_bytes())
+            )
+        })
+        .collect();
+    lines.sort();
+    format!("?{}\n{}", query.unwrap_or(""), lines.join("\n"))
+}
+
+/// A query string as approvers see it: secrets and personal data masked.
+pub fn masked_query(inspector: &Inspector, query: Option<&str>) -> Option<String> {
+    preview(inspector, query?.as_bytes()).map(|(q, _)| q)
 }
 
 /// The `approval` member of answers and audit details.

@@ -773,10 +773,64 @@ impl Gateway {
                 .await;
         }
 
-        // Phase 5a: approval. An action the policy or the destructive default marks waits for
-        // authenticated humans; the approval is bound to this exact call and used once.
+        // Phase 5b: the route's credential for this action class, from the vault. A write or
+        // destructive credential is withheld from a tainted session (privilege separation).
+        let injected = match route
+            .credentials
+            .iter()
+            .find(|c| c.actions.contains(&class.action))
+        {
+            None => None,
+            Some(c) => {
+                if class.action != ActionClass::Read
+                    && caller.session.as_ref().is_some_and(|s| s.is_tainted())
+                {
+                    let body = json!({
+                        "error": "credential_withheld",
+                        "message": format!("route `{}`'s {} credential is not given to a session that ingested untrusted content; start a new session", route.name, class.action.as_str()),
+                    });
+                    return self
+                        .finish(
+                            event,
+                            started,
+                            &request_id,
+                            StatusCode::FORBIDDEN,
+                            bytes_in,
+                            body,
+                        )
+                        .await;
+                }
+                match self.credentials.reveal(&c.secret) {
+                    Ok(value) => Some(Injected { config: c, value }),
+                    Err(e) => {
+                        tracing::error!(route = %route.name, secret = %c.secret, error = %e, "credential unavailable; refusing");
+                        let body = json!({
+                            "error": "credential_unavailable",
+                            "message": format!("route `{}`'s credential `{}` cannot be read from the vault; an administrator must check it (palisade secret list)", route.name, c.secret),
+                        });
+                        return self
+                            .finish(
+                                event,
+                                started,
+                                &request_id,
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                bytes_in,
+                                body,
+                            )
+                            .await;
+                    }
+                }
+            }
+        };
+        if let Some(i) = &injected {
+            event.detail["credential"] = json!(i.config.secret);
+        }
+
+        // Phase 5c: approval, the last check before forwarding (so a grant is used only by a
+        // call that is forwarded). An action the policy or the destructive default marks waits
+        // for authenticated humans; the approval is bound to this exact call and used once.
         let requirement = palisade_core::approval::requirement(
-            decision.approval.as_ref(),
+            &decision.approvals,
             self.config.approvals.destructive && class.action == ActionClass::Destructive,
             &self.config.approvals.defaults,
         );
@@ -833,10 +887,8 @@ impl Gateway {
                         .await;
                 }
             };
-            let target = match parts.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.clone(),
-            };
+            let context = approval::http_context(parts.uri.query(), &parts.headers);
+            let target = path.clone();
             let resource = event.resource.clone().unwrap_or_default();
             let action = palisade_approval::Action {
                 principal: &caller.principal,
@@ -847,6 +899,8 @@ impl Gateway {
                 resource: &resource,
                 method: method.as_str(),
                 target: &target,
+                context: &context,
+                query: approval::masked_query(&self.inspector, parts.uri.query()),
                 body: &bytes,
                 preview: approval::preview(&self.inspector, &bytes),
                 reasoning: event.reasoning.as_ref().map(|r| r.text.clone()),
@@ -858,6 +912,26 @@ impl Gateway {
             let hold = self.config.approvals.hold_secs;
             if let (palisade_approval::Gate::Pending(a), true) = (&gate, hold > 0) {
                 approvals.wait(&a.id, Duration::from_secs(hold)).await;
+                // While held, the session may have been killed, the agent suspended or the
+                // token revoked: the call goes ahead only for a caller that is still live.
+                let live = bearer(&parts.headers)
+                    .ok()
+                    .is_some_and(|t| self.auth.authenticate(t, &route.audience).is_ok());
+                if !live {
+                    return self
+                        .refuse_401(
+                            event,
+                            started,
+                            &request_id,
+                            (None, None),
+                            Some(
+                                "the token or its session ended while the call waited for approval"
+                                    .into(),
+                            ),
+                            bytes_in,
+                        )
+                        .await;
+                }
                 let id = a.id.clone();
                 gate = approvals.gate(&action, &rule, Some(&id)).await;
             }
@@ -907,6 +981,7 @@ impl Gateway {
                     if let Some(id) = &id {
                         event.detail["approval"] = json!({ "id": id, "refused": code });
                     }
+                    event.detail["approval_refused"] = json!(code);
                     let body = json!({ "error": code, "message": message, "approval_id": id });
                     return self
                         .finish(
@@ -934,59 +1009,6 @@ impl Gateway {
                         .await;
                 }
             }
-        }
-
-        // Phase 5b: the route's credential for this action class, from the vault. A write or
-        // destructive credential is withheld from a tainted session (privilege separation).
-        let injected = match route
-            .credentials
-            .iter()
-            .find(|c| c.actions.contains(&class.action))
-        {
-            None => None,
-            Some(c) => {
-                if class.action != ActionClass::Read
-                    && caller.session.as_ref().is_some_and(|s| s.is_tainted())
-                {
-                    let body = json!({
-                        "error": "credential_withheld",
-                        "message": format!("route `{}`'s {} credential is not given to a session that ingested untrusted content; start a new session", route.name, class.action.as_str()),
-                    });
-                    return self
-                        .finish(
-                            event,
-                            started,
-                            &request_id,
-                            StatusCode::FORBIDDEN,
-                            bytes_in,
-                            body,
-                        )
-                        .await;
-                }
-                match self.credentials.reveal(&c.secret) {
-                    Ok(value) => Some(Injected { config: c, value }),
-                    Err(e) => {
-                        tracing::error!(route = %route.name, secret = %c.secret, error = %e, "credential unavailable; refusing");
-                        let body = json!({
-                            "error": "credential_unavailable",
-                            "message": format!("route `{}`'s credential `{}` cannot be read from the vault; an administrator must check it (palisade secret list)", route.name, c.secret),
-                        });
-                        return self
-                            .finish(
-                                event,
-                                started,
-                                &request_id,
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                bytes_in,
-                                body,
-                            )
-                            .await;
-                    }
-                }
-            }
-        };
-        if let Some(i) = &injected {
-            event.detail["credential"] = json!(i.config.secret);
         }
 
         // Phase 6: forward.

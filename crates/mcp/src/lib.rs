@@ -1921,7 +1921,7 @@ impl McpGateway {
         // Approval: the policy's or the destructive default's, bound to these exact arguments
         // (as the agent sent them) and used once.
         let requirement = palisade_core::approval::requirement(
-            decision.approval.as_ref(),
+            &decision.approvals,
             self.config.approvals.destructive && class == ActionClass::Destructive,
             &self.config.approvals.defaults,
         );
@@ -2015,6 +2015,8 @@ impl McpGateway {
             resource: &resource,
             method: "tools/call",
             target: &target,
+            context: "",
+            query: None,
             body: body.as_bytes(),
             preview: palisade_gateway::approval::preview(&self.inspector, body.as_bytes()),
             reasoning: event.reasoning.as_ref().map(|r| r.text.clone()),
@@ -2024,6 +2026,13 @@ impl McpGateway {
         let hold = self.config.approvals.hold_secs;
         if let (palisade_approval::Gate::Pending(a), true) = (&gate, hold > 0) {
             approvals.wait(&a.id, Duration::from_secs(hold)).await;
+            // While held, the session may have ended (killed, revoked, suspended).
+            if caller.session.as_ref().is_some_and(|s| s.is_ended()) {
+                return Err(RpcError::new(
+                    -32001,
+                    "the session ended while the call waited for approval".into(),
+                ));
+            }
             let id = a.id.clone();
             gate = approvals.gate(&action, rule, Some(&id)).await;
         }
@@ -2056,6 +2065,7 @@ impl McpGateway {
                 if let Some(id) = &id {
                     event.detail["approval"] = json!({ "id": id, "refused": code });
                 }
+                event.detail["approval_refused"] = json!(code);
                 Err(RpcError {
                     code: FORBIDDEN,
                     message,

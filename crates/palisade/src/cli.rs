@@ -93,7 +93,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ApprovalsCmd {
-    /// Approval requests, newest first (admin token).
+    /// Approval requests, newest first (with PALISADE_APPROVER_TOKEN set: those you may decide).
     List {
         /// pending, approved, denied, expired, used or all.
         #[arg(long, default_value = "pending")]
@@ -102,7 +102,7 @@ enum ApprovalsCmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// One request: what it covers, who may approve, the decisions so far (admin token).
+    /// One request: what it covers, who may approve, the decisions so far.
     Show { id: String },
     /// Approve a request, as the human whose approver token is in PALISADE_APPROVER_TOKEN.
     Approve {
@@ -110,9 +110,6 @@ enum ApprovalsCmd {
         /// Why (recorded in the audit log).
         #[arg(long)]
         reason: Option<String>,
-        /// The approver's token (palisade approvals token human:NAME).
-        #[arg(long, env = "PALISADE_APPROVER_TOKEN", hide_env_values = true)]
-        approver_token: Option<String>,
     },
     /// Deny a request, with a reason the agent and the audit log get.
     Deny {
@@ -120,9 +117,6 @@ enum ApprovalsCmd {
         /// Why (required).
         #[arg(long)]
         reason: String,
-        /// The approver's token (palisade approvals token human:NAME).
-        #[arg(long, env = "PALISADE_APPROVER_TOKEN", hide_env_values = true)]
-        approver_token: Option<String>,
     },
     /// Mint a human's approver token (admin token), until humans sign in through the console.
     Token {
@@ -1493,10 +1487,19 @@ async fn approvals(
     client: &dyn Fn() -> Result<Client>,
     json: bool,
 ) -> Result<ExitCode> {
-    let decide = |id: &str, verb: &str, reason: Option<String>, token: Option<String>| {
-        let token = token.filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+    // The approver's token comes only from the environment, never the command line (shell
+    // history, `ps`).
+    let approver = std::env::var("PALISADE_APPROVER_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let reader = || match &approver {
+        Some(t) => Client::with_token(addr, t.trim()),
+        None => client(),
+    };
+    let decide = |id: &str, verb: &str, reason: Option<String>| {
+        let token = approver.as_deref().ok_or_else(|| {
             anyhow::anyhow!(
-                "approving needs your approver token in PALISADE_APPROVER_TOKEN (or --approver-token); an administrator mints it with `palisade approvals token human:NAME`. The admin token cannot approve: it names no human"
+                "deciding needs your approver token in PALISADE_APPROVER_TOKEN; an administrator mints it with `palisade approvals token human:NAME`. The admin token cannot approve: it names no human"
             )
         })?;
         let c = Client::with_token(addr, token.trim())?;
@@ -1508,7 +1511,7 @@ async fn approvals(
     };
     let v = match cmd {
         ApprovalsCmd::List { status, limit } => {
-            let v = client()?
+            let v = reader()?
                 .call(
                     Method::GET,
                     &format!("/approvals?status={status}&limit={limit}"),
@@ -1546,24 +1549,16 @@ async fn approvals(
             return Ok(ExitCode::SUCCESS);
         }
         ApprovalsCmd::Show { id } => {
-            client()?
+            reader()?
                 .call(Method::GET, &format!("/approvals/{id}"), None)
                 .await?
         }
-        ApprovalsCmd::Approve {
-            id,
-            reason,
-            approver_token,
-        } => {
-            let (c, path, body) = decide(&id, "approve", reason, approver_token)?;
+        ApprovalsCmd::Approve { id, reason } => {
+            let (c, path, body) = decide(&id, "approve", reason)?;
             c.call(Method::POST, &path, Some(body)).await?
         }
-        ApprovalsCmd::Deny {
-            id,
-            reason,
-            approver_token,
-        } => {
-            let (c, path, body) = decide(&id, "deny", Some(reason), approver_token)?;
+        ApprovalsCmd::Deny { id, reason } => {
+            let (c, path, body) = decide(&id, "deny", Some(reason))?;
             c.call(Method::POST, &path, Some(body)).await?
         }
         ApprovalsCmd::Token { human } => {
@@ -1596,8 +1591,12 @@ async fn approvals(
     if !v["initiating_human"].is_null() {
         println!("for human  {}", cell(&v["initiating_human"]));
     }
+    let query = v["query"]
+        .as_str()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     println!(
-        "action     {} {} ({}, {})",
+        "action     {} {}{query} ({}, {})",
         cell(&v["method"]),
         cell(&v["target"]),
         cell(&v["action"]),
@@ -1609,7 +1608,12 @@ async fn approvals(
         cell(&v["body_bytes"])
     );
     if let Some(p) = v["preview"].as_str() {
-        println!("preview    {p}");
+        let cut = if v["preview_truncated"] == true {
+            " [cut short; the digest covers the whole body]"
+        } else {
+            ""
+        };
+        println!("preview    {p}{cut}");
     }
     if let Some(r) = v["reasoning"].as_str() {
         println!("reasoning  {r}");

@@ -226,6 +226,15 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     let (s, _) = decide(&h, &token, &id, "approve", "").await;
     assert_eq!(s, 401, "an agent's token is not for the approvals audience");
     let mallory = approver_token(&h, "mallory").await;
+    // Approvers see only what they may decide; mallory may not decide this one.
+    let seen_by = |token: String| {
+        let req = h
+            .http
+            .get(h.url("/api/v1/approvals?status=pending"))
+            .bearer_auth(token);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(seen_by(mallory.clone()).await["items"], json!([]));
     let (s, refused) = decide(&h, &mallory, &id, "approve", "").await;
     assert_eq!(s, 403, "{refused}");
     assert!(
@@ -248,8 +257,9 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     .await;
     assert_eq!(s, 401);
 
-    // alice (the owner) approves through the CLI with her approver token.
+    // alice (the owner) sees it, and approves through the CLI with her approver token.
     let alice = approver_token(&h, "alice").await;
+    assert_eq!(seen_by(alice.clone()).await["items"][0]["id"], id.as_str());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
         .args([
             "approvals",
@@ -279,6 +289,29 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
             .unwrap()
             .contains("body or arguments differ"),
         "{changed}"
+    );
+    assert_eq!(deletes_seen(&h), 0);
+
+    // So is the same body with a header the approver never saw.
+    let resp = h
+        .http
+        .delete(h.url("/tickets/42"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .header("x-account", "everyone")
+        .header("palisade-approval", &id)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let headers_changed: Value = resp.json().await.unwrap();
+    assert!(
+        headers_changed["message"]
+            .as_str()
+            .unwrap()
+            .contains("query or headers differ"),
+        "{headers_changed}"
     );
     assert_eq!(deletes_seen(&h), 0);
 
@@ -333,6 +366,16 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
         "no token in the audit log"
     );
     assert!(!all.contains(&hook), "the webhook URL is a secret");
+    // mallory's attempt and the two changed calls under the approval raise the tampering alert.
+    let (s, run) = h.api(Method::POST, "/alerts/run", None).await;
+    assert_eq!(s, 200, "{run}");
+    let tampering = run["raised"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["rule"] == "approval-tampering")
+        .count();
+    assert_eq!(tampering, 3, "{run}");
     h.server.stop().await;
 }
 
@@ -484,6 +527,169 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
             .any(|e| e["kind"] == "approval.expired" && e["detail"]["approval"] == third.as_str()),
         "the expiry is audited"
     );
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delete_waits_on_the_line_and_runs_when_approved() {
+    let h = Harness::start_with("approvals-hold", "[approvals]\nhold = \"30s\"\n").await;
+    set_policy(
+        &h,
+        r#"
+@id("tickets.deletes")
+permit (principal, action == Palisade::Action::"destructive", resource == Palisade::Route::"tickets");
+"#,
+    )
+    .await;
+    let secret = h.agent_secret("holder", &["tickets"]).await;
+    let token = h
+        .scoped_token("agent:holder", &secret, "tickets:write", None)
+        .await;
+    let call = {
+        let (http, url, token) = (h.http.clone(), h.url("/tickets/42"), token.clone());
+        tokio::spawn(async move {
+            let resp = http.delete(url).bearer_auth(token).send().await.unwrap();
+            resp.status().as_u16()
+        })
+    };
+    // The request is held open while it waits.
+    let mut id = None;
+    for _ in 0..100 {
+        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
+        if let Some(i) = pending["items"][0]["id"].as_str() {
+            id = Some(i.to_string());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let id = id.expect("a pending approval");
+    assert!(!call.is_finished(), "held, not answered");
+    assert_eq!(deletes_seen(&h), 0);
+    let alice = approver_token(&h, "alice").await;
+    let (s, approved) = decide(&h, &alice, &id, "approve", "go").await;
+    assert_eq!(s, 200, "{approved}");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("the held call is released by the approval")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(deletes_seen(&h), 1);
+    let (_, shown) = h.api(Method::GET, &format!("/approvals/{id}"), None).await;
+    assert_eq!(shown["status"], "used");
+
+    // Killed while held: the approval no longer lets the call through.
+    let call = {
+        let (http, url, token) = (h.http.clone(), h.url("/tickets/42"), token.clone());
+        tokio::spawn(async move {
+            let resp = http.delete(url).bearer_auth(token).send().await.unwrap();
+            resp.status().as_u16()
+        })
+    };
+    let mut second = None;
+    for _ in 0..100 {
+        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
+        if let Some(i) = pending["items"][0]["id"].as_str() {
+            second = Some(i.to_string());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let second = second.expect("a second pending approval");
+    let (s, killed) = h
+        .api(
+            Method::POST,
+            "/agents/holder/kill",
+            Some(json!({ "reason": "incident drill" })),
+        )
+        .await;
+    assert_eq!(s, 200, "{killed}");
+    let (s, approved) = decide(&h, &alice, &second, "approve", "go").await;
+    assert_eq!(s, 200, "{approved}");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("released")
+        .unwrap();
+    assert_eq!(status, 401, "a killed agent's held call is refused");
+    assert_eq!(deletes_seen(&h), 1);
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_permit_asks_for_approval_waits_for_it() {
+    let h = Harness::start("approvals-lease").await;
+    std::fs::write(
+        h.data_dir.with_extension("policies").join("leases.cedar"),
+        r#"
+@id("leases.deploy-key-approved")
+@approval("owner")
+permit (principal is Palisade::Agent, action == Palisade::Action::"credential", resource == Palisade::Resource::"vault/deploy/key");
+"#,
+    )
+    .unwrap();
+    let (s, body) = h.api(Method::POST, "/policy/reload", None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = h
+        .api(
+            Method::PUT,
+            "/secrets/deploy/key",
+            Some(json!({ "value": "dk-approved-only" })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    add_human(&h, "alice", &[]).await;
+    let mut agent = agent_body("deployer");
+    agent["allowed_resources"] = json!(["vault"]);
+    agent["blast_radius"] = json!({ "max_action": "write", "max_classification": "restricted" });
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let (s, t) = h
+        .token_request("agent:deployer", secret, &[("resource", &h.url("/vault"))])
+        .await;
+    assert_eq!(s, 200, "{t}");
+    let token = t["access_token"].as_str().unwrap().to_string();
+    let lease = |ttl: u64| {
+        let req = h
+            .http
+            .post(h.url("/api/v1/leases"))
+            .bearer_auth(&token)
+            .json(&json!({ "secret": "deploy/key", "ttl_seconds": ttl }));
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, waiting) = lease(60).await;
+    assert_eq!(s, 428, "{waiting}");
+    assert!(!waiting.to_string().contains("dk-approved-only"));
+    let id = waiting["error"]["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let alice = approver_token(&h, "alice").await;
+    let (s, _) = decide(&h, &alice, &id, "approve", "release it").await;
+    assert_eq!(s, 200);
+    // A longer lease than the one approved is another call: it waits for its own approval.
+    let (s, longer) = lease(600).await;
+    assert_eq!(s, 428, "{longer}");
+    assert_ne!(longer["error"]["approval"]["id"], id.as_str());
+    let (s, issued) = lease(60).await;
+    assert_eq!(s, 200, "{issued}");
+    assert_eq!(issued["value"], "dk-approved-only");
+    // Renewing would stretch the approved lease: refused, ask again.
+    let lease_id = issued["lease_id"].as_str().unwrap();
+    let resp = h
+        .http
+        .post(h.url(&format!("/api/v1/leases/{lease_id}/renew")))
+        .bearer_auth(&token)
+        .json(&json!({ "ttl_seconds": 60 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let (s, again) = lease(60).await;
+    assert_eq!(s, 428, "single use: {again}");
     h.server.stop().await;
 }
 

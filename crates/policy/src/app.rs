@@ -46,13 +46,13 @@ impl PolicyEngine {
             Ok(Some(d)) => d,
             Ok(None) => Decision {
                 allowed: false,
-                approval: None,
+                approvals: Vec::new(),
                 policies: vec![DEFAULT_DENY.into()],
                 errors: vec![],
             },
             Err(message) => Decision {
                 allowed: false,
-                approval: None,
+                approvals: Vec::new(),
                 policies: vec![ERROR_DENY.into()],
                 errors: vec![message],
             },

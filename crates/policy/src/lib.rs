@@ -219,8 +219,9 @@ impl<'a> RequestContext<'a> {
 pub struct Decision {
     /// Whether the request may proceed.
     pub allowed: bool,
-    /// For an allow: the approval the determining permits require (`@approval`), combined.
-    pub approval: Option<ApprovalRule>,
+    /// For an allow: the approvals the determining permits require (`@approval`), one per
+    /// permit that asks (`palisade_core::approval::requirement` combines them).
+    pub approvals: Vec<ApprovalRule>,
     /// The policies that determined it (`palisade.default-deny` when none matched).
     pub policies: Vec<String>,
     /// Evaluation errors, if any (they force a deny).
@@ -297,7 +298,11 @@ fn approval_annotations(id: &str, policy: &Policy) -> Result<Option<ApprovalRule
         None => None,
         Some(g) => Some(
             palisade_core::approval::parse_duration(g)
-                .map_err(|e| format!("`@approval_grant`: {e}"))?,
+                .ok()
+                .filter(|s| *s <= palisade_core::approval::MAX_GRANT_SECS)
+                .ok_or_else(|| {
+                    format!("`@approval_grant(\"{g}\")` is not a duration such as `10m` or `2h`, at most `1d`")
+                })?,
         ),
     };
     let four_eyes = match get("approval_four_eyes") {
@@ -592,7 +597,7 @@ impl PolicyEngine {
             Ok(d) => d,
             Err(message) => Decision {
                 allowed: false,
-                approval: None,
+                approvals: Vec::new(),
                 policies: vec![ERROR_DENY.into()],
                 errors: vec![message],
             },
@@ -881,18 +886,17 @@ impl PolicyEngine {
                 ERROR_DENY.into()
             }];
         }
-        let approval = if allowed && !self.approvals.is_empty() {
-            let rules: Vec<&ApprovalRule> = policies
+        let approvals = if allowed && !self.approvals.is_empty() {
+            policies
                 .iter()
-                .filter_map(|p| self.approvals.get(p))
-                .collect();
-            ApprovalRule::combine(&rules)
+                .filter_map(|p| self.approvals.get(p).cloned())
+                .collect()
         } else {
-            None
+            Vec::new()
         };
         Decision {
             allowed,
-            approval,
+            approvals,
             policies,
             errors,
         }

@@ -18,11 +18,83 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-/// `GET /api/v1/approvals?status=pending&limit=50`.
+/// Who reads or decides approvals.
+enum Viewer {
+    /// The admin token: reads everything, decides nothing (it names no human).
+    Admin,
+    /// A human with an approver token: reads what they may decide or decided, decides.
+    Human(Arc<palisade_core::Principal>),
+}
+
+/// The caller: the admin token, or a human's token for `<issuer>/approvals`. Agents, and
+/// humans' token-exchange tokens (which agents hold), are refused.
+#[allow(clippy::result_large_err)] // the refusal is the response, built once per request
+fn viewer(app: &App, headers: &HeaderMap) -> Result<Viewer, Response> {
+    if crate::admin::is_admin(app, headers) {
+        return Ok(Viewer::Admin);
+    }
+    let audience = app.tokens.approvals_audience();
+    let how = format!(
+        "approvals are read with the admin token, and decided by a human with `Authorization: Bearer <token>` for {audience} (an administrator mints one: palisade approvals token human:NAME)"
+    );
+    let unauthorized = |m: &str| {
+        let mut r = error_response(StatusCode::UNAUTHORIZED, "invalid_token", m, None);
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static(r#"Bearer realm="palisade-approvals""#),
+        );
+        r
+    };
+    let Some(token) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return Err(unauthorized(&how));
+    };
+    let caller = app
+        .tokens
+        .authenticate(token.trim(), &audience)
+        .map_err(|f| unauthorized(&format!("{}; {how}", f.reason)))?;
+    // An agent can never approve, whether on its own or acting for a human.
+    if caller.principal.kind() != palisade_core::PrincipalKind::Human
+        || caller.initiating_human.is_some()
+    {
+        return Err(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!(
+                "{} is not a human: only authenticated humans approve, never an agent",
+                caller.principal.id
+            ),
+            None,
+        ));
+    }
+    Ok(Viewer::Human(caller.principal))
+}
+
+/// Whether `viewer` may see `a`: the admin always; a human it may decide or did decide.
+fn visible(app: &App, viewer: &Viewer, a: &Approval) -> bool {
+    match viewer {
+        Viewer::Admin => true,
+        Viewer::Human(h) => {
+            let me = h.id.to_string();
+            a.votes.iter().any(|v| v.approver == me) || app.approvals.eligible(a, h).is_ok()
+        }
+    }
+}
+
+/// `GET /api/v1/approvals?status=pending&limit=50`: everything for the admin token; for an
+/// approver, the requests they may decide or decided.
 pub async fn list(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let viewer = match viewer(&app, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let status = match q.get("status").map(String::as_str) {
         None | Some("all") => None,
         Some(s) => match ApprovalStatus::parse(s) {
@@ -51,10 +123,14 @@ pub async fn list(
             );
         }
     };
-    let approvals = app.approvals.clone();
-    match tokio::task::spawn_blocking(move || approvals.list(status, limit)).await {
+    let reader = app.clone();
+    match tokio::task::spawn_blocking(move || reader.approvals.list(status, limit)).await {
         Ok(Ok(items)) => {
-            let items: Vec<Value> = items.iter().map(|a| view(&app, a)).collect();
+            let items: Vec<Value> = items
+                .iter()
+                .filter(|a| visible(&app, &viewer, a))
+                .map(|a| view(&app, a))
+                .collect();
             axum::Json(json!({ "items": items })).into_response()
         }
         Ok(Err(e)) => store_error(&e),
@@ -63,13 +139,21 @@ pub async fn list(
 }
 
 /// `GET /api/v1/approvals/{id}`.
-pub async fn get(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match app.approvals.get(&id) {
-        Ok(Some(a)) => axum::Json(view(&app, &a)).into_response(),
-        Ok(None) => error_response(
+pub async fn get(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let viewer = match viewer(&app, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app.approvals.get(&id).await {
+        Ok(Some(a)) if visible(&app, &viewer, &a) => axum::Json(view(&app, &a)).into_response(),
+        Ok(_) => error_response(
             StatusCode::NOT_FOUND,
             "not_found",
-            &format!("no approval `{id}` (palisade approvals list shows them)"),
+            &format!("no approval `{id}` that you may see (palisade approvals list shows them)"),
             None,
         ),
         Err(e) => store_error(&e),
@@ -103,51 +187,21 @@ async fn decide(
     body: Bytes,
     approve: bool,
 ) -> Response {
-    let audience = app.tokens.approvals_audience();
-    let how = format!(
-        "approvals are decided by a human with `Authorization: Bearer <token>` for {audience} (an administrator mints one: palisade approvals token human:NAME)"
-    );
-    let unauthorized = |m: &str| {
-        let mut r = error_response(StatusCode::UNAUTHORIZED, "invalid_token", m, None);
-        r.headers_mut().insert(
-            axum::http::header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static(r#"Bearer realm="palisade-approvals""#),
-        );
-        r
+    let human = match viewer(&app, &headers) {
+        Ok(Viewer::Human(h)) => h,
+        Ok(Viewer::Admin) => {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!(
+                    "the admin token names no human, so it cannot approve; approvals are decided by a human with a token for {} (palisade approvals token human:NAME)",
+                    app.tokens.approvals_audience()
+                ),
+                None,
+            );
+        }
+        Err(r) => return r,
     };
-    if crate::admin::is_admin(&app, &headers) {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            &format!("the admin token names no human, so it cannot approve; {how}"),
-            None,
-        );
-    }
-    let Some(token) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return unauthorized(&how);
-    };
-    let caller = match app.tokens.authenticate(token.trim(), &audience) {
-        Ok(c) => c,
-        Err(f) => return unauthorized(&format!("{}; {how}", f.reason)),
-    };
-    // An agent can never approve, whether on its own or acting for a human.
-    if caller.principal.kind() != palisade_core::PrincipalKind::Human
-        || caller.initiating_human.is_some()
-    {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            &format!(
-                "{} is not a human: only authenticated humans approve, never an agent",
-                caller.principal.id
-            ),
-            None,
-        );
-    }
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         String::new()
     } else {
@@ -174,11 +228,7 @@ async fn decide(
             }
         }
     };
-    match app
-        .approvals
-        .decide(&id, &caller.principal, approve, &reason)
-        .await
-    {
+    match app.approvals.decide(&id, &human, approve, &reason).await {
         Ok(a) => axum::Json(view(&app, &a)).into_response(),
         Err(DecideError::NotFound(m)) => {
             error_response(StatusCode::NOT_FOUND, "not_found", &m, None)
@@ -220,10 +270,25 @@ fn view(app: &App, a: &Approval) -> Value {
     v
 }
 
-/// The Slack-compatible message announcing `a` (incoming-webhook `text` and `blocks`).
+/// Text for Slack's mrkdwn: `&`, `<` and `>` escaped, so nothing the agent controls can make
+/// links or mentions (`<!channel>`).
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('`', "'")
+}
+
+/// The Slack-compatible message announcing `a` (incoming-webhook `text` and `blocks`). What the
+/// agent controls (target, query, body preview, reasoning) is escaped.
 pub fn slack_message(a: &Approval, link: &str) -> Value {
     let approvers: Vec<String> = a.rule.approvers.iter().map(ToString::to_string).collect();
-    let what = format!("{} `{}`", a.method, a.target);
+    let query = a
+        .query
+        .as_deref()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let what = format!("{} `{}{}`", a.method, esc(&a.target), esc(&query));
     let mut fields = vec![
         json!({ "type": "mrkdwn", "text": format!("*Agent*\n{}", a.agent) }),
         json!({ "type": "mrkdwn", "text": format!("*Action*\n{} ({})", what, a.action) }),
@@ -240,10 +305,21 @@ pub fn slack_message(a: &Approval, link: &str) -> Value {
         }),
         json!({ "type": "section", "fields": fields }),
     ];
+    if let Some(p) = &a.preview {
+        let cut = if a.preview_truncated {
+            " (cut short: see the full body's SHA-256 in the request)"
+        } else {
+            ""
+        };
+        blocks.push(json!({
+            "type": "section",
+            "text": { "type": "mrkdwn", "text": format!("*Body*{cut}\n```{}```", esc(&truncate(p, 1500))) }
+        }));
+    }
     if let Some(r) = &a.reasoning {
         blocks.push(json!({
             "type": "context",
-            "elements": [{ "type": "mrkdwn", "text": format!("Agent's reasoning: {}", truncate(r, 500)) }]
+            "elements": [{ "type": "mrkdwn", "text": format!("Agent's reasoning: {}", esc(&truncate(r, 500))) }]
         }));
     }
     blocks.push(json!({
@@ -258,7 +334,7 @@ pub fn slack_message(a: &Approval, link: &str) -> Value {
     json!({
         "text": format!(
             "Approval needed: {} wants to {} — review: {link} (or: palisade approvals approve {})",
-            a.agent, what, a.id
+            esc(&a.agent), what, a.id
         ),
         "blocks": blocks,
     })

@@ -298,7 +298,21 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         return finish(&app, e, resp).await;
     }
     if let Some((db, role)) = database {
-        return issue_database(&app, &caller, e, db, role, ttl, secret).await;
+        let rules = decision.approvals.clone();
+        return issue_database(&app, &caller, (e, &headers), db, role, ttl, secret, rules).await;
+    }
+    if let Err(resp) = approval_gate(
+        &app,
+        &caller,
+        &headers,
+        &mut e,
+        &decision.approvals,
+        &secret,
+        ttl,
+    )
+    .await
+    {
+        return finish(&app, e, resp).await;
     }
     let value = match app.vault.reveal(&secret) {
         Ok(v) => v,
@@ -340,6 +354,102 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
     }))
     .into_response();
     finish(&app, e, resp).await
+}
+
+/// The approval the deciding permits ask for (`@approval` on a `credential` or, for a database
+/// role that writes, a `write` permit), gated like any action and bound to this secret and
+/// TTL: `Ok` to go ahead (the approval is now used), or the answer: 428 while it waits (with
+/// `Palisade-Approval`), 403 when refused.
+#[allow(clippy::result_large_err)]
+async fn approval_gate(
+    app: &App,
+    caller: &Caller,
+    headers: &HeaderMap,
+    e: &mut AuditEvent,
+    rules: &[palisade_core::approval::ApprovalRule],
+    secret: &str,
+    ttl: u64,
+) -> Result<(), Response> {
+    let Some(rule) =
+        palisade_core::approval::requirement(rules, false, &app.config.approvals.defaults)
+    else {
+        return Ok(());
+    };
+    let claimed = headers
+        .get(palisade_approval::APPROVAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let body = json!({ "secret": secret, "ttl_seconds": ttl }).to_string();
+    let resource = format!("Palisade::Resource::\"vault/{secret}\"");
+    let request_id = e.event_id.clone();
+    let action = palisade_approval::Action {
+        principal: &caller.principal,
+        initiating_human: caller.initiating_human.as_deref(),
+        session: caller.session.as_ref().map(|s| s.sid.as_str()),
+        channel: "vault",
+        action: "credential",
+        resource: &resource,
+        method: "lease",
+        target: secret,
+        context: "",
+        query: None,
+        body: body.as_bytes(),
+        preview: Some((body.clone(), false)),
+        reasoning: None,
+        request_id: &request_id,
+    };
+    match app.approvals.gate(&action, &rule, claimed).await {
+        palisade_approval::Gate::Proceed(a) => {
+            e.detail["approval"] =
+                palisade_gateway::approval::summary(&a, &app.approvals.link(&a.id));
+            e.detail["approval"]["approved_by"] = json!(
+                a.votes
+                    .iter()
+                    .map(|v| v.approver.clone())
+                    .collect::<Vec<_>>()
+            );
+            Ok(())
+        }
+        palisade_approval::Gate::Pending(a) => {
+            e.kind = "lease.refused".into();
+            let summary = palisade_gateway::approval::summary(&a, &app.approvals.link(&a.id));
+            e.detail["approval"] = summary.clone();
+            let message =
+                palisade_gateway::approval::waiting_message(&a, &format!("a lease of `{secret}`"));
+            let mut resp = (
+                StatusCode::PRECONDITION_REQUIRED,
+                axum::Json(json!({
+                    "error": { "code": "approval_required", "message": message, "approval": summary }
+                })),
+            )
+                .into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&a.id) {
+                resp.headers_mut().insert(
+                    axum::http::HeaderName::from_static(palisade_approval::APPROVAL_HEADER),
+                    v,
+                );
+            }
+            Err(resp)
+        }
+        palisade_approval::Gate::Refused { code, message, id } => {
+            e.kind = "lease.refused".into();
+            e.detail["approval_refused"] = json!(code);
+            if let Some(id) = id {
+                e.detail["approval"] = json!({ "id": id, "refused": code });
+            }
+            Err(error_response(StatusCode::FORBIDDEN, code, &message, None))
+        }
+        palisade_approval::Gate::Unavailable(reason) => {
+            e.kind = "lease.refused".into();
+            tracing::error!(%reason, "approval service unavailable; refusing the lease");
+            Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "approval_unavailable",
+                "the approval could not be recorded; retry later",
+                None,
+            ))
+        }
+    }
 }
 
 /// Why a lease no longer holds, if it does not: revoked, expired, its session over, or its
@@ -432,6 +542,20 @@ pub async fn renew(
         );
         return finish(&app, e, resp).await;
     }
+    // An approval covered one lease for its TTL; a longer one needs a new lease and approval.
+    if !decision.approvals.is_empty() {
+        e.kind = "lease.refused".into();
+        let resp = error_response(
+            StatusCode::CONFLICT,
+            "approval_required",
+            &format!(
+                "leases of `{}` need approval, which covers one lease for its TTL: ask for a new lease instead of renewing",
+                lease.secret
+            ),
+            None,
+        );
+        return finish(&app, e, resp).await;
+    }
     let expires_ns = expiry(&app, &caller, ttl);
     if let Some(l) = app
         .leases
@@ -477,14 +601,16 @@ pub async fn revoke(
 }
 
 /// A database lease: a login role created for it, valid until the lease's end.
+#[allow(clippy::too_many_arguments)]
 async fn issue_database(
     app: &App,
     caller: &Caller,
-    mut e: AuditEvent,
+    (mut e, headers): (AuditEvent, &HeaderMap),
     db: Arc<palisade_vault::database::Database>,
     role: String,
     ttl: u64,
     secret: String,
+    mut rules: Vec<palisade_core::approval::ApprovalRule>,
 ) -> Response {
     // Privilege separation: a role that changes data is leased only when policy allows writes
     // here too, and never to a session that ingested untrusted content.
@@ -521,6 +647,10 @@ async fn issue_database(
             );
             return finish(app, e, resp).await;
         }
+        rules.extend(decision.approvals);
+    }
+    if let Err(resp) = approval_gate(app, caller, headers, &mut e, &rules, &secret, ttl).await {
+        return finish(app, e, resp).await;
     }
     let expires_ns = expiry(app, caller, ttl);
     let issued = match db.issue(&role, &rfc3339(expires_ns)).await {

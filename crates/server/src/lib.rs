@@ -682,8 +682,6 @@ fn router(app: Arc<App>) -> Router {
         .route("/owners/{id}/kill", post(sessions::kill_owner))
         .route("/panic", post(sessions::panic_all))
         .route("/humans/{id}/token", post(oauth::mint_human_token))
-        .route("/approvals", get(approvals::list))
-        .route("/approvals/{id}", get(approvals::get))
         .route("/mcp/pins", get(mcp_pins))
         .route("/mcp/pins/{server}/{tool}/accept", post(mcp_accept))
         .route("/{collection}", get(admin::list).post(admin::create))
@@ -701,8 +699,11 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/v1/leases/{id}/renew", post(leases::renew))
         .route("/api/v1/leases/{id}", axum::routing::delete(leases::revoke))
         .layer(DefaultBodyLimit::max(16 * 1024));
-    // Approvals are decided with an approver's human token, not the admin token.
+    // Approvals are read with the admin token or an approver's human token, and decided only
+    // with the latter (the handlers authenticate).
     let decisions = Router::new()
+        .route("/api/v1/approvals", get(approvals::list))
+        .route("/api/v1/approvals/{id}", get(approvals::get))
         .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
         .route("/api/v1/approvals/{id}/deny", post(approvals::deny))
         .layer(DefaultBodyLimit::max(16 * 1024));
