@@ -158,7 +158,10 @@ pub struct Approval {
     /// When it was approved or denied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at: Option<String>,
-    /// When the approved call went through.
+    /// How many times the approved call went through (at most `rule.uses`).
+    #[serde(default)]
+    pub used: u32,
+    /// When the approved call last went through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_at: Option<String>,
     /// The gateway request that used it.
@@ -562,6 +565,7 @@ impl Approvals {
             expires_at: deadline(now, self.settings.wait_secs),
             votes: Vec::new(),
             decided_at: None,
+            used: 0,
             used_at: None,
             used_by_request: None,
         };
@@ -610,8 +614,12 @@ impl Approvals {
         Ok(match a.status {
             ApprovalStatus::Pending => Gate::Pending(a),
             ApprovalStatus::Approved => {
-                // INVARIANT (used-before-forward): stored as used before the call is forwarded.
-                a.status = ApprovalStatus::Used;
+                // INVARIANT (used-before-forward): each use is stored before the call is
+                // forwarded; the last one makes the approval used.
+                a.used += 1;
+                if a.used >= a.rule.uses {
+                    a.status = ApprovalStatus::Used;
+                }
                 a.used_at = Some(now.to_rfc3339());
                 a.used_by_request = Some(action.request_id.to_string());
                 self.apply(state, a.clone(), None).await?;
@@ -644,8 +652,10 @@ impl Approvals {
             ApprovalStatus::Used => Gate::Refused {
                 code: "approval_used",
                 message: format!(
-                    "approval `{}` was already used (by request {}); approvals are single use, so make the call again without naming it to ask anew",
+                    "approval `{}` was used up ({} of {} use(s), last by request {}); make the call again without naming it to ask anew",
                     a.id,
+                    a.used,
+                    a.rule.uses,
                     a.used_by_request.as_deref().unwrap_or("-")
                 ),
                 id: Some(a.id),
@@ -964,6 +974,7 @@ mod tests {
             count: 1,
             grant_secs: 600,
             four_eyes: true,
+            uses: 1,
             sources: vec!["test".into()],
         }
     }
@@ -1052,6 +1063,34 @@ mod tests {
                 }
             ),
             "{again:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grant_for_three_uses_runs_three_times() {
+        let (svc, _store, _writer) = service("uses");
+        let agent = human("runner");
+        let thrice = ResolvedRule { uses: 3, ..rule() };
+        let Gate::Pending(a) = svc.gate(&action(&agent, b"{}", "r0"), &thrice, None).await else {
+            panic!("a new request waits");
+        };
+        svc.decide(&a.id, &human("bob"), true, "ok").await.unwrap();
+        for i in 1..=3 {
+            let g = svc
+                .gate(
+                    &action(&agent, b"{}", &format!("r{i}")),
+                    &thrice,
+                    Some(&a.id),
+                )
+                .await;
+            assert!(matches!(&g, Gate::Proceed(p) if p.used == i), "{g:?}");
+        }
+        let g = svc
+            .gate(&action(&agent, b"{}", "r4"), &thrice, Some(&a.id))
+            .await;
+        assert!(
+            matches!(&g, Gate::Refused { code: "approval_used", message, .. } if message.contains("3 of 3")),
+            "{g:?}"
         );
     }
 

@@ -86,6 +86,7 @@ pub mod raw {
         pub wait: Option<String>,
         pub hold: Option<String>,
         pub four_eyes: Option<bool>,
+        pub uses: Option<u32>,
         pub link: Option<String>,
         #[serde(default)]
         pub webhooks: Vec<ApprovalWebhook>,
@@ -1780,6 +1781,12 @@ fn approvals(raw: raw::Approvals, issuer: &str) -> Result<ApprovalsConfig, Strin
             "key `approvals.count`: {count} must be from 1 to 10"
         ));
     }
+    let uses = raw.uses.unwrap_or(1);
+    if !(1..=100).contains(&uses) {
+        return Err(format!(
+            "key `approvals.uses`: {uses} must be from 1 to 100 (how often an approved call may run)"
+        ));
+    }
     let hold_secs = match raw.hold.as_deref().map(str::trim) {
         None | Some("0") | Some("0s") => 0,
         Some(t) => parse_duration(t).map_err(|e| format!("key `approvals.hold`: {e}"))?,
@@ -1834,6 +1841,7 @@ fn approvals(raw: raw::Approvals, issuer: &str) -> Result<ApprovalsConfig, Strin
                 palisade_core::approval::MAX_GRANT_SECS,
             )?,
             four_eyes: raw.four_eyes.unwrap_or(true),
+            uses,
             sources: vec!["config:approvals".into()],
         },
         wait_secs: duration("wait", raw.wait, 3600, 7 * 86_400)?,

@@ -76,6 +76,9 @@ pub struct ApprovalRule {
     /// Whether the human the agent acts for is barred from approving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub four_eyes: Option<bool>,
+    /// How many times the approved call may run within the grant (default 1: single use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
     /// Where it comes from: a policy id, or `config:approvals.destructive`.
     pub source: String,
 }
@@ -91,8 +94,15 @@ pub struct ResolvedRule {
     pub grant_secs: u64,
     /// Whether the initiating human is barred from approving.
     pub four_eyes: bool,
+    /// How many times the approved call may run within the grant (at least 1).
+    #[serde(default = "one")]
+    pub uses: u32,
     /// The policies (or configuration) that asked for it.
     pub sources: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ApprovalRule {
@@ -107,6 +117,7 @@ impl ApprovalRule {
             count: self.count.unwrap_or(defaults.count).max(1),
             grant_secs: self.grant_secs.unwrap_or(defaults.grant_secs),
             four_eyes: self.four_eyes.unwrap_or(defaults.four_eyes),
+            uses: self.uses.unwrap_or(defaults.uses).max(1),
             sources: vec![self.source.clone()],
         }
     }
@@ -147,6 +158,7 @@ pub fn requirement(
         out.count = out.count.max(r.count);
         out.grant_secs = out.grant_secs.min(r.grant_secs);
         out.four_eyes |= r.four_eyes;
+        out.uses = out.uses.min(r.uses);
         out.sources.extend(r.sources.iter().cloned());
     }
     Some(out)
@@ -164,6 +176,7 @@ impl ResolvedRule {
             && self.count == other.count
             && self.grant_secs == other.grant_secs
             && self.four_eyes == other.four_eyes
+            && self.uses == other.uses
     }
 }
 
@@ -260,6 +273,7 @@ mod tests {
             count: 1,
             grant_secs: 60,
             four_eyes,
+            uses: 1,
             sources: vec!["t".into()],
         }
     }
@@ -321,6 +335,7 @@ mod tests {
             count: None,
             grant_secs: Some(600),
             four_eyes: None,
+            uses: Some(3),
             source: "a".into(),
         };
         let b = ApprovalRule {
@@ -330,6 +345,7 @@ mod tests {
             count: Some(2),
             grant_secs: Some(60),
             four_eyes: Some(false),
+            uses: None,
             source: "b".into(),
         };
         let defaults = rule("team:ops", true);
@@ -337,6 +353,7 @@ mod tests {
         let r = requirement(&[a.clone(), b.clone()], false, &defaults).unwrap();
         assert_eq!(r.approvers.len(), 2);
         assert_eq!((r.count, r.grant_secs, r.four_eyes), (2, 60, true));
+        assert_eq!(r.uses, 1, "b's default single use wins over a's three");
         assert_eq!(r.sources, vec!["a".to_string(), "b".to_string()]);
         // The destructive default is a floor, but its approvers give way to the permit's.
         let lax = ApprovalRule {

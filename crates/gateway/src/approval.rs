@@ -87,6 +87,8 @@ pub fn summary(a: &Approval, link: &str) -> Value {
         "approvers": a.rule.approvers.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "required": a.rule.count,
         "approved": a.approvals(),
+        "uses": a.rule.uses,
+        "used": a.used,
         "expires_at": a.expires_at_text(),
         "link": link,
     })

@@ -264,11 +264,17 @@ pub struct PolicyEngine {
 
 /// The approval requirement a permit states with annotations: `@approval("owner, team:sre")`
 /// (required, and who may approve), optionally `@approval_count("2")`,
-/// `@approval_grant("10m")` (how long the approval stays usable) and
-/// `@approval_four_eyes("false")`.
+/// `@approval_grant("10m")` (how long the approval stays usable),
+/// `@approval_four_eyes("false")` and `@approval_uses("3")` (how often the approved call may run
+/// within the grant; default once).
 fn approval_annotations(id: &str, policy: &Policy) -> Result<Option<ApprovalRule>, String> {
     let get = |k: &str| policy.annotation(k).map(str::trim);
-    let extra = ["approval_count", "approval_grant", "approval_four_eyes"];
+    let extra = [
+        "approval_count",
+        "approval_grant",
+        "approval_four_eyes",
+        "approval_uses",
+    ];
     let Some(approvers) = get("approval") else {
         if let Some(k) = extra.iter().find(|k| get(k).is_some()) {
             return Err(format!(
@@ -315,11 +321,18 @@ fn approval_annotations(id: &str, policy: &Policy) -> Result<Option<ApprovalRule
             ));
         }
     };
+    let uses = match get("approval_uses") {
+        None => None,
+        Some(u) => Some(u.parse::<u32>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(
+            || format!("`@approval_uses(\"{u}\")` must be a number from 1 to 100 (how often the approved call may run)"),
+        )?),
+    };
     Ok(Some(ApprovalRule {
         approvers,
         count,
         grant_secs,
         four_eyes,
+        uses,
         source: id.to_string(),
     }))
 }
