@@ -48,8 +48,10 @@ pub enum ApprovalStatus {
     Denied,
     /// No decision in time, or the grant was not used in time.
     Expired,
-    /// The approved call went through (single use).
+    /// The approved call went through (as often as the rule allows).
     Used,
+    /// The agent's client withdrew it before a decision (its user declined).
+    Withdrawn,
 }
 
 impl ApprovalStatus {
@@ -61,6 +63,7 @@ impl ApprovalStatus {
             Self::Denied => "denied",
             Self::Expired => "expired",
             Self::Used => "used",
+            Self::Withdrawn => "withdrawn",
         }
     }
 
@@ -72,6 +75,7 @@ impl ApprovalStatus {
             Self::Denied,
             Self::Expired,
             Self::Used,
+            Self::Withdrawn,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)
@@ -312,7 +316,9 @@ impl State {
                     .insert(next.binding.clone(), next.id.clone());
                 self.live.insert(next.id.clone(), next);
             }
-            ApprovalStatus::Expired | ApprovalStatus::Used => self.forget(&next),
+            ApprovalStatus::Expired | ApprovalStatus::Used | ApprovalStatus::Withdrawn => {
+                self.forget(&next)
+            }
         }
     }
 
@@ -517,7 +523,7 @@ impl Approvals {
                 ApprovalStatus::Pending | ApprovalStatus::Approved | ApprovalStatus::Denied => {
                     return self.use_or_wait(state, a, action, now).await;
                 }
-                ApprovalStatus::Expired | ApprovalStatus::Used => {}
+                ApprovalStatus::Expired | ApprovalStatus::Used | ApprovalStatus::Withdrawn => {}
             }
         }
         let waiting = state
@@ -649,6 +655,14 @@ impl Approvals {
                 ),
                 id: Some(a.id),
             },
+            ApprovalStatus::Withdrawn => Gate::Refused {
+                code: "approval_withdrawn",
+                message: format!(
+                    "approval `{}` was withdrawn at the client; make the call again without naming it to ask anew",
+                    a.id
+                ),
+                id: Some(a.id),
+            },
             ApprovalStatus::Used => Gate::Refused {
                 code: "approval_used",
                 message: format!(
@@ -661,6 +675,25 @@ impl Approvals {
                 id: Some(a.id),
             },
         })
+    }
+
+    /// The agent's side withdraws its own pending request (its client's user declined it).
+    pub async fn withdraw(&self, id: &str, agent: &Principal) -> Result<(), String> {
+        {
+            let mut state = self.state.lock().await;
+            let Some(mut a) = state.live.get(id).cloned() else {
+                return Ok(());
+            };
+            if a.agent != agent.id.to_string() || a.status != ApprovalStatus::Pending {
+                return Ok(());
+            }
+            a.status = ApprovalStatus::Withdrawn;
+            a.decided_at = Some(self.clock.now().to_rfc3339());
+            let event = self.event("approval.withdrawn", &a, Some(agent), None);
+            self.apply(&mut state, a, Some(event)).await?;
+        }
+        self.changed.notify_waiters();
+        Ok(())
     }
 
     /// Waits up to `limit` for `id` to leave pending.

@@ -105,7 +105,31 @@ struct McpSession {
     principal: String,
     started: Instant,
     last_used: Instant,
+    /// How the client can ask its user (MCP elicitation), if it can.
+    elicit: Option<Elicit>,
 }
+
+/// The elicitation mode a client declared: `url` (it opens a link for its user) or `form`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elicit {
+    /// A message and an empty form: accept or decline.
+    Form,
+    /// A message and a link (the approval's) the user may open.
+    Url,
+}
+
+/// How long a call whose client shows the approval to its user waits for the decision.
+const ELICIT_WAIT: Duration = Duration::from_secs(300);
+
+/// What a streamed tool call can send its agent while it runs: progress, and elicitations.
+#[derive(Default)]
+struct CallStream {
+    progress: Option<progress::Sink>,
+    elicit: Option<ElicitTo>,
+}
+
+/// Where elicitations of one call go: the client's mode and the call's event stream.
+type ElicitTo = (Elicit, tokio::sync::mpsc::Sender<Value>);
 
 /// MCP sessions one principal may hold; a new one beyond this replaces its oldest.
 const SESSIONS_PER_PRINCIPAL: usize = 32;
@@ -161,6 +185,9 @@ pub struct McpGateway {
     /// The vault (credentials the servers get, masked if they repeat them).
     credentials: Arc<dyn palisade_gateway::CredentialSource>,
     approvals: Option<Arc<palisade_approval::Approvals>>,
+    /// Elicitations sent to agents' clients, waiting for their answer: id → (principal, answer).
+    #[allow(clippy::type_complexity)]
+    elicitations: Mutex<HashMap<String, (String, tokio::sync::oneshot::Sender<Value>)>>,
     /// Which server listed which resource URI (`None`: more than one did, so reads of it are
     /// refused). Resources keep their URIs; tools and prompts get a `<server>__` prefix.
     resource_servers: Mutex<HashMap<String, Option<String>>>,
@@ -259,6 +286,7 @@ impl McpGateway {
             provenance,
             credentials,
             approvals,
+            elicitations: Mutex::default(),
             resource_servers: Mutex::default(),
             prompt_names: Mutex::default(),
             last_relist: Mutex::default(),
@@ -586,8 +614,11 @@ impl McpGateway {
         let id = message.get("id").cloned();
         let method = message.get("method").and_then(Value::as_str);
         let (Some(method), true) = (method, message.get("jsonrpc") == Some(&json!("2.0"))) else {
-            if id.is_some() && (message.get("result").is_some() || message.get("error").is_some()) {
-                // An answer to a server request; Palisade sends none, so there is nothing to do.
+            if let Some(id) = &id
+                && (message.get("result").is_some() || message.get("error").is_some())
+            {
+                // An answer to one of Palisade's requests (an elicitation).
+                self.take_answer(&caller, id, &message);
                 return accepted();
             }
             return rpc_error_response(
@@ -639,26 +670,32 @@ impl McpGateway {
                     .pointer("/_meta/progressToken")
                     .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
                     .cloned();
-                match (wants_progress, accepts_stream) {
-                    (Some(token), true) => {
-                        match self
-                            .call_tool_streaming(
-                                &caller,
-                                params,
-                                started,
-                                (token, trace.clone()),
-                                id.clone(),
-                            )
-                            .await
-                        {
-                            Streamed::Done(outcome) => outcome,
-                            Streamed::Stream(resp) => return resp,
-                        }
+                let elicit = session_header
+                    .as_deref()
+                    .and_then(|sid| self.session_elicits(sid));
+                if accepts_stream && (wants_progress.is_some() || elicit.is_some()) {
+                    match self
+                        .call_tool_streaming(
+                            &caller,
+                            params,
+                            started,
+                            (wants_progress, elicit, trace.clone()),
+                            id.clone(),
+                        )
+                        .await
+                    {
+                        Streamed::Done(outcome) => outcome,
+                        Streamed::Stream(resp) => return resp,
                     }
-                    _ => {
-                        self.call_tool(&caller, &params, started, None, trace.clone())
-                            .await
-                    }
+                } else {
+                    self.call_tool(
+                        &caller,
+                        &params,
+                        started,
+                        CallStream::default(),
+                        trace.clone(),
+                    )
+                    .await
                 }
             }
             "resources/list" => self.list_readables(&caller, Readable::Resources).await,
@@ -957,6 +994,11 @@ impl McpGateway {
                     principal: caller.principal.id.to_string(),
                     started: now,
                     last_used: now,
+                    elicit: match params.pointer("/capabilities/elicitation") {
+                        Some(Value::Object(m)) if m.contains_key("url") => Some(Elicit::Url),
+                        Some(Value::Object(_)) => Some(Elicit::Form),
+                        _ => None,
+                    },
                 },
             );
         }
@@ -978,6 +1020,28 @@ impl McpGateway {
             resp.headers_mut().insert("mcp-session-id", v);
         }
         resp
+    }
+
+    fn session_elicits(&self, sid: &str) -> Option<Elicit> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sid)
+            .and_then(|s| s.elicit)
+    }
+
+    /// An agent's answer to one of Palisade's requests (an elicitation): handed to the call
+    /// waiting for it, if that call is the same principal's.
+    fn take_answer(&self, caller: &Caller, id: &Value, message: &Value) {
+        let Some(key) = id.as_str() else { return };
+        let mut waiting = self.elicitations.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting
+            .get(key)
+            .is_some_and(|(who, _)| *who == caller.principal.id.to_string())
+            && let Some((_, tx)) = waiting.remove(key)
+        {
+            let _ = tx.send(message.clone());
+        }
     }
 
     fn session_belongs(&self, sid: &str, caller: &Caller) -> bool {
@@ -1661,15 +1725,21 @@ impl McpGateway {
         caller: &Caller,
         params: Value,
         started: Instant,
-        (agent_token, trace): (Value, Option<String>),
+        (agent_token, elicit, trace): (Option<Value>, Option<Elicit>, Option<String>),
         id: Value,
     ) -> Streamed {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
-        let sink = progress::Sink { agent_token, tx };
+        let stream = CallStream {
+            progress: agent_token.map(|agent_token| progress::Sink {
+                agent_token,
+                tx: tx.clone(),
+            }),
+            elicit: elicit.map(|m| (m, tx)),
+        };
         let this = self.clone();
         let caller = caller.clone();
         let mut call = tokio::spawn(async move {
-            this.call_tool(&caller, &params, started, Some(sink), trace)
+            this.call_tool(&caller, &params, started, stream, trace)
                 .await
         });
         // Progress already queued wins over a finished call, so it is not dropped.
@@ -1736,7 +1806,7 @@ impl McpGateway {
         caller: &Caller,
         params: &Value,
         started: Instant,
-        sink: Option<progress::Sink>,
+        stream: CallStream,
         trace_id: Option<String>,
     ) -> Result<Value, RpcError> {
         let mut event = AuditEvent::new("mcp.tool_call");
@@ -1759,7 +1829,9 @@ impl McpGateway {
             "session": caller.session.as_ref().map(|s| s.sid.clone()),
             "token_id": caller.token_id,
         });
-        let result = self.call_tool_inner(caller, params, &mut event, sink).await;
+        let result = self
+            .call_tool_inner(caller, params, &mut event, stream)
+            .await;
         self.finish_audited(event, result, started).await
     }
 
@@ -1768,8 +1840,12 @@ impl McpGateway {
         caller: &Caller,
         params: &Value,
         event: &mut AuditEvent,
-        sink: Option<progress::Sink>,
+        stream: CallStream,
     ) -> Result<Value, RpcError> {
+        let CallStream {
+            progress: sink,
+            elicit,
+        } = stream;
         let name = params
             .get("name")
             .and_then(Value::as_str)
@@ -1934,7 +2010,7 @@ impl McpGateway {
                     caller,
                     params,
                     event,
-                    (&rule, claimed),
+                    (&rule, claimed, elicit),
                     (server_name, tool_name, class),
                 )
                 .await?
@@ -1985,7 +2061,11 @@ impl McpGateway {
         caller: &Caller,
         params: &Value,
         event: &mut AuditEvent,
-        (rule, claimed): (&palisade_core::approval::ResolvedRule, Option<&str>),
+        (rule, claimed, elicit): (
+            &palisade_core::approval::ResolvedRule,
+            Option<&str>,
+            Option<ElicitTo>,
+        ),
         (server_name, tool_name, class): (&str, &str, ActionClass),
     ) -> Result<Option<Value>, RpcError> {
         let Some(approvals) = self.approvals.clone() else {
@@ -2036,6 +2116,38 @@ impl McpGateway {
             let id = a.id.clone();
             gate = approvals.gate(&action, rule, Some(&id)).await;
         }
+        // A client that can ask its user shows the request (and, in URL mode, the approval
+        // link) while the call waits for the decision; declining withdraws the request.
+        // Accepting approves nothing: only approvers decide, with their own tokens.
+        if let (palisade_approval::Gate::Pending(a), Some((mode, tx))) = (&gate, elicit) {
+            let what = format!("tool `{server_name}{SEPARATOR}{tool_name}`");
+            if self
+                .elicit_approval(caller, a, (mode, tx), &approvals, &what)
+                .await
+            {
+                let withdrawn = approvals.withdraw(&a.id, &caller.principal).await;
+                event.detail["approval"] = json!({ "id": a.id, "refused": "approval_withdrawn" });
+                return Err(match withdrawn {
+                    Ok(()) => RpcError {
+                        code: FORBIDDEN,
+                        message: format!(
+                            "the call was withdrawn at the client before approval `{}` was decided; it did not run",
+                            a.id
+                        ),
+                        data: Some(json!({ "error": "approval_withdrawn", "approval_id": a.id })),
+                    },
+                    Err(e) => RpcError::new(-32603, e),
+                });
+            }
+            if caller.session.as_ref().is_some_and(|s| s.is_ended()) {
+                return Err(RpcError::new(
+                    FORBIDDEN,
+                    "the session ended while the call waited for approval".into(),
+                ));
+            }
+            let id = a.id.clone();
+            gate = approvals.gate(&action, rule, Some(&id)).await;
+        }
         match gate {
             palisade_approval::Gate::Proceed(a) => {
                 event.detail["approval"] =
@@ -2080,6 +2192,85 @@ impl McpGateway {
                 ))
             }
         }
+    }
+
+    /// Shows a waiting approval to the client's user (MCP elicitation) and waits, up to
+    /// [`ELICIT_WAIT`], for the decision or the user's answer; true when the user declined or
+    /// cancelled (the request is to be withdrawn).
+    async fn elicit_approval(
+        &self,
+        caller: &Caller,
+        a: &palisade_approval::Approval,
+        (mode, tx): ElicitTo,
+        approvals: &palisade_approval::Approvals,
+        what: &str,
+    ) -> bool {
+        let eid = match palisade_core::secret::random_id::<12>() {
+            Ok(r) => format!("palisade-elicit-{r}"),
+            Err(_) => return false,
+        };
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        self.elicitations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(eid.clone(), (caller.principal.id.to_string(), answer_tx));
+        let link = approvals.link(&a.id);
+        let message = format!(
+            "{}. Approvers decide at {link}. Decline to withdraw the call.",
+            palisade_gateway::approval::waiting_message(a, what)
+        );
+        let params = match mode {
+            Elicit::Url => json!({
+                "mode": "url",
+                "message": message,
+                "url": link,
+                "elicitationId": a.id,
+            }),
+            Elicit::Form => json!({
+                "message": message,
+                "requestedSchema": { "type": "object", "properties": {} },
+            }),
+        };
+        let request = json!({ "jsonrpc": "2.0", "id": eid, "method": "elicitation/create", "params": params });
+        let forget = || {
+            self.elicitations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&eid);
+        };
+        if tx.send(request).await.is_err() {
+            forget();
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + ELICIT_WAIT;
+        let declined = tokio::select! {
+            answer = answer_rx => {
+                let action = answer
+                    .ok()
+                    .and_then(|m| m.pointer("/result/action").and_then(Value::as_str).map(str::to_string));
+                match action.as_deref() {
+                    Some("decline" | "cancel") => true,
+                    Some(_) => {
+                        approvals
+                            .wait(&a.id, deadline.saturating_duration_since(tokio::time::Instant::now()))
+                            .await;
+                        false
+                    }
+                    // An error answer (the client cannot ask now): the agent is told it waits.
+                    None => false,
+                }
+            }
+            () = approvals.wait(&a.id, ELICIT_WAIT) => false,
+        };
+        forget();
+        if mode == Elicit::Url && !declined {
+            let _ = tx.try_send(json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/elicitation/complete",
+                "params": { "elicitationId": a.id },
+            }));
+        }
+        declined
     }
 
     /// What a tool result, resource or prompt brings to the agent: inspected under the

@@ -95,7 +95,7 @@ enum Command {
 enum ApprovalsCmd {
     /// Approval requests, newest first (with PALISADE_APPROVER_TOKEN set: those you may decide).
     List {
-        /// pending, approved, denied, expired, used or all.
+        /// pending, approved, denied, expired, used, withdrawn or all.
         #[arg(long, default_value = "pending")]
         status: String,
         /// At most this many.

@@ -882,5 +882,81 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     let mut sorted = calls.clone();
     sorted.sort();
     assert_eq!(sorted, vec![200, 428, 428], "{calls:?}");
+
+    // A client that can ask its user (MCP elicitation, URL mode) shows the waiting call with the
+    // approval link. The user declines: the request is withdrawn and the call does not run.
+    git(&["add", "notes.txt"]);
+    let elicit = |answer: &str| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/elicit_client.py");
+        std::process::Command::new(&python)
+            .arg(script)
+            .arg(&mcp)
+            .arg(&token)
+            .arg(reset[0].to_string())
+            .arg(answer)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = elicit("decline").wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = &seen["elicitations"][0];
+    assert_eq!(shown["mode"], "url", "{seen}");
+    let link = shown["url"].as_str().unwrap().to_string();
+    assert!(link.contains("/api/v1/approvals/apr_"), "{seen}");
+    let withdrawn_id = link.rsplit('/').next().unwrap().to_string();
+    assert_eq!(seen["call"]["ok"], false, "{seen}");
+    assert!(
+        seen["call"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("withdrawn"),
+        "{seen}"
+    );
+    let (_, shown) = h
+        .api(Method::GET, &format!("/approvals/{withdrawn_id}"), None)
+        .await;
+    assert_eq!(shown["status"], "withdrawn");
+    assert!(git(&["diff", "--cached", "--name-only"]).contains("notes.txt"));
+
+    // The user accepts (opens the link): the call waits on the line, alice approves, and the
+    // call runs and answers, all in one tools/call.
+    let child = elicit("accept");
+    let mut waiting = None;
+    for _ in 0..200 {
+        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
+        if let Some(i) = pending["items"][0]["id"].as_str() {
+            waiting = Some(i.to_string());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let waiting = waiting.expect("a pending approval");
+    assert_ne!(waiting, withdrawn_id);
+    // Give the client time to show it, then decide.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (s, approved) = decide(&h, &alice, &waiting, "approve", "go ahead").await;
+    assert_eq!(s, 200, "{approved}");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["elicitations"].as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(seen["call"]["is_error"], false, "{seen}");
+    assert!(
+        !git(&["diff", "--cached", "--name-only"]).contains("notes.txt"),
+        "git_reset ran after the approval"
+    );
     h.server.stop().await;
 }

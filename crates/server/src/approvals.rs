@@ -104,7 +104,7 @@ pub async fn list(
                     StatusCode::BAD_REQUEST,
                     "invalid_field",
                     &format!(
-                        "status: `{s}` is unknown; use pending, approved, denied, expired, used or all"
+                        "status: `{s}` is unknown; use pending, approved, denied, expired, used, withdrawn or all"
                     ),
                     Some("status"),
                 );
