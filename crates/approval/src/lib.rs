@@ -316,9 +316,13 @@ impl State {
                     .insert(next.binding.clone(), next.id.clone());
                 self.live.insert(next.id.clone(), next);
             }
-            ApprovalStatus::Expired | ApprovalStatus::Used | ApprovalStatus::Withdrawn => {
-                self.forget(&next)
+            ApprovalStatus::Withdrawn => {
+                if self.by_binding.get(&next.binding) == Some(&next.id) {
+                    self.by_binding.remove(&next.binding);
+                }
+                self.live.insert(next.id.clone(), next);
             }
+            ApprovalStatus::Expired | ApprovalStatus::Used => self.forget(&next),
         }
     }
 
@@ -357,6 +361,7 @@ impl Approvals {
             ApprovalStatus::Pending,
             ApprovalStatus::Approved,
             ApprovalStatus::Denied,
+            ApprovalStatus::Withdrawn,
         ] {
             let rows = store
                 .approvals(Some(status.as_str()), usize::MAX >> 1)
@@ -366,7 +371,9 @@ impl Approvals {
                     .map_err(|e| format!("a stored approval is unreadable: {e}"))?;
                 // Denials older than their window are history; pending and approved ones past
                 // their deadline are expired (and audited) by the first sweep.
-                if status == ApprovalStatus::Denied && a.expires_at <= now {
+                if matches!(status, ApprovalStatus::Denied | ApprovalStatus::Withdrawn)
+                    && a.expires_at <= now
+                {
                     continue;
                 }
                 state.put(a);
@@ -529,13 +536,18 @@ impl Approvals {
         let waiting = state
             .live
             .values()
-            .filter(|a| a.agent == agent && a.status == ApprovalStatus::Pending)
+            .filter(|a| {
+                a.agent == agent
+                    && (a.status == ApprovalStatus::Pending
+                        || (a.status == ApprovalStatus::Withdrawn
+                            && now.unix_seconds() < a.expires_at))
+            })
             .count();
         if waiting >= MAX_PENDING_PER_AGENT {
             return Ok(Gate::Refused {
                 code: "too_many_pending",
                 message: format!(
-                    "{agent} already has {waiting} approval requests waiting, its limit; wait for decisions before asking for more"
+                    "{agent} already has {waiting} approval requests waiting or recently withdrawn, its limit; wait for decisions before asking for more"
                 ),
                 id: None,
             });
@@ -603,7 +615,9 @@ impl Approvals {
                 event.detail["superseded"] = json!(true);
             }
             self.apply(state, a.clone(), Some(event)).await?;
-        } else if a.status == ApprovalStatus::Denied && now.unix_seconds() >= a.expires_at {
+        } else if matches!(a.status, ApprovalStatus::Denied | ApprovalStatus::Withdrawn)
+            && now.unix_seconds() >= a.expires_at
+        {
             // The denial stops answering retries; the record stays denied.
             state.forget(&a);
         }
@@ -677,23 +691,33 @@ impl Approvals {
         })
     }
 
-    /// The agent's side withdraws its own pending request (its client's user declined it).
-    pub async fn withdraw(&self, id: &str, agent: &Principal) -> Result<(), String> {
-        {
+    /// The agent's side withdraws its own request (its client's user declined, or it left):
+    /// a pending one, or an approved one not used yet. Returns the status it ends with. A
+    /// withdrawn request still counts toward the agent's waiting requests until `wait` passes,
+    /// so declining cannot be used to flood approvers.
+    pub async fn withdraw(&self, id: &str, agent: &Principal) -> Result<ApprovalStatus, String> {
+        let status = {
             let mut state = self.state.lock().await;
             let Some(mut a) = state.live.get(id).cloned() else {
-                return Ok(());
+                return Ok(self
+                    .stored(id)?
+                    .map_or(ApprovalStatus::Expired, |a| a.status));
             };
-            if a.agent != agent.id.to_string() || a.status != ApprovalStatus::Pending {
-                return Ok(());
+            let open = a.status == ApprovalStatus::Pending
+                || (a.status == ApprovalStatus::Approved && a.used == 0);
+            if a.agent != agent.id.to_string() || !open {
+                return Ok(a.status);
             }
+            let now = self.clock.now();
             a.status = ApprovalStatus::Withdrawn;
-            a.decided_at = Some(self.clock.now().to_rfc3339());
+            a.decided_at = Some(now.to_rfc3339());
+            a.expires_at = deadline(now, self.settings.wait_secs);
             let event = self.event("approval.withdrawn", &a, Some(agent), None);
             self.apply(&mut state, a, Some(event)).await?;
-        }
+            ApprovalStatus::Withdrawn
+        };
         self.changed.notify_waiters();
-        Ok(())
+        Ok(status)
     }
 
     /// Waits up to `limit` for `id` to leave pending.

@@ -128,7 +128,7 @@ pub const MAX_GRANT_SECS: u64 = 86_400;
 
 /// The requirement for one action: each determining permit's (unset fields from the defaults)
 /// and, when `destructive_default` applies, the configured default, combined so that none is
-/// weakened: the largest count, the shortest grant, four eyes if any asks. Approvers are the
+/// weakened: the largest count, the shortest grant, the fewest uses, four eyes if any asks. Approvers are the
 /// permits' (any of them may approve), or the default's when no permit names any.
 pub fn requirement(
     policies: &[ApprovalRule],

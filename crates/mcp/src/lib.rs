@@ -101,6 +101,16 @@ pub const RATE_LIMITED: i64 = -32002;
 /// step-up challenge). Only Palisade sets it: upstream errors with Palisade's codes are remapped.
 pub const INSUFFICIENT_SCOPE: i64 = -32003;
 
+/// The bearer token of a request, if it has one.
+fn bearer_of(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.split_once(' '))
+        .filter(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty())
+        .map(|(_, t)| t.trim().to_string())
+}
+
 struct McpSession {
     principal: String,
     started: Instant,
@@ -126,10 +136,17 @@ const ELICIT_WAIT: Duration = Duration::from_secs(300);
 struct CallStream {
     progress: Option<progress::Sink>,
     elicit: Option<ElicitTo>,
+    /// The bearer token, to check again after a wait.
+    token: Option<String>,
 }
 
-/// Where elicitations of one call go: the client's mode and the call's event stream.
-type ElicitTo = (Elicit, tokio::sync::mpsc::Sender<Value>);
+/// Where elicitations of one call go: the client's mode, the call's event stream, and a flag
+/// that turns true when the client left (a send failed, or it cancelled the request).
+type ElicitTo = (
+    Elicit,
+    tokio::sync::mpsc::Sender<Value>,
+    tokio::sync::watch::Receiver<bool>,
+);
 
 /// MCP sessions one principal may hold; a new one beyond this replaces its oldest.
 const SESSIONS_PER_PRINCIPAL: usize = 32;
@@ -188,6 +205,9 @@ pub struct McpGateway {
     /// Elicitations sent to agents' clients, waiting for their answer: id → (principal, answer).
     #[allow(clippy::type_complexity)]
     elicitations: Mutex<HashMap<String, (String, tokio::sync::oneshot::Sender<Value>)>>,
+    /// Streamed calls by (principal, request id): set to true when the agent cancels one.
+    #[allow(clippy::type_complexity)]
+    cancels: Mutex<HashMap<(String, String), Arc<tokio::sync::watch::Sender<bool>>>>,
     /// Which server listed which resource URI (`None`: more than one did, so reads of it are
     /// refused). Resources keep their URIs; tools and prompts get a `<server>__` prefix.
     resource_servers: Mutex<HashMap<String, Option<String>>>,
@@ -287,6 +307,7 @@ impl McpGateway {
             credentials,
             approvals,
             elicitations: Mutex::default(),
+            cancels: Mutex::default(),
             resource_servers: Mutex::default(),
             prompt_names: Mutex::default(),
             last_relist: Mutex::default(),
@@ -522,6 +543,7 @@ impl McpGateway {
         started: Instant,
     ) -> Response<Body> {
         let caller = caller.clone();
+        let bearer = bearer_of(req.headers());
         let session_header = req
             .headers()
             .get("mcp-session-id")
@@ -631,7 +653,18 @@ impl McpGateway {
         };
         let params = message.get("params").cloned().unwrap_or_else(|| json!({}));
         let Some(id) = id else {
-            // A notification (initialized, cancelled, ...): acknowledged, nothing to answer.
+            // A notification (initialized, cancelled, ...): acknowledged, nothing to answer. A
+            // cancelled call that waits for an approval withdraws it.
+            if method == "notifications/cancelled"
+                && let Some(rid) = params.get("requestId")
+                && let Some(flag) = self
+                    .cancels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(caller.principal.id.to_string(), rid.to_string()))
+            {
+                let _ = flag.send(true);
+            }
             return accepted();
         };
         if method == "initialize" {
@@ -679,7 +712,7 @@ impl McpGateway {
                             &caller,
                             params,
                             started,
-                            (wants_progress, elicit, trace.clone()),
+                            (wants_progress, elicit, trace.clone(), bearer.clone()),
                             id.clone(),
                         )
                         .await
@@ -692,7 +725,10 @@ impl McpGateway {
                         &caller,
                         &params,
                         started,
-                        CallStream::default(),
+                        CallStream {
+                            token: bearer.clone(),
+                            ..CallStream::default()
+                        },
                         trace.clone(),
                     )
                     .await
@@ -905,12 +941,8 @@ impl McpGateway {
     }
 
     fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, Box<Response<Body>>> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|t| t.split_once(' '))
-            .filter(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty())
-            .map(|(_, t)| t.trim());
+        let token = bearer_of(headers);
+        let token = token.as_deref();
         let challenge = |error: Option<&str>| {
             let mut value = format!(
                 r#"Bearer realm="palisade", resource_metadata="{}""#,
@@ -1725,22 +1757,44 @@ impl McpGateway {
         caller: &Caller,
         params: Value,
         started: Instant,
-        (agent_token, elicit, trace): (Option<Value>, Option<Elicit>, Option<String>),
+        (agent_token, elicit, trace, token): (
+            Option<Value>,
+            Option<Elicit>,
+            Option<String>,
+            Option<String>,
+        ),
         id: Value,
     ) -> Streamed {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
+        // Turns true when the agent leaves: a send fails, or it cancels this request.
+        let (gone_tx, gone_rx) = tokio::sync::watch::channel(false);
+        let gone_tx = Arc::new(gone_tx);
+        let cancel_key = (caller.principal.id.to_string(), id.to_string());
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cancel_key.clone(), gone_tx.clone());
         let stream = CallStream {
             progress: agent_token.map(|agent_token| progress::Sink {
                 agent_token,
                 tx: tx.clone(),
             }),
-            elicit: elicit.map(|m| (m, tx)),
+            elicit: elicit.map(|m| (m, tx, gone_rx)),
+            token,
         };
         let this = self.clone();
         let caller = caller.clone();
+        let cancels = self.clone();
         let mut call = tokio::spawn(async move {
-            this.call_tool(&caller, &params, started, stream, trace)
-                .await
+            let out = this
+                .call_tool(&caller, &params, started, stream, trace)
+                .await;
+            cancels
+                .cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&cancel_key);
+            out
         });
         // Progress already queued wins over a finished call, so it is not dropped.
         let first = tokio::select! {
@@ -1759,8 +1813,14 @@ impl McpGateway {
                 body_tx.send(Ok::<_, std::io::Error>(bytes::Bytes::from(event)))
             };
             if send(&first).await.is_err() {
+                let _ = gone_tx.send(true);
+                let _ = call.await;
                 return;
             }
+            // A comment every 15 s keeps proxies and clients from timing out a call that waits
+            // (for an approval), and finds out when the agent left.
+            let mut keepalive = tokio::time::interval(Duration::from_secs(15));
+            keepalive.reset();
             let outcome = loop {
                 tokio::select! {
                     biased;
@@ -1768,12 +1828,21 @@ impl McpGateway {
                     next = rx.recv() => match next {
                         Some(note) => {
                             if send(&note).await.is_err() {
-                                // The agent left; the call still finishes and is audited.
+                                // The agent left: a waiting approval is withdrawn; a running
+                                // call still finishes and is audited.
+                                let _ = gone_tx.send(true);
                                 break joined(call.await);
                             }
                         }
                         None => break joined(call.await),
                     },
+                    _ = keepalive.tick() => {
+                        let ping = bytes::Bytes::from_static(b": keep-alive\n\n");
+                        if body_tx.send(Ok(ping)).await.is_err() {
+                            let _ = gone_tx.send(true);
+                            break joined(call.await);
+                        }
+                    }
                 }
             };
             // Progress that arrived before the result goes out before it (the select above
@@ -1845,6 +1914,7 @@ impl McpGateway {
         let CallStream {
             progress: sink,
             elicit,
+            token,
         } = stream;
         let name = params
             .get("name")
@@ -2010,7 +2080,7 @@ impl McpGateway {
                     caller,
                     params,
                     event,
-                    (&rule, claimed, elicit),
+                    (&rule, claimed, elicit, token.as_deref()),
                     (server_name, tool_name, class),
                 )
                 .await?
@@ -2061,10 +2131,11 @@ impl McpGateway {
         caller: &Caller,
         params: &Value,
         event: &mut AuditEvent,
-        (rule, claimed, elicit): (
+        (rule, claimed, elicit, token): (
             &palisade_core::approval::ResolvedRule,
             Option<&str>,
             Option<ElicitTo>,
+            Option<&str>,
         ),
         (server_name, tool_name, class): (&str, &str, ActionClass),
     ) -> Result<Option<Value>, RpcError> {
@@ -2102,51 +2173,48 @@ impl McpGateway {
             reasoning: event.reasoning.as_ref().map(|r| r.text.clone()),
             request_id: &request_id,
         };
+        let elicit_was = elicit.is_some();
         let mut gate = approvals.gate(&action, rule, claimed).await;
         let hold = self.config.approvals.hold_secs;
-        if let (palisade_approval::Gate::Pending(a), true) = (&gate, hold > 0) {
-            approvals.wait(&a.id, Duration::from_secs(hold)).await;
-            // While held, the session may have ended (killed, revoked, suspended).
-            if caller.session.as_ref().is_some_and(|s| s.is_ended()) {
-                return Err(RpcError::new(
-                    -32001,
-                    "the session ended while the call waited for approval".into(),
-                ));
-            }
+        if let palisade_approval::Gate::Pending(a) = &gate {
             let id = a.id.clone();
-            gate = approvals.gate(&action, rule, Some(&id)).await;
-        }
-        // A client that can ask its user shows the request (and, in URL mode, the approval
-        // link) while the call waits for the decision; declining withdraws the request.
-        // Accepting approves nothing: only approvers decide, with their own tokens.
-        if let (palisade_approval::Gate::Pending(a), Some((mode, tx))) = (&gate, elicit) {
-            let what = format!("tool `{server_name}{SEPARATOR}{tool_name}`");
-            if self
-                .elicit_approval(caller, a, (mode, tx), &approvals, &what)
-                .await
-            {
-                let withdrawn = approvals.withdraw(&a.id, &caller.principal).await;
-                event.detail["approval"] = json!({ "id": a.id, "refused": "approval_withdrawn" });
-                return Err(match withdrawn {
-                    Ok(()) => RpcError {
-                        code: FORBIDDEN,
-                        message: format!(
-                            "the call was withdrawn at the client before approval `{}` was decided; it did not run",
-                            a.id
-                        ),
-                        data: Some(json!({ "error": "approval_withdrawn", "approval_id": a.id })),
-                    },
-                    Err(e) => RpcError::new(-32603, e),
-                });
+            match elicit {
+                // A client that can ask its user shows the request (and, in URL mode, the
+                // approval link) while the call waits for the decision; declining, or leaving,
+                // withdraws it. Accepting approves nothing: only approvers decide, with their
+                // own tokens.
+                Some(to) => {
+                    let what = format!("tool `{server_name}{SEPARATOR}{tool_name}`");
+                    if self.elicit_approval(caller, a, to, &approvals, &what).await {
+                        let status = approvals
+                            .withdraw(&id, &caller.principal)
+                            .await
+                            .map_err(|e| RpcError::new(-32603, e))?;
+                        if status == palisade_approval::ApprovalStatus::Withdrawn {
+                            event.detail["approval"] =
+                                json!({ "id": id, "refused": "approval_withdrawn" });
+                            return Err(RpcError {
+                                code: FORBIDDEN,
+                                message: format!(
+                                    "the call was withdrawn at the client before approval `{id}` was used; it did not run"
+                                ),
+                                data: Some(
+                                    json!({ "error": "approval_withdrawn", "approval_id": id }),
+                                ),
+                            });
+                        }
+                    }
+                }
+                None if hold > 0 => {
+                    approvals.wait(&id, Duration::from_secs(hold)).await;
+                }
+                None => {}
             }
-            if caller.session.as_ref().is_some_and(|s| s.is_ended()) {
-                return Err(RpcError::new(
-                    FORBIDDEN,
-                    "the session ended while the call waited for approval".into(),
-                ));
+            if elicit_was || hold > 0 {
+                // While it waited, the session may have ended or the token been revoked.
+                self.still_live(caller, token)?;
+                gate = approvals.gate(&action, rule, Some(&id)).await;
             }
-            let id = a.id.clone();
-            gate = approvals.gate(&action, rule, Some(&id)).await;
         }
         match gate {
             palisade_approval::Gate::Proceed(a) => {
@@ -2194,14 +2262,32 @@ impl McpGateway {
         }
     }
 
+    /// After a wait: the session still live and the token still good (not revoked, the agent
+    /// not suspended), as the HTTP gateway checks before forwarding a held call.
+    fn still_live(&self, caller: &Caller, token: Option<&str>) -> Result<(), RpcError> {
+        let ended = caller.session.as_ref().is_some_and(|s| s.is_ended());
+        let revoked = token.is_some_and(|t| {
+            self.auth
+                .authenticate(t, &self.config.mcp.audience)
+                .is_err()
+        });
+        if ended || revoked {
+            return Err(RpcError::new(
+                FORBIDDEN,
+                "the token or its session ended while the call waited for approval".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Shows a waiting approval to the client's user (MCP elicitation) and waits, up to
-    /// [`ELICIT_WAIT`], for the decision or the user's answer; true when the user declined or
-    /// cancelled (the request is to be withdrawn).
+    /// [`ELICIT_WAIT`], for the decision; true when the user declined or the client left (the
+    /// request is to be withdrawn). `cancel` (dismissed without a choice) keeps waiting.
     async fn elicit_approval(
         &self,
         caller: &Caller,
         a: &palisade_approval::Approval,
-        (mode, tx): ElicitTo,
+        (mode, tx, mut gone): ElicitTo,
         approvals: &palisade_approval::Approvals,
         what: &str,
     ) -> bool {
@@ -2214,63 +2300,81 @@ impl McpGateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(eid.clone(), (caller.principal.id.to_string(), answer_tx));
+        // The entry goes however this ends (answered, decided, timed out, or dropped).
+        struct Forget<'a>(&'a McpGateway, &'a str);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .elicitations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(self.1);
+            }
+        }
+        let _forget = Forget(self, &eid);
         let link = approvals.link(&a.id);
         let message = format!(
             "{}. Approvers decide at {link}. Decline to withdraw the call.",
             palisade_gateway::approval::waiting_message(a, what)
         );
-        let params = match mode {
-            Elicit::Url => json!({
-                "mode": "url",
-                "message": message,
-                "url": link,
-                "elicitationId": a.id,
-            }),
-            Elicit::Form => json!({
+        // URL mode only for a link a person can open (a configured console page); the default
+        // link is an API route that needs an approver token.
+        let url_mode = mode == Elicit::Url && !self.config.approvals.link_derived;
+        let params = if url_mode {
+            json!({ "mode": "url", "message": message, "url": link, "elicitationId": eid })
+        } else {
+            json!({
                 "message": message,
                 "requestedSchema": { "type": "object", "properties": {} },
-            }),
+            })
         };
         let request = json!({ "jsonrpc": "2.0", "id": eid, "method": "elicitation/create", "params": params });
-        let forget = || {
-            self.elicitations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&eid);
-        };
         if tx.send(request).await.is_err() {
-            forget();
-            return false;
+            return true;
         }
         let deadline = tokio::time::Instant::now() + ELICIT_WAIT;
-        let declined = tokio::select! {
+        let left = async move {
+            while gone.changed().await.is_ok() {
+                if *gone.borrow() {
+                    return;
+                }
+            }
+            // The stream's owner is gone too.
+        };
+        tokio::pin!(left);
+        let withdraw = tokio::select! {
             answer = answer_rx => {
-                let action = answer
-                    .ok()
-                    .and_then(|m| m.pointer("/result/action").and_then(Value::as_str).map(str::to_string));
-                match action.as_deref() {
-                    Some("decline" | "cancel") => true,
-                    Some(_) => {
-                        approvals
-                            .wait(&a.id, deadline.saturating_duration_since(tokio::time::Instant::now()))
-                            .await;
-                        false
+                let action = answer.ok().and_then(|m| {
+                    m.pointer("/result/action").and_then(Value::as_str).map(str::to_string)
+                });
+                if action.as_deref() == Some("decline") {
+                    true
+                } else {
+                    // Accepted, dismissed, or the client could not ask: wait for the decision
+                    // unless the client leaves.
+                    tokio::select! {
+                        () = approvals.wait(&a.id, deadline.saturating_duration_since(tokio::time::Instant::now())) => false,
+                        () = &mut left => true,
                     }
-                    // An error answer (the client cannot ask now): the agent is told it waits.
-                    None => false,
                 }
             }
             () = approvals.wait(&a.id, ELICIT_WAIT) => false,
+            () = &mut left => true,
         };
-        forget();
-        if mode == Elicit::Url && !declined {
+        let decided = approvals
+            .get(&a.id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|x| x.status != palisade_approval::ApprovalStatus::Pending);
+        if url_mode && !withdraw && decided {
             let _ = tx.try_send(json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/elicitation/complete",
-                "params": { "elicitationId": a.id },
+                "params": { "elicitationId": eid },
             }));
         }
-        declined
+        withdraw
     }
 
     /// What a tool result, resource or prompt brings to the agent: inspected under the

@@ -693,6 +693,190 @@ permit (principal is Palisade::Agent, action == Palisade::Action::"credential", 
     h.server.stop().await;
 }
 
+/// Reads an MCP event stream until it holds `needle`; returns everything read so far.
+async fn read_until(resp: &mut reqwest::Response, seen: &mut String, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !seen.contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `{needle}` in: {seen}"
+        );
+        match tokio::time::timeout(std::time::Duration::from_secs(20), resp.chunk()).await {
+            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("the stream ended before `{needle}`: {other:?}; {seen}"),
+        }
+    }
+}
+
+/// The `id` of the `elicitation/create` request in a stream.
+fn elicitation_id(stream: &str) -> String {
+    stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|m| m["method"] == "elicitation/create")
+        .and_then(|m| m["id"].as_str().map(str::to_string))
+        .expect("an elicitation request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_elicitation_declines_cancels_and_leaving_over_raw_streamable_http() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/mutable_server.py");
+    let dir = support::temp_dir("approvals-elicit-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.txt");
+    std::fs::write(&file, "Echoes text back.").unwrap();
+    let extra = format!(
+        "[[mcp.servers]]\nname = \"notes\"\ncommand = \"python3\"\nargs = [\"{script}\", \"{}\"]\n\
+         [mcp.servers.tools.echo]\naction = \"destructive\"\n",
+        file.display()
+    );
+    let h = Harness::start_with("approvals-elicit", &extra).await;
+    set_policy(
+        &h,
+        r#"
+@id("notes.echo")
+permit (principal, action == Palisade::Action::"destructive", resource == Palisade::Tool::"notes/echo");
+"#,
+    )
+    .await;
+    add_human(&h, "alice", &[]).await;
+    let mut agent = agent_body("noter");
+    agent["allowed_resources"] = json!(["notes"]);
+    agent["scopes"] = json!(["notes:read", "notes:write"]);
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let mcp = h.url("/mcp");
+    let (_, t) = h
+        .token_request("agent:noter", secret, &[("resource", &mcp)])
+        .await;
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let (s, w) = h
+        .token_request(
+            "agent:noter",
+            secret,
+            &[
+                ("resource", &mcp),
+                ("scope", "notes:write"),
+                ("session_id", &sid),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{w}");
+    let token = w["access_token"].as_str().unwrap().to_string();
+    // A client that declares form elicitation.
+    let init = h
+        .http
+        .post(&mcp)
+        .bearer_auth(&token)
+        .header("accept", "application/json, text/event-stream")
+        .json(
+            &json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": { "elicitation": {} },
+            "clientInfo": { "name": "raw", "version": "1" } } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(init.status(), 200);
+    let msid = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let post = |body: Value| {
+        h.http
+            .post(&mcp)
+            .bearer_auth(&token)
+            .header("mcp-session-id", &msid)
+            .header("accept", "application/json, text/event-stream")
+            .json(&body)
+            .send()
+    };
+    let call = |id: u64, text: &str| {
+        json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": { "name": "notes__echo", "arguments": { "text": text } } })
+    };
+    let pending = || async {
+        let (_, p) = h.api(Method::GET, "/approvals?status=all", None).await;
+        p["items"].as_array().unwrap().clone()
+    };
+
+    // 1. The user declines: withdrawn, the call answers so.
+    let mut resp = post(call(5, "one")).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut seen = String::new();
+    read_until(&mut resp, &mut seen, "elicitation/create").await;
+    assert!(seen.contains("needs human approval"), "{seen}");
+    let eid = elicitation_id(&seen);
+    let answered = post(json!({ "jsonrpc": "2.0", "id": eid, "result": { "action": "decline" } }))
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 202);
+    read_until(&mut resp, &mut seen, "\"id\":5").await;
+    assert!(seen.contains("withdrawn at the client"), "{seen}");
+    let all = pending().await;
+    assert_eq!(all[0]["status"], "withdrawn", "{all:?}");
+
+    // 2. The agent cancels the request (notifications/cancelled): withdrawn too.
+    let mut resp = post(call(6, "two")).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut resp, &mut seen, "elicitation/create").await;
+    let cancelled = post(
+        json!({ "jsonrpc": "2.0", "method": "notifications/cancelled",
+                                 "params": { "requestId": 6 } }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cancelled.status(), 202);
+    read_until(&mut resp, &mut seen, "\"id\":6").await;
+    assert!(seen.contains("withdrawn"), "{seen}");
+
+    // 3. Dismissed (`cancel`): the call keeps waiting; alice approves; it runs and answers.
+    let mut resp = post(call(7, "three")).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut resp, &mut seen, "elicitation/create").await;
+    let eid = elicitation_id(&seen);
+    // The user dismissed it without a choice: not a withdrawal.
+    post(json!({ "jsonrpc": "2.0", "id": eid, "result": { "action": "cancel" } }))
+        .await
+        .unwrap();
+    let all = pending().await;
+    let waiting = all
+        .iter()
+        .find(|a| a["status"] == "pending")
+        .expect("still pending after cancel");
+    let id = waiting["id"].as_str().unwrap().to_string();
+    let alice = approver_token(&h, "alice").await;
+    let (s, _) = decide(&h, &alice, &id, "approve", "fine").await;
+    assert_eq!(s, 200);
+    read_until(&mut resp, &mut seen, "\"id\":7").await;
+    let last = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|m| m["id"] == 7)
+        .unwrap();
+    assert!(
+        last["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("three"),
+        "{last}"
+    );
+    // Withdrawn ones count toward the cap while `wait` lasts; the audit has them.
+    let events = audit_events(&h).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "approval.withdrawn")
+            .count(),
+        2
+    );
+    h.server.stop().await;
+}
+
 #[test]
 fn bad_approval_annotations_and_config_are_refused_with_the_fix() {
     let dir = support::temp_dir("approvals-bad-policy");
@@ -784,7 +968,8 @@ async fn an_mcp_destructive_tool_call_waits_for_approval_with_the_python_sdk() {
     let ws = workspace.display().to_string();
     let extra = format!(
         "[[mcp.servers]]\nname = \"git\"\ncommand = \"{}\"\nenv = {{ PATH = \"/usr/local/bin:/usr/bin:/bin\", HOME = \"{ws}\" }}\n\
-         [mcp.servers.tools.git_reset]\naction = \"destructive\"\narguments = {{ repo_path = \"string\" }}\n",
+         [mcp.servers.tools.git_reset]\naction = \"destructive\"\narguments = {{ repo_path = \"string\" }}\n\
+         [approvals]\nlink = \"https://console.example.com/approvals/{{id}}\"\n",
         server.display()
     );
     let h = Harness::start_with("approvals-mcp", &extra).await;
@@ -909,7 +1094,10 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     let shown = &seen["elicitations"][0];
     assert_eq!(shown["mode"], "url", "{seen}");
     let link = shown["url"].as_str().unwrap().to_string();
-    assert!(link.contains("/api/v1/approvals/apr_"), "{seen}");
+    assert!(
+        link.starts_with("https://console.example.com/approvals/apr_"),
+        "{seen}"
+    );
     let withdrawn_id = link.rsplit('/').next().unwrap().to_string();
     assert_eq!(seen["call"]["ok"], false, "{seen}");
     assert!(

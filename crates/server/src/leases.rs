@@ -301,19 +301,6 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         let rules = decision.approvals.clone();
         return issue_database(&app, &caller, (e, &headers), db, role, ttl, secret, rules).await;
     }
-    if let Err(resp) = approval_gate(
-        &app,
-        &caller,
-        &headers,
-        &mut e,
-        &decision.approvals,
-        &secret,
-        ttl,
-    )
-    .await
-    {
-        return finish(&app, e, resp).await;
-    }
     let value = match app.vault.reveal(&secret) {
         Ok(v) => v,
         Err(err) => {
@@ -336,6 +323,20 @@ pub async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes)
         );
     };
     let value = zeroize::Zeroizing::new(value);
+    // Approval last, so a grant is used only by a lease that is then made.
+    if let Err(resp) = approval_gate(
+        &app,
+        &caller,
+        &headers,
+        &mut e,
+        &decision.approvals,
+        &secret,
+        ttl,
+    )
+    .await
+    {
+        return finish(&app, e, resp).await;
+    }
     let expires_ns = expiry(&app, &caller, ttl);
     let lease_id = match app.leases.add(&caller, &secret, expires_ns, None) {
         Ok(id) => id,
@@ -549,7 +550,7 @@ pub async fn renew(
             StatusCode::CONFLICT,
             "approval_required",
             &format!(
-                "leases of `{}` need approval, which covers one lease for its TTL: ask for a new lease instead of renewing",
+                "leases of `{}` need approval, which covers leases of the approved TTL only: ask for a new lease instead of renewing",
                 lease.secret
             ),
             None,
