@@ -94,6 +94,19 @@ pub fn summary(a: &Approval, link: &str) -> Value {
     })
 }
 
+/// The `approval` member of the event of a call that used `a`: the summary and who approved.
+pub fn used(a: &Approval, link: &str) -> Value {
+    let mut v = summary(a, link);
+    v["approved_by"] = json!(
+        a.votes
+            .iter()
+            .filter(|v| v.approve)
+            .map(|v| v.approver.clone())
+            .collect::<Vec<_>>()
+    );
+    v
+}
+
 /// What the agent is told while `a` waits.
 pub fn waiting_message(a: &Approval, what: &str) -> String {
     let approvers: Vec<String> = a.rule.approvers.iter().map(ToString::to_string).collect();

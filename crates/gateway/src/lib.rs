@@ -937,13 +937,7 @@ impl Gateway {
             }
             match gate {
                 palisade_approval::Gate::Proceed(a) => {
-                    event.detail["approval"] = approval::summary(&a, &approvals.link(&a.id));
-                    event.detail["approval"]["approved_by"] = json!(
-                        a.votes
-                            .iter()
-                            .map(|v| v.approver.clone())
-                            .collect::<Vec<_>>()
-                    );
+                    event.detail["approval"] = approval::used(&a, &approvals.link(&a.id));
                     req = Request::from_parts(parts, Body::from(bytes));
                 }
                 palisade_approval::Gate::Pending(a) => {

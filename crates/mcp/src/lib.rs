@@ -2219,13 +2219,7 @@ impl McpGateway {
         match gate {
             palisade_approval::Gate::Proceed(a) => {
                 event.detail["approval"] =
-                    palisade_gateway::approval::summary(&a, &approvals.link(&a.id));
-                event.detail["approval"]["approved_by"] = json!(
-                    a.votes
-                        .iter()
-                        .map(|v| v.approver.clone())
-                        .collect::<Vec<_>>()
-                );
+                    palisade_gateway::approval::used(&a, &approvals.link(&a.id));
                 Ok(None)
             }
             palisade_approval::Gate::Pending(a) => {

@@ -401,14 +401,7 @@ async fn approval_gate(
     };
     match app.approvals.gate(&action, &rule, claimed).await {
         palisade_approval::Gate::Proceed(a) => {
-            e.detail["approval"] =
-                palisade_gateway::approval::summary(&a, &app.approvals.link(&a.id));
-            e.detail["approval"]["approved_by"] = json!(
-                a.votes
-                    .iter()
-                    .map(|v| v.approver.clone())
-                    .collect::<Vec<_>>()
-            );
+            e.detail["approval"] = palisade_gateway::approval::used(&a, &app.approvals.link(&a.id));
             Ok(())
         }
         palisade_approval::Gate::Pending(a) => {
