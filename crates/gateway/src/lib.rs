@@ -424,7 +424,7 @@ impl Gateway {
         if bytes_in.is_some_and(|n| n > route.max_body_bytes) {
             let body = json!({
                 "error": "payload_too_large",
-                "message": format!("the request body is larger than route `{}`'s limit of {} bytes", route.name, route.max_body_bytes),
+                "message": over_route_limit(route),
             });
             return self
                 .finish(
@@ -553,47 +553,20 @@ impl Gateway {
         } else if inspect_send {
             let cap = self.config.inspection.max_bytes.min(route.max_body_bytes);
             let (parts, body) = req.into_parts();
-            let bytes = match tokio::time::timeout(
-                Duration::from_secs(route.timeout_secs),
-                axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX)),
-            )
-            .await
-            {
-                Ok(Ok(b)) => b,
-                Ok(Err(_)) => {
-                    let message = if cap == route.max_body_bytes {
-                        format!(
-                            "the request body is larger than route `{}`'s limit of {} bytes",
-                            route.name, route.max_body_bytes
-                        )
-                    } else {
-                        format!(
-                            "the request body is larger than the {cap} bytes content inspection reads ([inspection] max_bytes); raise it, or set oversize = \"pass\" to forward larger bodies uninspected"
-                        )
-                    };
-                    let body = json!({ "error": "payload_too_large", "message": message });
-                    return self
-                        .finish(
-                            event,
-                            started,
-                            &request_id,
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            bytes_in,
-                            body,
-                        )
-                        .await;
+            let too_large = || {
+                if cap == route.max_body_bytes {
+                    over_route_limit(route)
+                } else {
+                    format!(
+                        "the request body is larger than the {cap} bytes content inspection reads ([inspection] max_bytes); raise it, or set oversize = \"pass\" to forward larger bodies uninspected"
+                    )
                 }
-                Err(_) => {
-                    let body = json!({ "error": "request_timeout", "message": format!("the request body did not arrive within {}s", route.timeout_secs) });
+            };
+            let bytes = match buffer_body(body, cap, route, too_large).await {
+                Ok(b) => b,
+                Err((status, body)) => {
                     return self
-                        .finish(
-                            event,
-                            started,
-                            &request_id,
-                            StatusCode::REQUEST_TIMEOUT,
-                            bytes_in,
-                            body,
-                        )
+                        .finish(event, started, &request_id, status, bytes_in, body)
                         .await;
                 }
             };
@@ -849,41 +822,15 @@ impl Gateway {
                     .await;
             };
             let (parts, body) = req.into_parts();
-            let limit = usize::try_from(route.max_body_bytes).unwrap_or(usize::MAX);
-            let bytes = match tokio::time::timeout(
-                Duration::from_secs(route.timeout_secs),
-                axum::body::to_bytes(body, limit),
-            )
+            let bytes = match buffer_body(body, route.max_body_bytes, route, || {
+                over_route_limit(route)
+            })
             .await
             {
-                Ok(Ok(b)) => b,
-                Ok(Err(_)) => {
-                    let body = json!({
-                        "error": "payload_too_large",
-                        "message": format!("the request body is larger than route `{}`'s limit of {} bytes", route.name, route.max_body_bytes),
-                    });
+                Ok(b) => b,
+                Err((status, body)) => {
                     return self
-                        .finish(
-                            event,
-                            started,
-                            &request_id,
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            bytes_in,
-                            body,
-                        )
-                        .await;
-                }
-                Err(_) => {
-                    let body = json!({ "error": "request_timeout", "message": format!("the request body did not arrive within {}s", route.timeout_secs) });
-                    return self
-                        .finish(
-                            event,
-                            started,
-                            &request_id,
-                            StatusCode::REQUEST_TIMEOUT,
-                            bytes_in,
-                            body,
-                        )
+                        .finish(event, started, &request_id, status, bytes_in, body)
                         .await;
                 }
             };
@@ -1049,7 +996,7 @@ impl Gateway {
                 // A streamed (chunked) body crossed the limit while being forwarded.
                 let body = json!({
                     "error": "payload_too_large",
-                    "message": format!("the request body is larger than route `{}`'s limit of {} bytes", route.name, route.max_body_bytes),
+                    "message": over_route_limit(route),
                 });
                 return self
                     .finish(
@@ -1593,6 +1540,40 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// The request body in memory, at most `cap` bytes, within the route's timeout; otherwise the
+/// refusal (413 with `too_large`'s message, or 408).
+async fn buffer_body(
+    body: Body,
+    cap: u64,
+    route: &RouteConfig,
+    too_large: impl FnOnce() -> String,
+) -> Result<bytes::Bytes, (StatusCode, serde_json::Value)> {
+    match tokio::time::timeout(
+        Duration::from_secs(route.timeout_secs),
+        axum::body::to_bytes(body, usize::try_from(cap).unwrap_or(usize::MAX)),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({ "error": "payload_too_large", "message": too_large() }),
+        )),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            json!({ "error": "request_timeout", "message": format!("the request body did not arrive within {}s", route.timeout_secs) }),
+        )),
+    }
+}
+
+/// The refusal text for a body over the route's limit.
+fn over_route_limit(route: &RouteConfig) -> String {
+    format!(
+        "the request body is larger than route `{}`'s limit of {} bytes",
+        route.name, route.max_body_bytes
+    )
 }
 
 fn classify(route: &RouteConfig, method: &Method, path: &str) -> Classified {

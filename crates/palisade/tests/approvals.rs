@@ -71,6 +71,18 @@ async fn audit_events(h: &Harness) -> Vec<Value> {
         .collect()
 }
 
+/// The newest pending approval's id, once there is one (a held call is being asked for).
+async fn first_pending(h: &Harness) -> String {
+    for _ in 0..200 {
+        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
+        if let Some(i) = pending["items"][0]["id"].as_str() {
+            return i.to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no pending approval within 10 s");
+}
+
 fn deletes_seen(h: &Harness) -> usize {
     h.upstream
         .seen
@@ -553,16 +565,7 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
         })
     };
     // The request is held open while it waits.
-    let mut id = None;
-    for _ in 0..100 {
-        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
-        if let Some(i) = pending["items"][0]["id"].as_str() {
-            id = Some(i.to_string());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let id = id.expect("a pending approval");
+    let id = first_pending(&h).await;
     assert!(!call.is_finished(), "held, not answered");
     assert_eq!(deletes_seen(&h), 0);
     let alice = approver_token(&h, "alice").await;
@@ -585,16 +588,7 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
             resp.status().as_u16()
         })
     };
-    let mut second = None;
-    for _ in 0..100 {
-        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
-        if let Some(i) = pending["items"][0]["id"].as_str() {
-            second = Some(i.to_string());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let second = second.expect("a second pending approval");
+    let second = first_pending(&h).await;
     let (s, killed) = h
         .api(
             Method::POST,
@@ -944,25 +938,8 @@ fn python() -> Option<std::path::PathBuf> {
 async fn an_mcp_destructive_tool_call_waits_for_approval_with_the_python_sdk() {
     let Some(python) = python() else { return };
     let server = python.parent().unwrap().join("mcp-server-git");
-    let workspace = support::temp_dir("approvals-mcp-ws");
-    std::fs::create_dir_all(&workspace).unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&workspace)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    git(&["init", "-q"]);
-    std::fs::write(workspace.join("README"), "hello\n").unwrap();
-    git(&["add", "README"]);
-    git(&["commit", "-q", "-m", "first commit"]);
+    let workspace = support::git_workspace("approvals-mcp-ws");
+    let git = |args: &[&str]| support::git(&workspace, args);
     std::fs::write(workspace.join("notes.txt"), "draft\n").unwrap();
     git(&["add", "notes.txt"]);
     let ws = workspace.display().to_string();
@@ -1116,16 +1093,7 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     // The user accepts (opens the link): the call waits on the line, alice approves, and the
     // call runs and answers, all in one tools/call.
     let child = elicit("accept");
-    let mut waiting = None;
-    for _ in 0..200 {
-        let (_, pending) = h.api(Method::GET, "/approvals?status=pending", None).await;
-        if let Some(i) = pending["items"][0]["id"].as_str() {
-            waiting = Some(i.to_string());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let waiting = waiting.expect("a pending approval");
+    let waiting = first_pending(&h).await;
     assert_ne!(waiting, withdrawn_id);
     // Give the client time to show it, then decide.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -512,24 +512,7 @@ async fn the_python_sdk_uses_mcp_server_git_within_the_blast_radius_and_argument
     let Some(python) = python() else { return };
     let server = python.parent().unwrap().join("mcp-server-git");
     // A real repository with one commit, as the workspace the agent may touch.
-    let workspace = support::temp_dir("mcp-git-ws");
-    std::fs::create_dir_all(&workspace).unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&workspace)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-    };
-    git(&["init", "-q"]);
-    std::fs::write(workspace.join("README"), "hello\n").unwrap();
-    git(&["add", "README"]);
-    git(&["commit", "-q", "-m", "first commit"]);
+    let workspace = support::git_workspace("mcp-git-ws");
     std::fs::write(workspace.join("notes.txt"), "untracked\n").unwrap();
     let ws = workspace.display().to_string();
 
