@@ -3,15 +3,17 @@
 //! An enforcement point (the HTTP gateway, the MCP gateway) that finds an action needs approval
 //! asks [`Approvals::gate`]. The first time, a request is created (stored, audited, announced)
 //! and the caller is told to wait; once authenticated humans have approved it
-//! ([`Approvals::decide`]), the same call goes through exactly once.
+//! ([`Approvals::decide`]), the same call goes through exactly once (or as often as the rule's
+//! `uses` allows within the grant).
 //!
 //! **Binding.** A request covers exactly one action: the agent, the human it acts for, the
-//! channel, method or tool, target, resource and the SHA-256 of the body or arguments
+//! channel, method or tool, target, resource, action class, the context the enforcement point
+//! binds (HTTP: the query and forwarded headers) and the SHA-256 of the body or arguments
 //! ([`binding`]). Any other call, including the same call with a changed body, is not covered.
 //!
-//! **Single use.** `// INVARIANT (used-before-forward)`: a grant is marked used, in memory and in
-//! the store, before `gate` returns [`Gate::Proceed`], so a crash after forwarding can never let
-//! the grant be used again.
+//! **Counted uses.** `// INVARIANT (used-before-forward)`: each use is stored, then counted in
+//! memory, before `gate` returns [`Gate::Proceed`], so a crash after forwarding can never let
+//! the grant run more often than allowed (the forwarded call's own event records the use).
 //!
 //! **Who decides.** Only humans named by the requirement (the owner, a team, a human) and never
 //! the human the agent acts for under four eyes (`ResolvedRule::check_approver`); the server
@@ -19,6 +21,7 @@
 
 use palisade_audit::{AuditEvent, AuditLog, Outcome, PrincipalRef};
 use palisade_core::approval::ResolvedRule;
+use palisade_core::secret::hex;
 use palisade_core::store::Store;
 use palisade_core::{Clock, Principal, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -973,10 +976,6 @@ fn mismatch(a: &Approval, action: &Action<'_>, body_sha256: &str) -> String {
         parts.push("the resource or action class differ".to_string());
     }
     parts.join("; ")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    palisade_core::secret::hex(bytes)
 }
 
 #[cfg(test)]
