@@ -1531,17 +1531,31 @@ fn execute(
                 // The groups are built from the rows themselves (they are replaced).
                 let snapshot = std::mem::take(&mut rows);
                 let mut groups: Vec<(Vec<Value>, Vec<usize>)> = Vec::new();
-                let mut index: HashMap<String, usize> = HashMap::new();
+                // Group keys as bytes (each value's JSON, separated by 0x1f, which JSON text
+                // never holds raw); the buffers are reused, so a row that joins an existing
+                // group allocates nothing for its key.
+                let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+                let mut key: Vec<Value> = Vec::with_capacity(keys.len());
+                let mut bytes: Vec<u8> = Vec::new();
                 for (i, r) in snapshot.iter().enumerate() {
-                    let key: Vec<Value> = keys
-                        .iter()
-                        .map(|(_, e)| eval(e, r, &env, &snapshot))
-                        .collect();
-                    let k = serde_json::to_string(&key).unwrap_or_default();
-                    let slot = *index.entry(k).or_insert_with(|| {
-                        groups.push((key.clone(), Vec::new()));
-                        groups.len() - 1
-                    });
+                    key.clear();
+                    bytes.clear();
+                    for (_, e) in keys {
+                        let v = eval(e, r, &env, &snapshot);
+                        if serde_json::to_writer(&mut bytes, &v).is_err() {
+                            bytes.extend_from_slice(b"?");
+                        }
+                        bytes.push(0x1f);
+                        key.push(v);
+                    }
+                    let slot = match index.get(bytes.as_slice()) {
+                        Some(&slot) => slot,
+                        None => {
+                            groups.push((key.clone(), Vec::new()));
+                            index.insert(bytes.clone(), groups.len() - 1);
+                            groups.len() - 1
+                        }
+                    };
                     if let Some(g) = groups.get_mut(slot) {
                         g.1.push(i);
                     }
