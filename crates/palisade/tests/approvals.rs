@@ -71,6 +71,34 @@ async fn audit_events(h: &Harness) -> Vec<Value> {
         .collect()
 }
 
+/// Registers agent `slug` (owned by alice) for MCP server `server` and returns its token with the
+/// server's write scope, asked for on its own in the agent's session.
+async fn mcp_write_token(h: &Harness, slug: &str, server: &str) -> String {
+    let mut agent = agent_body(slug);
+    agent["allowed_resources"] = json!([server]);
+    agent["scopes"] = json!([format!("{server}:read"), format!("{server}:write")]);
+    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
+    assert_eq!(s, 201, "{created}");
+    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let client = format!("agent:{slug}");
+    let mcp = h.url("/mcp");
+    let (s, t) = h
+        .token_request(&client, secret, &[("resource", &mcp)])
+        .await;
+    assert_eq!(s, 200, "{t}");
+    let sid = t["session_id"].as_str().unwrap().to_string();
+    let scope = format!("{server}:write");
+    let (s, w) = h
+        .token_request(
+            &client,
+            secret,
+            &[("resource", &mcp), ("scope", &scope), ("session_id", &sid)],
+        )
+        .await;
+    assert_eq!(s, 200, "{w}");
+    w["access_token"].as_str().unwrap().to_string()
+}
+
 /// The newest pending approval's id, once there is one (a held call is being asked for).
 async fn first_pending(h: &Harness) -> String {
     for _ in 0..200 {
@@ -735,30 +763,8 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     )
     .await;
     add_human(&h, "alice", &[]).await;
-    let mut agent = agent_body("noter");
-    agent["allowed_resources"] = json!(["notes"]);
-    agent["scopes"] = json!(["notes:read", "notes:write"]);
-    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    assert_eq!(s, 201, "{created}");
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let token = mcp_write_token(&h, "noter", "notes").await;
     let mcp = h.url("/mcp");
-    let (_, t) = h
-        .token_request("agent:noter", secret, &[("resource", &mcp)])
-        .await;
-    let sid = t["session_id"].as_str().unwrap().to_string();
-    let (s, w) = h
-        .token_request(
-            "agent:noter",
-            secret,
-            &[
-                ("resource", &mcp),
-                ("scope", "notes:write"),
-                ("session_id", &sid),
-            ],
-        )
-        .await;
-    assert_eq!(s, 200, "{w}");
-    let token = w["access_token"].as_str().unwrap().to_string();
     // A client that declares form elicitation.
     let init = h
         .http
@@ -959,31 +965,8 @@ permit (principal, action == Palisade::Action::"destructive", resource == Palisa
     )
     .await;
     add_human(&h, "alice", &[]).await;
-    let mut agent = agent_body("gitbot");
-    agent["allowed_resources"] = json!(["git"]);
-    agent["scopes"] = json!(["git:read", "git:write"]);
-    let (s, created) = h.api(Method::POST, "/agents", Some(agent)).await;
-    assert_eq!(s, 201, "{created}");
-    let secret = created["credentials"]["client_secret"].as_str().unwrap();
+    let token = mcp_write_token(&h, "gitbot", "git").await;
     let mcp = h.url("/mcp");
-    let (s, t) = h
-        .token_request("agent:gitbot", secret, &[("resource", &mcp)])
-        .await;
-    assert_eq!(s, 200, "{t}");
-    let sid = t["session_id"].as_str().unwrap().to_string();
-    let (s, w) = h
-        .token_request(
-            "agent:gitbot",
-            secret,
-            &[
-                ("resource", &mcp),
-                ("scope", "git:write"),
-                ("session_id", &sid),
-            ],
-        )
-        .await;
-    assert_eq!(s, 200, "{w}");
-    let token = w["access_token"].as_str().unwrap().to_string();
     let reset = json!([{ "name": "git__git_reset", "arguments": { "repo_path": ws } }]);
     let run = || {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");

@@ -45,11 +45,7 @@ fn viewer(app: &App, headers: &HeaderMap) -> Result<Viewer, Response> {
         );
         r
     };
-    let Some(token) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+    let Some(token) = crate::leases::bearer(headers) else {
         return Err(unauthorized(&how));
     };
     let caller = app

@@ -82,7 +82,7 @@ fn now_ns(app: &App) -> i64 {
     i64::try_from(app.tokens.now().unix_nanos()).unwrap_or(i64::MAX)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
