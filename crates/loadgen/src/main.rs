@@ -30,6 +30,10 @@ struct Args {
     /// Label printed with the results.
     #[arg(long, default_value = "")]
     label: String,
+    /// Also write one line per request, `start_ms latency_us status`, to this file, to see
+    /// when slow requests happen (for example every second, or after a burst).
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -69,15 +73,25 @@ async fn main() -> Result<()> {
             let resp = client.request(req).await.ok()?;
             let status = resp.status().as_u16();
             resp.into_body().collect().await.ok()?;
-            Some((sent.elapsed(), status))
+            Some((sent.elapsed(), status, sent))
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
+    let mut trace = String::new();
     let mut errors = 0u64;
     let mut non_2xx = 0u64;
     for t in tasks {
         match t.await {
-            Ok(Some((lat, status))) => {
+            Ok(Some((lat, status, sent))) => {
+                if args.trace.is_some() {
+                    use std::fmt::Write as _;
+                    let _ = writeln!(
+                        trace,
+                        "{:.3} {} {status}",
+                        sent.saturating_duration_since(start).as_secs_f64() * 1e3,
+                        lat.as_micros()
+                    );
+                }
                 if !(200..300).contains(&status) {
                     non_2xx += 1;
                 }
@@ -85,6 +99,10 @@ async fn main() -> Result<()> {
             }
             _ => errors += 1,
         }
+    }
+    if let Some(path) = &args.trace {
+        std::fs::write(path, trace)
+            .with_context(|| format!("cannot write the trace to {}", path.display()))?;
     }
     latencies.sort();
     let pct = |p: f64| -> String {
