@@ -4,8 +4,14 @@
 //! measurement.
 //!
 //! `cargo bench -p palisade-audit --bench audit` (results in BENCHMARKS.md); `EVENTS=N` changes
-//! the log size (default 1,000,000).
+//! the log size (default 1,000,000), `WRITERS=N` the concurrent writers (default 1,024). To
+//! work on queries: `AUDIT_BENCH_DIR=/some/dir` keeps the log there and reuses it on the next
+//! run (no append), and `QUERIES_ONLY=1` skips verification and the bare read.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+// The allocator the `palisade` binary ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use palisade_audit::{AuditEvent, AuditLog, DecisionRecord, Outcome, PrincipalRef};
 use palisade_core::store::Store;
@@ -65,12 +71,18 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let dir = std::env::temp_dir().join(format!("palisade-audit-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let kept = std::env::var_os("AUDIT_BENCH_DIR").map(std::path::PathBuf::from);
+    let dir = kept.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("palisade-audit-bench-{}", std::process::id()))
+    });
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     let sqlite = palisade_store::SqliteStore::open(&dir).unwrap();
+    let reuse = kept.is_some() && sqlite.audit_head().unwrap().is_some_and(|h| h.seq == total);
     // As in the server: WAL checkpoints on their own thread, off the commit path.
     let checkpointer = sqlite
-        .start_checkpointer(std::time::Duration::from_secs(1))
+        .start_checkpointer(std::time::Duration::from_millis(100))
         .unwrap();
     let store: Arc<dyn Store> = Arc::new(sqlite);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -87,7 +99,16 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
     let started = Instant::now();
+    if reuse {
+        println!(
+            "append      skipped: reusing the {total} events in {}",
+            dir.display()
+        );
+    }
     rt.block_on(async {
+        if reuse {
+            return;
+        }
         let mut tasks = Vec::new();
         for p in 0..producers {
             let log = log.clone();
@@ -104,10 +125,12 @@ fn main() {
         }
     });
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "append      {total} events, {producers} concurrent writers: {:.0} events/s ({secs:.2} s), every event durable before its caller resumes",
-        total as f64 / secs
-    );
+    if !reuse {
+        println!(
+            "append      {total} events, {producers} concurrent writers: {:.0} events/s ({secs:.2} s), every event durable before its caller resumes",
+            total as f64 / secs
+        );
+    }
     drop(log);
     writer.join();
     // The log at rest, as `palisade audit verify` and queries usually meet it: the
@@ -120,44 +143,47 @@ fn main() {
         .sum();
     println!("store       {:.0} MB on disk", size as f64 / 1e6);
 
+    let queries_only = std::env::var_os("QUERIES_ONLY").is_some();
     // 2. Verification of the whole chain from the database.
-    let started = Instant::now();
-    let report = palisade_audit::verify(store.as_ref()).unwrap();
-    assert_eq!(report.events, total);
-    println!(
-        "verify      {total} events: {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    let started = Instant::now();
-    let mut export = Vec::new();
-    palisade_audit::checkpoint::export(store.as_ref(), 0, &mut export).unwrap();
-    let text = String::from_utf8(export).unwrap();
-    let exported = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let checked = palisade_audit::checkpoint::verify_export(&text, None, None).unwrap();
-    assert_eq!(checked.events, total);
-    println!(
-        "verify file {total} events exported ({:.0} MB, {exported:.2} s): {:.2} s",
-        text.len() as f64 / 1e6,
-        started.elapsed().as_secs_f64()
-    );
-    drop(text);
+    if !queries_only {
+        let started = Instant::now();
+        let report = palisade_audit::verify(store.as_ref()).unwrap();
+        assert_eq!(report.events, total);
+        println!(
+            "verify      {total} events: {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let started = Instant::now();
+        let mut export = Vec::new();
+        palisade_audit::checkpoint::export(store.as_ref(), 0, &mut export).unwrap();
+        let text = String::from_utf8(export).unwrap();
+        let exported = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let checked = palisade_audit::checkpoint::verify_export(&text, None, None).unwrap();
+        assert_eq!(checked.events, total);
+        println!(
+            "verify file {total} events exported ({:.0} MB, {exported:.2} s): {:.2} s",
+            text.len() as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        drop(text);
 
-    // Reading alone, for the record: what every query pays before it looks at an event.
-    let started = Instant::now();
-    let mut after = 0;
-    let mut bytes = 0usize;
-    loop {
-        let page = store.read_audit(after, 4096).unwrap();
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        bytes += page.iter().map(|e| e.body.len()).sum::<usize>();
+        // Reading alone, for the record: what every query pays before it looks at an event.
+        let started = Instant::now();
+        let mut after = 0;
+        let mut bytes = 0usize;
+        loop {
+            let page = store.read_audit(after, 4096).unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            bytes += page.iter().map(|e| e.body.len()).sum::<usize>();
+        }
+        println!(
+            "read        {total} events ({:.0} MB of bodies) from the store: {:.2} s",
+            bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
     }
-    println!(
-        "read        {total} events ({:.0} MB of bodies) from the store: {:.2} s",
-        bytes as f64 / 1e6,
-        started.elapsed().as_secs_f64()
-    );
 
     // 3. The seed's detection queries, each over the whole log as stored.
     let mut lists = HashMap::new();
@@ -198,5 +224,7 @@ fn main() {
             answer.rows.len()
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -12,7 +12,7 @@ pub mod query;
 pub mod retention;
 pub mod siem;
 
-use palisade_core::store::{Store, StoreError, StoredAuditEvent};
+use palisade_core::store::{AuditFacts, AuditRow, Store, StoreError, StoredAuditEvent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -246,7 +246,22 @@ struct Job {
     time_ns: i64,
     kind: String,
     principal: Option<String>,
+    facts: Option<AuditFacts>,
     done: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// The fields of `event` that the store keeps as columns beside its body; `None` when one
+/// cannot be kept as text (a `resource_type` that is not a string), so queries read the body.
+pub fn facts_of(event: &AuditEvent) -> Option<AuditFacts> {
+    let resource_type = match event.detail.get("resource_type") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(_) => return None,
+    };
+    Some(AuditFacts {
+        action: event.action.clone(),
+        resource_type,
+    })
 }
 
 /// Handle to the group-commit writer. Cloning shares the writer.
@@ -356,6 +371,7 @@ impl AuditLog {
         self.tx
             .send(Job {
                 body: serde_json::to_string(&event).map_err(|e| e.to_string()),
+                facts: facts_of(&event),
                 principal: event.principal.map(|p| p.id),
                 event_id: event.event_id,
                 time_ns: event.time_ns,
@@ -414,6 +430,7 @@ fn writer_loop(
                 body,
                 prev_hash: std::mem::replace(&mut next_prev, hash.clone()),
                 hash,
+                facts: job.facts.take(),
             });
         }
         let result = store
@@ -508,77 +525,114 @@ pub fn verify(store: &dyn Store) -> Result<VerifyReport, VerifyError> {
         prev = segment.last_hash;
     }
     let pruned = expected_seq - 1;
-    // One thread reads pages; each page is checked in two halves at once (a half's first link
-    // is checked against the stored hash before it, which the other half checks in turn).
-    let prev = &mut prev;
-    let expected_seq = &mut expected_seq;
-    std::thread::scope(|scope| -> Result<(), VerifyError> {
-        let (tx, rx) =
-            std::sync::mpsc::sync_channel::<Result<Vec<StoredAuditEvent>, StoreError>>(2);
-        let start = *expected_seq - 1;
-        scope.spawn(move || {
-            let mut after = start;
-            loop {
-                let page = store.read_audit(after, 4096);
-                let last = page.as_ref().ok().and_then(|p| p.last().map(|l| l.seq));
-                let failed = page.is_err();
-                if tx.send(page).is_err() || failed {
-                    return;
-                }
-                match last {
-                    Some(l) => after = l,
-                    None => return,
-                }
-            }
+    // The chain is checked in two halves at once, each scanned by its own thread straight from
+    // the store (nothing copied). Every row is checked against its own stored hashes; the one
+    // link between the halves (the second half's first `prev_hash` against the first half's
+    // last hash) is checked at the end.
+    let head = store.audit_head()?.map_or(pruned, |h| h.seq);
+    let mid = pruned + head.saturating_sub(pruned) / 2;
+    let (first, second) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| check_range(store, mid, u64::MAX, None));
+        let first = check_range(store, pruned, mid, Some(&prev));
+        let second = other.join().unwrap_or_else(|_| {
+            Err(VerifyError::Broken(VerifyFailure {
+                seq: mid + 1,
+                event_id: "<unchecked>".into(),
+                reason: "the checking thread failed".into(),
+            }))
         });
-        for page in rx {
-            let page = page?;
-            if page.is_empty() {
-                break;
-            }
-            let mid = page.len() / 2;
-            let (first, second) = page.split_at(mid);
-            fn check(
-                rows: &[StoredAuditEvent],
-                mut seq: u64,
-                first_prev: &str,
-            ) -> Result<(), VerifyFailure> {
-                let mut prev = first_prev;
-                for row in rows {
-                    check_row(row, seq, prev)?;
-                    prev = &row.hash;
-                    seq += 1;
+        (first, second)
+    });
+    // The first break in order: the first half's before the second's.
+    let first = first?;
+    let second = second?;
+    let (events, head_hash) = match second {
+        Some(second) => {
+            let last_of_first = first
+                .as_ref()
+                .map_or(prev.as_str(), |r| r.last_hash.as_str());
+            if second.first_prev != last_of_first {
+                return Err(VerifyFailure {
+                    seq: mid + 1,
+                    event_id: second.first_event_id,
+                    reason: format!(
+                        "it does not link to event {mid}: the events were reordered, or event {mid} was replaced"
+                    ),
                 }
-                Ok(())
+                .into());
             }
-            let second_prev = first.last().map_or(prev.as_str(), |r| r.hash.as_str());
-            let second_seq = *expected_seq + mid as u64;
-            let (a, b) = std::thread::scope(|s| {
-                let other = s.spawn(|| check(second, second_seq, second_prev));
-                let a = check(first, *expected_seq, prev);
-                (a, other.join())
-            });
-            // The first break in order: the first half's before the second's.
-            a?;
-            b.unwrap_or_else(|_| {
-                Err(VerifyFailure {
-                    seq: second_seq,
-                    event_id: "<unchecked>".into(),
-                    reason: "the checking thread failed".into(),
-                })
-            })?;
-            *expected_seq += page.len() as u64;
-            if let Some(last) = page.last() {
-                prev.clone_from(&last.hash);
-            }
+            (
+                first.as_ref().map_or(0, |r| r.events) + second.events,
+                second.last_hash,
+            )
         }
-        Ok(())
-    })?;
+        None => match first {
+            Some(first) => (first.events, first.last_hash),
+            None => (0, prev),
+        },
+    };
     Ok(VerifyReport {
-        events: *expected_seq - 1 - pruned,
-        head_hash: prev.clone(),
+        events,
+        head_hash,
         pruned,
     })
+}
+
+/// What [`check_range`] found in a range that held events.
+struct RangeReport {
+    events: u64,
+    first_prev: String,
+    first_event_id: String,
+    last_hash: String,
+}
+
+/// Checks the stored events with `after < seq <= until`, which must start at `after + 1` and
+/// have no gaps; the first one's link is checked against `first_prev` when given (else it is
+/// returned for the caller to check). `None` when the range holds no event.
+fn check_range(
+    store: &dyn Store,
+    after: u64,
+    until: u64,
+    first_prev: Option<&str>,
+) -> Result<Option<RangeReport>, VerifyError> {
+    let mut expected = after + 1;
+    let mut prev = String::new();
+    let mut report: Option<RangeReport> = None;
+    let mut failure: Option<VerifyFailure> = None;
+    store.scan_audit(after, until, &mut |row| {
+        let link = if report.is_none() {
+            first_prev.or(row.prev_hash()).unwrap_or_default()
+        } else {
+            prev.as_str()
+        };
+        if let Err(f) = check_row(row, expected, link) {
+            failure = Some(f);
+            return false;
+        }
+        let hash = row.hash().unwrap_or_default();
+        match report.as_mut() {
+            None => {
+                report = Some(RangeReport {
+                    events: 1,
+                    first_prev: row.prev_hash().unwrap_or_default().to_string(),
+                    first_event_id: row.event_id().unwrap_or_default().to_string(),
+                    last_hash: String::new(),
+                });
+            }
+            Some(r) => r.events += 1,
+        }
+        prev.clear();
+        prev.push_str(hash);
+        expected += 1;
+        true
+    })?;
+    if let Some(f) = failure {
+        return Err(f.into());
+    }
+    Ok(report.map(|mut r| {
+        r.last_hash = prev;
+        r
+    }))
 }
 
 /// The fields of an event body that the store also keeps as indexed columns.
@@ -591,6 +645,14 @@ struct Indexed<'a> {
     kind: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     principal: Option<IndexedPrincipal<'a>>,
+    #[serde(borrow)]
+    action: Option<std::borrow::Cow<'a, str>>,
+    detail: Option<IndexedDetail>,
+}
+
+#[derive(Deserialize)]
+struct IndexedDetail {
+    resource_type: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -600,55 +662,91 @@ struct IndexedPrincipal<'a> {
 }
 
 pub(crate) fn check_row(
-    row: &StoredAuditEvent,
+    row: &dyn AuditRow,
     expected_seq: u64,
     prev: &str,
 ) -> Result<(), VerifyFailure> {
+    let seq = row.seq();
     let fail = |seq: u64, reason: String| VerifyFailure {
         seq,
-        event_id: row.event_id.clone(),
+        event_id: row.event_id().unwrap_or_default().to_string(),
         reason,
     };
-    if row.seq != expected_seq {
+    if seq != expected_seq {
         return Err(VerifyFailure {
             seq: expected_seq,
             event_id: "<missing>".into(),
             reason: format!(
-                "event {expected_seq} is missing (the next stored event is {}): it was deleted",
-                row.seq
+                "event {expected_seq} is missing (the next stored event is {seq}): it was deleted"
             ),
         });
     }
-    if row.hash != chain_hash(&row.prev_hash, row.seq, &row.body) {
+    let body = row
+        .body()
+        .map_err(|e| fail(seq, format!("its body cannot be read: {e}")))?;
+    let (stored_prev, stored_hash) = (
+        row.prev_hash().unwrap_or_default(),
+        row.hash().unwrap_or_default(),
+    );
+    if !chain_hash_is(stored_prev, seq, body, stored_hash) {
         return Err(fail(
-            row.seq,
+            seq,
             "its content does not match its hash: the event was modified".into(),
         ));
     }
-    if row.prev_hash != prev {
+    if stored_prev != prev {
         return Err(fail(
-            row.seq,
+            seq,
             format!(
                 "it does not link to event {}: the events were reordered, or event {} was replaced",
-                row.seq - 1,
-                row.seq - 1
+                seq - 1,
+                seq - 1
             ),
         ));
     }
-    let event: Indexed<'_> = serde_json::from_str(&row.body)
-        .map_err(|e| fail(row.seq, format!("its body is not an audit event: {e}")))?;
+    let event: Indexed<'_> = serde_json::from_str(body)
+        .map_err(|e| fail(seq, format!("its body is not an audit event: {e}")))?;
     let principal = event.principal.as_ref().map(|p| p.id.as_ref());
-    if event.event_id != row.event_id
-        || event.time_ns != row.time_ns
-        || event.kind != row.kind
-        || principal != row.principal.as_deref()
+    // Fact columns, where kept, must be exactly the body's fields (queries trust them).
+    let facts_match = row.facts().is_none_or(|(action, resource_type)| {
+        let in_body = event.detail.as_ref().and_then(|d| d.resource_type.as_ref());
+        let resource_type_matches = match (in_body, resource_type) {
+            (None | Some(serde_json::Value::Null), None) => true,
+            (Some(serde_json::Value::String(body)), Some(column)) => body == column,
+            _ => false,
+        };
+        event.action.as_deref() == action && resource_type_matches
+    });
+    if Some(event.event_id.as_ref()) != row.event_id()
+        || event.time_ns != row.time_ns()
+        || Some(event.kind.as_ref()) != row.kind()
+        || principal != row.principal()
+        || !facts_match
     {
         return Err(fail(
-            row.seq,
+            seq,
             "its indexed columns differ from its hashed body: the event was modified".into(),
         ));
     }
     Ok(())
+}
+
+/// Whether `hex` is the chain hash of `body` after `prev_hash` (no allocation).
+fn chain_hash_is(prev_hash: &str, seq: u64, body: &str, hex: &str) -> bool {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(seq.to_string().as_bytes());
+    h.update(b"\n");
+    h.update(body.as_bytes());
+    let digest = h.finalize();
+    let hex = hex.as_bytes();
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    hex.len() == digest.len() * 2
+        && digest.iter().enumerate().all(|(i, b)| {
+            hex[2 * i] == DIGITS[usize::from(b >> 4)]
+                && hex[2 * i + 1] == DIGITS[usize::from(b & 0xf)]
+        })
 }
 
 #[cfg(test)]
@@ -659,6 +757,7 @@ mod tests {
         let mut e = AuditEvent::new(kind);
         e.event_id = format!("e{seq}");
         let body = serde_json::to_string(&e).unwrap();
+        let facts = facts_of(&e);
         StoredAuditEvent {
             seq,
             event_id: e.event_id,
@@ -668,6 +767,7 @@ mod tests {
             hash: chain_hash(prev, seq, &body),
             body,
             prev_hash: prev.into(),
+            facts,
         }
     }
 
@@ -694,6 +794,91 @@ mod tests {
         None
     }
 
+    /// A store holding `rows` as given (tampered or not).
+    fn store_of(name: &str, rows: &[StoredAuditEvent]) -> palisade_store::SqliteStore {
+        let dir =
+            std::env::temp_dir().join(format!("palisade-verify-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = palisade_store::SqliteStore::open(&dir).unwrap();
+        store.append_audit(rows).unwrap();
+        store
+    }
+
+    /// Re-chains `rows` from `from` on, so each stays self-consistent after an edit.
+    fn rechain(rows: &mut [StoredAuditEvent], from: usize) {
+        for i in from..rows.len() {
+            let prev = if i == 0 {
+                GENESIS_HASH.to_string()
+            } else {
+                rows[i - 1].hash.clone()
+            };
+            rows[i].prev_hash = prev.clone();
+            rows[i].hash = chain_hash(&prev, rows[i].seq, &rows[i].body);
+        }
+    }
+
+    #[test]
+    fn verifying_a_store_checks_both_halves_and_the_link_between_them() {
+        // Ten events: the halves are 1–5 and 6–10.
+        let intact = chain(10);
+        let report = verify(&store_of("intact", &intact)).unwrap();
+        assert_eq!(report.events, 10);
+        assert_eq!(report.head_hash, intact[9].hash);
+
+        let broken = |name: &str, rows: &[StoredAuditEvent]| -> VerifyFailure {
+            match verify(&store_of(name, rows)) {
+                Err(VerifyError::Broken(f)) => f,
+                other => panic!("{name}: expected a break, got {other:?}"),
+            }
+        };
+        // A modified body in the second half.
+        let mut modified = chain(10);
+        modified[7].body = modified[7].body.replace("\"k\"", "\"x\"");
+        let f = broken("modified", &modified);
+        assert_eq!(f.seq, 8);
+        assert!(f.reason.contains("does not match its hash"), "{}", f.reason);
+
+        // The first event of the second half deleted.
+        let mut gap = chain(10);
+        gap.remove(5);
+        let f = broken("gap", &gap);
+        assert_eq!(f.seq, 6);
+        assert!(f.reason.contains("missing"), "{}", f.reason);
+
+        // The second half re-chained from a different start: each half is consistent on its
+        // own, only the link between them is wrong.
+        let mut relinked = chain(10);
+        relinked[5].prev_hash = "0".repeat(64);
+        relinked[5].hash = chain_hash(&relinked[5].prev_hash, 6, &relinked[5].body);
+        for i in 6..10 {
+            relinked[i].prev_hash = relinked[i - 1].hash.clone();
+            relinked[i].hash =
+                chain_hash(&relinked[i].prev_hash, relinked[i].seq, &relinked[i].body);
+        }
+        let f = broken("relinked", &relinked);
+        assert_eq!(f.seq, 6);
+        assert!(
+            f.reason.contains("does not link to event 5"),
+            "{}",
+            f.reason
+        );
+
+        // A fact column that disagrees with its (intact) body.
+        let mut fact = chain(10);
+        fact[2].facts = Some(AuditFacts {
+            action: Some("destructive".into()),
+            resource_type: None,
+        });
+        assert_eq!(broken("fact", &fact).seq, 3);
+
+        // Breaks in both halves: the first one is reported.
+        let mut both = chain(10);
+        both[1].kind = "other".into();
+        both[8].body.push(' ');
+        rechain(&mut both, 9);
+        assert_eq!(broken("both", &both).seq, 2);
+    }
+
     #[test]
     fn intact_chain_verifies() {
         assert_eq!(first_break(&chain(5)), None);
@@ -708,6 +893,49 @@ mod tests {
         let mut column = chain(5);
         column[1].kind = "other".into();
         assert!(first_break(&column).unwrap().1.contains("indexed columns"));
+
+        // The fact columns that queries filter on are checked too: an action or resource
+        // type changed beside an intact body, in either direction.
+        for (action, resource_type) in [
+            (Some("read"), None),
+            (None, Some("keyvault")),
+            (Some(""), None),
+        ] {
+            let mut facts = chain(5);
+            facts[3].facts = Some(AuditFacts {
+                action: action.map(str::to_string),
+                resource_type: resource_type.map(str::to_string),
+            });
+            assert_eq!(first_break(&facts).map(|b| b.0), Some(4));
+        }
+        // Columns that the body agrees with pass; a row without them is read by its body.
+        let mut agreeing = chain(5);
+        for (i, row) in agreeing.iter_mut().enumerate() {
+            let mut e: AuditEvent = serde_json::from_str(&row.body).unwrap();
+            e.action = Some("read".into());
+            e.detail = serde_json::json!({ "resource_type": "database" });
+            row.body = serde_json::to_string(&e).unwrap();
+            row.facts = (i % 2 == 0).then(|| facts_of(&e)).flatten();
+        }
+        let mut prev = GENESIS_HASH.to_string();
+        for row in &mut agreeing {
+            row.prev_hash = prev.clone();
+            row.hash = chain_hash(&prev, row.seq, &row.body);
+            prev = row.hash.clone();
+        }
+        assert_eq!(first_break(&agreeing), None);
+        assert_eq!(
+            agreeing[0]
+                .facts
+                .as_ref()
+                .and_then(|f| f.resource_type.as_deref()),
+            Some("database")
+        );
+        agreeing[2].facts = Some(AuditFacts {
+            action: Some("write".into()),
+            resource_type: Some("database".into()),
+        });
+        assert_eq!(first_break(&agreeing).map(|b| b.0), Some(3));
 
         let mut deleted = chain(5);
         deleted.remove(3);

@@ -25,6 +25,7 @@
 //! also reachable by its path, e.g. `detail.route`.
 
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// The named columns of an event row, and where they come from.
@@ -934,7 +935,30 @@ fn check_names(
     }
 }
 
-fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, Value>]) -> Value {
+/// An operand of a comparison: literals and the row's columns are borrowed, not copied (a
+/// filter runs once per event).
+fn operand<'v>(
+    e: &'v Expr,
+    row: &'v Map<String, Value>,
+    env: &Env<'_>,
+    rows: &[Map<String, Value>],
+) -> Cow<'v, Value> {
+    match e {
+        Expr::Lit(v) => Cow::Borrowed(v),
+        Expr::Col(c, _) => match row.get(c) {
+            Some(v) => Cow::Borrowed(v),
+            None => Cow::Owned(eval(e, row, env, rows)),
+        },
+        _ => Cow::Owned(eval(e, row, env, rows)),
+    }
+}
+
+fn eval<'e>(
+    e: &'e Expr,
+    row: &'e Map<String, Value>,
+    env: &Env<'_>,
+    rows: &[Map<String, Value>],
+) -> Value {
     match e {
         Expr::Lit(v) => v.clone(),
         Expr::Col(c, _) => {
@@ -955,28 +979,31 @@ fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, V
         Expr::Bin(op, a, b) => {
             // `x > percentile_threshold_95`: the threshold is the 95th percentile of x over the
             // rows at this stage.
-            let resolve = |side: &Expr, other: &Expr| match side {
-                Expr::Threshold(p) => {
-                    let key = format!("threshold|{p}|{other:?}");
-                    env.cached(&key, || {
-                        let mut values: Vec<f64> = rows
-                            .iter()
-                            .filter_map(|r| num(&eval(other, r, env, rows)))
-                            .collect();
-                        let v = percentile(&mut values, *p).map_or(Value::Null, |v| json!(v));
-                        vec![(key.clone(), v)]
-                    })
+            let resolve = |side: &'e Expr, other: &Expr| -> Cow<'e, Value> {
+                match side {
+                    Expr::Threshold(p) => {
+                        let key = format!("threshold|{p}|{other:?}");
+                        Cow::Owned(env.cached(&key, || {
+                            let mut values: Vec<f64> = rows
+                                .iter()
+                                .filter_map(|r| num(&eval(other, r, env, rows)))
+                                .collect();
+                            let v = percentile(&mut values, *p).map_or(Value::Null, |v| json!(v));
+                            vec![(key.clone(), v)]
+                        }))
+                    }
+                    _ => operand(side, row, env, rows),
                 }
-                _ => eval(side, row, env, rows),
             };
             let (x, y) = (resolve(a, b), resolve(b, a));
+            let (x, y) = (x.as_ref(), y.as_ref());
             match *op {
-                "and" => json!(truthy(&x) && truthy(&y)),
-                "or" => json!(truthy(&x) || truthy(&y)),
-                "==" => json!(equal(&x, &y)),
-                "!=" => json!(!equal(&x, &y) && !x.is_null()),
+                "and" => json!(truthy(x) && truthy(y)),
+                "or" => json!(truthy(x) || truthy(y)),
+                "==" => json!(equal(x, y)),
+                "!=" => json!(!equal(x, y) && !x.is_null()),
                 "<" | "<=" | ">" | ">=" => {
-                    let ord = match (num(&x), num(&y), &x, &y) {
+                    let ord = match (num(x), num(y), x, y) {
                         (_, _, Value::String(s), Value::String(t)) => Some(s.cmp(t)),
                         (Some(p), Some(q), _, _) => p.partial_cmp(&q),
                         _ => None,
@@ -988,7 +1015,7 @@ fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, V
                         _ => o.is_ge(),
                     }))
                 }
-                "+" | "-" | "*" | "/" => match (num(&x), num(&y)) {
+                "+" | "-" | "*" | "/" => match (num(x), num(y)) {
                     (Some(p), Some(q)) => {
                         let r = match *op {
                             "+" => p + q,
@@ -1009,15 +1036,23 @@ fn eval(e: &Expr, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, V
             }
         }
         Expr::In(x, items, negated) => {
-            let v = eval(x, row, env, rows);
+            let v = operand(x, row, env, rows);
+            let v = v.as_ref();
             let mut found = false;
             for item in items {
-                match eval(item, row, env, rows) {
-                    Value::Array(list) => found |= list.iter().any(|l| equal(&v, l)),
-                    other => found |= equal(&v, &other),
+                if let Expr::Col(c, _) = item
+                    && !row.contains_key(c)
+                    && let Some(list) = env.lists.get(c)
+                {
+                    found |= list.iter().any(|l| equal(v, l));
+                    continue;
+                }
+                match operand(item, row, env, rows).as_ref() {
+                    Value::Array(list) => found |= list.iter().any(|l| equal(v, l)),
+                    other => found |= equal(v, other),
                 }
             }
-            json!(found != *negated)
+            Value::Bool(found != *negated)
         }
         Expr::Call(f, args, _) => {
             let arg = |i: usize| args.get(i).map_or(Value::Null, |a| eval(a, row, env, rows));
@@ -1286,57 +1321,236 @@ pub fn run_on_store(
             .audit_seq_from_time(b.saturating_sub(SLACK_NS))?
             .saturating_sub(1);
     }
-    let mut rows = Vec::new();
-    // One thread reads pages from the store while this one parses and filters them.
-    std::thread::scope(|scope| -> Result<(), StoreQueryError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<
-            Result<Vec<(u64, String)>, palisade_core::store::StoreError>,
-        >(2);
-        scope.spawn(move || {
-            let mut after = start;
-            loop {
-                let page = store.read_audit_bodies(after, 4096);
-                let last = match &page {
-                    Ok(p) => p.last().map(|l| l.0),
-                    Err(_) => None,
-                };
-                let failed = page.is_err();
-                if tx.send(page).is_err() || failed {
-                    return;
-                }
-                match last {
-                    Some(l) => after = l,
-                    None => return,
-                }
+    // Rows whose fact columns are filled are filtered, and built when the query reads no other
+    // column, without reading their bodies.
+    let on_facts = |cols: &[&str]| {
+        cols.iter()
+            .all(|c| !known_column(c) || FACT_COLUMNS.contains(c))
+    };
+    let filter_on_facts = !whole && on_facts(&named);
+    let rows_from_facts = filter_on_facts && needed.as_deref().is_some_and(on_facts);
+    // A `summarize` right after the filters takes the rows as they are read, so they are
+    // never all held at once.
+    let streamed = match rest.first() {
+        Some(Stage::Summarize(aggs, keys)) if Grouper::streams(aggs, keys) => {
+            for (_, e) in keys {
+                check_names(e, &[], lists)?;
             }
+            for e in aggs.iter().flat_map(|a| &a.args) {
+                check_names(e, &[], lists)?;
+            }
+            Some((aggs, keys))
+        }
+        _ => None,
+    };
+    let mut grouper = streamed.map(|(aggs, keys)| Grouper::new(aggs, keys));
+    // When the groups need only the fact columns, the scanning thread groups the rows itself
+    // (one reused row, nothing handed over).
+    let mut scan_grouper = if rows_from_facts {
+        grouper.take()
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    let mut keep = |row: Map<String, Value>, env: &Env<'_>| match grouper.as_mut() {
+        Some(g) => g.add(&row, env, &[]),
+        None => rows.push(row),
+    };
+    // One thread scans the store (and filters on the fact columns) while this one parses the
+    // bodies it passes on, in log order.
+    let grouped = std::thread::scope(|scope| -> Result<Option<Grouper<'_>>, StoreQueryError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Pending>>(4);
+        let named = &named;
+        let needed = needed.as_deref();
+        let filters = &filters;
+        let scanner = scope.spawn(move || {
+            let env = Env {
+                now_ns,
+                lists,
+                cache: std::cell::RefCell::default(),
+            };
+            let mut page: Vec<Pending> = Vec::with_capacity(PAGE);
+            let mut stopped = false;
+            let mut probe = Map::new();
+            let passes =
+                |row: &Map<String, Value>| filters.iter().all(|f| truthy(&eval(f, row, &env, &[])));
+            let result = store.scan_audit(start, u64::MAX, &mut |row| {
+                let facts = row.facts().filter(|_| filter_on_facts);
+                if let Some(facts) = facts {
+                    if !filters.is_empty() {
+                        fill_fact_row(&mut probe, row, facts, named);
+                        if !passes(&probe) {
+                            return true;
+                        }
+                    }
+                    if let Some(g) = scan_grouper.as_mut() {
+                        fill_fact_row(&mut probe, row, facts, needed.unwrap_or(&[]));
+                        g.add(&probe, &env, &[]);
+                    } else if rows_from_facts {
+                        let mut out = Map::new();
+                        fill_fact_row(&mut out, row, facts, needed.unwrap_or(&[]));
+                        page.push(Pending::Row(out));
+                    } else {
+                        // Parsed on the other thread: this one is busy enough reading.
+                        let Ok(body) = row.body() else {
+                            return true;
+                        };
+                        page.push(Pending::Passed(body.to_string()));
+                    }
+                } else if let Some(g) = scan_grouper.as_mut() {
+                    // An event stored before the fact columns: its body, here, in order.
+                    let Ok(body) = row.body() else {
+                        return true;
+                    };
+                    let Ok(light) = serde_json::from_str::<LightEvent<'_>>(body) else {
+                        return true;
+                    };
+                    if filters.is_empty() || passes(&light.row(Some(named.as_slice()))) {
+                        g.add(&light.row(needed), &env, &[]);
+                    }
+                } else {
+                    match row.body() {
+                        Ok(b) => page.push(Pending::Body(b.to_string())),
+                        Err(_) => return true,
+                    }
+                }
+                if page.len() >= PAGE {
+                    let full = std::mem::replace(&mut page, Vec::with_capacity(PAGE));
+                    if tx.send(full).is_err() {
+                        stopped = true;
+                        return false;
+                    }
+                }
+                true
+            });
+            if !stopped && !page.is_empty() {
+                let _ = tx.send(page);
+            }
+            result.map(|()| scan_grouper)
         });
         for page in rx {
-            for (_, body) in &page? {
+            for pending in page {
+                let body = match pending {
+                    Pending::Row(row) => {
+                        keep(row, &env);
+                        continue;
+                    }
+                    Pending::Passed(body) => {
+                        // Already filtered on its fact columns.
+                        if let Ok(light) = serde_json::from_str::<LightEvent<'_>>(&body) {
+                            keep(light.row(needed), &env);
+                        }
+                        continue;
+                    }
+                    Pending::Body(body) => body,
+                };
                 if whole {
-                    let Ok(v) = serde_json::from_str::<Value>(body) else {
+                    let Ok(v) = serde_json::from_str::<Value>(&body) else {
                         continue;
                     };
                     let row = row_of(&v);
                     if filters.iter().all(|f| truthy(&eval(f, &row, &env, &[]))) {
-                        rows.push(row);
+                        keep(row, &env);
                     }
                     continue;
                 }
-                let Ok(light) = serde_json::from_str::<LightEvent<'_>>(body) else {
+                let Ok(light) = serde_json::from_str::<LightEvent<'_>>(&body) else {
                     continue;
                 };
                 if !filters.is_empty() {
-                    let probe = light.row(Some(&named));
+                    let probe = light.row(Some(named.as_slice()));
                     if !filters.iter().all(|f| truthy(&eval(f, &probe, &env, &[]))) {
                         continue;
                     }
                 }
-                rows.push(light.row(needed.as_deref()));
+                keep(light.row(needed), &env);
             }
         }
-        Ok(())
+        scanner
+            .join()
+            .map_err(|_| {
+                StoreQueryError::Store(palisade_core::store::StoreError::Backend(
+                    "the audit scan thread failed".into(),
+                ))
+            })?
+            .map_err(StoreQueryError::Store)
     })?;
-    Ok(execute(rest, rows, now_ns, lists)?)
+    if grouped.is_some() {
+        grouper = grouped;
+    }
+    Ok(match (grouper, streamed) {
+        (Some(grouper), Some((aggs, keys))) => execute_in(
+            &rest[1..],
+            grouper.finish(),
+            Grouper::columns(aggs, keys),
+            now_ns,
+            lists,
+        )?,
+        _ => execute(rest, rows, now_ns, lists)?,
+    })
+}
+
+/// Rows handed from the scanning thread to the parsing one, per page.
+const PAGE: usize = 4096;
+
+/// The named columns a scan row has without its body, when its fact columns are filled.
+const FACT_COLUMNS: &[&str] = &[
+    "timestamp",
+    "event_id",
+    "kind",
+    "agent_id",
+    "action_taken",
+    "resource_type",
+];
+
+/// One event on its way from the scan to the rows.
+enum Pending {
+    /// Built from the fact columns alone.
+    Row(Map<String, Value>),
+    /// Passed the filters on its fact columns; its row needs other columns.
+    Passed(String),
+    /// Not yet filtered (no fact columns, or the filters read other columns).
+    Body(String),
+}
+
+/// Sets `out` to the row of a scanned event from its columns (`only` those of
+/// [`FACT_COLUMNS`] it names; others already in `out` stay), the same values [`row_of`] reads
+/// from the body. A reused `out` keeps its keys and string buffers, so refilling allocates
+/// nothing.
+fn fill_fact_row(
+    out: &mut Map<String, Value>,
+    row: &dyn palisade_core::store::AuditRow,
+    (action, resource_type): (Option<&str>, Option<&str>),
+    only: &[&str],
+) {
+    fn set(slot: &mut Value, v: Option<&str>) {
+        match (slot, v) {
+            (Value::String(s), Some(v)) => {
+                s.clear();
+                s.push_str(v);
+            }
+            (slot, v) => *slot = v.map_or(Value::Null, |v| Value::String(v.to_string())),
+        }
+    }
+    for name in FACT_COLUMNS {
+        if !only.contains(name) {
+            continue;
+        }
+        if !out.contains_key(*name) {
+            out.insert((*name).to_string(), Value::Null);
+        }
+        let Some(slot) = out.get_mut(*name) else {
+            continue;
+        };
+        match *name {
+            "timestamp" => *slot = Value::Number(row.time_ns().into()),
+            "event_id" => set(slot, row.event_id()),
+            "kind" => set(slot, row.kind()),
+            "agent_id" => set(slot, row.principal()),
+            "action_taken" => set(slot, action),
+            _ => set(slot, resource_type),
+        }
+    }
 }
 
 /// The columns of an event, read without building the whole JSON tree.
@@ -1344,32 +1558,41 @@ pub fn run_on_store(
 struct LightEvent<'a> {
     time_ns: Option<i64>,
     #[serde(borrow)]
-    event_id: Option<std::borrow::Cow<'a, str>>,
+    event_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    kind: Option<std::borrow::Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
     principal: Option<LightPrincipal<'a>>,
     #[serde(borrow)]
-    action: Option<std::borrow::Cow<'a, str>>,
+    action: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    resource: Option<std::borrow::Cow<'a, str>>,
+    resource: Option<Cow<'a, str>>,
     detail: Option<LightDetail>,
-    delegation: Option<LightDelegation>,
-    decision: Option<LightDecision>,
     outcome: Option<LightOutcome>,
     latency_us: Option<u64>,
-    trace_id: Option<String>,
-    request_id: Option<String>,
-    alert: Option<LightAlert>,
-    reasoning: Option<LightReasoning>,
+    #[serde(borrow)]
+    trace_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    request_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    delegation: Option<LightDelegation<'a>>,
+    #[serde(borrow)]
+    decision: Option<LightDecision<'a>>,
+    #[serde(borrow)]
+    alert: Option<LightAlert<'a>>,
+    #[serde(borrow)]
+    reasoning: Option<LightReasoning<'a>>,
 }
 
 #[derive(serde::Deserialize)]
 struct LightPrincipal<'a> {
     #[serde(borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
-    model: Option<String>,
-    owner: Option<String>,
-    purpose: Option<String>,
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    owner: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    purpose: Option<Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1379,14 +1602,16 @@ struct LightDetail {
 }
 
 #[derive(serde::Deserialize)]
-struct LightDelegation {
-    initiating_human: Option<String>,
+struct LightDelegation<'a> {
+    #[serde(borrow)]
+    initiating_human: Option<Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
-struct LightDecision {
+struct LightDecision<'a> {
     allowed: Option<bool>,
-    policies: Option<Vec<String>>,
+    #[serde(borrow)]
+    policies: Option<Vec<Cow<'a, str>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1397,14 +1622,17 @@ struct LightOutcome {
 }
 
 #[derive(serde::Deserialize)]
-struct LightAlert {
-    rule: Option<String>,
-    severity: Option<String>,
+struct LightAlert<'a> {
+    #[serde(borrow)]
+    rule: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    severity: Option<Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
-struct LightReasoning {
-    text: Option<String>,
+struct LightReasoning<'a> {
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
 }
 
 impl LightEvent<'_> {
@@ -1421,7 +1649,8 @@ impl LightEvent<'_> {
         let dec = self.decision.as_ref();
         let o = self.outcome.as_ref();
         let a = self.alert.as_ref();
-        let mut row = Map::new();
+        // Collected, then built in one go (a sorted bulk build rather than one insert each).
+        let mut row = Vec::with_capacity(only.map_or(COLUMNS.len(), <[&str]>::len));
         for (name, _) in COLUMNS {
             if only.is_some_and(|only| !only.contains(name)) {
                 continue;
@@ -1447,7 +1676,7 @@ impl LightEvent<'_> {
                 "deciding_policies" => dec
                     .and_then(|d| d.policies.as_ref())
                     .map_or(Value::Null, |p| {
-                        Value::Array(p.iter().cloned().map(Value::String).collect())
+                        Value::Array(p.iter().map(|p| Value::String(p.to_string())).collect())
                     }),
                 "status" => n(o.and_then(|o| o.status)),
                 "bytes_in" => n(o.and_then(|o| o.bytes_in)),
@@ -1461,15 +1690,170 @@ impl LightEvent<'_> {
                 "reasoning" => s(self.reasoning.as_ref().and_then(|r| r.text.as_deref())),
                 _ => Value::Null,
             };
-            row.insert((*name).to_string(), v);
+            row.push(((*name).to_string(), v));
         }
-        row
+        row.into_iter().collect()
+    }
+}
+
+/// `summarize` over rows given one at a time: each group keeps its key, its row count and,
+/// per aggregate other than `count`, the values of its first argument, so the rows themselves
+/// need not be kept (a scan can feed it while reading).
+struct Grouper<'q> {
+    aggs: &'q [Agg],
+    keys: &'q [(String, Expr)],
+    groups: Vec<Group>,
+    /// Group keys as bytes (each value's JSON, separated by 0x1f, which JSON text never holds
+    /// raw); the buffers are reused, so a row that joins an existing group allocates nothing
+    /// for its key.
+    index: HashMap<Vec<u8>, usize>,
+    key: Vec<Value>,
+    bytes: Vec<u8>,
+}
+
+struct Group {
+    key: Vec<Value>,
+    rows: usize,
+    /// Per aggregate: its first argument's values (empty for `count`).
+    values: Vec<Vec<Value>>,
+}
+
+impl<'q> Grouper<'q> {
+    fn new(aggs: &'q [Agg], keys: &'q [(String, Expr)]) -> Self {
+        Self {
+            aggs,
+            keys,
+            groups: Vec::new(),
+            index: HashMap::new(),
+            key: Vec::with_capacity(keys.len()),
+            bytes: Vec::new(),
+        }
+    }
+
+    /// The columns of the rows it makes.
+    fn columns(aggs: &[Agg], keys: &[(String, Expr)]) -> Vec<String> {
+        keys.iter()
+            .map(|(n, _)| n.clone())
+            .chain(aggs.iter().map(|a| a.name.clone()))
+            .collect()
+    }
+
+    /// Whether a scan can feed this stage row by row (no expression reads other rows).
+    fn streams(aggs: &[Agg], keys: &[(String, Expr)]) -> bool {
+        !keys.iter().any(|(_, e)| needs_rows(e))
+            && !aggs.iter().flat_map(|a| &a.args).any(needs_rows)
+    }
+
+    fn add(&mut self, row: &Map<String, Value>, env: &Env<'_>, rows: &[Map<String, Value>]) {
+        self.key.clear();
+        self.bytes.clear();
+        for (_, e) in self.keys {
+            let v = eval(e, row, env, rows);
+            if serde_json::to_writer(&mut self.bytes, &v).is_err() {
+                self.bytes.extend_from_slice(b"?");
+            }
+            self.bytes.push(0x1f);
+            self.key.push(v);
+        }
+        let slot = match self.index.get(self.bytes.as_slice()) {
+            Some(&slot) => slot,
+            None => {
+                self.groups.push(Group {
+                    key: self.key.clone(),
+                    rows: 0,
+                    values: vec![Vec::new(); self.aggs.len()],
+                });
+                self.index.insert(self.bytes.clone(), self.groups.len() - 1);
+                self.groups.len() - 1
+            }
+        };
+        let Some(group) = self.groups.get_mut(slot) else {
+            return;
+        };
+        group.rows += 1;
+        for (a, values) in self.aggs.iter().zip(group.values.iter_mut()) {
+            if a.func != "count" {
+                values.push(
+                    a.args
+                        .first()
+                        .map_or(Value::Null, |e| eval(e, row, env, rows)),
+                );
+            }
+        }
+    }
+
+    /// One row per group, in the order the groups first appeared.
+    fn finish(self) -> Rows {
+        let (aggs, keys) = (self.aggs, self.keys);
+        self.groups
+            .into_iter()
+            .map(|group| {
+                let mut out = Map::new();
+                for ((name, _), v) in keys.iter().zip(group.key) {
+                    out.insert(name.clone(), v);
+                }
+                for (a, values) in aggs.iter().zip(group.values) {
+                    let nums = || -> Vec<f64> { values.iter().filter_map(num).collect() };
+                    let v = match a.func.as_str() {
+                        "count" => json!(group.rows),
+                        "dcount" => {
+                            let mut seen: Vec<String> =
+                                values.iter().map(|v| v.to_string()).collect();
+                            seen.sort();
+                            seen.dedup();
+                            json!(seen.len())
+                        }
+                        "sum" => json!(nums().iter().sum::<f64>()),
+                        "avg" => {
+                            let n = nums();
+                            if n.is_empty() {
+                                Value::Null
+                            } else {
+                                json!(n.iter().sum::<f64>() / n.len() as f64)
+                            }
+                        }
+                        "min" => nums()
+                            .into_iter()
+                            .reduce(f64::min)
+                            .map_or(Value::Null, |v| json!(v)),
+                        "max" => nums()
+                            .into_iter()
+                            .reduce(f64::max)
+                            .map_or(Value::Null, |v| json!(v)),
+                        _ => {
+                            let p = a
+                                .args
+                                .get(1)
+                                .and_then(|e| match e {
+                                    Expr::Lit(v) => num(v),
+                                    _ => None,
+                                })
+                                .unwrap_or(50.0);
+                            percentile(&mut nums(), p).map_or(Value::Null, |v| json!(v))
+                        }
+                    };
+                    out.insert(a.name.clone(), v);
+                }
+                out
+            })
+            .collect()
     }
 }
 
 fn execute(
     stages: &[Stage],
+    rows: Rows,
+    now_ns: i64,
+    lists: &HashMap<String, Vec<Value>>,
+) -> Result<Answer, QueryError> {
+    execute_in(stages, rows, Vec::new(), now_ns, lists)
+}
+
+/// [`execute`] on rows that have the columns in `scope` (empty: every event column).
+fn execute_in(
+    stages: &[Stage],
     mut rows: Rows,
+    mut scope: Vec<String>,
     now_ns: i64,
     lists: &HashMap<String, Vec<Value>>,
 ) -> Result<Answer, QueryError> {
@@ -1487,7 +1871,6 @@ fn execute(
         }
     };
     // Columns in scope after each stage (empty: every event column).
-    let mut scope: Vec<String> = Vec::new();
     for stage in stages {
         env.cache.borrow_mut().clear();
         match stage {
@@ -1530,105 +1913,12 @@ fn execute(
                 }
                 // The groups are built from the rows themselves (they are replaced).
                 let snapshot = std::mem::take(&mut rows);
-                let mut groups: Vec<(Vec<Value>, Vec<usize>)> = Vec::new();
-                // Group keys as bytes (each value's JSON, separated by 0x1f, which JSON text
-                // never holds raw); the buffers are reused, so a row that joins an existing
-                // group allocates nothing for its key.
-                let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
-                let mut key: Vec<Value> = Vec::with_capacity(keys.len());
-                let mut bytes: Vec<u8> = Vec::new();
-                for (i, r) in snapshot.iter().enumerate() {
-                    key.clear();
-                    bytes.clear();
-                    for (_, e) in keys {
-                        let v = eval(e, r, &env, &snapshot);
-                        if serde_json::to_writer(&mut bytes, &v).is_err() {
-                            bytes.extend_from_slice(b"?");
-                        }
-                        bytes.push(0x1f);
-                        key.push(v);
-                    }
-                    let slot = match index.get(bytes.as_slice()) {
-                        Some(&slot) => slot,
-                        None => {
-                            groups.push((key.clone(), Vec::new()));
-                            index.insert(bytes.clone(), groups.len() - 1);
-                            groups.len() - 1
-                        }
-                    };
-                    if let Some(g) = groups.get_mut(slot) {
-                        g.1.push(i);
-                    }
+                let mut grouper = Grouper::new(aggs, keys);
+                for r in &snapshot {
+                    grouper.add(r, &env, &snapshot);
                 }
-                rows = groups
-                    .into_iter()
-                    .map(|(key, members)| {
-                        let mut out = Map::new();
-                        for ((name, _), v) in keys.iter().zip(key) {
-                            out.insert(name.clone(), v);
-                        }
-                        for a in aggs {
-                            let values = |k: usize| -> Vec<Value> {
-                                members
-                                    .iter()
-                                    .filter_map(|m| snapshot.get(*m))
-                                    .map(|r| {
-                                        a.args
-                                            .get(k)
-                                            .map_or(Value::Null, |e| eval(e, r, &env, &snapshot))
-                                    })
-                                    .collect()
-                            };
-                            let nums =
-                                || -> Vec<f64> { values(0).iter().filter_map(num).collect() };
-                            let v = match a.func.as_str() {
-                                "count" => json!(members.len()),
-                                "dcount" => {
-                                    let mut seen: Vec<String> =
-                                        values(0).iter().map(|v| v.to_string()).collect();
-                                    seen.sort();
-                                    seen.dedup();
-                                    json!(seen.len())
-                                }
-                                "sum" => json!(nums().iter().sum::<f64>()),
-                                "avg" => {
-                                    let n = nums();
-                                    if n.is_empty() {
-                                        Value::Null
-                                    } else {
-                                        json!(n.iter().sum::<f64>() / n.len() as f64)
-                                    }
-                                }
-                                "min" => nums()
-                                    .into_iter()
-                                    .reduce(f64::min)
-                                    .map_or(Value::Null, |v| json!(v)),
-                                "max" => nums()
-                                    .into_iter()
-                                    .reduce(f64::max)
-                                    .map_or(Value::Null, |v| json!(v)),
-                                _ => {
-                                    let p = a
-                                        .args
-                                        .get(1)
-                                        .and_then(|e| match e {
-                                            Expr::Lit(v) => num(v),
-                                            _ => None,
-                                        })
-                                        .unwrap_or(50.0);
-                                    percentile(&mut nums(), p).map_or(Value::Null, |v| json!(v))
-                                }
-                            };
-                            out.insert(a.name.clone(), v);
-                        }
-                        out
-                    })
-                    .collect();
-                scope = keys
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .chain(aggs.iter().map(|a| a.name.clone()))
-                    .collect();
+                rows = grouper.finish();
+                scope = Grouper::columns(aggs, keys);
             }
             Stage::Sort(e, desc) | Stage::Top(_, e, desc) => {
                 check_names(e, &scope, lists)?;
@@ -1746,6 +2036,9 @@ mod tests {
                     body,
                     prev_hash: std::mem::replace(&mut prev, hash.clone()),
                     hash,
+                    // Every other event as stored before the fact columns: queries read
+                    // its body.
+                    facts: crate::facts_of(&e).filter(|_| seq % 2 == 0),
                 }
             })
             .collect();
@@ -1774,6 +2067,11 @@ mod tests {
             "AgentAuditLog | summarize action_count = count() by agent_id, bin(timestamp, 5m) | where action_count > percentile_threshold_95 | project agent_id, action_count, timestamp",
             "AgentAuditLog | where resource_type in (\"keyvault\", \"env-vars\") | where action_taken == \"read\" | where not(agent_id in (approved))",
             "AgentAuditLog | where detail.resource_type == \"database\" | take 3",
+            "AgentAuditLog | where action_taken == \"read\" and kind != \"x\" | project event_id, kind, resource_type, timestamp, agent_id, action_taken",
+            "AgentAuditLog | where resource_type == \"database\" | project agent_purpose, event_id",
+            "AgentAuditLog | where action_taken == \"read\" | summarize n = count(), last = max(timestamp), kinds = dcount(kind) by agent_id, resource_type",
+            "AgentAuditLog | summarize n = count() by agent_purpose | sort by agent_purpose",
+            "AgentAuditLog | where timestamp > ago(2h) | summarize n = count() by detail.resource_type, bin(timestamp, 1h)",
         ] {
             let streamed = run_on_store(q, &store, NOW, &lists).unwrap();
             let whole = run(q, rows_from_store(&store).unwrap(), NOW, &lists).unwrap();

@@ -163,6 +163,7 @@ mod tests {
                     body,
                     prev_hash: std::mem::replace(&mut prev, hash.clone()),
                     hash,
+                    facts: crate::facts_of(&event),
                 }
             })
             .collect();

@@ -443,6 +443,7 @@ mod tests {
             body: body.to_string(),
             prev_hash: "a".repeat(64),
             hash: "b".repeat(64),
+            facts: None,
         }
     }
 

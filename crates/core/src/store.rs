@@ -79,6 +79,76 @@ pub struct StoredAuditEvent {
     pub prev_hash: String,
     /// Hex SHA-256 of this event.
     pub hash: String,
+    /// Copies of body fields kept as columns for queries; `None` for events stored before the
+    /// columns existed. Not part of the export: the body is the record.
+    #[serde(skip)]
+    pub facts: Option<AuditFacts>,
+}
+
+/// Fields of an audit event's body that the store also keeps as columns, so queries can filter
+/// on them without reading the body. `audit verify` checks them against the hashed body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFacts {
+    /// The event's `action`.
+    pub action: Option<String>,
+    /// The event's `detail.resource_type`, when it is a string.
+    pub resource_type: Option<String>,
+}
+
+/// One stored audit event as a scan sees it: the columns, and the body only when asked for.
+pub trait AuditRow {
+    /// Position in the chain.
+    fn seq(&self) -> u64;
+    /// Event time, nanoseconds since the Unix epoch.
+    fn time_ns(&self) -> i64;
+    /// Event id.
+    fn event_id(&self) -> Option<&str>;
+    /// Event kind.
+    fn kind(&self) -> Option<&str>;
+    /// The acting principal's id.
+    fn principal(&self) -> Option<&str>;
+    /// `(action, resource_type)` as kept in columns, or `None` when this event predates them
+    /// (read the body instead).
+    fn facts(&self) -> Option<(Option<&str>, Option<&str>)>;
+    /// The canonical JSON body.
+    fn body(&self) -> Result<&str, StoreError>;
+    /// Hex SHA-256 of the previous event, as stored.
+    fn prev_hash(&self) -> Option<&str>;
+    /// Hex SHA-256 of this event, as stored.
+    fn hash(&self) -> Option<&str>;
+}
+
+/// A [`StoredAuditEvent`] read in full, seen as a scan row.
+impl AuditRow for StoredAuditEvent {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn time_ns(&self) -> i64 {
+        self.time_ns
+    }
+    fn event_id(&self) -> Option<&str> {
+        Some(&self.event_id)
+    }
+    fn kind(&self) -> Option<&str> {
+        Some(&self.kind)
+    }
+    fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
+    fn facts(&self) -> Option<(Option<&str>, Option<&str>)> {
+        self.facts
+            .as_ref()
+            .map(|f| (f.action.as_deref(), f.resource_type.as_deref()))
+    }
+    fn body(&self) -> Result<&str, StoreError> {
+        Ok(&self.body)
+    }
+    fn prev_hash(&self) -> Option<&str> {
+        Some(&self.prev_hash)
+    }
+    fn hash(&self) -> Option<&str> {
+        Some(&self.hash)
+    }
 }
 
 /// A vault secret as stored: its data key wrapped by the master key, its value sealed by the
@@ -263,4 +333,31 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Vec<(u64, String)>, StoreError>;
     /// Events with `seq > after`, ascending, at most `limit`.
     fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<StoredAuditEvent>, StoreError>;
+    /// Visits the events with `after < seq <= until` in order until `visit` returns `false`.
+    /// A row reads its body only when asked, so a scan that needs only the columns never
+    /// copies bodies. Two scans may run at once (on different threads). The default reads
+    /// whole events page by page; a backend that can read columns alone overrides it.
+    fn scan_audit(
+        &self,
+        after: u64,
+        until: u64,
+        visit: &mut dyn FnMut(&dyn AuditRow) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut after = after;
+        loop {
+            let page = self.read_audit(after, 4096)?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = last.seq;
+            for row in page.iter().take_while(|r| r.seq <= until) {
+                if !visit(row) {
+                    return Ok(());
+                }
+            }
+            if after >= until {
+                return Ok(());
+            }
+        }
+    }
 }

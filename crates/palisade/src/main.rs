@@ -9,6 +9,12 @@ mod scan;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// mimalloc rather than the system allocator: the server and the audit queries allocate many
+/// small, short-lived objects (JSON rows, Cedar requests, HTTP headers), where glibc's malloc
+/// spent a third of a whole-log query's time (BENCHMARKS.md, audit pipeline).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -4,6 +4,10 @@
 //! `cargo bench -p palisade-policy --bench decide` (results in BENCHMARKS.md)
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+// The allocator the `palisade` binary ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use palisade_core::principal::AgentDetail;
 use palisade_core::{Principal, PrincipalDetail, PrincipalId, PrincipalKind, Status, Timestamp};
 use palisade_policy::{Action, PolicyEngine, RequestContext, Target};

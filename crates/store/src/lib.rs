@@ -9,8 +9,8 @@
 
 use palisade_core::session::SessionRecord;
 use palisade_core::store::{
-    AuditSegment, ClientSecretRecord, RevocationRecord, SecretRecord, SigningKeyRecord, Store,
-    StoreError, StoredAuditEvent,
+    AuditFacts, AuditSegment, ClientSecretRecord, RevocationRecord, SecretRecord, SigningKeyRecord,
+    Store, StoreError, StoredAuditEvent,
 };
 use palisade_core::{Principal, PrincipalId, PrincipalKind, Timestamp};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -163,6 +163,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX approvals_status ON approvals (status, requested_ns);
     "#,
+    // 12: audit facts: body fields kept as columns so queries filter without reading bodies
+    // (`facts = 1` when filled; older events have 0 and queries read their bodies).
+    r#"
+    ALTER TABLE audit_events ADD COLUMN action TEXT;
+    ALTER TABLE audit_events ADD COLUMN resource_type TEXT;
+    ALTER TABLE audit_events ADD COLUMN facts INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The background WAL checkpointer; stops (after a last checkpoint) when dropped.
@@ -189,6 +196,10 @@ pub struct SqliteStore {
     /// the WAL write lock through an fsync that an audit commit would wait behind. A crash can
     /// lose the last snapshots (the next FULL commit on any connection makes them durable).
     counters: Mutex<Connection>,
+    /// Audit scans (queries, verification): readers of their own, so a long scan never holds
+    /// the audit writer's connection (WAL readers do not block the writer); two, so two scans
+    /// run at once.
+    scans: [Mutex<Connection>; 2],
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -231,11 +242,13 @@ impl SqliteStore {
         counters
             .execute_batch("PRAGMA synchronous=NORMAL;")
             .map_err(backend)?;
+        let scans = [Mutex::new(connect(file)?), Mutex::new(connect(file)?)];
         Ok(Self {
             path: file.to_path_buf(),
             main: Mutex::new(main),
             audit: Mutex::new(audit),
             counters: Mutex::new(counters),
+            scans,
         })
     }
 
@@ -298,6 +311,67 @@ impl SqliteStore {
         self.audit
             .lock()
             .map_err(|_| backend("audit store lock poisoned"))
+    }
+
+    /// A free scan connection (waits for one when both are busy).
+    fn scan(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        for c in &self.scans {
+            if let Ok(guard) = c.try_lock() {
+                return Ok(guard);
+            }
+        }
+        self.scans[0]
+            .lock()
+            .map_err(|_| backend("audit scan lock poisoned"))
+    }
+}
+
+/// A row of an audit scan, read from the statement's current row: columns `seq, time_ns,
+/// event_id, kind, principal, facts, action, resource_type, body, prev_hash, hash`, each
+/// borrowed from SQLite, not copied.
+struct ScanRow<'a>(&'a rusqlite::Row<'a>);
+
+impl ScanRow<'_> {
+    fn text(&self, i: usize) -> Option<&str> {
+        self.0.get_ref(i).ok().and_then(|v| v.as_str().ok())
+    }
+
+    fn int(&self, i: usize) -> Option<i64> {
+        self.0.get_ref(i).ok().and_then(|v| v.as_i64().ok())
+    }
+}
+
+impl palisade_core::store::AuditRow for ScanRow<'_> {
+    fn seq(&self) -> u64 {
+        self.int(0).and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
+    }
+    fn time_ns(&self) -> i64 {
+        self.int(1).unwrap_or(0)
+    }
+    fn event_id(&self) -> Option<&str> {
+        self.text(2)
+    }
+    fn kind(&self) -> Option<&str> {
+        self.text(3)
+    }
+    fn principal(&self) -> Option<&str> {
+        self.text(4)
+    }
+    fn facts(&self) -> Option<(Option<&str>, Option<&str>)> {
+        (self.int(5) == Some(1)).then(|| (self.text(6), self.text(7)))
+    }
+    fn body(&self) -> Result<&str, StoreError> {
+        self.0
+            .get_ref(8)
+            .map_err(backend)?
+            .as_str()
+            .map_err(|e| backend(format!("an audit body is not text: {e}")))
+    }
+    fn prev_hash(&self) -> Option<&str> {
+        self.text(9)
+    }
+    fn hash(&self) -> Option<&str> {
+        self.text(10)
     }
 }
 
@@ -423,6 +497,14 @@ fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredAuditEvent> {
         body: r.get(5)?,
         prev_hash: r.get(6)?,
         hash: r.get(7)?,
+        facts: if r.get::<_, i64>(8)? == 1 {
+            Some(AuditFacts {
+                action: r.get(9)?,
+                resource_type: r.get(10)?,
+            })
+        } else {
+            None
+        },
     })
 }
 
@@ -940,7 +1022,7 @@ impl Store for SqliteStore {
     fn audit_head(&self) -> Result<Option<StoredAuditEvent>, StoreError> {
         self.audit()?
             .query_row(
-                "SELECT seq, event_id, time_ns, kind, principal, body, prev_hash, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                "SELECT seq, event_id, time_ns, kind, principal, body, prev_hash, hash, facts, action, resource_type FROM audit_events ORDER BY seq DESC LIMIT 1",
                 [],
                 audit_from_row,
             )
@@ -954,7 +1036,7 @@ impl Store for SqliteStore {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT INTO audit_events (seq, event_id, time_ns, kind, principal, body, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO audit_events (seq, event_id, time_ns, kind, principal, body, prev_hash, hash, facts, action, resource_type) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )
                 .map_err(backend)?;
             for e in events {
@@ -967,7 +1049,10 @@ impl Store for SqliteStore {
                     e.principal,
                     e.body,
                     e.prev_hash,
-                    e.hash
+                    e.hash,
+                    i64::from(e.facts.is_some()),
+                    e.facts.as_ref().and_then(|f| f.action.as_deref()),
+                    e.facts.as_ref().and_then(|f| f.resource_type.as_deref())
                 ])
                 .map_err(backend)?;
             }
@@ -1156,11 +1241,45 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    fn scan_audit(
+        &self,
+        after: u64,
+        until: u64,
+        visit: &mut dyn FnMut(&dyn palisade_core::store::AuditRow) -> bool,
+    ) -> Result<(), StoreError> {
+        // In chunks, each its own read transaction, so a long scan does not hold one WAL
+        // snapshot (and keep checkpoints from finishing) for its whole length.
+        const CHUNK: i64 = 65_536;
+        let conn = self.scan()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, time_ns, event_id, kind, principal, facts, action, resource_type, body, \
+                 prev_hash, hash FROM audit_events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(backend)?;
+        let mut after = i64::try_from(after).unwrap_or(i64::MAX);
+        let until = i64::try_from(until).unwrap_or(i64::MAX);
+        loop {
+            let mut rows = stmt.query(params![after, until, CHUNK]).map_err(backend)?;
+            let mut seen = 0;
+            while let Some(row) = rows.next().map_err(backend)? {
+                seen += 1;
+                after = row.get(0).map_err(backend)?;
+                if !visit(&ScanRow(row)) {
+                    return Ok(());
+                }
+            }
+            if seen < CHUNK {
+                return Ok(());
+            }
+        }
+    }
+
     fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<StoredAuditEvent>, StoreError> {
         let conn = self.audit()?;
         let mut stmt = conn
             .prepare_cached(
-                "SELECT seq, event_id, time_ns, kind, principal, body, prev_hash, hash FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, event_id, time_ns, kind, principal, body, prev_hash, hash, facts, action, resource_type FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )
             .map_err(backend)?;
         let after = i64::try_from(after).unwrap_or(i64::MAX);
@@ -1290,6 +1409,7 @@ mod tests {
             body: "{}".into(),
             prev_hash: "p".into(),
             hash: "h".into(),
+            facts: None,
         }
     }
 
