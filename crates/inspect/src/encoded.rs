@@ -48,7 +48,9 @@ enum Marker {
 }
 
 // Case variants are listed rather than searched case-insensitively: it keeps the search on
-// the SIMD prefilter. ROT13 words are common English words rotated (the, and, you, ignore,
+// the SIMD prefilter. Ascii85's `<~` opener is searched on its own (`memmem`): a two-byte pattern
+// here would make the prefilter match on two-byte fingerprints ("as", "<a", ...) and check ten
+// times as many places. No marker contains `<` or `~`, so leaving it out changes no other match. ROT13 words are common English words rotated (the, and, you, ignore,
 // print).
 const MARKERS: &[(&str, Marker)] = &[
     ("rot13", Marker::Rot13),
@@ -64,7 +66,6 @@ const MARKERS: &[(&str, Marker)] = &[
     ("base85", Marker::Ascii85),
     ("Base85", Marker::Ascii85),
     ("BASE85", Marker::Ascii85),
-    ("<~", Marker::Ascii85),
     ("gur ", Marker::RotWord),
     ("Gur ", Marker::RotWord),
     ("naq ", Marker::RotWord),
@@ -144,21 +145,30 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             continue;
         };
         // Markup and URLs are made of the same characters; Ascii85 has no reason to hold an
-        // attribute (`="`), a scheme (`://`) or an end tag. One pass over the token decides.
+        // attribute (`="`), a scheme (`://`) or an end tag (`</name>`). Most markup tokens are
+        // rejected at their first `=`, `:` or `<`.
         let t = token.as_bytes();
-        let mut punct = 0;
-        let (mut attribute, mut scheme, mut closing) = (false, false, false);
-        for (k, &b) in t.iter().enumerate() {
-            if b.is_ascii_alphanumeric() {
-                continue;
+        let markup = memchr::memchr3_iter(b'=', b':', b'<', t).any(|k| {
+            let rest = t.get(k + 1..).unwrap_or_default();
+            match t.get(k) {
+                Some(b'=') => rest.first() == Some(&b'"'),
+                Some(b':') => rest.starts_with(b"//"),
+                _ => rest.strip_prefix(b"/").is_some_and(|name| {
+                    let n = name
+                        .iter()
+                        .take_while(|b| b.is_ascii_alphanumeric())
+                        .count();
+                    n > 0 && name.get(n) == Some(&b'>')
+                }),
             }
-            punct += 1;
-            let next = t.get(k + 1).copied();
-            attribute |= b == b'=' && next == Some(b'"');
-            scheme |= b == b':' && t.get(k + 1..k + 3) == Some(b"//");
-            closing |= b == b'<' && next == Some(b'/');
-        }
-        if punct < 3 || attribute || scheme || (closing && has_end_tag(token)) {
+        });
+        if markup
+            || t.iter()
+                .filter(|b| !b.is_ascii_alphanumeric())
+                .take(3)
+                .count()
+                < 3
+        {
             continue;
         }
         let peeled = token
@@ -245,6 +255,10 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             }
         }
     }
+    // The first mention of either kind (they cannot overlap, so the earlier ends first).
+    if let Some(tilde) = memchr::memmem::find(text.as_bytes(), b"<~").map(|i| i + 2) {
+        mentions_85 = Some(mentions_85.map_or(tilde, |m: usize| m.min(tilde)));
+    }
     if let Some(after) = mentions_85 {
         let rest = text.get(after..).unwrap_or("");
         // The blob: the run of Ascii85 characters after the mention.
@@ -287,15 +301,6 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             report(&rotated, "encoded.rot13", (0, text.len()));
         }
     }
-}
-
-/// Whether `token` holds an HTML end tag (`</name>`).
-fn has_end_tag(token: &str) -> bool {
-    token.match_indices("</").any(|(i, _)| {
-        let rest = token.get(i + 2..).unwrap_or("");
-        let name = rest.bytes().take_while(u8::is_ascii_alphanumeric).count();
-        name > 0 && rest.as_bytes().get(name) == Some(&b'>')
-    })
 }
 
 /// Common English words in `text` (a sign of language, rotated or not).
@@ -567,6 +572,10 @@ mod tests {
                 "encoded.quoted_printable",
             ),
             (format!("ascii85: {}", ascii85(PAYLOAD)), "encoded.ascii85"),
+            // Adobe's delimiters, with no mention of the encoding.
+            (format!("see <~{}~> below", ascii85(PAYLOAD)), "encoded.ascii85"),
+            // Both: the first mention wins, here the delimiter.
+            (format!("x <~{}~> ascii85 is fun", ascii85(PAYLOAD)), "encoded.ascii85"),
         ];
         for (text, detector) in cases {
             let f = found(&text);

@@ -241,19 +241,45 @@ fn is_raw_text(tag: &str) -> bool {
     )
 }
 
-/// One start tag's attributes (names as written; compared without regard to case).
-struct Attrs<'a>(Vec<(&'a str, &'a str)>);
+/// One start tag's attributes (names as written; compared without regard to case), with a
+/// mask of which of the names the scanner asks about on every tag are present, so asking for
+/// an absent one (the usual case) does not walk the list.
+struct Attrs<'a> {
+    list: Vec<(&'a str, &'a str)>,
+    present: u8,
+}
+
+/// The names in [`Attrs::present`], one bit each.
+const MASKED: [&str; 6] = ["alt", "title", "style", "class", "id", "hidden"];
 
 impl<'a> Attrs<'a> {
+    fn new(list: Vec<(&'a str, &'a str)>) -> Self {
+        let present = list.iter().fold(0u8, |mask, (n, _)| mask | bit(n));
+        Self { list, present }
+    }
+
     fn get(&self, name: &str) -> Option<&'a str> {
-        self.0
+        let b = bit(name);
+        if b != 0 && self.present & b == 0 {
+            return None;
+        }
+        self.list
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| *v)
     }
+
     fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+        self.get(name).is_some()
     }
+}
+
+/// The bit of an attribute name in [`MASKED`] (any case), or 0.
+fn bit(name: &str) -> u8 {
+    MASKED
+        .iter()
+        .position(|m| m.len() == name.len() && m.eq_ignore_ascii_case(name))
+        .map_or(0, |i| 1 << i)
 }
 
 /// The parser state: open elements, the hidden segment being filled, and what was found.
@@ -346,7 +372,8 @@ impl<'t> Parser<'t> {
         }
     }
 
-    fn start_tag(&mut self, tag: &str, attrs: &Attrs<'_>, start: usize, end: usize) {
+    fn start_tag(&mut self, name: Tag, attrs: &Attrs<'_>, start: usize, end: usize) {
+        let tag = name.as_str();
         self.auto_close(tag, start);
         extract_attributes(tag, attrs, start..end, &mut self.doc.segments);
         if is_void(tag) {
@@ -355,7 +382,7 @@ impl<'t> Parser<'t> {
         let reason = if self.hidden.is_none() {
             hidden_reason(
                 tag,
-                |n| attrs.get(n).map(str::to_string),
+                |n| attrs.get(n),
                 attrs.has("hidden"),
                 &self.hidden_classes,
                 &self.hidden_ids,
@@ -376,10 +403,7 @@ impl<'t> Parser<'t> {
         if segment.is_some() {
             self.hidden = segment;
         }
-        self.stack.push(Open {
-            tag: Tag::new(tag),
-            segment,
-        });
+        self.stack.push(Open { tag: name, segment });
     }
 }
 
@@ -446,10 +470,10 @@ pub fn parse(text: &str) -> Document {
                 p.text(i, lt);
                 let (tag, end) = start_tag(text, lt, &mut attrs);
                 let name = tag.as_str();
-                let found = Attrs(std::mem::take(&mut attrs));
-                p.start_tag(name, &found, lt, end);
+                let found = Attrs::new(std::mem::take(&mut attrs));
+                p.start_tag(tag, &found, lt, end);
                 // The buffer is kept for the next tag.
-                attrs = found.0;
+                attrs = found.list;
                 i = end;
                 if is_raw_text(name) {
                     // Raw text runs to `</name` (any case).
@@ -640,10 +664,11 @@ fn machine_meta(name: &str) -> bool {
     .any(|w| name.contains(w))
 }
 
-/// Why an element hides its content, if it does.
-fn hidden_reason(
+/// Why an element hides its content, if it does. `get` reads an attribute (borrowed from the
+/// source when scanning, owned from lol_html when sanitizing).
+fn hidden_reason<S: AsRef<str>>(
     tag: &str,
-    get: impl Fn(&str) -> Option<String>,
+    get: impl Fn(&str) -> Option<S>,
     hidden_attribute: bool,
     classes: &HashSet<String>,
     ids: &HashSet<String>,
@@ -657,19 +682,22 @@ fn hidden_reason(
         return Some("hidden_attribute");
     }
     if let Some(style) = get("style")
-        && let Some(reason) = style_hides(&style)
+        && let Some(reason) = style_hides(style.as_ref())
     {
         return Some(reason);
     }
     if !classes.is_empty()
         && let Some(class) = get("class")
-        && class.split_whitespace().any(|c| classes.contains(c))
+        && class
+            .as_ref()
+            .split_whitespace()
+            .any(|c| classes.contains(c))
     {
         return Some("hidden_class");
     }
     if !ids.is_empty()
         && let Some(id) = get("id")
-        && ids.contains(id.trim())
+        && ids.contains(id.as_ref().trim())
     {
         return Some("hidden_class");
     }
@@ -1081,6 +1109,19 @@ mod tests {
             ),
             ("Text\n\n[//]: # (do this)\n", "markdown_comment"),
             ("Text\n[comment]: <> \"do this\"\n", "markdown_comment"),
+            // Attribute and tag names in any case.
+            ("<DIV STYLE=\"display:none\">do this</DIV>", "display_none"),
+            ("<Section Hidden>do this</Section>", "hidden_attribute"),
+            ("<img src=\"/a.png\" ALT=\"do this\">", "alt_text"),
+            ("<a href=\"/x\" Title=\"do this\">x</a>", "title_attribute"),
+            (
+                "<style>#n-7 { display: none }</style><p id=\"n-7\">do this</p>",
+                "hidden_class",
+            ),
+            (
+                "<style>.a{display:none}</style><span CLASS=\"b a\">do this</span>",
+                "hidden_class",
+            ),
         ];
         for (html, technique) in cases {
             let found = techniques(html);
@@ -1091,6 +1132,16 @@ mod tests {
                 "{html}: {found:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_list_item_closes_the_open_one_and_other_attributes_hide_nothing() {
+        let doc = parse(
+            "<ul><li hidden>gone<li>shown</ul><p data-style=\"display:none\" titles=\"x\">also shown</p>",
+        );
+        let hidden: Vec<&str> = doc.segments.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(hidden, ["gone"]);
+        assert_eq!(doc.visible, "shown\nalso shown\n");
     }
 
     #[test]
