@@ -526,14 +526,26 @@ pub fn verify(store: &dyn Store) -> Result<VerifyReport, VerifyError> {
     }
     let pruned = expected_seq - 1;
     // The chain is checked in two halves at once, each scanned by its own thread straight from
-    // the store (nothing copied). Every row is checked against its own stored hashes; the one
-    // link between the halves (the second half's first `prev_hash` against the first half's
-    // last hash) is checked at the end.
+    // the store (nothing copied). The second half's first link is checked against the stored
+    // hash of the first half's last event, which the first half checks in turn; the first
+    // half must also reach that event. So the first break found is the first in order, as in
+    // a walk from the start.
     let head = store.audit_head()?.map_or(pruned, |h| h.seq);
     let mid = pruned + head.saturating_sub(pruned) / 2;
+    let mid_hash = if mid == pruned {
+        prev.clone()
+    } else {
+        // If event `mid` is missing, the first half reports it before anything the second
+        // half finds.
+        store
+            .read_audit(mid - 1, 1)?
+            .into_iter()
+            .find(|r| r.seq == mid)
+            .map_or_else(String::new, |r| r.hash)
+    };
     let (first, second) = std::thread::scope(|scope| {
-        let other = scope.spawn(|| check_range(store, mid, u64::MAX, None));
-        let first = check_range(store, pruned, mid, Some(&prev));
+        let other = scope.spawn(|| check_range(store, mid, u64::MAX, &mid_hash));
+        let first = check_range(store, pruned, mid, &prev);
         let second = other.join().unwrap_or_else(|_| {
             Err(VerifyError::Broken(VerifyFailure {
                 seq: mid + 1,
@@ -543,96 +555,62 @@ pub fn verify(store: &dyn Store) -> Result<VerifyReport, VerifyError> {
         });
         (first, second)
     });
-    // The first break in order: the first half's before the second's.
-    let first = first?;
-    let second = second?;
-    let (events, head_hash) = match second {
-        Some(second) => {
-            let last_of_first = first
-                .as_ref()
-                .map_or(prev.as_str(), |r| r.last_hash.as_str());
-            if second.first_prev != last_of_first {
-                return Err(VerifyFailure {
-                    seq: mid + 1,
-                    event_id: second.first_event_id,
-                    reason: format!(
-                        "it does not link to event {mid}: the events were reordered, or event {mid} was replaced"
-                    ),
-                }
-                .into());
-            }
-            (
-                first.as_ref().map_or(0, |r| r.events) + second.events,
-                second.last_hash,
-            )
-        }
-        None => match first {
-            Some(first) => (first.events, first.last_hash),
-            None => (0, prev),
-        },
-    };
+    let (first, second) = (first?, second?);
     Ok(VerifyReport {
-        events,
-        head_hash,
+        events: first.events + second.events,
+        head_hash: second
+            .last_hash
+            .or(first.last_hash)
+            .unwrap_or_else(|| prev.clone()),
         pruned,
     })
 }
 
-/// What [`check_range`] found in a range that held events.
+/// What [`check_range`] found.
 struct RangeReport {
     events: u64,
-    first_prev: String,
-    first_event_id: String,
-    last_hash: String,
+    /// The hash of the range's last event, if it held any.
+    last_hash: Option<String>,
 }
 
-/// Checks the stored events with `after < seq <= until`, which must start at `after + 1` and
-/// have no gaps; the first one's link is checked against `first_prev` when given (else it is
-/// returned for the caller to check). `None` when the range holds no event.
+/// Checks the stored events with `after < seq <= until`: they must run from `after + 1`
+/// without gaps (up to `until` when it is bounded), each must match its stored hash, and each
+/// must link to the one before it, the first to `first_prev`.
 fn check_range(
     store: &dyn Store,
     after: u64,
     until: u64,
-    first_prev: Option<&str>,
-) -> Result<Option<RangeReport>, VerifyError> {
+    first_prev: &str,
+) -> Result<RangeReport, VerifyError> {
     let mut expected = after + 1;
-    let mut prev = String::new();
-    let mut report: Option<RangeReport> = None;
+    let mut prev = first_prev.to_string();
     let mut failure: Option<VerifyFailure> = None;
     store.scan_audit(after, until, &mut |row| {
-        let link = if report.is_none() {
-            first_prev.or(row.prev_hash()).unwrap_or_default()
-        } else {
-            prev.as_str()
-        };
-        if let Err(f) = check_row(row, expected, link) {
+        if let Err(f) = check_row(row, expected, &prev) {
             failure = Some(f);
             return false;
         }
-        let hash = row.hash().unwrap_or_default();
-        match report.as_mut() {
-            None => {
-                report = Some(RangeReport {
-                    events: 1,
-                    first_prev: row.prev_hash().unwrap_or_default().to_string(),
-                    first_event_id: row.event_id().unwrap_or_default().to_string(),
-                    last_hash: String::new(),
-                });
-            }
-            Some(r) => r.events += 1,
-        }
         prev.clear();
-        prev.push_str(hash);
+        prev.push_str(row.hash().unwrap_or_default());
         expected += 1;
         true
     })?;
     if let Some(f) = failure {
         return Err(f.into());
     }
-    Ok(report.map(|mut r| {
-        r.last_hash = prev;
-        r
-    }))
+    if until != u64::MAX && expected <= until {
+        return Err(VerifyFailure {
+            seq: expected,
+            event_id: "<missing>".into(),
+            reason: format!("event {expected} is missing: it was deleted"),
+        }
+        .into());
+    }
+    let events = expected - after - 1;
+    Ok(RangeReport {
+        events,
+        last_hash: (events > 0).then_some(prev),
+    })
 }
 
 /// The fields of an event body that the store also keeps as indexed columns.
@@ -647,12 +625,73 @@ struct Indexed<'a> {
     principal: Option<IndexedPrincipal<'a>>,
     #[serde(borrow)]
     action: Option<std::borrow::Cow<'a, str>>,
-    detail: Option<IndexedDetail>,
+    detail: Option<DetailFields>,
 }
 
-#[derive(Deserialize)]
-struct IndexedDetail {
-    resource_type: Option<serde_json::Value>,
+/// `detail.resource_type` and `detail.session` of an event body, read from whatever `detail`
+/// holds: a `detail` that is not an object has neither (and does not make the event
+/// unreadable). Other fields are skipped without being built.
+#[derive(Debug, Default)]
+pub(crate) struct DetailFields {
+    pub(crate) resource_type: Option<serde_json::Value>,
+    pub(crate) session: Option<serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for DetailFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Key {
+            ResourceType,
+            Session,
+            #[serde(other)]
+            Other,
+        }
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = DetailFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DetailFields, A::Error> {
+                let mut out = DetailFields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::ResourceType => out.resource_type = Some(map.next_value()?),
+                        Key::Session => out.session = Some(map.next_value()?),
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DetailFields, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(DetailFields::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<DetailFields, E> {
+                Ok(DetailFields::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<DetailFields, E> {
+                Ok(DetailFields::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<DetailFields, E> {
+                Ok(DetailFields::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<DetailFields, E> {
+                Ok(DetailFields::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<DetailFields, E> {
+                Ok(DetailFields::default())
+            }
+            fn visit_unit<E>(self) -> Result<DetailFields, E> {
+                Ok(DetailFields::default())
+            }
+        }
+        d.deserialize_any(Fields)
+    }
 }
 
 #[derive(Deserialize)]
@@ -856,6 +895,41 @@ mod tests {
                 chain_hash(&relinked[i].prev_hash, relinked[i].seq, &relinked[i].body);
         }
         let f = broken("relinked", &relinked);
+        assert_eq!(f.seq, 6);
+        assert!(
+            f.reason.contains("does not link to event 5"),
+            "{}",
+            f.reason
+        );
+
+        // The last event of the first half deleted.
+        let mut tail_of_first = chain(10);
+        tail_of_first.remove(4);
+        let f = broken("tail", &tail_of_first);
+        assert_eq!(f.seq, 5);
+        assert!(f.reason.contains("missing"), "{}", f.reason);
+
+        // Events 4 and 5 deleted and the rest re-chained onto event 3, so every stored link
+        // holds: the gap in the numbering still shows.
+        let mut spliced = chain(10);
+        spliced.drain(3..5);
+        spliced[3].prev_hash = spliced[2].hash.clone();
+        for i in 3..spliced.len() {
+            if i > 3 {
+                spliced[i].prev_hash = spliced[i - 1].hash.clone();
+            }
+            spliced[i].hash = chain_hash(&spliced[i].prev_hash, spliced[i].seq, &spliced[i].body);
+        }
+        let f = broken("spliced", &spliced);
+        assert_eq!(f.seq, 4);
+        assert!(f.reason.contains("missing"), "{}", f.reason);
+
+        // The second half's first event replaced (own hash consistent, later ones untouched):
+        // reported there, not at the next event.
+        let mut replaced = chain(10);
+        replaced[5].prev_hash = "0".repeat(64);
+        replaced[5].hash = chain_hash(&replaced[5].prev_hash, 6, &replaced[5].body);
+        let f = broken("replaced", &replaced);
         assert_eq!(f.seq, 6);
         assert!(
             f.reason.contains("does not link to event 5"),

@@ -1372,6 +1372,9 @@ pub fn run_on_store(
             let mut page: Vec<Pending> = Vec::with_capacity(PAGE);
             let mut stopped = false;
             let mut probe = Map::new();
+            // A body the store cannot hand over fails the query (rather than leaving its event
+            // out of the answer).
+            let mut unreadable = None;
             let passes =
                 |row: &Map<String, Value>| filters.iter().all(|f| truthy(&eval(f, row, &env, &[])));
             let result = store.scan_audit(start, u64::MAX, &mut |row| {
@@ -1392,15 +1395,22 @@ pub fn run_on_store(
                         page.push(Pending::Row(out));
                     } else {
                         // Parsed on the other thread: this one is busy enough reading.
-                        let Ok(body) = row.body() else {
-                            return true;
-                        };
-                        page.push(Pending::Passed(body.to_string()));
+                        match row.body() {
+                            Ok(body) => page.push(Pending::Passed(body.to_string())),
+                            Err(e) => {
+                                unreadable = Some(e);
+                                return false;
+                            }
+                        }
                     }
                 } else if let Some(g) = scan_grouper.as_mut() {
                     // An event stored before the fact columns: its body, here, in order.
-                    let Ok(body) = row.body() else {
-                        return true;
+                    let body = match row.body() {
+                        Ok(body) => body,
+                        Err(e) => {
+                            unreadable = Some(e);
+                            return false;
+                        }
                     };
                     let Ok(light) = serde_json::from_str::<LightEvent<'_>>(body) else {
                         return true;
@@ -1411,7 +1421,10 @@ pub fn run_on_store(
                 } else {
                     match row.body() {
                         Ok(b) => page.push(Pending::Body(b.to_string())),
-                        Err(_) => return true,
+                        Err(e) => {
+                            unreadable = Some(e);
+                            return false;
+                        }
                     }
                 }
                 if page.len() >= PAGE {
@@ -1426,7 +1439,10 @@ pub fn run_on_store(
             if !stopped && !page.is_empty() {
                 let _ = tx.send(page);
             }
-            result.map(|()| scan_grouper)
+            match unreadable {
+                Some(e) => Err(e),
+                None => result.map(|()| scan_grouper),
+            }
         });
         for page in rx {
             for pending in page {
@@ -1566,7 +1582,7 @@ struct LightEvent<'a> {
     action: Option<Cow<'a, str>>,
     #[serde(borrow)]
     resource: Option<Cow<'a, str>>,
-    detail: Option<LightDetail>,
+    detail: Option<crate::DetailFields>,
     outcome: Option<LightOutcome>,
     latency_us: Option<u64>,
     #[serde(borrow)]
@@ -1593,12 +1609,6 @@ struct LightPrincipal<'a> {
     owner: Option<Cow<'a, str>>,
     #[serde(borrow)]
     purpose: Option<Cow<'a, str>>,
-}
-
-#[derive(serde::Deserialize)]
-struct LightDetail {
-    resource_type: Option<Value>,
-    session: Option<Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -2025,6 +2035,20 @@ mod tests {
                 e.resource = Some("Palisade::Route::\"db\"".into());
                 e.detail =
                     json!({ "resource_type": if seq % 4 == 1 { "database" } else { "keyvault" } });
+                // Events with parts missing or of other types, where the fact columns and the
+                // body could disagree.
+                if seq % 7 == 0 {
+                    e.principal = None;
+                }
+                if seq % 11 == 0 {
+                    e.action = None;
+                }
+                match seq % 13 {
+                    0 => e.detail = json!("not an object"),
+                    5 => e.detail = json!({ "resource_type": 5, "session": "s" }),
+                    9 => e.detail = json!({ "route": "db" }),
+                    _ => {}
+                }
                 let body = serde_json::to_string(&e).unwrap();
                 let hash = crate::chain_hash(&prev, seq, &body);
                 palisade_core::store::StoredAuditEvent {

@@ -48,10 +48,11 @@ enum Marker {
 }
 
 // Case variants are listed rather than searched case-insensitively: it keeps the search on
-// the SIMD prefilter. Ascii85's `<~` opener is searched on its own (`memmem`): a two-byte pattern
-// here would make the prefilter match on two-byte fingerprints ("as", "<a", ...) and check ten
-// times as many places. No marker contains `<` or `~`, so leaving it out changes no other match. ROT13 words are common English words rotated (the, and, you, ignore,
-// print).
+// the SIMD prefilter. ROT13 words are common English words rotated (the, and, you, ignore,
+// print). Ascii85's `<~` opener is searched on its own (`memmem`): a two-byte pattern here
+// would make the prefilter match on two-byte fingerprints ("as", "<a", ...) and check ten
+// times as many places. No marker contains `<` or `~`, so leaving it out changes no other
+// match.
 const MARKERS: &[(&str, Marker)] = &[
     ("rot13", Marker::Rot13),
     ("ROT13", Marker::Rot13),

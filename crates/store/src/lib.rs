@@ -313,16 +313,36 @@ impl SqliteStore {
             .map_err(|_| backend("audit store lock poisoned"))
     }
 
-    /// A free scan connection (waits for one when both are busy).
-    fn scan(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+    /// A free scan connection, or a new one when both are busy (so scans never wait for each
+    /// other, and a scan started inside another cannot deadlock).
+    fn scan(&self) -> Result<ScanConn<'_>, StoreError> {
         for c in &self.scans {
-            if let Ok(guard) = c.try_lock() {
-                return Ok(guard);
+            match c.try_lock() {
+                Ok(guard) => return Ok(ScanConn::Pooled(guard)),
+                // A scan that panicked left the connection as SQLite keeps it: usable.
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    return Ok(ScanConn::Pooled(p.into_inner()));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
             }
         }
-        self.scans[0]
-            .lock()
-            .map_err(|_| backend("audit scan lock poisoned"))
+        Ok(ScanConn::Extra(connect(&self.path)?))
+    }
+}
+
+/// A connection for one audit scan.
+enum ScanConn<'a> {
+    Pooled(MutexGuard<'a, Connection>),
+    Extra(Connection),
+}
+
+impl std::ops::Deref for ScanConn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Self::Pooled(c) => c,
+            Self::Extra(c) => c,
+        }
     }
 }
 
@@ -422,7 +442,8 @@ const BUSY_SLEEPS: [std::time::Duration; 5] = [
 ];
 const BUSY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_micros(500);
 
-/// The busy handler of every connection: `true` retries, `false` gives up with `SQLITE_BUSY`.
+/// The busy handler of every connection: `true` retries, `false` gives up with `SQLITE_BUSY`
+/// once [`BUSY_TIMEOUT`] has passed (wall clock) since the wait began.
 ///
 /// SQLite's own handler (`busy_timeout`) sleeps 1, 2, 5, 10, 15, 20, 25 ms between retries, so
 /// an audit commit that meets the once-a-second session counters save, which holds the lock for
@@ -430,14 +451,21 @@ const BUSY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_micros(500
 /// here hold the lock for a commit (at most one fsync), so retrying every few hundred
 /// microseconds is cheap and ends the wait close to when the lock is free.
 fn busy_wait(attempt: i32) -> bool {
+    thread_local! {
+        /// When this thread's current wait began (SQLite calls the handler with attempt 0
+        /// first, on the waiting thread).
+        static SINCE: std::cell::Cell<Option<std::time::Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
     let attempt = usize::try_from(attempt).unwrap_or(0);
-    let later = u32::try_from(attempt.saturating_sub(BUSY_SLEEPS.len())).unwrap_or(u32::MAX);
-    let slept = BUSY_SLEEPS
-        .iter()
-        .take(attempt)
-        .sum::<std::time::Duration>()
-        .saturating_add(BUSY_MAX_SLEEP.saturating_mul(later));
-    if slept >= BUSY_TIMEOUT {
+    let now = std::time::Instant::now();
+    let since = SINCE.with(|s| {
+        if attempt == 0 || s.get().is_none() {
+            s.set(Some(now));
+        }
+        s.get().unwrap_or(now)
+    });
+    if now.duration_since(since) >= BUSY_TIMEOUT {
         return false;
     }
     std::thread::sleep(BUSY_SLEEPS.get(attempt).copied().unwrap_or(BUSY_MAX_SLEEP));
@@ -1371,11 +1399,23 @@ mod tests {
 
     #[test]
     fn the_busy_handler_gives_up_after_the_timeout() {
-        // Nominal sleeps add up to the timeout after about 10,000 retries of at most 0.5 ms.
-        assert!(!busy_wait(20_000));
-        assert!(!busy_wait(i32::MAX));
-        assert!(busy_wait(0));
-        assert!(busy_wait(9_000));
+        let writer = std::thread::spawn(|| {
+            let dir = temp_dir("busy-timeout");
+            drop(SqliteStore::open(&dir).unwrap());
+            let holder = connect(&dir.join(DB_FILE)).unwrap();
+            let writer = connect(&dir.join(DB_FILE)).unwrap();
+            holder
+                .execute_batch(
+                    "CREATE TABLE t (n INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (0);",
+                )
+                .unwrap();
+            let started = std::time::Instant::now();
+            let result = writer.execute("INSERT INTO t (n) VALUES (1)", []);
+            (result.is_err(), started.elapsed())
+        });
+        let (failed, waited) = writer.join().unwrap();
+        assert!(failed, "a write behind a lock held for good must fail");
+        assert!(waited >= BUSY_TIMEOUT, "{waited:?}");
     }
 
     #[test]
