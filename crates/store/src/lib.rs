@@ -276,7 +276,18 @@ impl SqliteStore {
         every: std::time::Duration,
         restart_frames: i64,
     ) -> Result<Checkpointer, StoreError> {
-        let conn = connect(&self.path)?;
+        let mut conn = connect(&self.path)?;
+        // A restart checkpoint takes the write lock, then waits for readers of older snapshots
+        // (a long audit query) while holding it: it gives up after ~2 ms, so it never holds
+        // the audit writer up for longer (the WAL restarts on a later round).
+        conn.busy_handler(Some(|attempt: i32| {
+            if attempt >= 20 {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            true
+        }))
+        .map_err(backend)?;
         for c in [self.main()?, self.audit()?, self.counters()?] {
             c.execute_batch("PRAGMA wal_autocheckpoint=0;")
                 .map_err(backend)?;
@@ -364,6 +375,7 @@ fn checkpoint(conn: &Connection, db_file: &Path, restart_frames: i64) -> Result<
             .map_err(|e| format!("cannot sync `{}`: {e}", db_file.display()))?;
     }
     if log > restart_frames {
+        // `busy = 1` (a reader or writer in the way): tried again next round.
         conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
             .map_err(|e| e.to_string())?;
     }
@@ -1529,6 +1541,49 @@ mod tests {
         // Without restarts the WAL holds every frame written: over 10,000 (40 MB).
         assert!(wal < 4_000 * 4_096, "the WAL grew to {wal} bytes");
         assert_eq!(rows_in_main_file(&dir), 5_000);
+    }
+
+    #[test]
+    fn a_restart_checkpoint_never_holds_writers_behind_a_long_reader() {
+        let dir = temp_dir("wal-reader");
+        let store = SqliteStore::open(&dir).unwrap();
+        let mut seq = 0;
+        let mut append = |store: &SqliteStore, n: u64| {
+            let rows: Vec<StoredAuditEvent> = (0..n)
+                .map(|_| {
+                    seq += 1;
+                    StoredAuditEvent {
+                        body: "y".repeat(3_000),
+                        ..event(seq)
+                    }
+                })
+                .collect();
+            store.append_audit(&rows).unwrap();
+        };
+        append(&store, 50);
+        // A reader holds a snapshot that the checkpoint cannot pass (like a long query).
+        let reader = connect(&dir.join(DB_FILE)).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM audit_events;")
+            .unwrap();
+        append(&store, 50);
+        let checkpointer = store
+            .start_checkpointer_with(std::time::Duration::from_millis(5), 16)
+            .unwrap();
+        // Every round now wants to restart the WAL and finds the reader in the way.
+        let mut slowest = std::time::Duration::ZERO;
+        for _ in 0..40 {
+            let started = std::time::Instant::now();
+            append(&store, 1);
+            slowest = slowest.max(started.elapsed());
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+        // A checkpoint waiting on the reader with the write lock held would stall a write for
+        // the whole busy timeout (5 s).
+        assert!(slowest < std::time::Duration::from_secs(1), "{slowest:?}");
+        reader.execute_batch("COMMIT").unwrap();
+        drop(checkpointer);
+        assert_eq!(rows_in_main_file(&dir), 140);
     }
 
     #[test]
