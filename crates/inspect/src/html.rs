@@ -521,62 +521,62 @@ fn find_end_tag(bytes: &[u8], from: usize, name: &str) -> usize {
     bytes.len()
 }
 
+/// Bytes that end a tag name.
+const NAME_END: [bool; 256] =
+    crate::byte_class!(|b| b.is_ascii_whitespace() || b == b'/' || b == b'>');
+/// Bytes that end an attribute name.
+const ATTR_NAME_END: [bool; 256] =
+    crate::byte_class!(|b| b.is_ascii_whitespace() || b == b'/' || b == b'>' || b == b'=');
+/// Bytes that end an unquoted attribute value.
+const UNQUOTED_END: [bool; 256] = crate::byte_class!(|b| b.is_ascii_whitespace() || b == b'>');
+/// Bytes skipped between attributes.
+const BETWEEN_ATTRS: [bool; 256] = crate::byte_class!(|b| b.is_ascii_whitespace() || b == b'/');
+/// ASCII whitespace.
+const SPACE: [bool; 256] = crate::byte_class!(|b| b.is_ascii_whitespace());
+
+/// The first index at or after `from` whose byte is in `class` (or not in it, when `is` is
+/// false), or the end of `bytes`.
+fn scan_to(bytes: &[u8], from: usize, class: &[bool; 256], is: bool) -> usize {
+    bytes
+        .get(from..)
+        .and_then(|rest| {
+            rest.iter()
+                .position(|b| class.get(usize::from(*b)).copied().unwrap_or(false) == is)
+        })
+        .map_or(bytes.len(), |o| from + o)
+}
+
 /// Parses the start tag at `lt`: its name and the index after `>`; its attributes go to
 /// `attrs` (cleared first).
 fn start_tag<'t>(text: &'t str, lt: usize, attrs: &mut Vec<(&'t str, &'t str)>) -> (Tag, usize) {
     attrs.clear();
     let bytes = text.as_bytes();
-    let mut j = lt + 1;
-    while bytes
-        .get(j)
-        .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'/' && *b != b'>')
-    {
-        j += 1;
-    }
+    let mut j = scan_to(bytes, lt + 1, &NAME_END, true);
     let name = Tag::new(text.get(lt + 1..j).unwrap_or(""));
     loop {
-        while bytes
-            .get(j)
-            .is_some_and(|b| b.is_ascii_whitespace() || *b == b'/')
-        {
-            j += 1;
-        }
+        j = scan_to(bytes, j, &BETWEEN_ATTRS, false);
         match bytes.get(j) {
             None => return (name, bytes.len()),
             Some(b'>') => return (name, j + 1),
             _ => {}
         }
         let name_start = j;
-        while bytes
-            .get(j)
-            .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'/' && *b != b'>' && *b != b'=')
-        {
-            j += 1;
-        }
+        j = scan_to(bytes, j, &ATTR_NAME_END, true);
         let attr_name = text.get(name_start..j).unwrap_or("");
-        while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
-            j += 1;
-        }
+        j = scan_to(bytes, j, &SPACE, false);
         let mut value = "";
         if bytes.get(j) == Some(&b'=') {
-            j += 1;
-            while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
-                j += 1;
-            }
+            j = scan_to(bytes, j + 1, &SPACE, false);
             match bytes.get(j) {
                 Some(&q @ (b'"' | b'\'')) => {
-                    let end = memchr::memchr(q, &bytes[j + 1..]).map_or(bytes.len(), |o| j + 1 + o);
+                    let end = memchr::memchr(q, bytes.get(j + 1..).unwrap_or_default())
+                        .map_or(bytes.len(), |o| j + 1 + o);
                     value = text.get(j + 1..end).unwrap_or("");
                     j = (end + 1).min(bytes.len());
                 }
                 _ => {
                     let start = j;
-                    while bytes
-                        .get(j)
-                        .is_some_and(|b| !b.is_ascii_whitespace() && *b != b'>')
-                    {
-                        j += 1;
-                    }
+                    j = scan_to(bytes, j, &UNQUOTED_END, true);
                     value = text.get(start..j).unwrap_or("");
                 }
             }

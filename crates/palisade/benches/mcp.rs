@@ -6,6 +6,10 @@
 //! `cargo bench -p palisade --bench mcp` (results in BENCHMARKS.md)
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+// The allocator the `palisade` binary ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use palisade_config::Config;
 use palisade_mcp::stdio::StdioServer;
 use serde_json::{Value, json};
