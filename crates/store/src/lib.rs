@@ -200,6 +200,11 @@ pub struct SqliteStore {
     /// the audit writer's connection (WAL readers do not block the writer); two, so two scans
     /// run at once.
     scans: [Mutex<Connection>; 2],
+    /// An open handle on the database file, for the checkpointer's syncs. Opened once and
+    /// closed only after every connection above (fields drop in declaration order): on Linux,
+    /// closing any handle on a file drops every POSIX lock the process holds on it, SQLite's
+    /// included. Keep it the last field.
+    db_handle: Arc<std::fs::File>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -243,12 +248,17 @@ impl SqliteStore {
             .execute_batch("PRAGMA synchronous=NORMAL;")
             .map_err(backend)?;
         let scans = [Mutex::new(connect(file)?), Mutex::new(connect(file)?)];
+        let db_handle = Arc::new(
+            std::fs::File::open(file)
+                .map_err(|e| backend(format!("cannot open `{}`: {e}", file.display())))?,
+        );
         Ok(Self {
             path: file.to_path_buf(),
             main: Mutex::new(main),
             audit: Mutex::new(audit),
             counters: Mutex::new(counters),
             scans,
+            db_handle,
         })
     }
 
@@ -262,8 +272,8 @@ impl SqliteStore {
     /// 10-second burst left a 700 MB WAL and 400 MB of dirty pages, whose final flush stalled
     /// commits for 200 ms). So after each passive checkpoint that copied pages but did not
     /// catch up, the thread syncs the database file itself, and once the WAL holds more than
-    /// [`WAL_RESTART_FRAMES`] frames it runs a restart checkpoint, which holds writers only
-    /// while it copies what the last passive one left.
+    /// [`WAL_RESTART_FRAMES`] frames it runs a restart checkpoint, which holds writers while
+    /// it copies what the last passive one left and syncs the database file.
     pub fn start_checkpointer(
         &self,
         every: std::time::Duration,
@@ -278,10 +288,10 @@ impl SqliteStore {
     ) -> Result<Checkpointer, StoreError> {
         let mut conn = connect(&self.path)?;
         // A restart checkpoint takes the write lock, then waits for readers of older snapshots
-        // (a long audit query) while holding it: it gives up after ~2 ms, so it never holds
-        // the audit writer up for longer (the WAL restarts on a later round).
+        // (a long audit query) while holding it: it gives up after ~5 ms of waiting in all, so
+        // it never holds the audit writer up for longer (the WAL restarts on a later round).
         conn.busy_handler(Some(|attempt: i32| {
-            if attempt >= 20 {
+            if attempt >= 50 {
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_micros(100));
@@ -296,6 +306,7 @@ impl SqliteStore {
         let stop_thread = stop.clone();
         let tick = std::time::Duration::from_millis(50).min(every);
         let db_file = self.path.clone();
+        let db_handle = self.db_handle.clone();
         let thread = std::thread::Builder::new()
             .name("palisade-checkpoint".into())
             .spawn(move || {
@@ -305,13 +316,16 @@ impl SqliteStore {
                     waited += tick;
                     if waited >= every {
                         waited = std::time::Duration::ZERO;
-                        if let Err(e) = checkpoint(&conn, &db_file, restart_frames) {
+                        if let Err(e) = checkpoint(&conn, &db_file, &db_handle, restart_frames) {
                             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
                         }
                     }
                 }
                 // One last checkpoint so a clean stop leaves a short WAL behind.
                 let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE);");
+                // The connection closes before this thread's handle on the file.
+                drop(conn);
+                drop(db_handle);
             })
             .map_err(|e| backend(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(Checkpointer {
@@ -362,22 +376,36 @@ impl SqliteStore {
 pub const WAL_RESTART_FRAMES: i64 = 16_384;
 
 /// One round of the checkpointer (see [`SqliteStore::start_checkpointer`]).
-fn checkpoint(conn: &Connection, db_file: &Path, restart_frames: i64) -> Result<(), String> {
-    let (busy, log, copied): (i64, i64, i64) = conn
-        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+fn checkpoint(
+    conn: &Connection,
+    db_file: &Path,
+    db_handle: &std::fs::File,
+    restart_frames: i64,
+) -> Result<(), String> {
+    let run = |mode: &str| -> Result<(i64, i64, i64), String> {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+    };
+    // `log` frames in the WAL, `copied` of them in the database file so far.
+    let (busy, log, copied) = run("PASSIVE")?;
     if busy == 0 && copied > 0 && copied < log {
-        // SQLite syncs the database file only when a checkpoint catches up.
-        std::fs::File::open(db_file)
-            .and_then(|f| f.sync_data())
+        // SQLite syncs the database file only when a checkpoint catches up. (Through the
+        // store's long-lived handle: opening and closing one here would drop SQLite's locks.)
+        db_handle
+            .sync_data()
             .map_err(|e| format!("cannot sync `{}`: {e}", db_file.display()))?;
     }
     if log > restart_frames {
-        // `busy = 1` (a reader or writer in the way): tried again next round.
-        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
-            .map_err(|e| e.to_string())?;
+        let (busy, log, _) = run("RESTART")?;
+        // Busy: a reader or the writer was in the way; tried again next round.
+        if busy != 0 && log > restart_frames.saturating_mul(4) {
+            tracing::warn!(
+                wal_frames = log,
+                "the WAL cannot be restarted (long readers or a slow disk keep the checkpoint out); it keeps growing"
+            );
+        }
     }
     Ok(())
 }
@@ -502,32 +530,30 @@ const BUSY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_micros(500
 /// well under a millisecond, still waited 3 ms or more. That was the gateway's p99 tail. Writes
 /// here hold the lock for a commit (at most one fsync), so retrying every few hundred
 /// microseconds is cheap and ends the wait close to when the lock is free.
-fn busy_wait(attempt: i32) -> bool {
-    thread_local! {
-        /// When this thread's current wait began (SQLite calls the handler with attempt 0
-        /// first, on the waiting thread).
-        static SINCE: std::cell::Cell<Option<std::time::Instant>> =
-            const { std::cell::Cell::new(None) };
-    }
-    let attempt = usize::try_from(attempt).unwrap_or(0);
-    let now = std::time::Instant::now();
-    let since = SINCE.with(|s| {
-        if attempt == 0 || s.get().is_none() {
-            s.set(Some(now));
+fn busy_wait() -> impl FnMut(i32) -> bool + Send + 'static {
+    // A new wait starts whenever the attempt count does not grow (SQLite counts per statement
+    // and may not reset the count between statements).
+    let mut since = std::time::Instant::now();
+    let mut last: Option<i32> = None;
+    move |attempt| {
+        let now = std::time::Instant::now();
+        if last.is_none_or(|l| attempt <= l) {
+            since = now;
         }
-        s.get().unwrap_or(now)
-    });
-    if now.duration_since(since) >= BUSY_TIMEOUT {
-        return false;
+        last = Some(attempt);
+        if now.duration_since(since) >= BUSY_TIMEOUT {
+            return false;
+        }
+        let step = usize::try_from(attempt).unwrap_or(0);
+        std::thread::sleep(BUSY_SLEEPS.get(step).copied().unwrap_or(BUSY_MAX_SLEEP));
+        true
     }
-    std::thread::sleep(BUSY_SLEEPS.get(attempt).copied().unwrap_or(BUSY_MAX_SLEEP));
-    true
 }
 
 fn connect(file: &Path) -> Result<Connection, StoreError> {
     let mut conn = Connection::open(file)
         .map_err(|e| backend(format!("cannot open `{}`: {e}", file.display())))?;
-    conn.busy_handler(Some(busy_wait)).map_err(backend)?;
+    conn.busy_handler(Some(busy_wait())).map_err(backend)?;
     conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
         .map_err(backend)?;
     Ok(conn)
@@ -1433,11 +1459,11 @@ mod tests {
                 "CREATE TABLE busy_probe (n INTEGER); BEGIN IMMEDIATE; INSERT INTO busy_probe (n) VALUES (0);",
             )
             .unwrap();
+        let started = std::time::Instant::now();
         let released = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(50));
             holder.execute_batch("COMMIT").unwrap();
         });
-        let started = std::time::Instant::now();
         writer
             .execute("INSERT INTO busy_probe (n) VALUES (1)", [])
             .unwrap();
@@ -1463,11 +1489,19 @@ mod tests {
                 .unwrap();
             let started = std::time::Instant::now();
             let result = writer.execute("INSERT INTO t (n) VALUES (1)", []);
-            (result.is_err(), started.elapsed())
+            let code = result.err().and_then(|e| e.sqlite_error_code());
+            (code, started.elapsed())
         });
-        let (failed, waited) = writer.join().unwrap();
-        assert!(failed, "a write behind a lock held for good must fail");
-        assert!(waited >= BUSY_TIMEOUT, "{waited:?}");
+        let (code, waited) = writer.join().unwrap();
+        assert_eq!(
+            code,
+            Some(rusqlite::ErrorCode::DatabaseBusy),
+            "a write behind a lock held for good fails as busy"
+        );
+        assert!(
+            waited >= BUSY_TIMEOUT && waited < BUSY_TIMEOUT * 3,
+            "gave up after {waited:?}"
+        );
     }
 
     #[test]
