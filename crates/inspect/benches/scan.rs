@@ -126,9 +126,34 @@ fn main() {
         breakdown(&html);
         lol(&html);
     }
+    // Real text is rarely pure ASCII: the same inputs with typographic punctuation (an em
+    // dash and a curly apostrophe every few paragraphs, a copyright sign).
+    let typographic = |t: &str| {
+        t.replace("It is ", "It\u{2019}s ")
+            .replace(". The ", " \u{2014} the ")
+            .replacen("<body>", "<body><footer>\u{a9} 2026 Example</footer>", 1)
+    };
+    let prose_u = typographic(&prose);
+    let html_u = typographic(&html);
+    assert!(!prose_u.is_ascii() && !html_u.is_ascii());
+    let report = inspector.inspect(&prose_u, Detectors::default());
+    assert!(
+        report.findings.is_empty(),
+        "prose: {:?}",
+        report.findings.first()
+    );
+    let report = inspector.inspect(&html_u, Detectors::default());
+    assert!(!report.injection, "html: {:?}", report.findings.first());
     measure("prose, combined", &inspector, &prose, both);
     measure("prose, injection only", &inspector, &prose, injection);
     measure("prose, dlp only", &inspector, &prose, dlp);
+    measure(
+        "prose with typography, combined",
+        &inspector,
+        &prose_u,
+        both,
+    );
+    measure("html with typography, combined", &inspector, &html_u, both);
     measure("html, combined", &inspector, &html, both);
     measure("html, injection only", &inspector, &html, injection);
     measure("html, dlp only", &inspector, &html, dlp);

@@ -114,6 +114,13 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
     if text.is_ascii() {
         return;
     }
+    // Each detector needs characters of its own kind to find anything; text with none of them
+    // (typographic quotes, dashes, accented letters) is let go after one pass over its
+    // non-ASCII characters, without the per-character table the detectors walk.
+    let present = Present::of(text);
+    if !present.any() {
+        return;
+    }
     let chars: Vec<(usize, char)> = text.char_indices().collect();
     let end_of = |i: usize| {
         chars
@@ -121,12 +128,82 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
             .map(|(at, c)| at + c.len_utf8())
             .unwrap_or(text.len())
     };
-    tags(&chars, end_of, judge, out);
-    selectors(&chars, end_of, judge, out);
-    zero_width(text, &chars, end_of, judge, budget, out);
-    bidi(&chars, end_of, judge, out);
-    homoglyphs(text, &chars, end_of, judge, budget, out);
-    fullwidth(text, &chars, end_of, judge, out);
+    if present.tags {
+        tags(&chars, end_of, judge, out);
+    }
+    if present.selectors {
+        selectors(&chars, end_of, judge, out);
+    }
+    if present.zero_width {
+        zero_width(text, &chars, end_of, judge, budget, out);
+    }
+    if present.overrides {
+        bidi(&chars, end_of, judge, out);
+    }
+    if present.cyrillic_or_greek {
+        homoglyphs(text, &chars, end_of, judge, budget, out);
+    }
+    if present.fullwidth_letters {
+        fullwidth(text, &chars, end_of, judge, out);
+    }
+}
+
+/// Which kinds of characters the detectors look for occur in a text. A detector finds
+/// nothing without its kind: tags need tag characters, selectors selectors, the zero-width
+/// detectors zero-width characters, bidi overrides U+202D/U+202E, homoglyphs Cyrillic or
+/// Greek letters, full-width text full-width Latin letters.
+#[derive(Default)]
+struct Present {
+    tags: bool,
+    selectors: bool,
+    zero_width: bool,
+    overrides: bool,
+    cyrillic_or_greek: bool,
+    fullwidth_letters: bool,
+}
+
+impl Present {
+    fn of(text: &str) -> Self {
+        let mut p = Self::default();
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            // Eight ASCII bytes at a time.
+            if let Some(chunk) = bytes
+                .get(i..i + 8)
+                .and_then(|c| <[u8; 8]>::try_from(c).ok())
+                && u64::from_le_bytes(chunk) & 0x8080_8080_8080_8080 == 0
+            {
+                i += 8;
+                continue;
+            }
+            // `i` is always at a character boundary: ASCII bytes and whole characters are
+            // stepped over.
+            let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
+                break;
+            };
+            i += c.len_utf8();
+            if c.is_ascii() {
+                continue;
+            }
+            p.tags |= is_tag(c);
+            p.selectors |= is_selector(c);
+            p.zero_width |= is_zero_width(c);
+            p.overrides |= matches!(c, '\u{202D}' | '\u{202E}');
+            p.cyrillic_or_greek |= is_cyrillic_or_greek(c);
+            p.fullwidth_letters |= matches!(u32::from(c), 0xFF21..=0xFF3A | 0xFF41..=0xFF5A);
+        }
+        p
+    }
+
+    fn any(&self) -> bool {
+        self.tags
+            || self.selectors
+            || self.zero_width
+            || self.overrides
+            || self.cyrillic_or_greek
+            || self.fullwidth_letters
+    }
 }
 
 fn finding(
