@@ -269,21 +269,15 @@ impl Judge {
 
     /// Whether `text` instructs, judged for its context.
     pub fn judge(&self, text: &str, context: Context) -> Option<Verdict> {
-        let (normal, map) = normalize_mapped(text);
+        let normal = normalize(text);
         let threshold = match context {
             Context::Visible => self.visible_threshold,
             Context::Page => self.visible_threshold.max(PAGE_THRESHOLD),
             Context::Hidden | Context::Decoded => self.hidden_threshold,
         };
-        // Rule spans refer to the normalised text; map them back to the source.
-        let mut best = self.rule_verdict(&normal, text.len()).map(|mut v| {
-            if let Some(map) = &map {
-                let back = |i: usize| map.get(i).copied().unwrap_or(text.len());
-                v.start = back(v.start);
-                v.end = back(v.end);
-            }
-            v
-        });
+        let mut best = self
+            .rule_verdict(&normal, text.len())
+            .map(|v| map_back(text, v));
         // A few hidden words ("ignore: simplified code", a build comment) are too little for
         // the classifier to judge; the rules still do.
         if context != Context::Visible && normal.split_whitespace().nth(3).is_none() {
@@ -307,15 +301,8 @@ impl Judge {
 
     /// The rules alone (no classifier), for text that is not language (rotated guesses).
     pub fn rules_only(&self, text: &str) -> Option<Verdict> {
-        let (normal, map) = normalize_mapped(text);
-        self.rule_verdict(&normal, text.len()).map(|mut v| {
-            if let Some(map) = &map {
-                let back = |i: usize| map.get(i).copied().unwrap_or(text.len());
-                v.start = back(v.start);
-                v.end = back(v.end);
-            }
-            v
-        })
+        self.rule_verdict(&normalize(text), text.len())
+            .map(|v| map_back(text, v))
     }
 
     fn rule_verdict(&self, normal: &str, original_len: usize) -> Option<Verdict> {
@@ -552,11 +539,22 @@ pub fn normalize(text: &str) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// A rule verdict's span, found in `normalize(text)`, mapped back to `text`. The offset map of
+/// non-ASCII text is built only here, for the rare text a rule fires on.
+fn map_back(text: &str, mut v: Verdict) -> Verdict {
+    if let (_, Some(map)) = normalize_mapped(text) {
+        let back = |i: usize| map.get(i).copied().unwrap_or(text.len());
+        v.start = back(v.start);
+        v.end = back(v.end);
+    }
+    v
+}
+
 /// [`normalize`] for text with non-ASCII characters: look-alike letters are folded only inside
 /// words that also hold ASCII letters (a homoglyph swap), so native Cyrillic or Greek words
 /// stay themselves; full-width forms are always folded.
 fn normalize_unicode(text: &str) -> String {
-    normalize_mapped(text).0
+    normalize_non_ascii(text, None)
 }
 
 /// [`normalize`] with, for non-ASCII text, the source byte offset of every byte of the result
@@ -565,47 +563,95 @@ pub fn normalize_mapped(text: &str) -> (String, Option<Vec<usize>>) {
     if text.is_ascii() {
         return (normalize(text), None);
     }
-    let mut out = String::with_capacity(text.len());
-    let mut map: Vec<usize> = Vec::with_capacity(text.len());
-    // (source offset, character) of what a reader sees, full width folded.
-    let visible: Vec<(usize, char)> = text
-        .char_indices()
-        .filter(|(_, c)| !crate::unicode::is_invisible(*c))
-        .map(|(at, c)| match u32::from(c) {
-            0xFF01..=0xFF5E | 0x3000 => (at, crate::unicode::fold(c)),
-            _ => (at, c),
-        })
-        .collect();
-    let mut i = 0;
-    while i < visible.len() {
-        // One word (letters and digits) or one other character.
-        let start = i;
-        if visible.get(i).is_some_and(|(_, c)| c.is_alphanumeric()) {
-            while visible.get(i).is_some_and(|(_, c)| c.is_alphanumeric()) {
-                i += 1;
-            }
-        } else {
-            i += 1;
-        }
-        let word = visible.get(start..i).unwrap_or(&[]);
-        let ascii = word.iter().any(|(_, c)| c.is_ascii_alphabetic());
-        let foreign = word.iter().any(|(_, c)| !c.is_ascii() && c.is_alphabetic());
-        for &(at, c) in word {
-            let c = if ascii && foreign && !c.is_ascii() {
-                crate::unicode::fold(c)
-            } else {
-                c
-            };
-            let before = out.len();
-            if c.is_ascii() {
-                out.push(c.to_ascii_lowercase());
-            } else {
-                out.extend(c.to_lowercase());
-            }
-            map.extend(std::iter::repeat_n(at, out.len() - before));
-        }
-    }
+    let mut map = Vec::with_capacity(text.len());
+    let out = normalize_non_ascii(text, Some(&mut map));
     (out, Some(map))
+}
+
+/// The non-ASCII normalisation, in one pass: a reader's characters (invisible ones dropped,
+/// full-width folded), lowercased, with look-alike letters folded inside words (letters and
+/// digits) that also hold ASCII letters. Runs of ASCII outside such words are copied in bulk;
+/// only the words around non-ASCII characters go character by character. With `map`, the
+/// source offset of every output byte is pushed to it.
+fn normalize_non_ascii(text: &str, mut map: Option<&mut Vec<usize>>) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    // The current word (letters and digits), as (source offset, visible character).
+    let mut word: Vec<(usize, char)> = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        // Bulk: ASCII up to the next non-ASCII character, minus the word that leads into it
+        // (which must be judged together with that character).
+        if word.is_empty() {
+            let next = bytes
+                .get(i..)
+                .and_then(|rest| rest.iter().position(|b| !b.is_ascii()))
+                .map_or(bytes.len(), |o| i + o);
+            let mut cut = next;
+            if next < bytes.len() {
+                while cut > i && bytes.get(cut - 1).is_some_and(u8::is_ascii_alphanumeric) {
+                    cut -= 1;
+                }
+            }
+            if cut > i {
+                let run = text.get(i..cut).unwrap_or("");
+                out.push_str(&run.to_ascii_lowercase());
+                if let Some(map) = map.as_deref_mut() {
+                    map.extend(i..cut);
+                }
+                i = cut;
+                continue;
+            }
+        }
+        let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
+            break;
+        };
+        let at = i;
+        i += c.len_utf8();
+        if crate::unicode::is_invisible(c) {
+            continue;
+        }
+        let c = match u32::from(c) {
+            0xFF01..=0xFF5E | 0x3000 => crate::unicode::fold(c),
+            _ => c,
+        };
+        if c.is_alphanumeric() {
+            word.push((at, c));
+            continue;
+        }
+        flush_word(&mut word, &mut out, &mut map);
+        push_lower(&mut out, &mut map, at, c, false);
+    }
+    flush_word(&mut word, &mut out, &mut map);
+    out
+}
+
+/// Writes a word: lowercased, its non-ASCII letters folded to Latin when it mixes them with
+/// ASCII letters.
+fn flush_word(word: &mut Vec<(usize, char)>, out: &mut String, map: &mut Option<&mut Vec<usize>>) {
+    let ascii = word.iter().any(|(_, c)| c.is_ascii_alphabetic());
+    let foreign = word.iter().any(|(_, c)| !c.is_ascii() && c.is_alphabetic());
+    for &(at, c) in word.iter() {
+        push_lower(out, map, at, c, ascii && foreign);
+    }
+    word.clear();
+}
+
+fn push_lower(out: &mut String, map: &mut Option<&mut Vec<usize>>, at: usize, c: char, fold: bool) {
+    let c = if fold && !c.is_ascii() {
+        crate::unicode::fold(c)
+    } else {
+        c
+    };
+    let before = out.len();
+    if c.is_ascii() {
+        out.push(c.to_ascii_lowercase());
+    } else {
+        out.extend(c.to_lowercase());
+    }
+    if let Some(map) = map.as_deref_mut() {
+        map.extend(std::iter::repeat_n(at, out.len() - before));
+    }
 }
 
 fn unleet(b: u8) -> u8 {
@@ -624,6 +670,104 @@ fn unleet(b: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The character-by-character normalisation this module used before the bulk ASCII runs,
+    /// kept to check the new one against.
+    fn reference_mapped(text: &str) -> (String, Option<Vec<usize>>) {
+        let mut out = String::with_capacity(text.len());
+        let mut map: Vec<usize> = Vec::with_capacity(text.len());
+        // (source offset, character) of what a reader sees, full width folded.
+        let visible: Vec<(usize, char)> = text
+            .char_indices()
+            .filter(|(_, c)| !crate::unicode::is_invisible(*c))
+            .map(|(at, c)| match u32::from(c) {
+                0xFF01..=0xFF5E | 0x3000 => (at, crate::unicode::fold(c)),
+                _ => (at, c),
+            })
+            .collect();
+        let mut i = 0;
+        while i < visible.len() {
+            // One word (letters and digits) or one other character.
+            let start = i;
+            if visible.get(i).is_some_and(|(_, c)| c.is_alphanumeric()) {
+                while visible.get(i).is_some_and(|(_, c)| c.is_alphanumeric()) {
+                    i += 1;
+                }
+            } else {
+                i += 1;
+            }
+            let word = visible.get(start..i).unwrap_or(&[]);
+            let ascii = word.iter().any(|(_, c)| c.is_ascii_alphabetic());
+            let foreign = word.iter().any(|(_, c)| !c.is_ascii() && c.is_alphabetic());
+            for &(at, c) in word {
+                let c = if ascii && foreign && !c.is_ascii() {
+                    crate::unicode::fold(c)
+                } else {
+                    c
+                };
+                let before = out.len();
+                if c.is_ascii() {
+                    out.push(c.to_ascii_lowercase());
+                } else {
+                    out.extend(c.to_lowercase());
+                }
+                map.extend(std::iter::repeat_n(at, out.len() - before));
+            }
+        }
+        (out, Some(map))
+    }
+
+    #[test]
+    fn bulk_normalisation_equals_the_character_by_character_one() {
+        let pieces = [
+            "Ignore ",
+            "the ",
+            "PREVIOUS",
+            " rules",
+            ". ",
+            "It\u{2019}s",
+            " \u{2014} ",
+            "caf\u{e9}",
+            "\u{430}dmin",
+            "p\u{430}ss",
+            "\u{43f}\u{440}\u{438}\u{432}\u{435}\u{442}",
+            "\u{ff29}\u{ff47}nore",
+            "\u{200b}",
+            "x\u{ad}y",
+            "\u{1f600}",
+            "\u{130}stanbul",
+            "ABC123",
+            "\n",
+            "<b>",
+            "&amp;",
+            "\u{3000}",
+            "\u{2061}",
+            "\u{e0041}",
+            "\u{202e}",
+            "\u{3b1}\u{3b2}",
+            "9\u{ff10}",
+            "",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3_000 {
+            let mut text = String::new();
+            for _ in 0..(seed % 12) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+            }
+            seed = seed.wrapping_add(1);
+            if text.is_ascii() {
+                text.push('\u{e9}');
+            }
+            let (want, want_map) = reference_mapped(&text);
+            let (got, got_map) = normalize_mapped(&text);
+            assert_eq!(got, want, "{text:?}");
+            assert_eq!(got_map, want_map, "{text:?}");
+            assert_eq!(normalize(&text), want, "{text:?}");
+        }
+    }
 
     fn judge() -> Judge {
         Judge::new(Model::zero())
