@@ -870,72 +870,41 @@ mod tests {
                 other => panic!("{name}: expected a break, got {other:?}"),
             }
         };
+        let expect = |name: &str, rows: &[StoredAuditEvent], seq: u64, says: &str| {
+            let f = broken(name, rows);
+            assert_eq!(f.seq, seq, "{name}: {}", f.reason);
+            assert!(f.reason.contains(says), "{name}: {}", f.reason);
+        };
         // A modified body in the second half.
         let mut modified = chain(10);
         modified[7].body = modified[7].body.replace("\"k\"", "\"x\"");
-        let f = broken("modified", &modified);
-        assert_eq!(f.seq, 8);
-        assert!(f.reason.contains("does not match its hash"), "{}", f.reason);
+        expect("modified", &modified, 8, "does not match its hash");
 
         // The first event of the second half deleted.
         let mut gap = chain(10);
         gap.remove(5);
-        let f = broken("gap", &gap);
-        assert_eq!(f.seq, 6);
-        assert!(f.reason.contains("missing"), "{}", f.reason);
+        expect("gap", &gap, 6, "missing");
 
-        // The second half re-chained from a different start: each half is consistent on its
-        // own, only the link between them is wrong.
-        let mut relinked = chain(10);
-        relinked[5].prev_hash = "0".repeat(64);
-        relinked[5].hash = chain_hash(&relinked[5].prev_hash, 6, &relinked[5].body);
-        for i in 6..10 {
-            relinked[i].prev_hash = relinked[i - 1].hash.clone();
-            relinked[i].hash =
-                chain_hash(&relinked[i].prev_hash, relinked[i].seq, &relinked[i].body);
-        }
-        let f = broken("relinked", &relinked);
-        assert_eq!(f.seq, 6);
-        assert!(
-            f.reason.contains("does not link to event 5"),
-            "{}",
-            f.reason
-        );
+        // The second half's first event replaced (its own hash consistent): reported there,
+        // whether the events after it were re-chained onto it or not.
+        let mut replaced = chain(10);
+        replaced[5].prev_hash = "0".repeat(64);
+        replaced[5].hash = chain_hash(&replaced[5].prev_hash, 6, &replaced[5].body);
+        expect("replaced", &replaced, 6, "does not link to event 5");
+        rechain(&mut replaced, 6);
+        expect("relinked", &replaced, 6, "does not link to event 5");
 
         // The last event of the first half deleted.
         let mut tail_of_first = chain(10);
         tail_of_first.remove(4);
-        let f = broken("tail", &tail_of_first);
-        assert_eq!(f.seq, 5);
-        assert!(f.reason.contains("missing"), "{}", f.reason);
+        expect("tail", &tail_of_first, 5, "missing");
 
         // Events 4 and 5 deleted and the rest re-chained onto event 3, so every stored link
         // holds: the gap in the numbering still shows.
         let mut spliced = chain(10);
         spliced.drain(3..5);
-        spliced[3].prev_hash = spliced[2].hash.clone();
-        for i in 3..spliced.len() {
-            if i > 3 {
-                spliced[i].prev_hash = spliced[i - 1].hash.clone();
-            }
-            spliced[i].hash = chain_hash(&spliced[i].prev_hash, spliced[i].seq, &spliced[i].body);
-        }
-        let f = broken("spliced", &spliced);
-        assert_eq!(f.seq, 4);
-        assert!(f.reason.contains("missing"), "{}", f.reason);
-
-        // The second half's first event replaced (own hash consistent, later ones untouched):
-        // reported there, not at the next event.
-        let mut replaced = chain(10);
-        replaced[5].prev_hash = "0".repeat(64);
-        replaced[5].hash = chain_hash(&replaced[5].prev_hash, 6, &replaced[5].body);
-        let f = broken("replaced", &replaced);
-        assert_eq!(f.seq, 6);
-        assert!(
-            f.reason.contains("does not link to event 5"),
-            "{}",
-            f.reason
-        );
+        rechain(&mut spliced, 3);
+        expect("spliced", &spliced, 4, "missing");
 
         // A fact column that disagrees with its (intact) body.
         let mut fact = chain(10);
@@ -943,14 +912,14 @@ mod tests {
             action: Some("destructive".into()),
             resource_type: None,
         });
-        assert_eq!(broken("fact", &fact).seq, 3);
+        expect("fact", &fact, 3, "indexed columns");
 
         // Breaks in both halves: the first one is reported.
         let mut both = chain(10);
         both[1].kind = "other".into();
         both[8].body.push(' ');
         rechain(&mut both, 9);
-        assert_eq!(broken("both", &both).seq, 2);
+        expect("both", &both, 2, "indexed columns");
     }
 
     #[test]

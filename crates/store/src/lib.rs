@@ -1448,51 +1448,45 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_write_waits_for_another_connections_lock_then_succeeds() {
-        let dir = temp_dir("busy");
+    /// Two connections to a fresh store, the first holding the write lock (its transaction has
+    /// inserted one row into table `t`).
+    fn lock_held(name: &str) -> (Connection, Connection) {
+        let dir = temp_dir(name);
         drop(SqliteStore::open(&dir).unwrap());
         let holder = connect(&dir.join(DB_FILE)).unwrap();
         let writer = connect(&dir.join(DB_FILE)).unwrap();
         holder
-            .execute_batch(
-                "CREATE TABLE busy_probe (n INTEGER); BEGIN IMMEDIATE; INSERT INTO busy_probe (n) VALUES (0);",
-            )
+            .execute_batch("CREATE TABLE t (n INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (0);")
             .unwrap();
+        (holder, writer)
+    }
+
+    #[test]
+    fn a_write_waits_for_another_connections_lock_then_succeeds() {
+        let (holder, writer) = lock_held("busy");
         let started = std::time::Instant::now();
         let released = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(50));
             holder.execute_batch("COMMIT").unwrap();
         });
-        writer
-            .execute("INSERT INTO busy_probe (n) VALUES (1)", [])
-            .unwrap();
+        writer.execute("INSERT INTO t (n) VALUES (1)", []).unwrap();
         assert!(started.elapsed() >= std::time::Duration::from_millis(40));
         released.join().unwrap();
         let n: i64 = writer
-            .query_row("SELECT count(*) FROM busy_probe", [], |r| r.get(0))
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 2);
     }
 
     #[test]
     fn the_busy_handler_gives_up_after_the_timeout() {
-        let writer = std::thread::spawn(|| {
-            let dir = temp_dir("busy-timeout");
-            drop(SqliteStore::open(&dir).unwrap());
-            let holder = connect(&dir.join(DB_FILE)).unwrap();
-            let writer = connect(&dir.join(DB_FILE)).unwrap();
-            holder
-                .execute_batch(
-                    "CREATE TABLE t (n INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (0);",
-                )
-                .unwrap();
-            let started = std::time::Instant::now();
-            let result = writer.execute("INSERT INTO t (n) VALUES (1)", []);
-            let code = result.err().and_then(|e| e.sqlite_error_code());
-            (code, started.elapsed())
-        });
-        let (code, waited) = writer.join().unwrap();
+        let (_holder, writer) = lock_held("busy-timeout");
+        let started = std::time::Instant::now();
+        let result = writer.execute("INSERT INTO t (n) VALUES (1)", []);
+        let (code, waited) = (
+            result.err().and_then(|e| e.sqlite_error_code()),
+            started.elapsed(),
+        );
         assert_eq!(
             code,
             Some(rusqlite::ErrorCode::DatabaseBusy),
