@@ -583,7 +583,7 @@ fn normalize_non_ascii(text: &str, mut map: Option<&mut Vec<usize>>) -> String {
         // Bulk: ASCII up to the next non-ASCII character, minus the word that leads into it
         // (which must be judged together with that character).
         if word.is_empty() {
-            let next = next_non_ascii(bytes, i);
+            let next = crate::next_non_ascii(bytes, i);
             let mut cut = next;
             if next < bytes.len() {
                 while cut > i && bytes.get(cut - 1).is_some_and(u8::is_ascii_alphanumeric) {
@@ -624,25 +624,6 @@ fn normalize_non_ascii(text: &str, mut map: Option<&mut Vec<usize>>) -> String {
     }
     flush_word(&mut word, &mut out, &mut map);
     out
-}
-
-/// The index of the first non-ASCII byte at or after `from` (eight bytes at a time), or the
-/// length of `bytes`.
-fn next_non_ascii(bytes: &[u8], from: usize) -> usize {
-    let mut i = from;
-    while let Some(chunk) = bytes
-        .get(i..i + 8)
-        .and_then(|c| <[u8; 8]>::try_from(c).ok())
-    {
-        if u64::from_le_bytes(chunk) & 0x8080_8080_8080_8080 != 0 {
-            break;
-        }
-        i += 8;
-    }
-    bytes
-        .get(i..)
-        .and_then(|rest| rest.iter().position(|b| !b.is_ascii()))
-        .map_or(bytes.len(), |o| i + o)
 }
 
 /// Writes a word: lowercased, its non-ASCII letters folded to Latin when it mixes them with

@@ -392,6 +392,25 @@ pub(crate) fn long_runs<'a>(
     })
 }
 
+/// The index of the first non-ASCII byte at or after `from` (eight bytes at a time), or the
+/// length of `bytes`.
+pub(crate) fn next_non_ascii(bytes: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while let Some(chunk) = bytes
+        .get(i..i + 8)
+        .and_then(|c| <[u8; 8]>::try_from(c).ok())
+    {
+        if u64::from_le_bytes(chunk) & 0x8080_8080_8080_8080 != 0 {
+            break;
+        }
+        i += 8;
+    }
+    bytes
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|b| !b.is_ascii()))
+        .map_or(bytes.len(), |o| i + o)
+}
+
 /// The index of the first ASCII digit at or after `from`, eight bytes at a time (SWAR: a byte
 /// is a digit when adding 0x50 sets its high bit and adding 0x46 does not, on bytes with the
 /// high bit cleared so no carry crosses bytes).
@@ -459,6 +478,18 @@ mod run_tests {
                 }
             }
             assert_eq!(fast, slow, "min {min}");
+        }
+    }
+
+    #[test]
+    fn next_non_ascii_finds_every_non_ascii_byte_like_a_plain_scan() {
+        let text = "plain ascii words, then caf\u{e9} and more plain text \u{2014} end".as_bytes();
+        for from in 0..=text.len() {
+            let slow = text[from..]
+                .iter()
+                .position(|b| !b.is_ascii())
+                .map_or(text.len(), |o| from + o);
+            assert_eq!(next_non_ascii(text, from), slow, "from {from}");
         }
     }
 

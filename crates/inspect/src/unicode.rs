@@ -166,26 +166,10 @@ impl Present {
     fn of(text: &str) -> Self {
         let mut p = Self::default();
         let bytes = text.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            // Eight ASCII bytes at a time.
-            if let Some(chunk) = bytes
-                .get(i..i + 8)
-                .and_then(|c| <[u8; 8]>::try_from(c).ok())
-                && u64::from_le_bytes(chunk) & 0x8080_8080_8080_8080 == 0
-            {
-                i += 8;
-                continue;
-            }
-            // `i` is always at a character boundary: ASCII bytes and whole characters are
-            // stepped over.
-            let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
-                break;
-            };
-            i += c.len_utf8();
-            if c.is_ascii() {
-                continue;
-            }
+        let mut i = crate::next_non_ascii(bytes, 0);
+        while let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) {
+            // `i` is at a character boundary: only whole characters are stepped over.
+            i = crate::next_non_ascii(bytes, i + c.len_utf8());
             p.tags |= is_tag(c);
             p.selectors |= is_selector(c);
             p.zero_width |= is_zero_width(c);
