@@ -156,6 +156,17 @@ impl Model {
     /// The score of each `spans` window of `text`, in one pass over its features: the running
     /// sum is recorded only where a window starts or ends.
     pub fn window_scores(&self, text: &str, spans: &[(usize, usize)]) -> Vec<f32> {
+        self.window_scores_with(text, spans, |_| {})
+    }
+
+    /// [`Model::window_scores`], also handing every feature to `visit` (in text order), so
+    /// another per-word check shares the pass.
+    pub(crate) fn window_scores_with(
+        &self,
+        text: &str,
+        spans: &[(usize, usize)],
+        mut visit: impl FnMut(&Feature),
+    ) -> Vec<f32> {
         let mut marks: Vec<usize> = spans.iter().flat_map(|&(s, e)| [s, e]).collect();
         marks.sort_unstable();
         marks.dedup();
@@ -163,12 +174,18 @@ impl Model {
         let mut at_mark: Vec<(f64, u32)> = Vec::with_capacity(marks.len());
         let mut total = 0.0f64;
         let mut n = 0u32;
-        features_at(text, |at, h| {
-            while marks.get(at_mark.len()).is_some_and(|m| *m < at) {
+        hashed_features(text, |feature| {
+            while marks.get(at_mark.len()).is_some_and(|m| *m < feature.end) {
                 at_mark.push((total, n));
             }
-            total += f64::from(self.weights.get(h).copied().unwrap_or(0.0));
+            total += f64::from(
+                self.weights
+                    .get(bucket(feature.hash))
+                    .copied()
+                    .unwrap_or(0.0),
+            );
             n += 1;
+            visit(&feature);
         });
         while at_mark.len() < marks.len() {
             at_mark.push((total, n));
@@ -240,85 +257,115 @@ pub fn features(text: &str, mut f: impl FnMut(usize)) {
 
 /// Like [`features`], with the byte offset just after the word that completes each feature.
 pub fn features_at(text: &str, mut f: impl FnMut(usize, usize)) {
-    if text.is_ascii() {
-        return ascii_features(text.as_bytes(), f);
-    }
-    let mut word: u64 = SEED;
-    let mut in_word = false;
-    let mut prev: Option<u64> = None;
-    let mask = (DIM - 1) as u64;
-    let mut emit = |w: u64, at: usize, prev: &mut Option<u64>| {
-        let w = mix(w);
-        f(at, (w & mask) as usize);
-        if let Some(p) = *prev {
-            f(
-                at,
-                (mix(p.rotate_left(17) ^ w ^ 0x5bd1_e995) & mask) as usize,
-            );
-        }
-        *prev = Some(w);
-    };
-    for (at, c) in text.char_indices() {
-        let lower = if c.is_ascii() {
-            c.to_ascii_lowercase()
-        } else {
-            c.to_lowercase().next().unwrap_or(c)
-        };
-        if lower.is_alphanumeric() {
-            // CJK characters are not features: in the public corpora the only CJK text is in
-            // injections, so the model would learn "Japanese means attack" and flag every
-            // Japanese page. (Injections in CJK text are left to the rules.)
-            if is_cjk(lower) {
-                if in_word {
-                    emit(word, at, &mut prev);
-                }
-                word = SEED;
-                in_word = false;
-                continue;
-            }
-            word = word.rotate_left(7) ^ u64::from(u32::from(lower));
-            in_word = true;
-        } else if in_word {
-            emit(word, at, &mut prev);
-            word = SEED;
-            in_word = false;
-        }
-    }
-    if in_word {
-        emit(word, text.len(), &mut prev);
-    }
+    hashed_features(text, |feature| f(feature.end, bucket(feature.hash)));
 }
 
-/// [`features_at`] for ASCII text: bytes, no character decoding. Produces the same buckets.
-fn ascii_features(bytes: &[u8], mut f: impl FnMut(usize, usize)) {
-    let mask = (DIM - 1) as u64;
+/// One feature of a text: a word, or a pair of adjacent words.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Feature {
+    /// Byte offset of the first character of the word that completes the feature.
+    pub start: usize,
+    /// Byte offset just after that word.
+    pub end: usize,
+    /// The feature's hash; its low [`BITS`] bits are its bucket.
+    pub hash: u64,
+    /// Whether that word holds both ASCII and non-ASCII characters (so an ASCII-only
+    /// tokenizer would see a different word in it).
+    pub mixed: bool,
+}
+
+/// The bucket of a feature hash.
+#[inline]
+fn bucket(hash: u64) -> usize {
+    (hash & (DIM - 1) as u64) as usize
+}
+
+/// The hash of the pair of adjacent words whose own hashes are `prev` and `word`.
+#[inline]
+fn pair_hash(prev: u64, word: u64) -> u64 {
+    mix(prev.rotate_left(17) ^ word ^ 0x5bd1_e995)
+}
+
+/// Calls `f` with every feature of `text`, in text order: each word, then the pair it ends.
+///
+/// Words are runs of letters and digits, lowercased; ASCII bytes go through a table, and only
+/// non-ASCII characters are decoded.
+pub(crate) fn hashed_features(text: &str, mut f: impl FnMut(Feature)) {
+    let bytes = text.as_bytes();
     let mut prev: Option<u64> = None;
-    let mut i = 0;
-    while i < bytes.len() {
-        if !bytes.get(i).is_some_and(u8::is_ascii_alphanumeric) {
-            i += 1;
-            continue;
-        }
-        // Rotate-and-xor per byte (no multiply in the loop-carried chain); `mix` scrambles
-        // the word once at its end.
-        let mut word = SEED;
-        while let Some(&b) = bytes.get(i) {
-            let lower = LOWER_ALNUM[usize::from(b)];
-            if lower == 0 {
-                break;
-            }
-            word = word.rotate_left(7) ^ u64::from(lower);
-            i += 1;
-        }
-        let w = mix(word);
-        f(i, (w & mask) as usize);
+    // The word being read: its hash so far, where it started, and which kinds of character
+    // it holds.
+    let mut word: Option<(u64, usize)> = None;
+    let (mut has_ascii, mut has_other) = (false, false);
+    let mut emit = |(w, start): (u64, usize), end: usize, mixed: bool| {
+        // Rotate-and-xor per character (no multiply in the loop-carried chain); `mix`
+        // scrambles the word once at its end.
+        let w = mix(w);
+        let feature = Feature {
+            start,
+            end,
+            hash: w,
+            mixed,
+        };
+        f(feature);
         if let Some(p) = prev {
-            f(
-                i,
-                (mix(p.rotate_left(17) ^ w ^ 0x5bd1_e995) & mask) as usize,
-            );
+            f(Feature {
+                hash: pair_hash(p, w),
+                ..feature
+            });
         }
         prev = Some(w);
+    };
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b.is_ascii() {
+            if LOWER_ALNUM[usize::from(b)] == 0 {
+                if let Some(w) = word.take() {
+                    emit(w, i, has_ascii && has_other);
+                }
+                i += 1;
+                continue;
+            }
+            let (mut w, start) = word.unwrap_or_else(|| {
+                has_other = false;
+                (SEED, i)
+            });
+            has_ascii = true;
+            while let Some(&b) = bytes.get(i) {
+                let lower = LOWER_ALNUM[usize::from(b)];
+                if lower == 0 {
+                    break;
+                }
+                w = w.rotate_left(7) ^ u64::from(lower);
+                i += 1;
+            }
+            word = Some((w, start));
+            continue;
+        }
+        let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
+            break;
+        };
+        let at = i;
+        i += c.len_utf8();
+        let lower = c.to_lowercase().next().unwrap_or(c);
+        // CJK characters are not features: in the public corpora the only CJK text is in
+        // injections, so the model would learn "Japanese means attack" and flag every
+        // Japanese page. (Injections in CJK text are left to the rules.)
+        if !lower.is_alphanumeric() || is_cjk(lower) {
+            if let Some(w) = word.take() {
+                emit(w, at, has_ascii && has_other);
+            }
+            continue;
+        }
+        let (w, start) = word.unwrap_or_else(|| {
+            has_ascii = false;
+            (SEED, at)
+        });
+        has_other = true;
+        word = Some((w.rotate_left(7) ^ u64::from(u32::from(lower)), start));
+    }
+    if let Some(w) = word {
+        emit(w, bytes.len(), has_ascii && has_other);
     }
 }
 
