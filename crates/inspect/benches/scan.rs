@@ -181,9 +181,6 @@ pub fn breakdown(prose: &str) {
     t("model score", &mut || {
         std::hint::black_box(judge.model().score(prose));
     });
-    t("prefix sums", &mut || {
-        std::hint::black_box(judge.model().prefix_sums(prose));
-    });
     t("windows+lines", &mut || {
         std::hint::black_box(palisade_inspect::instruct::windows(prose));
         std::hint::black_box(palisade_inspect::instruct::lines(prose));
