@@ -149,37 +149,45 @@ impl Model {
         spans: &[(usize, usize)],
         mut visit: impl FnMut(&Feature),
     ) -> Vec<f32> {
-        let mut marks: Vec<usize> = spans.iter().flat_map(|&(s, e)| [s, e]).collect();
+        // Every span's start and end, in text order, with the slot its running sum goes to
+        // (2i and 2i + 1 for span i).
+        let mut marks: Vec<(usize, usize)> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(s, e))| [(s, 2 * i), (e, 2 * i + 1)])
+            .collect();
         marks.sort_unstable();
-        marks.dedup();
-        // (sum, count) of the features whose word ends at or before each mark.
-        let mut at_mark: Vec<(i64, u32)> = Vec::with_capacity(marks.len());
+        // (sum, count) of the features whose word ends at or before each span edge.
+        let mut at: Vec<(i64, u32)> = vec![(0, 0); marks.len()];
+        let mut next = 0;
+        let mut next_at = marks.first().map_or(usize::MAX, |m| m.0);
         let mut total = 0i64;
         let mut n = 0u32;
         hashed_features(text, |feature| {
-            while marks.get(at_mark.len()).is_some_and(|m| *m < feature.end) {
-                at_mark.push((total, n));
+            if next_at < feature.end {
+                while let Some(&(_, slot)) = marks.get(next).filter(|m| m.0 < feature.end) {
+                    if let Some(v) = at.get_mut(slot) {
+                        *v = (total, n);
+                    }
+                    next += 1;
+                }
+                next_at = marks.get(next).map_or(usize::MAX, |m| m.0);
             }
             // INVARIANT (bucket-range): `bucket` masks to DIM, the length of `fixed`.
             total += i64::from(self.fixed.get(bucket(feature.hash)).copied().unwrap_or(0));
             n += 1;
             visit(&feature);
         });
-        while at_mark.len() < marks.len() {
-            at_mark.push((total, n));
+        for &(_, slot) in marks.get(next..).unwrap_or(&[]) {
+            if let Some(v) = at.get_mut(slot) {
+                *v = (total, n);
+            }
         }
-        let find = |x: usize| {
-            marks
-                .binary_search(&x)
-                .ok()
-                .and_then(|i| at_mark.get(i).copied())
-                .unwrap_or((0, 0))
-        };
-        spans
-            .iter()
-            .map(|&(s, e)| {
-                let (s_sum, s_n) = find(s);
-                let (e_sum, e_n) = find(e);
+        let find = |slot: usize| at.get(slot).copied().unwrap_or((0, 0));
+        (0..spans.len())
+            .map(|i| {
+                let (s_sum, s_n) = find(2 * i);
+                let (e_sum, e_n) = find(2 * i + 1);
                 let count = e_n.saturating_sub(s_n);
                 if count == 0 {
                     return sigmoid(self.bias);
@@ -250,31 +258,35 @@ pub(crate) fn hashed_features(text: &str, mut f: impl FnMut(Feature)) {
     // it holds.
     let mut word: Option<(u64, usize)> = None;
     let (mut has_ascii, mut has_other) = (false, false);
-    let mut emit = |(w, start): (u64, usize), end: usize, mixed: bool| {
-        // Rotate-and-xor per character (no multiply in the loop-carried chain); `mix`
-        // scrambles the word once at its end.
-        let w = mix(w);
-        let feature = Feature {
-            start,
-            end,
-            hash: w,
-            mixed,
-        };
-        f(feature);
-        if let Some(p) = prev {
-            f(Feature {
-                hash: pair_hash(p, w),
-                ..feature
-            });
-        }
-        prev = Some(w);
-    };
+    // A macro, not a closure: as a call it would keep the callers' running sums in memory.
+    macro_rules! emit {
+        ($word:expr, $end:expr, $mixed:expr) => {{
+            let (w, start): (u64, usize) = $word;
+            // Rotate-and-xor per character (no multiply in the loop-carried chain); `mix`
+            // scrambles the word once at its end.
+            let w = mix(w);
+            let feature = Feature {
+                start,
+                end: $end,
+                hash: w,
+                mixed: $mixed,
+            };
+            f(feature);
+            if let Some(p) = prev {
+                f(Feature {
+                    hash: pair_hash(p, w),
+                    ..feature
+                });
+            }
+            prev = Some(w);
+        }};
+    }
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         if b.is_ascii() {
             if LOWER_ALNUM[usize::from(b)] == 0 {
                 if let Some(w) = word.take() {
-                    emit(w, i, has_ascii && has_other);
+                    emit!(w, i, has_ascii && has_other);
                 }
                 i += 1;
                 continue;
@@ -306,7 +318,7 @@ pub(crate) fn hashed_features(text: &str, mut f: impl FnMut(Feature)) {
         // Japanese page. (Injections in CJK text are left to the rules.)
         if !lower.is_alphanumeric() || is_cjk(lower) {
             if let Some(w) = word.take() {
-                emit(w, at, has_ascii && has_other);
+                emit!(w, at, has_ascii && has_other);
             }
             continue;
         }
@@ -318,8 +330,10 @@ pub(crate) fn hashed_features(text: &str, mut f: impl FnMut(Feature)) {
         word = Some((w.rotate_left(7) ^ u64::from(u32::from(lower)), start));
     }
     if let Some(w) = word {
-        emit(w, bytes.len(), has_ascii && has_other);
+        emit!(w, bytes.len(), has_ascii && has_other);
     }
+    // (The last word's hash is not needed after it.)
+    let _ = prev;
 }
 
 /// ASCII letters and digits, lowercased; 0 for anything else.
