@@ -151,12 +151,12 @@ impl Model {
     ) -> Vec<f32> {
         // Every span's start and end, in text order, with the slot its running sum goes to
         // (2i and 2i + 1 for span i).
-        let mut marks: Vec<(usize, usize)> = spans
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &(s, e))| [(s, 2 * i), (e, 2 * i + 1)])
-            .collect();
-        marks.sort_unstable();
+        // Starts first, then ends: callers pass a few runs of spans in text order, so this is
+        // a few sorted runs, which the (run-adaptive) stable sort merges in linear time.
+        let mut marks: Vec<(usize, usize)> = Vec::with_capacity(2 * spans.len());
+        marks.extend(spans.iter().enumerate().map(|(i, &(s, _))| (s, 2 * i)));
+        marks.extend(spans.iter().enumerate().map(|(i, &(_, e))| (e, 2 * i + 1)));
+        marks.sort();
         // (sum, count) of the features whose word ends at or before each span edge.
         let mut at: Vec<(i64, u32)> = vec![(0, 0); marks.len()];
         let mut next = 0;

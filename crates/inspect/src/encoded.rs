@@ -149,18 +149,20 @@ pub fn scan(text: &str, judge: &Judge, budget: &mut usize, out: &mut Vec<Finding
         // attribute (`="`), a scheme (`://`) or an end tag (`</name>`). Most markup tokens are
         // rejected at their first `=`, `:` or `<`.
         let t = token.as_bytes();
-        let markup = memchr::memchr3_iter(b'=', b':', b'<', t).any(|k| {
+        // A plain loop: tokens are short, and most are rejected within a few bytes.
+        let markup = t.iter().enumerate().any(|(k, b)| {
             let rest = t.get(k + 1..).unwrap_or_default();
-            match t.get(k) {
-                Some(b'=') => rest.first() == Some(&b'"'),
-                Some(b':') => rest.starts_with(b"//"),
-                _ => rest.strip_prefix(b"/").is_some_and(|name| {
+            match b {
+                b'=' => rest.first() == Some(&b'"'),
+                b':' => rest.starts_with(b"//"),
+                b'<' => rest.strip_prefix(b"/").is_some_and(|name| {
                     let n = name
                         .iter()
                         .take_while(|b| b.is_ascii_alphanumeric())
                         .count();
                     n > 0 && name.get(n) == Some(&b'>')
                 }),
+                _ => false,
             }
         });
         if markup

@@ -145,26 +145,34 @@ fn detector_name(technique: &str) -> &'static str {
 }
 
 /// A tag name, lowercase, kept inline (names are short; longer ones are cut at 15 bytes,
-/// which only matters for telling two such custom elements apart).
+/// which only matters for telling two such custom elements apart); the last byte is the length.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Tag {
-    bytes: [u8; 15],
-    len: u8,
+    bytes: [u8; 16],
 }
 
 impl Tag {
     fn new(name: &str) -> Self {
-        let mut bytes = [0u8; 15];
-        let mut len = 0;
-        for (slot, b) in bytes.iter_mut().zip(name.bytes()) {
-            *slot = b.to_ascii_lowercase();
+        // Built in a register and stored whole: byte-by-byte stores read back as wider words
+        // would stall on store forwarding at every tag.
+        let mut word = 0u128;
+        let mut len = 0u128;
+        for (i, b) in name.bytes().take(15).enumerate() {
+            word |= u128::from(b.to_ascii_lowercase()) << (8 * i);
             len += 1;
         }
-        Self { bytes, len }
+        Self {
+            bytes: (word | len << 120).to_le_bytes(),
+        }
+    }
+
+    fn name(&self) -> &[u8] {
+        let len = usize::from(self.bytes[15]).min(15);
+        self.bytes.get(..len).unwrap_or(&[])
     }
 
     fn as_str(&self) -> &str {
-        std::str::from_utf8(self.bytes.get(..usize::from(self.len)).unwrap_or(&[])).unwrap_or("")
+        std::str::from_utf8(self.name()).unwrap_or("")
     }
 }
 
@@ -298,7 +306,7 @@ impl<'t> Parser<'t> {
     fn auto_close(&mut self, tag: &str, at: usize) {
         while let Some(top) = self.stack.last() {
             let top_tag = top.tag;
-            let closes = match top_tag.bytes.get(..usize::from(top_tag.len)).unwrap_or(&[]) {
+            let closes = match top_tag.name() {
                 b"p" => BLOCKS.contains(&tag),
                 b"li" => tag == "li",
                 b"dt" | b"dd" => tag == "dt" || tag == "dd",
@@ -418,7 +426,12 @@ pub fn parse(text: &str) -> Document {
         hidden: None,
         hidden_classes: HashSet::new(),
         hidden_ids: HashSet::new(),
-        doc: Document::default(),
+        doc: Document {
+            // The visible text is at most the source and a line break (reserving it once
+            // spares the copies of growing).
+            visible: String::with_capacity(text.len() + 1),
+            ..Document::default()
+        },
     };
     let bytes = text.as_bytes();
     let mut attrs: Vec<(&str, &str)> = Vec::new();
