@@ -24,13 +24,15 @@ const MAGIC: &[u8; 8] = b"PLSDLR1\n";
 pub struct Model {
     bias: f32,
     weights: Vec<f32>,
-    /// The weights in fixed point (units of 2^-24, as fine as an f32 around 0.5), so window
-    /// sums are integer additions: exact in any order, and kept in a register.
+    /// The weights in fixed point (units of 2^-23, about as fine as an f32 around 0.5), so
+    /// window sums are integer additions: exact in any order, and kept in a register. Shifted
+    /// left by one: the low bit flags buckets a caller marked ([`Model::flag`]), read with the
+    /// weight in one load.
     fixed: Vec<i32>,
 }
 
 /// One unit of [`Model::fixed`].
-const FIXED_ONE: f32 = (1u32 << 24) as f32;
+const FIXED_ONE: f32 = (1u32 << 23) as f32;
 
 /// Why a model file could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +87,11 @@ impl Model {
     /// A model from its bias and weights (`DIM` of them). Weights beyond ±127 saturate in the
     /// fixed-point copy (training keeps them within ±10).
     fn with_weights(bias: f32, weights: Vec<f32>) -> Self {
-        // `as` saturates on overflow; a weight is never NaN (reading and training give finite
-        // values).
+        // `as` saturates on overflow (so do the shift's multiply); a weight is never NaN
+        // (reading and training give finite values).
         let fixed = weights
             .iter()
-            .map(|w| (w * FIXED_ONE).round() as i32)
+            .map(|w| ((w * FIXED_ONE).round() as i32).saturating_mul(2))
             .collect();
         Self {
             bias,
@@ -138,16 +140,25 @@ impl Model {
     /// The score of each `spans` window of `text`, in one pass over its features: the running
     /// sum is recorded only where a window starts or ends.
     pub fn window_scores(&self, text: &str, spans: &[(usize, usize)]) -> Vec<f32> {
-        self.window_scores_with(text, spans, |_| {})
+        self.window_scores_with(text, spans, |_, _| {})
     }
 
-    /// [`Model::window_scores`], also handing every feature to `visit` (in text order), so
-    /// another per-word check shares the pass.
+    /// Flags the bucket of a feature hash: [`Model::window_scores_with`] tells its visitor
+    /// which features fall in flagged buckets (this costs no extra memory access per feature).
+    /// The flag does not change scores.
+    pub(crate) fn flag(&mut self, hash: u64) {
+        if let Some(slot) = self.fixed.get_mut(bucket(hash)) {
+            *slot |= 1;
+        }
+    }
+
+    /// [`Model::window_scores`], also handing every feature to `visit` (in text order) with
+    /// whether its bucket is flagged, so another per-word check shares the pass.
     pub(crate) fn window_scores_with(
         &self,
         text: &str,
         spans: &[(usize, usize)],
-        mut visit: impl FnMut(&Feature),
+        mut visit: impl FnMut(&Feature, bool),
     ) -> Vec<f32> {
         // Every span's start and end, in text order, with the slot its running sum goes to
         // (2i and 2i + 1 for span i).
@@ -174,9 +185,10 @@ impl Model {
                 next_at = marks.get(next).map_or(usize::MAX, |m| m.0);
             }
             // INVARIANT (bucket-range): `bucket` masks to DIM, the length of `fixed`.
-            total += i64::from(self.fixed.get(bucket(feature.hash)).copied().unwrap_or(0));
+            let slot = self.fixed.get(bucket(feature.hash)).copied().unwrap_or(0);
+            total += i64::from(slot >> 1);
             n += 1;
-            visit(&feature);
+            visit(&feature, slot & 1 != 0);
         });
         for &(_, slot) in marks.get(next..).unwrap_or(&[]) {
             if let Some(v) = at.get_mut(slot) {

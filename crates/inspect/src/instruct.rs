@@ -71,8 +71,8 @@ pub struct Judge {
     rules: Vec<Rule>,
     /// Rules with non-ASCII words, run only on text that has non-ASCII characters.
     unicode: Vec<Rule>,
-    /// Words and word pairs one of which every match of `any` holds.
-    anchors: Anchors,
+    /// The classifier, with the buckets of [`ANCHOR_WORDS`] and [`ANCHOR_PAIRS`] flagged
+    /// (a bucket shared with other features only costs a needless search).
     model: Model,
 }
 
@@ -349,55 +349,26 @@ const NEAR: usize = 192;
 /// The longest match of the exfiltration lure.
 const FAR: usize = 640;
 
-/// A set of feature hashes (2^20 bits; a false member only costs a needless search).
-struct Anchors {
-    bits: Vec<u64>,
-}
-
-impl Anchors {
-    const BITS: u32 = 20;
-
-    fn new() -> Self {
-        let mut set = Self {
-            bits: vec![0; (1 << Self::BITS) / 64],
-        };
-        let mut add = |phrase: &str| {
-            // A phrase's last feature is its last word or, for two words, their pair.
-            let mut last = None;
-            crate::classifier::hashed_features(phrase, |f| last = Some(f.hash));
-            if let Some(hash) = last {
-                let i = Self::index(hash);
-                if let Some(word) = set.bits.get_mut(i / 64) {
-                    *word |= 1 << (i % 64);
-                }
-            }
-        };
-        for phrase in ANCHOR_WORDS {
-            add(phrase);
-        }
-        for (firsts, seconds) in ANCHOR_PAIRS {
-            for first in *firsts {
-                for second in *seconds {
-                    add(&format!("{first} {second}"));
-                }
+/// The feature hash of every anchor (a phrase's last feature: its word or, for two words,
+/// their pair).
+fn anchor_hashes() -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut add = |phrase: &str| {
+        let mut last = None;
+        crate::classifier::hashed_features(phrase, |f| last = Some(f.hash));
+        out.extend(last);
+    };
+    for phrase in ANCHOR_WORDS {
+        add(phrase);
+    }
+    for (firsts, seconds) in ANCHOR_PAIRS {
+        for first in *firsts {
+            for second in *seconds {
+                add(&format!("{first} {second}"));
             }
         }
-        set
     }
-
-    /// Bits above the classifier's bucket bits, so the two are independent.
-    #[inline]
-    fn index(hash: u64) -> usize {
-        ((hash >> 32) & ((1 << Self::BITS) - 1)) as usize
-    }
-
-    #[inline]
-    fn contains(&self, hash: u64) -> bool {
-        let i = Self::index(hash);
-        self.bits
-            .get(i / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
-    }
+    out
 }
 
 /// Adds `start..end` to sorted, disjoint `windows`, merging it with the last when they touch
@@ -490,8 +461,13 @@ impl Judge {
             any,
             rules,
             unicode,
-            anchors: Anchors::new(),
-            model,
+            model: {
+                let mut model = model;
+                for hash in anchor_hashes() {
+                    model.flag(hash);
+                }
+                model
+            },
         }
     }
 
@@ -543,8 +519,8 @@ impl Judge {
         spans: &[(usize, usize)],
     ) -> (Vec<f32>, Vec<(usize, usize)>) {
         let mut near: Vec<(usize, usize)> = Vec::new();
-        let scores = self.model.window_scores_with(normal, spans, |f| {
-            if f.mixed || self.anchors.contains(f.hash) {
+        let scores = self.model.window_scores_with(normal, spans, |f, anchor| {
+            if f.mixed || anchor {
                 push_window(&mut near, f.start.saturating_sub(NEAR), f.end + NEAR);
             }
         });
