@@ -351,9 +351,16 @@ impl<'t> Parser<'t> {
                 }
                 segment.end = segment.end.max(end);
             }
-        } else if !chunk.trim().is_empty() {
+        } else if chunk
+            .as_bytes()
+            .first()
+            // (An ASCII first byte that `trim` keeps, not U+0009 to U+000D or a space,
+            // settles it without a call.)
+            .is_some_and(|b| b.is_ascii() && !matches!(b, b'\t'..=b'\r' | b' '))
+            || !chunk.trim().is_empty()
+        {
             self.doc.map.push((self.doc.visible.len(), start));
-            if chunk.contains('&') {
+            if memchr::memchr(b'&', chunk.as_bytes()).is_some() {
                 self.doc.visible.push_str(&unescape(chunk));
             } else {
                 self.doc.visible.push_str(chunk);
@@ -1069,6 +1076,19 @@ mod tests {
         segs.into_iter()
             .map(|s| (s.technique, s.text.trim().to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_visible_text_skips_exactly_the_chunks_trim_empties() {
+        for b in 0..=127u8 {
+            let chunk = format!("<p>{}  </p><p>x</p>", char::from(b));
+            if b == b'<' || b == b'&' {
+                continue;
+            }
+            let visible = parse(&chunk).visible;
+            let kept = !char::from(b).is_whitespace();
+            assert_eq!(visible.len() > 2, kept, "byte {b:#x}: {visible:?}");
+        }
     }
 
     #[test]
