@@ -707,16 +707,24 @@ fn rule_detector(rule: &str) -> &'static str {
 /// as a line of its own is judged on its own.
 pub fn lines(text: &str) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    if !text.contains('\n') {
+    let bytes = text.as_bytes();
+    if memchr::memchr(b'\n', bytes).is_none() {
         return out;
     }
-    let mut at = 0;
-    for line in text.split_inclusive('\n') {
-        let start = at;
-        at += line.len();
-        let trimmed = line.trim();
-        if (20..=600).contains(&trimmed.len()) {
-            out.push((start, start + line.trim_end().len()));
+    let ends = memchr::memchr_iter(b'\n', bytes)
+        .map(|i| i + 1)
+        .chain((bytes.last() != Some(&b'\n')).then_some(bytes.len()));
+    let mut start = 0;
+    for end in ends {
+        let line = text.get(start..end).unwrap_or("");
+        let at = start;
+        start = end;
+        // Lines shorter than 20 bytes are shorter trimmed (most lines of a page's text).
+        if line.len() < 20 {
+            continue;
+        }
+        if (20..=600).contains(&line.trim().len()) {
+            out.push((at, at + line.trim_end().len()));
             if out.len() >= 4096 {
                 break;
             }
@@ -1240,6 +1248,42 @@ mod tests {
             }
         }
         assert!(matched > 50, "only {matched} records had a candidate");
+    }
+
+    #[test]
+    fn lines_are_those_of_split_inclusive() {
+        // The split the function made before: a text without line breaks has no lines.
+        let reference = |text: &str| {
+            let mut out = Vec::new();
+            if !text.contains('\n') {
+                return out;
+            }
+            let mut at = 0;
+            for line in text.split_inclusive('\n') {
+                let start = at;
+                at += line.len();
+                if (20..=600).contains(&line.trim().len()) {
+                    out.push((start, start + line.trim_end().len()));
+                }
+            }
+            out
+        };
+        let long = "x".repeat(601);
+        let texts = [
+            String::new(),
+            "no line break at all, but long enough".to_string(),
+            "short\n".to_string(),
+            "a line that is long enough to count\nshort\n  padded line that is long enough  \n"
+                .to_string(),
+            format!(
+                "{long}\n{}\nend of text without a break, long enough",
+                &long[..600]
+            ),
+            "\u{a0}\u{a0}a line with no-break spaces around it\u{a0}\n\n\n".to_string(),
+        ];
+        for text in texts {
+            assert_eq!(lines(&text), reference(&text), "{text:?}");
+        }
     }
 
     #[test]
