@@ -324,11 +324,15 @@ pub(crate) fn hashed_features(text: &str, mut f: impl FnMut(Feature)) {
         };
         let at = i;
         i += c.len_utf8();
-        let lower = c.to_lowercase().next().unwrap_or(c);
+        let lower = if crate::is_general_punctuation(c) {
+            c
+        } else {
+            c.to_lowercase().next().unwrap_or(c)
+        };
         // CJK characters are not features: in the public corpora the only CJK text is in
         // injections, so the model would learn "Japanese means attack" and flag every
         // Japanese page. (Injections in CJK text are left to the rules.)
-        if !lower.is_alphanumeric() || is_cjk(lower) {
+        if crate::is_general_punctuation(c) || !lower.is_alphanumeric() || is_cjk(lower) {
             if let Some(w) = word.take() {
                 emit!(w, at, has_ascii && has_other);
             }

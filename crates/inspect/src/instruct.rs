@@ -880,7 +880,7 @@ fn normalize_non_ascii(text: &str, mut map: Option<&mut Vec<usize>>) -> String {
             0xFF01..=0xFF5E | 0x3000 => crate::unicode::fold(c),
             _ => c,
         };
-        if c.is_alphanumeric() {
+        if !crate::is_general_punctuation(c) && c.is_alphanumeric() {
             word.push((at, c));
             continue;
         }
@@ -911,6 +911,8 @@ fn push_lower(out: &mut String, map: &mut Option<&mut Vec<usize>>, at: usize, c:
     let before = out.len();
     if c.is_ascii() {
         out.push(c.to_ascii_lowercase());
+    } else if crate::is_general_punctuation(c) {
+        out.push(c);
     } else {
         out.extend(c.to_lowercase());
     }

@@ -392,6 +392,15 @@ pub(crate) fn long_runs<'a>(
     })
 }
 
+/// Whether `c` is in General Punctuation (U+2000 to U+206F: typographic spaces, dashes,
+/// quotes, bullets, format characters), where no character is a letter or a digit or has a
+/// lower case: a quick answer for the most common non-ASCII characters of English text, which
+/// the Unicode tables answer by search.
+#[inline]
+pub(crate) fn is_general_punctuation(c: char) -> bool {
+    matches!(u32::from(c), 0x2000..=0x206F)
+}
+
 /// The index of the first non-ASCII byte at or after `from` (eight bytes at a time), or the
 /// length of `bytes`.
 pub(crate) fn next_non_ascii(bytes: &[u8], from: usize) -> usize {
@@ -455,6 +464,15 @@ pub(crate) use byte_class;
 #[cfg(test)]
 mod run_tests {
     use super::*;
+
+    #[test]
+    fn general_punctuation_has_no_letters_digits_or_case() {
+        for c in ('\u{2000}'..='\u{206f}').filter(|c| is_general_punctuation(*c)) {
+            assert!(!c.is_alphanumeric(), "{c:?}");
+            assert!(c.to_lowercase().eq([c]), "{c:?}");
+        }
+        assert!(!is_general_punctuation('\u{1fff}') && !is_general_punctuation('\u{2070}'));
+    }
 
     #[test]
     fn long_runs_match_a_plain_scan() {
