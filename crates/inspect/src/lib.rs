@@ -353,8 +353,11 @@ pub(crate) fn clip(text: &str, max: usize) -> &str {
 }
 
 /// Maximal runs of at least `min` bytes for which `class` holds, found without looking at
-/// every byte: when the byte `min - 1` ahead is outside the class, no long run can start before
-/// it, so the search jumps `min` bytes (the idea of Boyer-Moore's skip).
+/// every byte (the idea of Boyer-Moore's skip): a long run starting at `pos` must hold the byte
+/// `min - 1` ahead, so when that byte is outside the class the search jumps past it; when it is
+/// inside, the search walks back to the last outside byte before it (not into bytes already
+/// known to be inside) and jumps there. Only a window of `min` inside bytes is walked forward
+/// to its end.
 pub(crate) fn long_runs<'a>(
     bytes: &'a [u8],
     class: &'a [bool; 256],
@@ -363,6 +366,8 @@ pub(crate) fn long_runs<'a>(
     let min = min.max(1);
     let inside = move |i: usize| bytes.get(i).is_some_and(|b| class[usize::from(*b)]);
     let mut pos = 0usize;
+    // Bytes in `pos..known` are known to be inside the class.
+    let mut known = 0usize;
     std::iter::from_fn(move || {
         while pos + min <= bytes.len() {
             let probe = pos + min - 1;
@@ -370,21 +375,28 @@ pub(crate) fn long_runs<'a>(
                 pos = probe + 1;
                 continue;
             }
-            // The run holding `probe`: back to its start (not before `pos`) ...
+            let floor = known.max(pos);
             let mut start = probe;
-            while start > pos && inside(start - 1) {
+            while start > floor && inside(start - 1) {
                 start -= 1;
             }
-            // ... and forward to its end.
+            if start > floor {
+                // The byte before `start` is outside: no long run starts before it.
+                known = probe + 1;
+                pos = start;
+                continue;
+            }
+            // `pos..=probe` is inside: a run of at least `min` bytes. Forward to its end.
+            let start = pos;
             let mut end = probe + 1;
             while inside(end) {
                 end += 1;
             }
-            // A run that began before `pos` was already reported or too short; runs are
-            // maximal only when the byte before `start` is outside the class.
+            // (`pos` always follows an outside byte, so the run is maximal; checked anyway.)
             let maximal = start == 0 || !inside(start - 1);
             pos = end + 1;
-            if end - start >= min && maximal {
+            known = 0;
+            if maximal {
                 return Some((start, end));
             }
         }
@@ -472,6 +484,52 @@ mod run_tests {
             assert!(c.to_lowercase().eq([c]), "{c:?}");
         }
         assert!(!is_general_punctuation('\u{1fff}') && !is_general_punctuation('\u{2070}'));
+    }
+
+    #[test]
+    fn long_runs_match_a_plain_scan_on_random_mixes() {
+        const CLASS: [bool; 256] = byte_class!(|b| b.is_ascii_alphanumeric() || b == b'/');
+        let pieces: [&[u8]; 7] = [
+            b"a",
+            b" ",
+            b"abcdefghijklmnop",
+            b"xyz/",
+            b"\xc3\xa9",
+            b"-",
+            b"1234567",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..3_000 {
+            let mut text = Vec::new();
+            for _ in 0..(seed % 40) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.extend_from_slice(pieces[(seed % pieces.len() as u64) as usize]);
+            }
+            seed = seed.wrapping_add(1);
+            for min in [1, 2, 5, 16, 20, 28] {
+                let fast: Vec<(usize, usize)> = long_runs(&text, &CLASS, min).collect();
+                let mut slow = Vec::new();
+                let mut i = 0;
+                while i < text.len() {
+                    let s = i;
+                    while text.get(i).is_some_and(|b| CLASS[usize::from(*b)]) {
+                        i += 1;
+                    }
+                    if i - s >= min {
+                        slow.push((s, i));
+                    }
+                    i = i.max(s + 1);
+                }
+                assert_eq!(
+                    fast,
+                    slow,
+                    "min {min}: {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
     }
 
     #[test]
