@@ -140,10 +140,19 @@ impl Model {
     /// The score of each `spans` window of `text`, in one pass over its features: the running
     /// sum is recorded only where a window starts or ends.
     pub fn window_scores(&self, text: &str, spans: &[(usize, usize)]) -> Vec<f32> {
-        self.window_scores_with(text, spans, |_, _| {})
+        self.window_logits_with(text, spans, |_, _| {})
+            .into_iter()
+            .map(sigmoid)
+            .collect()
     }
 
-    /// Flags the bucket of a feature hash: [`Model::window_scores_with`] tells its visitor
+    /// The probability for a logit from [`Model::window_logits_with`] (monotonic: the largest
+    /// logit gives the largest score).
+    pub(crate) fn probability(logit: f32) -> f32 {
+        sigmoid(logit)
+    }
+
+    /// Flags the bucket of a feature hash: [`Model::window_logits_with`] tells its visitor
     /// which features fall in flagged buckets (this costs no extra memory access per feature).
     /// The flag does not change scores.
     pub(crate) fn flag(&mut self, hash: u64) {
@@ -152,9 +161,10 @@ impl Model {
         }
     }
 
-    /// [`Model::window_scores`], also handing every feature to `visit` (in text order) with
+    /// [`Model::window_scores`] as logits (callers that want the best window need only one
+    /// logistic function), also handing every feature to `visit` (in text order) with
     /// whether its bucket is flagged, so another per-word check shares the pass.
-    pub(crate) fn window_scores_with(
+    pub(crate) fn window_logits_with(
         &self,
         text: &str,
         spans: &[(usize, usize)],
@@ -202,10 +212,10 @@ impl Model {
                 let (e_sum, e_n) = find(2 * i + 1);
                 let count = e_n.saturating_sub(s_n);
                 if count == 0 {
-                    return sigmoid(self.bias);
+                    return self.bias;
                 }
                 let sum = (e_sum - s_sum) as f64 / f64::from(FIXED_ONE);
-                sigmoid(self.bias + sum as f32 / (count as f32).sqrt())
+                self.bias + sum as f32 / (count as f32).sqrt()
             })
             .collect()
     }

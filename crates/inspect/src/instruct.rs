@@ -494,37 +494,40 @@ impl Judge {
         // One pass over the features scores every window and finds where the rules can match.
         let spans: Vec<(usize, usize)> =
             windows(&normal).into_iter().chain(lines(&normal)).collect();
-        let (scores, places) = self.scores_and_places(&normal, &spans);
+        let (logits, places) = self.logits_and_places(&normal, &spans);
         let mut best = self
             .rule_verdict(&normal, text.len(), Some(&places))
             .map(|v| map_back(text, v));
-        for score in scores {
-            if score >= threshold && best.is_none_or(|b| score > b.score) {
-                best = Some(Verdict {
-                    score,
-                    rule: "classifier",
-                    start: 0,
-                    end: text.len(),
-                });
-            }
+        // Only the best window can count (the score grows with the logit).
+        let top = logits.into_iter().reduce(f32::max).map(Model::probability);
+        if let Some(score) = top
+            && score >= threshold
+            && best.is_none_or(|b| score > b.score)
+        {
+            best = Some(Verdict {
+                score,
+                rule: "classifier",
+                start: 0,
+                end: text.len(),
+            });
         }
         best
     }
 
-    /// The classifier's score of each of `spans` of `normal`, and the windows of `normal` the
+    /// The classifier's logit for each of `spans` of `normal`, and the windows of `normal` the
     /// rules can match in, from one pass over its words.
-    fn scores_and_places(
+    fn logits_and_places(
         &self,
         normal: &str,
         spans: &[(usize, usize)],
     ) -> (Vec<f32>, Vec<(usize, usize)>) {
         let mut near: Vec<(usize, usize)> = Vec::new();
-        let scores = self.model.window_scores_with(normal, spans, |f, anchor| {
+        let logits = self.model.window_logits_with(normal, spans, |f, anchor| {
             if f.mixed || anchor {
                 push_window(&mut near, f.start.saturating_sub(NEAR), f.end + NEAR);
             }
         });
-        (scores, anchor_windows(normal.as_bytes(), near))
+        (logits, anchor_windows(normal.as_bytes(), near))
     }
 
     /// The rules alone (no classifier), for text that is not language (rotated guesses).
@@ -598,7 +601,7 @@ impl Judge {
     }
 
     /// The matches of `any` in `bytes`: over the whole text, or searching only `places`
-    /// (the same matches when they come from [`Judge::scores_and_places`]).
+    /// (the same matches when they come from [`Judge::logits_and_places`]).
     fn candidates(&self, bytes: &[u8], places: Option<&[(usize, usize)]>) -> Vec<(usize, usize)> {
         let Some(any) = &self.any else {
             return Vec::new();
@@ -1122,7 +1125,7 @@ mod tests {
     fn assert_same_candidates(j: &Judge, text: &str) -> usize {
         let normal = normalize(text);
         let spans = windows(&normal);
-        let (_, places) = j.scores_and_places(&normal, &spans);
+        let (_, places) = j.logits_and_places(&normal, &spans);
         let whole = j.candidates(normal.as_bytes(), None);
         let anchored = j.candidates(normal.as_bytes(), Some(&places));
         assert_eq!(anchored, whole, "{text:?}");
