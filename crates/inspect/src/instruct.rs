@@ -782,29 +782,29 @@ pub fn normalize(text: &str) -> String {
     if !text.is_ascii() {
         return normalize_unicode(text);
     }
-    let mut out = text.to_ascii_lowercase().into_bytes();
+    let mut out = text.to_ascii_lowercase();
     // Leetspeak: digits inside words that also have letters ("1gn0re"). Only words around a
-    // digit are looked at.
+    // digit are looked at; the few such words are replaced in place (the text stays a
+    // `String`, so it needs no second UTF-8 check).
     let mut at = 0;
-    while let Some(d) = crate::next_digit(&out, at) {
+    while let Some(d) = crate::next_digit(out.as_bytes(), at) {
+        let bytes = out.as_bytes();
         let mut start = d;
-        while start > 0 && out.get(start - 1).is_some_and(u8::is_ascii_alphanumeric) {
+        while start > 0 && bytes.get(start - 1).is_some_and(u8::is_ascii_alphanumeric) {
             start -= 1;
         }
         let mut end = d;
-        while out.get(end).is_some_and(u8::is_ascii_alphanumeric) {
+        while bytes.get(end).is_some_and(u8::is_ascii_alphanumeric) {
             end += 1;
         }
-        let word = out.get_mut(start..end).unwrap_or(&mut []);
+        let word = bytes.get(start..end).unwrap_or(&[]);
         if word.iter().any(u8::is_ascii_alphabetic) {
-            for b in word {
-                *b = unleet(*b);
-            }
+            let folded: String = word.iter().map(|b| char::from(unleet(*b))).collect();
+            out.replace_range(start..end, &folded);
         }
         at = end.max(d + 1);
     }
-    // ASCII in, ASCII out.
-    String::from_utf8(out).unwrap_or_default()
+    out
 }
 
 /// A rule verdict's span, found in `normalize(text)`, mapped back to `text`. The offset map of
