@@ -324,6 +324,15 @@ impl<'t> Parser<'t> {
 
     /// Pops up to and including the innermost open `tag`; closes a hidden segment it opened.
     fn pop_to(&mut self, tag: Tag, at: usize) {
+        // The usual case: the innermost element, which opened no segment.
+        if self
+            .stack
+            .last()
+            .is_some_and(|o| o.tag == tag && o.segment.is_none())
+        {
+            self.stack.pop();
+            return;
+        }
         let Some(pos) = self.stack.iter().rposition(|o| o.tag == tag) else {
             return;
         };
@@ -387,8 +396,7 @@ impl<'t> Parser<'t> {
         }
     }
 
-    fn start_tag(&mut self, name: Tag, attrs: &Attrs<'_>, start: usize, end: usize) {
-        let tag = name.as_str();
+    fn start_tag(&mut self, name: Tag, tag: &str, attrs: &Attrs<'_>, start: usize, end: usize) {
         self.auto_close(tag, start);
         extract_attributes(tag, attrs, start..end, &mut self.doc.segments);
         if is_void(tag) {
@@ -491,7 +499,7 @@ pub fn parse(text: &str) -> Document {
                 let (tag, end) = start_tag(text, lt, &mut attrs);
                 let name = tag.as_str();
                 let found = Attrs::new(std::mem::take(&mut attrs));
-                p.start_tag(tag, &found, lt, end);
+                p.start_tag(tag, name, &found, lt, end);
                 // The buffer is kept for the next tag.
                 attrs = found.list;
                 i = end;
