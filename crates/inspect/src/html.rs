@@ -369,7 +369,7 @@ impl<'t> Parser<'t> {
             || !chunk.trim().is_empty()
         {
             self.doc.map.push((self.doc.visible.len(), start));
-            if memchr::memchr(b'&', chunk.as_bytes()).is_some() {
+            if crate::find_byte(b'&', chunk.as_bytes()).is_some() {
                 self.doc.visible.push_str(&unescape(chunk));
             } else {
                 self.doc.visible.push_str(chunk);
@@ -452,7 +452,8 @@ pub fn parse(text: &str) -> Document {
     let mut attrs: Vec<(&str, &str)> = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        let Some(lt) = memchr::memchr(b'<', &bytes[i..]).map(|o| i + o) else {
+        let Some(lt) = crate::find_byte(b'<', bytes.get(i..).unwrap_or_default()).map(|o| i + o)
+        else {
             p.text(i, bytes.len());
             break;
         };
@@ -489,7 +490,7 @@ pub fn parse(text: &str) -> Document {
                     })
                     .unwrap_or(bytes.len());
                 let name = Tag::new(text.get(lt + 2..name_end).unwrap_or(""));
-                let end = memchr::memchr(b'>', &bytes[name_end.min(bytes.len())..])
+                let end = crate::find_byte(b'>', bytes.get(name_end..).unwrap_or_default())
                     .map_or(bytes.len(), |o| name_end + o + 1);
                 p.pop_to(name, end);
                 i = end;
@@ -597,7 +598,7 @@ fn start_tag<'t>(text: &'t str, lt: usize, attrs: &mut Vec<(&'t str, &'t str)>) 
             j = scan_to(bytes, j + 1, &SPACE, false);
             match bytes.get(j) {
                 Some(&q @ (b'"' | b'\'')) => {
-                    let end = memchr::memchr(q, bytes.get(j + 1..).unwrap_or_default())
+                    let end = crate::find_byte(q, bytes.get(j + 1..).unwrap_or_default())
                         .map_or(bytes.len(), |o| j + 1 + o);
                     value = text.get(j + 1..end).unwrap_or("");
                     j = (end + 1).min(bytes.len());

@@ -404,6 +404,21 @@ pub(crate) fn long_runs<'a>(
     })
 }
 
+/// The first `needle` in `hay`. Where the next one is usually a few bytes away (the next `<`
+/// or quote in markup, the next `&` in a short text chunk), a call into `memchr` costs more
+/// than it saves: the first 16 bytes are looked at directly.
+#[inline]
+pub(crate) fn find_byte(needle: u8, hay: &[u8]) -> Option<usize> {
+    const NEAR: usize = 16;
+    match hay.get(..NEAR) {
+        Some(near) => near
+            .iter()
+            .position(|b| *b == needle)
+            .or_else(|| memchr::memchr(needle, hay.get(NEAR..)?).map(|i| i + NEAR)),
+        None => hay.iter().position(|b| *b == needle),
+    }
+}
+
 /// Whether `c` is in General Punctuation (U+2000 to U+206F: typographic spaces, dashes,
 /// quotes, bullets, format characters), where no character is a letter or a digit or has a
 /// lower case: a quick answer for the most common non-ASCII characters of English text, which
