@@ -514,16 +514,7 @@ mod tests {
             "\u{7f}",
             "\u{80}",
         ];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..5_000 {
-            let mut text = String::new();
-            for _ in 0..(seed % 24) {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
-            }
-            seed = seed.wrapping_add(1);
+        for text in crate::random_texts(&pieces, 5_000, 24, 0x9e37_79b9_7f4a_7c15) {
             let mut got = Vec::new();
             hashed_features(&text, |f| got.push(f.hash));
             assert_eq!(got, reference(&text), "{text:?}");

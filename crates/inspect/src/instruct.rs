@@ -1028,16 +1028,7 @@ mod tests {
             "9\u{ff10}",
             "",
         ];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..3_000 {
-            let mut text = String::new();
-            for _ in 0..(seed % 12) {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
-            }
-            seed = seed.wrapping_add(1);
+        for mut text in crate::random_texts(&pieces, 3_000, 12, 0x9e37_79b9_7f4a_7c15) {
             if text.is_ascii() {
                 text.push('\u{e9}');
             }

@@ -488,6 +488,41 @@ macro_rules! byte_class {
 }
 pub(crate) use byte_class;
 
+/// Seeded random texts for tests: `count` concatenations of fewer than `most` pieces each,
+/// chosen by xorshift from `seed` (every run tests the same texts).
+#[cfg(test)]
+pub(crate) fn random_mixes<P: AsRef<[u8]>>(
+    pieces: &[P],
+    count: usize,
+    most: u64,
+    mut seed: u64,
+) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|_| {
+            let mut text = Vec::new();
+            for _ in 0..(seed % most) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                if let Some(piece) = pieces.get((seed % pieces.len() as u64) as usize) {
+                    text.extend_from_slice(piece.as_ref());
+                }
+            }
+            seed = seed.wrapping_add(1);
+            text
+        })
+        .collect()
+}
+
+/// [`random_mixes`] of string pieces, as strings.
+#[cfg(test)]
+pub(crate) fn random_texts(pieces: &[&str], count: usize, most: u64, seed: u64) -> Vec<String> {
+    random_mixes(pieces, count, most, seed)
+        .into_iter()
+        .map(|t| String::from_utf8(t).unwrap_or_default())
+        .collect()
+}
+
 #[cfg(test)]
 mod run_tests {
     use super::*;
@@ -513,16 +548,7 @@ mod run_tests {
             b"-",
             b"1234567",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..3_000 {
-            let mut text = Vec::new();
-            for _ in 0..(seed % 40) {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                text.extend_from_slice(pieces[(seed % pieces.len() as u64) as usize]);
-            }
-            seed = seed.wrapping_add(1);
+        for text in random_mixes(&pieces, 3_000, 40, 0x2545_f491_4f6c_dd1d) {
             for min in [1, 2, 5, 16, 20, 28] {
                 let fast: Vec<(usize, usize)> = long_runs(&text, &CLASS, min).collect();
                 let mut slow = Vec::new();
