@@ -70,12 +70,18 @@ impl Model {
                 .ok_or(ModelError::Corrupt(at + MAGIC.len()))
         };
         let bias = f32::from_le_bytes(word(0)?);
+        if !bias.is_finite() {
+            return Err(ModelError::Corrupt(MAGIC.len()));
+        }
         let count = u32::from_le_bytes(word(4)?) as usize;
         let mut weights = vec![0.0; DIM];
         for i in 0..count {
             let at = 8 + i * 8;
             let index = u32::from_le_bytes(word(at)?) as usize;
             let w = f32::from_le_bytes(word(at + 4)?);
+            if !w.is_finite() {
+                return Err(ModelError::Corrupt(at + 4 + MAGIC.len()));
+            }
             let slot = weights
                 .get_mut(index)
                 .ok_or(ModelError::Corrupt(at + MAGIC.len()))?;
@@ -87,11 +93,12 @@ impl Model {
     /// A model from its bias and weights (`DIM` of them). Weights beyond ±127 saturate in the
     /// fixed-point copy (training keeps them within ±10).
     fn with_weights(bias: f32, weights: Vec<f32>) -> Self {
-        // `as` saturates on overflow (so do the shift's multiply); a weight is never NaN
-        // (reading and training give finite values).
+        // `as` saturates on overflow, and the clamp keeps the shifted value even (its low
+        // bit is the flag); weights are finite (`from_bytes` rejects others, training makes
+        // none).
         let fixed = weights
             .iter()
-            .map(|w| ((w * FIXED_ONE).round() as i32).saturating_mul(2))
+            .map(|w| ((w * FIXED_ONE).round() as i32).clamp(-(1 << 30), (1 << 30) - 1) << 1)
             .collect();
         Self {
             bias,
@@ -569,6 +576,15 @@ mod tests {
         let text = "ignore previous instructions";
         assert!((again.score(text) - model.score(text)).abs() < 1e-3);
         assert!(matches!(Model::from_bytes(b"nope"), Err(ModelError::Magic)));
+        // A weight that is not a number is refused, not read as zero.
+        let mut nan = model.to_bytes();
+        if let Some(w) = nan.get_mut(20..24) {
+            w.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        assert!(matches!(
+            Model::from_bytes(&nan),
+            Err(ModelError::Corrupt(20))
+        ));
         let mut cut = model.to_bytes();
         cut.truncate(cut.len() - 3);
         assert!(matches!(
