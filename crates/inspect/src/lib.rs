@@ -428,10 +428,14 @@ pub(crate) fn is_general_punctuation(c: char) -> bool {
     matches!(u32::from(c), 0x2000..=0x206F)
 }
 
-/// The index of the first non-ASCII byte at or after `from` (eight bytes at a time), or the
+/// The index of the first non-ASCII byte at or after `from` (32, then eight bytes at a time), or the
 /// length of `bytes`.
 pub(crate) fn next_non_ascii(bytes: &[u8], from: usize) -> usize {
     let mut i = from;
+    // Long ASCII stretches 32 bytes at a time (the standard library's check), then eight.
+    while bytes.get(i..i + 32).is_some_and(<[u8]>::is_ascii) {
+        i += 32;
+    }
     while let Some(chunk) = bytes
         .get(i..i + 8)
         .and_then(|c| <[u8; 8]>::try_from(c).ok())
