@@ -604,13 +604,18 @@ mod run_tests {
 
     #[test]
     fn next_non_ascii_finds_every_non_ascii_byte_like_a_plain_scan() {
-        let text = "plain ascii words, then caf\u{e9} and more plain text \u{2014} end".as_bytes();
-        for from in 0..=text.len() {
-            let slow = text[from..]
-                .iter()
-                .position(|b| !b.is_ascii())
-                .map_or(text.len(), |o| from + o);
-            assert_eq!(next_non_ascii(text, from), slow, "from {from}");
+        let long = format!("{}\u{e9}{}\u{2014}", "x".repeat(100), "y".repeat(70));
+        for text in [
+            "plain ascii words, then caf\u{e9} and more plain text \u{2014} end".as_bytes(),
+            long.as_bytes(),
+        ] {
+            for from in 0..=text.len() {
+                let slow = text[from..]
+                    .iter()
+                    .position(|b| !b.is_ascii())
+                    .map_or(text.len(), |o| from + o);
+                assert_eq!(next_non_ascii(text, from), slow, "from {from}");
+            }
         }
     }
 
