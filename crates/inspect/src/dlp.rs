@@ -369,22 +369,23 @@ impl Scanner {
                     _ => break,
                 }
             }
-            let mut start = first.saturating_sub(5).max(last_end);
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            let mut stop = (end + 6).min(bytes.len());
-            while !text.is_char_boundary(stop) {
-                stop -= 1;
-            }
-            // Cards, SSNs and phone numbers have at least seven digits.
+            // Cards, SSNs and phone numbers have at least seven digits (most clusters, ids and
+            // counts, have fewer and stop here).
             let digits = bytes
                 .get(first..end)
                 .map_or(0, |c| c.iter().filter(|b| b.is_ascii_digit()).count());
-            if digits >= 7
-                && let Some(slice) = text.get(start..stop)
-            {
-                self.number_slice(text, start, slice, found);
+            if digits >= 7 {
+                let mut start = first.saturating_sub(5).max(last_end);
+                while !text.is_char_boundary(start) {
+                    start += 1;
+                }
+                let mut stop = (end + 6).min(bytes.len());
+                while !text.is_char_boundary(stop) {
+                    stop -= 1;
+                }
+                if let Some(slice) = text.get(start..stop) {
+                    self.number_slice(text, start, slice, found);
+                }
             }
             // An IBAN: two capitals right before the cluster's first two digits, at a word
             // start.
