@@ -457,15 +457,24 @@ pub(crate) fn next_non_ascii(bytes: &[u8], from: usize) -> usize {
 pub(crate) fn next_digit(bytes: &[u8], from: usize) -> Option<usize> {
     const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut i = from;
-    while let Some(chunk) = bytes.get(i..i + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(word);
+    let digits_of = |chunk: &[u8]| {
+        let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
         let low = w & LOW;
         let at_least_0 = low.wrapping_add(0x5050_5050_5050_5050);
         let above_9 = low.wrapping_add(0x4646_4646_4646_4646);
-        let digits = at_least_0 & !above_9 & !w & HIGH;
+        at_least_0 & !above_9 & !w & HIGH
+    };
+    let mut i = from;
+    // 32 bytes a step while none is a digit (one branch instead of four), then eight.
+    while let Some(block) = bytes.get(i..i + 32) {
+        let any = block.chunks_exact(8).fold(0, |acc, c| acc | digits_of(c));
+        if any != 0 {
+            break;
+        }
+        i += 32;
+    }
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let digits = digits_of(chunk);
         if digits != 0 {
             return Some(i + (digits.trailing_zeros() / 8) as usize);
         }
