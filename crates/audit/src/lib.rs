@@ -229,13 +229,18 @@ pub enum AuditError {
 
 /// The hash of an event given its predecessor's hash, sequence number and body.
 pub fn chain_hash(prev_hash: &str, seq: u64, body: &str) -> String {
+    palisade_core::secret::hex(&chain_digest(prev_hash, seq, body))
+}
+
+/// SHA-256 of `prev_hash`, `seq` and `body`, newline-separated: the bytes of [`chain_hash`].
+fn chain_digest(prev_hash: &str, seq: u64, body: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
     h.update(seq.to_string().as_bytes());
     h.update(b"\n");
     h.update(body.as_bytes());
-    palisade_core::secret::hex(&h.finalize())
+    h.finalize().into()
 }
 
 /// An event on its way to the writer, already serialised by its caller (so the single writer
@@ -772,13 +777,7 @@ pub(crate) fn check_row(
 
 /// Whether `hex` is the chain hash of `body` after `prev_hash` (no allocation).
 fn chain_hash_is(prev_hash: &str, seq: u64, body: &str, hex: &str) -> bool {
-    let mut h = Sha256::new();
-    h.update(prev_hash.as_bytes());
-    h.update(b"\n");
-    h.update(seq.to_string().as_bytes());
-    h.update(b"\n");
-    h.update(body.as_bytes());
-    let digest = h.finalize();
+    let digest = chain_digest(prev_hash, seq, body);
     let hex = hex.as_bytes();
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     hex.len() == digest.len() * 2

@@ -1395,22 +1395,15 @@ pub fn run_on_store(
                         page.push(Pending::Row(out));
                     } else {
                         // Parsed on the other thread: this one is busy enough reading.
-                        match row.body() {
-                            Ok(body) => page.push(Pending::Passed(body.to_string())),
-                            Err(e) => {
-                                unreadable = Some(e);
-                                return false;
-                            }
-                        }
+                        let Some(body) = body_or_stop(row, &mut unreadable) else {
+                            return false;
+                        };
+                        page.push(Pending::Passed(body.to_string()));
                     }
                 } else if let Some(g) = scan_grouper.as_mut() {
                     // An event stored before the fact columns: its body, here, in order.
-                    let body = match row.body() {
-                        Ok(body) => body,
-                        Err(e) => {
-                            unreadable = Some(e);
-                            return false;
-                        }
+                    let Some(body) = body_or_stop(row, &mut unreadable) else {
+                        return false;
                     };
                     let Ok(light) = serde_json::from_str::<LightEvent<'_>>(body) else {
                         return true;
@@ -1419,13 +1412,10 @@ pub fn run_on_store(
                         g.add(&light.row(needed), &env, &[]);
                     }
                 } else {
-                    match row.body() {
-                        Ok(b) => page.push(Pending::Body(b.to_string())),
-                        Err(e) => {
-                            unreadable = Some(e);
-                            return false;
-                        }
-                    }
+                    let Some(body) = body_or_stop(row, &mut unreadable) else {
+                        return false;
+                    };
+                    page.push(Pending::Body(body.to_string()));
                 }
                 if page.len() >= PAGE {
                     let full = std::mem::replace(&mut page, Vec::with_capacity(PAGE));
@@ -1527,6 +1517,21 @@ enum Pending {
     Passed(String),
     /// Not yet filtered (no fact columns, or the filters read other columns).
     Body(String),
+}
+
+/// `row`'s body, or `None` with the store's error kept in `unreadable` (the scan then stops
+/// and the query fails, rather than leave the event out of its answer).
+fn body_or_stop<'r>(
+    row: &'r dyn palisade_core::store::AuditRow,
+    unreadable: &mut Option<palisade_core::store::StoreError>,
+) -> Option<&'r str> {
+    match row.body() {
+        Ok(body) => Some(body),
+        Err(e) => {
+            *unreadable = Some(e);
+            None
+        }
+    }
 }
 
 /// Sets `out` to the row of a scanned event from its columns (`only` those of

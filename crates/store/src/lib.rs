@@ -1550,15 +1550,10 @@ mod tests {
                     let seq = batch * 4 + i + 1;
                     let hash = format!("{seq:064}");
                     StoredAuditEvent {
-                        seq,
-                        event_id: format!("e{seq}"),
-                        time_ns: 1,
-                        kind: "k".into(),
-                        principal: None,
                         body: body.clone(),
                         prev_hash: std::mem::replace(&mut prev, hash.clone()),
                         hash,
-                        facts: None,
+                        ..event(seq)
                     }
                 })
                 .collect();
