@@ -177,6 +177,11 @@ impl Model {
         spans: &[(usize, usize)],
         mut visit: impl FnMut(&Feature, bool),
     ) -> Vec<f32> {
+        // As an array, the table needs no length (and no bounds check) in the loop; a `Vec`
+        // of DIM weights always converts.
+        let Ok(fixed) = <&[i32; DIM]>::try_from(self.fixed.as_slice()) else {
+            return vec![self.bias; spans.len()];
+        };
         // Every span's start and end, in text order, with the slot its running sum goes to
         // (2i and 2i + 1 for span i).
         // Starts first, then ends: callers pass a few runs of spans in text order, so this is
@@ -202,7 +207,7 @@ impl Model {
                 next_at = marks.get(next).map_or(usize::MAX, |m| m.0);
             }
             // INVARIANT (bucket-range): `bucket` masks to DIM, the length of `fixed`.
-            let slot = self.fixed.get(bucket(feature.hash)).copied().unwrap_or(0);
+            let slot = fixed.get(bucket(feature.hash)).copied().unwrap_or(0);
             total += i64::from(slot >> 1);
             n += 1;
             visit(&feature, slot & 1 != 0);
