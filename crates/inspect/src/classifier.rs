@@ -346,15 +346,20 @@ pub(crate) fn hashed_features(text: &str, mut f: impl FnMut(Feature)) {
         };
         let at = i;
         i += c.len_utf8();
-        let lower = if crate::is_general_punctuation(c) {
+        // (CJK characters have no case, and no lowercase is CJK: `c` is CJK exactly when its
+        // lowercase is, so the CJK test comes first.)
+        let lower = if crate::is_general_punctuation(c) || is_cjk(c) {
             c
         } else {
-            c.to_lowercase().next().unwrap_or(c)
+            crate::props::lower(c)
         };
         // CJK characters are not features: in the public corpora the only CJK text is in
         // injections, so the model would learn "Japanese means attack" and flag every
         // Japanese page. (Injections in CJK text are left to the rules.)
-        if crate::is_general_punctuation(c) || !lower.is_alphanumeric() || is_cjk(lower) {
+        if crate::is_general_punctuation(c)
+            || is_cjk(lower)
+            || !crate::props::is_alphanumeric(lower)
+        {
             if let Some(w) = word.take() {
                 emit!(w, at, has_ascii && has_other);
             }

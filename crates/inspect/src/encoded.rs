@@ -341,7 +341,10 @@ pub fn reads_as_text(s: &str) -> bool {
         .filter(|c| !c.is_control() || c.is_whitespace())
         .filter(|c| *c != '\u{FFFD}')
         .count();
-    let letters = s.chars().filter(|c| c.is_alphabetic()).count();
+    let letters = s
+        .chars()
+        .filter(|c| crate::props::is_alphabetic(*c))
+        .count();
     let words = s.split_whitespace().filter(|w| w.len() >= 2).count();
     printable as f32 >= 0.95 * total as f32 && letters as f32 >= 0.5 * total as f32 && words >= 3
 }

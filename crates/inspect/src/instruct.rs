@@ -893,7 +893,7 @@ fn normalize_non_ascii(text: &str, mut map: Option<&mut Vec<usize>>) -> String {
             0xFF01..=0xFF5E | 0x3000 => crate::unicode::fold(c),
             _ => c,
         };
-        if !crate::is_general_punctuation(c) && c.is_alphanumeric() {
+        if !crate::is_general_punctuation(c) && crate::props::is_alphanumeric(c) {
             word.push((at, c));
             continue;
         }
@@ -908,7 +908,9 @@ fn normalize_non_ascii(text: &str, mut map: Option<&mut Vec<usize>>) -> String {
 /// ASCII letters.
 fn flush_word(word: &mut Vec<(usize, char)>, out: &mut String, map: &mut Option<&mut Vec<usize>>) {
     let ascii = word.iter().any(|(_, c)| c.is_ascii_alphabetic());
-    let foreign = word.iter().any(|(_, c)| !c.is_ascii() && c.is_alphabetic());
+    let foreign = word
+        .iter()
+        .any(|(_, c)| !c.is_ascii() && crate::props::is_alphabetic(*c));
     for &(at, c) in word.iter() {
         push_lower(out, map, at, c, ascii && foreign);
     }
@@ -927,7 +929,7 @@ fn push_lower(out: &mut String, map: &mut Option<&mut Vec<usize>>, at: usize, c:
     } else if crate::is_general_punctuation(c) {
         out.push(c);
     } else {
-        out.extend(c.to_lowercase());
+        crate::props::push_lowercase(out, c);
     }
     if let Some(map) = map.as_deref_mut() {
         map.extend(std::iter::repeat_n(at, out.len() - before));

@@ -28,6 +28,7 @@ pub mod encoded;
 pub mod eval;
 pub mod html;
 pub mod instruct;
+mod props;
 pub mod unicode;
 
 use palisade_core::principal::Classification;

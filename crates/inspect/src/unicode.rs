@@ -72,12 +72,12 @@ fn is_cjk(c: char) -> bool {
 /// scripts, and others past U+0590 (not Latin, Greek or Cyrillic).
 fn is_joining_script(c: char) -> bool {
     let u = u32::from(c);
-    (0x0590..=0x1CFF).contains(&u) && (c.is_alphabetic() || is_mark(c))
+    (0x0590..=0x1CFF).contains(&u) && (crate::props::is_alphabetic(c) || is_mark(c))
         || (0xA800..=0xABFF).contains(&u)
 }
 
 fn is_mark(c: char) -> bool {
-    matches!(u32::from(c), 0x0300..=0x036F | 0x0900..=0x0DFF) && !c.is_alphabetic()
+    matches!(u32::from(c), 0x0300..=0x036F | 0x0900..=0x0DFF) && !crate::props::is_alphabetic(c)
         || matches!(
             u32::from(c),
             0x094D | 0x09CD | 0x0A4D | 0x0ACD | 0x0B4D | 0x0BCD | 0x0C4D | 0x0CCD | 0x0D4D
@@ -91,6 +91,12 @@ fn is_cyrillic_or_greek(c: char) -> bool {
 /// A character folded to the ASCII letter it imitates: full-width forms, and look-alikes by
 /// the Unicode confusables skeleton (UTS #39). Anything else is returned unchanged.
 pub fn fold(c: char) -> char {
+    crate::props::fold(c)
+}
+
+/// [`fold`] worked out (the skeleton is a decomposition and a table search; characters below
+/// U+0800 are answered from `props`' table, filled by this).
+pub(crate) fn fold_uncached(c: char) -> char {
     let u = u32::from(c);
     if (0xFF01..=0xFF5E).contains(&u) {
         return char::from_u32(u - 0xFEE0).unwrap_or(c);
@@ -98,6 +104,7 @@ pub fn fold(c: char) -> char {
     if u == 0x3000 {
         return ' ';
     }
+    // (The standard library's answer: `props` calls this to fill its table.)
     if c.is_ascii() || !c.is_alphabetic() {
         return c;
     }
@@ -530,7 +537,7 @@ fn letters_run(chars: &[(usize, char)], i: usize, forward: bool) -> usize {
             j - 1
         };
         match ch(chars, next) {
-            Some(c) if c.is_alphabetic() => {
+            Some(c) if crate::props::is_alphabetic(c) => {
                 n += 1;
                 j = next;
             }
@@ -695,7 +702,7 @@ fn homoglyphs(
     let mut mixed: Vec<(usize, usize)> = Vec::new();
     let mut latin_words = 0usize;
     let mut lookalike_words: Vec<(usize, usize)> = Vec::new();
-    for (s, e) in runs(chars, char::is_alphabetic) {
+    for (s, e) in runs(chars, crate::props::is_alphabetic) {
         let word = chars.get(s..e).unwrap_or(&[]);
         let latin = word.iter().filter(|(_, c)| c.is_ascii_alphabetic()).count();
         let foreign = word
