@@ -1,7 +1,9 @@
 //! Inspection throughput on clean prose and on HTML: the combined scan (injection and DLP) and
-//! each half alone, in MB/s on one core. Prints the median of 15 runs over about 1 MiB. With
-//! `BREAKDOWN=1` it also times each stage alone, and lol_html with handlers for comparison;
-//! `ONLY=<part of a case name>` runs only the matching cases.
+//! each half alone, in MB/s on one core, measured by criterion (20 samples of about 1 MiB each
+//! per case, after a warm-up; it reports the throughput with its 95 % confidence interval).
+//! With `BREAKDOWN=1` it first times each stage alone, and lol_html with handlers for
+//! comparison; with `SHAPES=1`, the combined scan of prose in other scripts and of inputs
+//! shaped against the detectors. Arguments after `--` filter the cases by name, as for any criterion bench.
 //!
 //! `cargo bench -p palisade-inspect --bench scan` (results in BENCHMARKS.md)
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -10,8 +12,9 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use criterion::{Criterion, SamplingMode, Throughput};
 use palisade_inspect::{Detectors, Inspector};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const PROSE: &[&str] = &[
     "The quarterly review covered the migration of the billing service to the new cluster. ",
@@ -70,34 +73,6 @@ fn html(size: usize) -> String {
     out
 }
 
-fn measure(name: &str, inspector: &Inspector, text: &str, detectors: Detectors) {
-    // `ONLY=html` runs the cases whose name holds `html` (for a profiler).
-    if std::env::var("ONLY").is_ok_and(|only| !name.contains(&only)) {
-        return;
-    }
-    // Warm-up, then 15 timed runs; the median is reported.
-    for _ in 0..2 {
-        std::hint::black_box(inspector.inspect(text, detectors));
-    }
-    let mut rates: Vec<f64> = (0..15)
-        .map(|_| {
-            let start = Instant::now();
-            let report = inspector.inspect(std::hint::black_box(text), detectors);
-            let elapsed = start.elapsed().as_secs_f64();
-            std::hint::black_box(report);
-            text.len() as f64 / 1e6 / elapsed
-        })
-        .collect();
-    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!(
-        "{name:<36} {:>8.1} MB/s  (min {:.1}, max {:.1}; {} bytes)",
-        rates[rates.len() / 2],
-        rates[0],
-        rates[rates.len() - 1],
-        text.len()
-    );
-}
-
 fn main() {
     let inspector = Inspector::new([7u8; 32]);
     let size = 1 << 20;
@@ -126,6 +101,9 @@ fn main() {
         breakdown(&html);
         lol(&html);
     }
+    if std::env::var_os("SHAPES").is_some() {
+        shapes(&inspector);
+    }
     // Real text is rarely pure ASCII: the same inputs with typographic punctuation (an em
     // dash and a curly apostrophe every few paragraphs, a copyright sign).
     let typographic = |t: &str| {
@@ -144,19 +122,95 @@ fn main() {
     );
     let report = inspector.inspect(&html_u, Detectors::default());
     assert!(!report.injection, "html: {:?}", report.findings.first());
-    measure("prose, combined", &inspector, &prose, both);
-    measure("prose, injection only", &inspector, &prose, injection);
-    measure("prose, dlp only", &inspector, &prose, dlp);
-    measure(
-        "prose with typography, combined",
-        &inspector,
-        &prose_u,
-        both,
-    );
-    measure("html with typography, combined", &inspector, &html_u, both);
-    measure("html, combined", &inspector, &html, both);
-    measure("html, injection only", &inspector, &html, injection);
-    measure("html, dlp only", &inspector, &html, dlp);
+    let cases: [(&str, &str, &str, Detectors); 8] = [
+        ("prose", "combined", &prose, both),
+        ("prose", "injection", &prose, injection),
+        ("prose", "dlp", &prose, dlp),
+        ("prose-typography", "combined", &prose_u, both),
+        ("html-typography", "combined", &html_u, both),
+        ("html", "combined", &html, both),
+        ("html", "injection", &html, injection),
+        ("html", "dlp", &html, dlp),
+    ];
+    // Flat sampling: each of the 20 samples runs the same number of scans (a scan of 1 MiB
+    // takes milliseconds, too long for criterion's default linear ramp in 5 seconds).
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    for (input, detectors_name, text, detectors) in cases {
+        let mut group = c.benchmark_group(input);
+        group.sampling_mode(SamplingMode::Flat);
+        group.throughput(Throughput::BytesDecimal(text.len() as u64));
+        group.bench_function(detectors_name, |b| {
+            b.iter(|| inspector.inspect(std::hint::black_box(text), detectors));
+        });
+        group.finish();
+    }
+    c.final_summary();
+}
+
+/// Prose in other scripts, and inputs shaped against the detectors (each 256 KiB, one
+/// repeated piece): the combined scan's speed on each, in MB/s (best of five). A detector whose
+/// work grows faster than its input shows up here as a figure far below the others.
+fn shapes(inspector: &Inspector) {
+    let pieces: &[(&str, &str)] = &[
+        (
+            "Russian prose",
+            "Быстрая коричневая лиса прыгает через ленивую собаку. Отчёт показал рост. ",
+        ),
+        (
+            "Greek prose",
+            "Η αναφορά του τριμήνου έδειξε αύξηση της κίνησης στο νέο σύμπλεγμα. ",
+        ),
+        (
+            "Spanish prose",
+            "La revisión trimestral mostró un aumento del tráfico en el clúster nuevo. ",
+        ),
+        (
+            "German prose",
+            "Größere Änderungen wurden übernommen, und die Prüfung verlief ohne Fehler. ",
+        ),
+        (
+            "Chinese prose",
+            "季度报告显示收入增长了三分之一，团队同意保留旧的数据库副本。",
+        ),
+        ("one `@` after another", "@"),
+        ("`a@b.c` (no valid domain)", "a@b.c "),
+        ("`://` without a scheme", "://"),
+        ("`postgres://` without a password", "postgres://"),
+        ("`key=` after `key=`", "key="),
+        ("IBAN-shaped words", "DE89 "),
+        ("digits and spaces", "1 "),
+        ("`123-45-`", "123-45-"),
+        ("hex byte list", "41 "),
+        ("`<|im_start|>` role tags", "<|im_start|>"),
+        ("`&` in one text chunk", "tom & jerry "),
+        ("unclosed comments", "<!--"),
+        ("unclosed tags", "<a "),
+        ("zero-width spaces", "\u{200b}"),
+        ("Cyrillic `а`", "\u{430}"),
+    ];
+    println!("shape (256 KiB)                              MB/s");
+    for (name, piece) in pieces {
+        let mut text = String::new();
+        // (The `&` chunk is one paragraph of HTML; the rest are the piece alone.)
+        if piece.contains('&') {
+            text.push_str("<p>");
+        }
+        while text.len() < 256 << 10 {
+            text.push_str(piece);
+        }
+        let best = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                std::hint::black_box(inspector.inspect(&text, Detectors::default()));
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min);
+        println!("  {name:<42} {:>6.0}", text.len() as f64 / 1e6 / best);
+    }
 }
 
 #[allow(dead_code)]
