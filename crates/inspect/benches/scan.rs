@@ -191,6 +191,18 @@ fn shapes(inspector: &Inspector) {
         ("unclosed tags", "<a "),
         ("zero-width spaces", "\u{200b}"),
         ("Cyrillic `а`", "\u{430}"),
+        ("`eyJ-` (JWT starts)", "eyJ-"),
+        ("`xoxa-1-`", "xoxa-1-"),
+        ("`sk-proj-`", "sk-proj-"),
+        ("BEGIN lines without END", "-----BEGIN PRIVATE KEY-----\n"),
+        ("random tokens", "Q7mZp2Lx9RwT4kVb8NcY3hFj6DsG "),
+        ("`1234567,`", "1234567,"),
+        ("`<b></i>`", "<b></i>"),
+        ("`system: ` on one line", "system: "),
+        ("`[inst]`", "[inst]"),
+        ("`![`", "!["),
+        ("`![a](http://x`", "![a](http://x"),
+        ("right-to-left override and words", "\u{202e}a b c d\n"),
     ];
     println!("shape (256 KiB)                              MB/s");
     for (name, piece) in pieces {

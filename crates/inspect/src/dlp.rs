@@ -70,6 +70,8 @@ const PHONE: Entity = pii("PHONE", 45);
 
 /// A prefix that starts a known secret format, and how to read the rest.
 struct Prefixed {
+    /// The literal it starts with.
+    prefix: &'static str,
     entity: Entity,
     /// Anchored at the prefix.
     regex: Regex,
@@ -114,7 +116,7 @@ const PREFIXED: &[(&str, Entity, &str)] = &[
         r"^xoxp-[0-9]{9,13}-[0-9]{9,13}-[0-9]{9,13}-[a-f0-9]{32}",
     ),
     ("xoxa-", SLACK_TOKEN, r"^xoxa-[0-9]{1,2}-[A-Za-z0-9-]{20,}"),
-    ("xoxe-", SLACK_TOKEN, r"^xoxe\.xoxp-[0-9]-[A-Za-z0-9-]{20,}"),
+    ("xoxe.", SLACK_TOKEN, r"^xoxe\.xoxp-[0-9]-[A-Za-z0-9-]{20,}"),
     (
         "https://hooks.slack.com/",
         SLACK_WEBHOOK,
@@ -169,6 +171,44 @@ const PREFIXED: &[(&str, Entity, &str)] = &[
     ),
 ];
 
+/// The end (in `rest`, which starts at `start` with `sk-`) of the OpenAI key there, as
+/// [`PREFIXED`]'s regex reads it: `sk-`, an optional `proj-`, `svcacct-` or `admin-`, 20 to 100
+/// key characters, `T3BlbkFJ` and 20 to 100 more; or `sk-proj-` and 48 to 200 key characters.
+/// The regex runs only when a `T3BlbkFJ` lies where the first form needs it; otherwise the
+/// second form is worked out from the run of key characters, remembered for the keys inside
+/// the same run (a text of `sk-proj-` ran the regex over 200 bytes from each).
+fn openai_key(
+    regex: &Regex,
+    bytes: &[u8],
+    rest: &str,
+    start: usize,
+    marks: &mut Option<Vec<usize>>,
+    run: &mut crate::NextFound<impl Fn(&[u8]) -> Option<usize>>,
+) -> Option<usize> {
+    let marks =
+        marks.get_or_insert_with(|| memchr::memmem::find_iter(bytes, b"T3BlbkFJ").collect());
+    // The first form: `T3BlbkFJ` between 20 and 9 + 100 characters after `sk-`.
+    let (lo, hi) = (start + 3 + 20, start + 3 + 9 + 100);
+    let near = marks
+        .get(marks.partition_point(|m| *m < lo))
+        .is_some_and(|m| *m <= hi);
+    if near {
+        return regex.find(rest).map(|hit| hit.end());
+    }
+    if !rest.starts_with("sk-proj-") {
+        return None;
+    }
+    let body = start + 8;
+    let len = run.at_or_after(bytes, body).unwrap_or(bytes.len()) - body;
+    (len >= 48).then(|| 8 + len.min(200))
+}
+
+/// The characters a JWT's first part runs over (its `eyJ` prefix too).
+const JWT_RUN: [bool; 256] =
+    crate::byte_class!(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+/// The characters an `xoxa-` token runs over (its prefix too).
+const XOXA_RUN: [bool; 256] = crate::byte_class!(|b| b.is_ascii_alphanumeric() || b == b'-');
+
 impl Default for Scanner {
     fn default() -> Self {
         Self::new()
@@ -201,7 +241,8 @@ impl Scanner {
             prefixes,
             prefixed: PREFIXED
                 .iter()
-                .map(|(_, entity, pattern)| Prefixed {
+                .map(|(prefix, entity, pattern)| Prefixed {
+                    prefix,
                     entity: *entity,
                     regex: re(pattern),
                 })
@@ -309,11 +350,44 @@ impl Scanner {
         let Some(prefixes) = &self.prefixes else {
             return;
         };
+        let bytes = text.as_bytes();
+        // JWTs and `xoxa-` tokens run to the end of a run of their characters, which their
+        // prefix is made of too: a prefix inside the run an earlier one of its kind started
+        // can only fail or match a tail of that match (dropped as an overlap), so it is not
+        // tried again (a text of `eyJ-` would otherwise run the regex to its end at each).
+        let mut open_run_end = [0usize; 2];
+        // The first `-----END ` at or after a position, found once for all the BEGIN lines
+        // before it (a search from each BEGIN to the text's end was quadratic).
+        let mut pem_end: Option<(usize, Option<(usize, usize)>)> = None;
+        // For `sk-` keys: where `T3BlbkFJ` occurs (found once), and the end of the run of key
+        // characters a key starts (remembered for the keys inside the same run).
+        let mut key_marks: Option<Vec<usize>> = None;
+        let mut key_run =
+            crate::NextFound::new(|b: &[u8]| b.iter().position(|c| !JWT_RUN[usize::from(*c)]));
         for m in prefixes.find_iter(text) {
             let Some(p) = self.prefixed.get(m.pattern().as_usize()) else {
                 continue;
             };
             let start = m.start();
+            let open = match p.entity.name {
+                "JWT" => Some((0, JWT_RUN)),
+                "SLACK_TOKEN" if p.prefix == "xoxa-" => Some((1, XOXA_RUN)),
+                _ => None,
+            };
+            if let Some((k, class)) = open {
+                if open_run_end.get(k).is_some_and(|end| start < *end) {
+                    continue;
+                }
+                let run = bytes
+                    .get(start..)
+                    .unwrap_or_default()
+                    .iter()
+                    .take_while(|b| class[usize::from(**b)])
+                    .count();
+                if let Some(end) = open_run_end.get_mut(k) {
+                    *end = start + run;
+                }
+            }
             // A format starts at a word boundary (not inside a longer token).
             if start > 0
                 && text
@@ -326,11 +400,21 @@ impl Scanner {
             let Some(rest) = text.get(start..) else {
                 continue;
             };
-            let Some(hit) = p.regex.find(rest) else {
+            let hit_end = if p.prefix == "sk-" {
+                match openai_key(&p.regex, bytes, rest, start, &mut key_marks, &mut key_run) {
+                    Some(end) => end,
+                    None => continue,
+                }
+            } else {
+                match p.regex.find(rest) {
+                    Some(hit) => hit.end(),
+                    None => continue,
+                }
+            };
+            let mut end = start + hit_end;
+            let Some(value) = rest.get(..hit_end) else {
                 continue;
             };
-            let mut end = start + hit.end();
-            let value = hit.as_str();
             if is_placeholder(value) {
                 continue;
             }
@@ -340,19 +424,42 @@ impl Scanner {
                 }
                 "PRIVATE_KEY" => {
                     // The whole block, through its END line.
-                    let Some(close) = rest.find("-----END ") else {
+                    let close = match pem_end {
+                        Some((from, close))
+                            if from <= start && close.is_none_or(|c| c.0 >= start) =>
+                        {
+                            close
+                        }
+                        _ => {
+                            let close = memchr::memmem::find(
+                                bytes.get(start..).unwrap_or_default(),
+                                b"-----END ",
+                            )
+                            .map(|c| start + c)
+                            .and_then(|c| {
+                                let after = c + 9;
+                                memchr::memmem::find(
+                                    bytes.get(after..).unwrap_or_default(),
+                                    b"-----",
+                                )
+                                .map(|d| (c, after + d + 5))
+                            });
+                            // (No END, or no dashes after it: none for any later BEGIN
+                            // either, until the END found.)
+                            pem_end = Some((start, close));
+                            close
+                        }
+                    };
+                    let Some((_, close_end)) = close else {
                         continue;
                     };
-                    let Some(dashes) = rest.get(close + 9..).and_then(|r| r.find("-----")) else {
-                        continue;
-                    };
-                    end = start + close + 9 + dashes + 5;
+                    end = close_end;
                 }
                 // Exactly 20 characters after the prefix.
                 "GITLAB_TOKEN"
                     if rest
                         .as_bytes()
-                        .get(hit.end())
+                        .get(hit_end)
                         .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') =>
                 {
                     continue;
@@ -491,9 +598,13 @@ impl Scanner {
             }
             let start = from + m.start() + (m.as_str().len() - m.as_str().trim_start().len());
             let end = start + candidate.len();
-            if is_phone(candidate, has_keyword_before(text, start, PHONE_WORDS))
-                && !adjacent_digit(text, start, end)
-            {
+            // (The keyword is looked for only when it decides: most candidates are phones
+            // or not whether or not one precedes them.)
+            let phone = match (is_phone(candidate, false), is_phone(candidate, true)) {
+                (same, other) if same == other => same,
+                _ => is_phone(candidate, has_keyword_before(text, start, PHONE_WORDS)),
+            };
+            if phone && !adjacent_digit(text, start, end) {
                 found.push((start, end, PHONE));
             }
         }
@@ -575,6 +686,7 @@ impl Scanner {
         const RUN: [bool; 256] =
             crate::byte_class!(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
         let bytes = text.as_bytes();
+        let pem = PemLines::of(text);
         for (start, i) in crate::long_runs(bytes, &RUN, 28) {
             let len = i - start;
             if len >= 1000 {
@@ -582,7 +694,7 @@ impl Scanner {
                 while bytes.get(end) == Some(&b'=') {
                     end += 1;
                 }
-                if !in_pem_or_data(text, start) {
+                if !in_pem_or_data(text, &pem, start) {
                     found.push((start, end, LARGE_BASE64_BLOB));
                 }
                 continue;
@@ -606,7 +718,7 @@ impl Scanner {
             if !looks_random(v)
                 || entropy(v) < 4.0
                 || is_placeholder(v)
-                || in_pem_or_data(text, start)
+                || in_pem_or_data(text, &pem, start)
             {
                 continue;
             }
@@ -1080,17 +1192,44 @@ fn is_placeholder(v: &str) -> bool {
             .any(|w| w.iter().all(|b| Some(b) == w.first()))
 }
 
-/// Whether `at` lies in a PEM block or right after `data:...;base64,` or a digest prefix.
-fn in_pem_or_data(text: &str, at: usize) -> bool {
+/// Where a text's PEM `-----BEGIN ` and `-----END ` lines are, found once per scan: a
+/// search of the 4 KiB before every token was 140 bytes of search per byte of a text of
+/// random-looking tokens.
+struct PemLines {
+    begins: Vec<usize>,
+    ends: Vec<usize>,
+}
+
+impl PemLines {
+    fn of(text: &str) -> Self {
+        let find = |needle: &[u8]| memchr::memmem::find_iter(text.as_bytes(), needle).collect();
+        Self {
+            begins: find(b"-----BEGIN "),
+            ends: find(b"-----END "),
+        }
+    }
+}
+
+/// Whether `at` lies in a PEM block (a BEGIN line in the 4 KiB before it with no END line
+/// after that) or right after `data:...;base64,` or a digest prefix.
+fn in_pem_or_data(text: &str, pem: &PemLines, at: usize) -> bool {
     let mut from = at.saturating_sub(4096);
     while !text.is_char_boundary(from) {
         from -= 1;
     }
     let before = text.get(from..at).unwrap_or("");
-    if let Some(begin) = before.rfind("-----BEGIN ")
-        && !before.get(begin..).unwrap_or("").contains("-----END ")
-    {
-        return true;
+    // The last BEGIN wholly inside `from..at`, and whether an END lies wholly between it and
+    // `at`.
+    let last_begin = pem
+        .begins
+        .get(..pem.begins.partition_point(|b| b + 11 <= at))
+        .and_then(|b| b.last())
+        .filter(|b| **b >= from);
+    if let Some(&begin) = last_begin {
+        let first_end = pem.ends.get(pem.ends.partition_point(|e| *e < begin));
+        if first_end.is_none_or(|e| e + 9 > at) {
+            return true;
+        }
     }
     let mut cut = before.len().saturating_sub(24);
     while !before.is_char_boundary(cut) {
@@ -1296,6 +1435,86 @@ mod tests {
             assert!(
                 found.iter().any(|(e, v)| *e == entity && *v == value),
                 "{text}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn openai_keys_are_read_as_their_regex_reads_them() {
+        // The key's end from each `sk-`, worked out without the regex where the first form
+        // cannot match, against the regex from each `sk-`.
+        let s = Scanner::new();
+        let Some(p) = s.prefixed.iter().find(|p| p.prefix == "sk-") else {
+            panic!("the OpenAI format is there");
+        };
+        let pieces = [
+            "sk-",
+            "sk-proj-",
+            "proj-",
+            "svcacct-",
+            "admin-",
+            "T3BlbkFJ",
+            "abcdefghij",
+            "ABCDEFGHIJKLMNOPQRST",
+            "0123456789",
+            "_",
+            "-",
+            " ",
+            ".",
+            "\n",
+            "x",
+        ];
+        let mut keys = 0;
+        for text in crate::random_texts(&pieces, 4_000, 60, 0x7e57_c0de_5eed_0001) {
+            let bytes = text.as_bytes();
+            let mut marks = None;
+            let mut run =
+                crate::NextFound::new(|b: &[u8]| b.iter().position(|c| !JWT_RUN[usize::from(*c)]));
+            for start in memchr::memmem::find_iter(bytes, b"sk-") {
+                let rest = text.get(start..).unwrap_or_default();
+                let ours = openai_key(&p.regex, bytes, rest, start, &mut marks, &mut run);
+                assert_eq!(
+                    ours,
+                    p.regex.find(rest).map(|m| m.end()),
+                    "{text:?} at {start}"
+                );
+                keys += usize::from(ours.is_some());
+            }
+        }
+        assert!(keys > 500, "only {keys} keys in the mixes");
+    }
+
+    #[test]
+    fn formats_are_found_after_many_false_starts_of_their_kind() {
+        // Each format after prefixes that start it and go nowhere (searched once, not from
+        // each of them), and the Slack refresh token, whose prefix is `xoxe.`. (A key block
+        // runs from the first BEGIN line to its END line.)
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----";
+        let xoxa = "xoxa-2-AbCdEfGhIjKlMnOpQrStUv";
+        let xoxe = "xoxe.xoxp-1-Mi0yLTE3MjQ3OTk2NjUtNzA5MjM0";
+        let cases = [
+            (format!("{} {jwt}", "eyJ-".repeat(2_000)), "JWT", jwt),
+            (
+                format!("{}\n{pem}", "-----BEGIN PRIVATE KEY-----\n".repeat(2_000)),
+                "PRIVATE_KEY",
+                pem,
+            ),
+            (
+                format!("{} {xoxa}", "xoxa-1-".repeat(2_000)),
+                "SLACK_TOKEN",
+                xoxa,
+            ),
+            (format!("refresh {xoxe} end"), "SLACK_TOKEN", xoxe),
+        ];
+        for (text, entity, value) in cases {
+            let found = entities(&text);
+            assert!(
+                found.iter().any(|(e, v)| *e == entity
+                    && v.ends_with(value)
+                    && (entity == "PRIVATE_KEY" || v == value)),
+                "{entity}: {:?}",
+                found.iter().map(|(e, v)| (e, v.len())).collect::<Vec<_>>()
             );
         }
     }

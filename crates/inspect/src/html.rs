@@ -17,7 +17,7 @@ use crate::instruct::{Context, Judge};
 use crate::{Category, Finding, Severity};
 use lol_html::{doc_comments, element};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 /// A piece of hidden or extracted text and where it is.
@@ -146,7 +146,7 @@ fn detector_name(technique: &str) -> &'static str {
 
 /// A tag name, lowercase, kept inline (names are short; longer ones are cut at 15 bytes,
 /// which only matters for telling two such custom elements apart); the last byte is the length.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Tag {
     bytes: [u8; 16],
 }
@@ -207,6 +207,13 @@ impl Tag {
         std::str::from_utf8(self.name()).unwrap_or("")
     }
 }
+
+/// How deep the open-element stack grows before its tags are counted (see `Parser::open`);
+/// below that, an unmatched end tag walks at most this many elements.
+const DEEP: usize = 64;
+/// How shallow it gets again before the counts are dropped (the gap keeps a stack that moves
+/// around one depth from recounting it at every step).
+const SHALLOW: usize = 16;
 
 struct Open {
     tag: Tag,
@@ -326,6 +333,13 @@ fn bit(name: &str) -> u8 {
 struct Parser<'t> {
     text: &'t str,
     stack: Vec<Open>,
+    /// While `stack` is deep, how many of each tag are on it: an end tag that closes nothing
+    /// open is then dropped without a walk down the stack (`<b></i>` repeated made each `</i>`
+    /// walk all the `<b>`s). Kept only past [`DEEP`] elements (real pages stay far below; the
+    /// hashing would cost every element), and dropped again below [`SHALLOW`].
+    open: Option<HashMap<Tag, u32>>,
+    /// [`DEEP`] (a field so a test can turn the counting off).
+    deep: usize,
     hidden: Option<usize>,
     hidden_classes: HashSet<String>,
     hidden_ids: HashSet<String>,
@@ -363,12 +377,29 @@ impl<'t> Parser<'t> {
             .is_some_and(|o| o.tag == tag && o.segment.is_none())
         {
             self.stack.pop();
+            if self.open.is_some() {
+                self.closed(tag);
+            }
+            return;
+        }
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|open| open.get(&tag).is_none_or(|n| *n == 0))
+        {
             return;
         }
         let Some(pos) = self.stack.iter().rposition(|o| o.tag == tag) else {
             return;
         };
-        for open in self.stack.drain(pos..).rev() {
+        // Innermost first.
+        while self.stack.len() > pos {
+            let Some(open) = self.stack.pop() else {
+                break;
+            };
+            if self.open.is_some() {
+                self.closed(open.tag);
+            }
             if let Some(seg) = open.segment {
                 if let Some(s) = self.doc.segments.get_mut(seg) {
                     s.end = s.end.max(at);
@@ -377,6 +408,42 @@ impl<'t> Parser<'t> {
                     self.hidden = None;
                 }
             }
+        }
+    }
+
+    /// Counts an element of `tag` off `open` (after it left `stack`).
+    #[cold]
+    #[inline(never)]
+    fn closed(&mut self, tag: Tag) {
+        if self.stack.len() < SHALLOW {
+            self.open = None;
+        } else if let Some(n) = self.open.as_mut().and_then(|open| open.get_mut(&tag)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Pushes an open element, counting it in `open` (made from the whole stack when the
+    /// stack grows past [`DEEP`]).
+    #[inline(always)]
+    fn opened(&mut self, open: Open) {
+        let tag = open.tag;
+        self.stack.push(open);
+        if self.open.is_some() || self.stack.len() > self.deep {
+            self.count_opened(tag);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn count_opened(&mut self, tag: Tag) {
+        if let Some(counts) = self.open.as_mut() {
+            *counts.entry(tag).or_insert(0) += 1;
+        } else {
+            let mut counts = HashMap::new();
+            for o in &self.stack {
+                *counts.entry(o.tag).or_insert(0) += 1;
+            }
+            self.open = Some(counts);
         }
     }
 
@@ -458,7 +525,7 @@ impl<'t> Parser<'t> {
         if segment.is_some() {
             self.hidden = segment;
         }
-        self.stack.push(Open { tag: name, segment });
+        self.opened(Open { tag: name, segment });
     }
 }
 
@@ -467,9 +534,16 @@ impl<'t> Parser<'t> {
 /// comments (`<!-- -->`, bogus `<! >` and `<? >`), raw-text elements (`script`, `style`,
 /// `textarea`, `title`, `noscript`, ...) and character references.
 pub fn parse(text: &str) -> Document {
+    parse_counting_past(text, DEEP)
+}
+
+/// [`parse`], counting open tags past `deep` open elements.
+fn parse_counting_past(text: &str, deep: usize) -> Document {
     let mut p = Parser {
         text,
         stack: Vec::new(),
+        open: None,
+        deep,
         hidden: None,
         hidden_classes: HashSet::new(),
         hidden_ids: HashSet::new(),
@@ -1119,6 +1193,49 @@ pub fn strip_hidden(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counting_open_tags_on_deep_stacks_parses_as_walking_them() {
+        // Deep nesting, end tags that close nothing, close something deep down, or close a
+        // hidden element, in random orders: the document is the same whether unmatched end
+        // tags are found by the counts (past 64 open elements) or by walking the stack.
+        let pieces = [
+            "<b>",
+            "<i>",
+            "<span>",
+            "<div>",
+            "<p>",
+            "<li>",
+            "</b>",
+            "</i>",
+            "</span>",
+            "</div>",
+            "</p>",
+            "</li>",
+            "</x>",
+            "<div hidden>",
+            "<span style=\"display:none\">",
+            "text ",
+            "<b><b><b><b><b><b><b><b><b><b><b><b><b><b><b><b>",
+            "<i><i><i><i><i><i><i><i><i><i><i><i><i><i><i><i>",
+            "</b></b></b></b></b></b></b></b></b></b></b></b>",
+        ];
+        let mut deep = 0;
+        for text in crate::random_texts(&pieces, 1_500, 120, 0x005e_ed0f_0de7) {
+            let counted = parse_counting_past(&text, DEEP);
+            let walked = parse_counting_past(&text, usize::MAX);
+            assert_eq!(counted.visible, walked.visible, "{text:?}");
+            let segments = |d: &Document| -> Vec<(usize, usize, String)> {
+                d.segments
+                    .iter()
+                    .map(|s| (s.start, s.end, s.text.clone()))
+                    .collect()
+            };
+            assert_eq!(segments(&counted), segments(&walked), "{text:?}");
+            deep += usize::from(text.matches('<').count() > 2 * DEEP);
+        }
+        assert!(deep > 100, "only {deep} deep documents");
+    }
 
     #[test]
     fn tag_names_read_as_words_equal_the_byte_by_byte_names() {

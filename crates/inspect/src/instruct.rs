@@ -66,14 +66,48 @@ pub struct Judge {
     pub visible_threshold: f32,
     /// Classifier score from which hidden or decoded text counts.
     pub hidden_threshold: f32,
-    /// The ASCII rules as one alternation: one pass finds candidate matches.
+    /// The ASCII rules but the exfiltration lure as one alternation: one pass finds candidate
+    /// matches.
     any: Option<Regex>,
+    /// The exfiltration lure, anchored: tried at each `![`.
+    exfil: Option<Regex>,
     rules: Vec<Rule>,
     /// Rules with non-ASCII words, run only on text that has non-ASCII characters.
     unicode: Vec<Rule>,
     /// The classifier, with the buckets of [`ANCHOR_WORDS`] and [`ANCHOR_PAIRS`] flagged
     /// (a bucket shared with other features only costs a needless search).
     model: Model,
+    /// [`REPORTED`] and [`NEGATIONS`], each as one automaton: every candidate match asks
+    /// whether one precedes it, in one pass instead of a search per phrase.
+    reported: Phrases,
+    negations: Phrases,
+}
+
+/// A list of phrases to look for in short texts, as one automaton (or, should it fail to
+/// build, one search each).
+struct Phrases {
+    list: &'static [&'static str],
+    automaton: Option<aho_corasick::AhoCorasick>,
+}
+
+impl Phrases {
+    fn new(list: &'static [&'static str]) -> Self {
+        Self {
+            list,
+            automaton: aho_corasick::AhoCorasick::new(list).ok(),
+        }
+    }
+
+    /// Whether one of the phrases occurs in `hay`.
+    fn in_text(&self, hay: &[u8]) -> bool {
+        match &self.automaton {
+            Some(a) => a.is_match(hay),
+            None => self
+                .list
+                .iter()
+                .any(|p| memchr::memmem::find(hay, p.as_bytes()).is_some()),
+        }
+    }
 }
 
 // Patterns run over normalised (lowercase, ASCII-folded) text with ASCII word boundaries, which
@@ -346,6 +380,9 @@ const ANCHOR_PAIRS: &[(&[&str], &[&str])] = &[
 /// may reach (before it, [`NEAR`] bytes for all but `![`, which starts its match).
 const LITERAL_ANCHORS: &[(&str, bool)] = &[("<|", false), ("##", false), ("![", true)];
 
+/// The exfiltration lure's rule name.
+const EXFIL: &str = "exfil_lure";
+
 /// The longest match of any ASCII rule but the exfiltration lure.
 const NEAR: usize = 256;
 /// The longest match of the exfiltration lure.
@@ -382,6 +419,76 @@ fn push_window(windows: &mut Vec<(usize, usize)>, start: usize, end: usize) {
     }
 }
 
+/// The exfiltration lure's matches, one tried at each `![` (anchored, in at most its longest
+/// match's bytes) where the lure's shape can start: the first `]` or line break after the `![`
+/// is a `]` at most 100 bytes on, then `(`, up to 64 spaces and `http://` or `https://`, then
+/// a `?` within 200 bytes and an `=` with one of the lure's markers after it within 200 more,
+/// before a `)` or a space ends the link. These are what the regex needs; checking them
+/// first (each search remembered for the `![`s after it) keeps a text of `![` or of
+/// `![a](http://` from running the regex over hundreds of bytes at every one.
+fn exfil_candidates(exfil: &Regex, bytes: &[u8], out: &mut Vec<(usize, usize)>) {
+    const MARKERS: &[&[u8]] = &[
+        b"{", b"[", b"<", b"$", b"%7b", b"%5b", b"%3c", b"%tb", b"%sb", b"%ec",
+    ];
+    let mut close = crate::NextFound::new(|b: &[u8]| memchr::memchr2(b']', b'\n', b));
+    let mut link_end = crate::NextFound::new(|b: &[u8]| {
+        b.iter().position(|c| *c == b')' || c.is_ascii_whitespace())
+    });
+    let mut question = crate::NextFound::new(|b: &[u8]| memchr::memchr(b'?', b));
+    let mut marker = crate::NextFound::new(|b: &[u8]| {
+        memchr::memchr_iter(b'=', b).find(|&i| {
+            let after = b.get(i + 1..).unwrap_or_default();
+            MARKERS.iter().any(|m| after.starts_with(m))
+        })
+    });
+    for at in memchr::memmem::find_iter(bytes, b"![") {
+        let Some(q) = close.at_or_after(bytes, at + 2) else {
+            break;
+        };
+        if q - (at + 2) > 100 || bytes.get(q) != Some(&b']') || bytes.get(q + 1) != Some(&b'(') {
+            continue;
+        }
+        let spaces = bytes
+            .get(q + 2..)
+            .unwrap_or_default()
+            .iter()
+            .take(65)
+            .take_while(|b| **b == b' ')
+            .count();
+        let link = q + 2 + spaces;
+        let rest = bytes.get(link..).unwrap_or_default();
+        let url = if rest.starts_with(b"http://") {
+            link + 7
+        } else if rest.starts_with(b"https://") {
+            link + 8
+        } else {
+            continue;
+        };
+        if spaces > 64 {
+            continue;
+        }
+        let end = link_end.at_or_after(bytes, url).unwrap_or(bytes.len());
+        let Some(first_q) = question.at_or_after(bytes, url + 1) else {
+            continue;
+        };
+        if first_q > url + 200 || first_q >= end {
+            continue;
+        }
+        if !marker
+            .at_or_after(bytes, first_q + 1)
+            .is_some_and(|j| j < end && j <= url + 401)
+        {
+            continue;
+        }
+        let hay = bytes
+            .get(at..(at + FAR).min(bytes.len()))
+            .unwrap_or_default();
+        if let Some(m) = exfil.find(hay) {
+            out.push((at, at + m.end()));
+        }
+    }
+}
+
 /// The windows of `text` around `near` (from the feature pass) and the literal anchors,
 /// merged, each ending before a byte that is not an ASCII word byte (so `\b` at a window's
 /// end reads as it does in the whole text).
@@ -399,6 +506,15 @@ fn anchor_windows(text: &[u8], near: Vec<(usize, usize)>) -> Vec<(usize, usize)>
     all.sort_unstable();
     let mut merged: Vec<(usize, usize)> = Vec::with_capacity(all.len());
     for (start, end) in all {
+        // A window inside the last merged one changes nothing (that one ends before a byte
+        // that is not a word byte, so extending this one would stop there too); skipping it
+        // spares walking the same word again for each of many windows.
+        if merged
+            .last()
+            .is_some_and(|last| start <= last.1 && end.min(text.len()) <= last.1)
+        {
+            continue;
+        }
         let mut end = end.min(text.len());
         while text
             .get(end)
@@ -448,21 +564,33 @@ impl Judge {
             .filter(|p| !is_ascii(p))
             .filter_map(rule(false))
             .collect();
+        // The exfiltration lure is not in the alternation: its counted repetitions of one
+        // class, started afresh at every `![` while earlier starts are still counting, made
+        // the lazy DFA build a state per byte (1 µs a byte on `![a](http://x` repeated). It
+        // runs anchored at each `![` instead, where one start counts at a time.
         let any_pattern = RULES
             .iter()
             .filter(is_ascii)
+            .filter(|(name, ..)| *name != EXFIL)
             .map(|(_, _, _, p)| format!("(?:{p})"))
             .collect::<Vec<_>>()
             .join("|");
         // The rules are constants checked by the tests; should one ever fail to compile, the
         // others still run.
         let any = compile(&any_pattern, true).ok();
+        let exfil = RULES
+            .iter()
+            .find(|(name, ..)| *name == EXFIL)
+            .and_then(|(_, _, _, p)| compile(&format!("^(?:{p})"), true).ok());
         Self {
             visible_threshold: VISIBLE_THRESHOLD,
             hidden_threshold: HIDDEN_THRESHOLD,
             any,
+            exfil,
             rules,
             unicode,
+            reported: Phrases::new(REPORTED),
+            negations: Phrases::new(NEGATIONS),
             model: {
                 let mut model = model;
                 for hash in anchor_hashes() {
@@ -557,10 +685,7 @@ impl Judge {
         for (start, end) in candidates {
             let matched = bytes.get(start..end).unwrap_or(&[]);
             let before = bytes.get(start.saturating_sub(40)..start).unwrap_or(&[]);
-            if REPORTED
-                .iter()
-                .any(|r| memchr::memmem::find(before, r.as_bytes()).is_some())
-            {
+            if self.reported.in_text(before) {
                 continue;
             }
             for rule in self.rules.iter().chain(&self.unicode) {
@@ -573,18 +698,17 @@ impl Judge {
                         .first()
                         .is_some_and(|b| *b == b'#' || b.is_ascii_alphabetic())
                 {
+                    // Only spaces back to the line's start (looked at back to the first byte
+                    // that is not a space: a search for the line's start from each of many
+                    // candidates on one long line was quadratic).
                     let line = bytes.get(..start).unwrap_or(&[]);
-                    let from = memchr::memrchr(b'\n', line).map_or(0, |i| i + 1);
-                    if !line.get(from..).unwrap_or(&[]).iter().all(|b| *b == b' ') {
+                    let spaces = line.iter().rev().take_while(|b| **b == b' ').count();
+                    if spaces < line.len() && line.get(line.len() - spaces - 1) != Some(&b'\n') {
                         continue;
                     }
                 }
                 let near = bytes.get(start.saturating_sub(24)..start).unwrap_or(&[]);
-                if rule.negatable
-                    && NEGATIONS
-                        .iter()
-                        .any(|n| memchr::memmem::find(near, n.as_bytes()).is_some())
-                {
+                if rule.negatable && self.negations.in_text(near) {
                     continue;
                 }
                 if best.is_none_or(|b| rule.score > b.score) {
@@ -605,13 +729,18 @@ impl Judge {
     /// The matches of `any` in `bytes`: over the whole text, or searching only `places`
     /// (the same matches when they come from [`Judge::logits_and_places`]).
     fn candidates(&self, bytes: &[u8], places: Option<&[(usize, usize)]>) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        if let Some(exfil) = &self.exfil {
+            exfil_candidates(exfil, bytes, &mut out);
+        }
         let Some(any) = &self.any else {
-            return Vec::new();
+            return out;
         };
         let Some(places) = places else {
-            return any.find_iter(bytes).map(|m| (m.start(), m.end())).collect();
+            out.extend(any.find_iter(bytes).map(|m| (m.start(), m.end())));
+            out.sort_unstable();
+            return out;
         };
-        let mut out = Vec::new();
         for &(start, end) in places {
             // The window's end is the haystack's end; `find_at` reads the bytes before
             // `start` for `\b`.
@@ -625,6 +754,7 @@ impl Judge {
                 at = m.end().max(m.start() + 1);
             }
         }
+        out.sort_unstable();
         out
     }
 
@@ -1253,6 +1383,66 @@ mod tests {
             }
         }
         assert!(matched > 300, "only {matched} texts had a candidate");
+    }
+
+    #[test]
+    fn the_exfiltration_checks_before_the_regex_skip_no_match() {
+        // Every `![` tried with the anchored regex, against the search that first checks the
+        // lure's shape, on random mixes of its pieces (and of near misses: a `]` too far, a
+        // line break, spaces, `)` or a space inside the link, no marker after the `=`).
+        let j = judge();
+        let Some(exfil) = &j.exfil else {
+            panic!("the exfiltration rule compiles");
+        };
+        let pieces = [
+            "![",
+            "![x]",
+            "](",
+            "(",
+            " ",
+            "\n",
+            "http://",
+            "https://",
+            "e.example/",
+            "?",
+            "=",
+            "={",
+            "=%7b",
+            "=%tb",
+            "=<",
+            "=$",
+            "a",
+            "0123456789",
+            ")",
+            "]",
+            "![alt text](",
+            "%",
+            "{",
+            "\t",
+            "![x](http://e.example/?a={",
+            "![x](https://e.example/p?q=",
+            "![a]( https://e.example/p?d=%7b",
+            "![](http://e.example/",
+            "?id=1&d=",
+        ];
+        let mut found = 0;
+        for text in crate::random_texts(&pieces, 5_000, 40, 0x0bad_5eed_1234_5678) {
+            let bytes = text.as_bytes();
+            let mut plain = Vec::new();
+            for at in memchr::memmem::find_iter(bytes, b"![") {
+                let hay = bytes
+                    .get(at..(at + FAR).min(bytes.len()))
+                    .unwrap_or_default();
+                if let Some(m) = exfil.find(hay) {
+                    plain.push((at, at + m.end()));
+                }
+            }
+            let mut checked = Vec::new();
+            exfil_candidates(exfil, bytes, &mut checked);
+            assert_eq!(checked, plain, "{text:?}");
+            found += plain.len();
+        }
+        assert!(found > 100, "only {found} lures in the mixes");
     }
 
     /// The labelled corpus (in the workspace's `shared` directory, when it is there): every

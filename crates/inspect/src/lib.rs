@@ -405,6 +405,32 @@ pub(crate) fn long_runs<'a>(
     })
 }
 
+/// The first position at or after a given one that `find` reports, remembered: asked again
+/// from a later position at or before the last answer, it answers without a search (so a
+/// search per `![` does not run to the text's end each time).
+pub(crate) struct NextFound<F: Fn(&[u8]) -> Option<usize>> {
+    find: F,
+    /// The last search: where it started and what it found.
+    last: Option<(usize, Option<usize>)>,
+}
+
+impl<F: Fn(&[u8]) -> Option<usize>> NextFound<F> {
+    pub(crate) fn new(find: F) -> Self {
+        Self { find, last: None }
+    }
+
+    pub(crate) fn at_or_after(&mut self, bytes: &[u8], from: usize) -> Option<usize> {
+        match self.last {
+            Some((searched, found)) if searched <= from && found.is_none_or(|f| f >= from) => found,
+            _ => {
+                let found = (self.find)(bytes.get(from..).unwrap_or_default()).map(|i| from + i);
+                self.last = Some((from, found));
+                found
+            }
+        }
+    }
+}
+
 /// The first `needle` in `hay`. Where the next one is usually a few bytes away (the next `<`
 /// or quote in markup, the next `&` in a short text chunk), a call into `memchr` costs more
 /// than it saves: the first 16 bytes are looked at directly.
