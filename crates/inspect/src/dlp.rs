@@ -203,8 +203,27 @@ fn openai_key(
     (len >= 48).then(|| 8 + len.min(200))
 }
 
-/// The characters a JWT's first part runs over (its `eyJ` prefix too).
-const JWT_RUN: [bool; 256] =
+/// The URL schemes of the database connection strings (the regex's alternatives, and what
+/// the search checks before `://` to run it).
+const DB_SCHEMES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "mysql",
+    "mariadb",
+    "mongodb",
+    "mongodb+srv",
+    "redis",
+    "rediss",
+    "amqp",
+    "amqps",
+    "mssql",
+    "sqlserver",
+    "cockroachdb",
+];
+
+/// The base64url alphabet, which a JWT's first part (its `eyJ` prefix too) and an OpenAI key
+/// run over.
+const BASE64URL: [bool; 256] =
     crate::byte_class!(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
 /// The characters an `xoxa-` token runs over (its prefix too).
 const XOXA_RUN: [bool; 256] = crate::byte_class!(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -247,9 +266,14 @@ impl Scanner {
                     regex: re(pattern),
                 })
                 .collect(),
-            db: re(
-                r"(?i)\b(postgres(?:ql)?|mysql|mariadb|mongodb(?:\+srv)?|rediss?|amqps?|mssql|sqlserver|cockroachdb)://([^\s:@/'\x22]+):([^\s@'\x22]+)@([A-Za-z0-9.\-\[\]:]+)(/[A-Za-z0-9_.\-]*)?",
-            ),
+            db: re(&format!(
+                r"(?i)\b({})://([^\s:@/'\x22]+):([^\s@'\x22]+)@([A-Za-z0-9.\-\[\]:]+)(/[A-Za-z0-9_.\-]*)?",
+                DB_SCHEMES
+                    .iter()
+                    .map(|s| regex::escape(s))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            )),
             email: re(
                 r"\b[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b",
             ),
@@ -363,14 +387,14 @@ impl Scanner {
         // characters a key starts (remembered for the keys inside the same run).
         let mut key_marks: Option<Vec<usize>> = None;
         let mut key_run =
-            crate::NextFound::new(|b: &[u8]| b.iter().position(|c| !JWT_RUN[usize::from(*c)]));
+            crate::NextFound::new(|b: &[u8]| b.iter().position(|c| !BASE64URL[usize::from(*c)]));
         for m in prefixes.find_iter(text) {
             let Some(p) = self.prefixed.get(m.pattern().as_usize()) else {
                 continue;
             };
             let start = m.start();
             let open = match p.entity.name {
-                "JWT" => Some((0, JWT_RUN)),
+                "JWT" => Some((0, BASE64URL)),
                 "SLACK_TOKEN" if p.prefix == "xoxa-" => Some((1, XOXA_RUN)),
                 _ => None,
             };
@@ -783,21 +807,6 @@ fn slice_around(text: &str, at: usize, before: usize, after: usize) -> (usize, &
 /// letter, digit or `_` does not precede it) from the connection-string regex's schemes, in
 /// any case; `mongodb+srv` too.
 fn db_scheme_before(bytes: &[u8], at: usize) -> Option<usize> {
-    const SCHEMES: &[&str] = &[
-        "postgres",
-        "postgresql",
-        "mysql",
-        "mariadb",
-        "mongodb",
-        "mongodb+srv",
-        "redis",
-        "rediss",
-        "amqp",
-        "amqps",
-        "mssql",
-        "sqlserver",
-        "cockroachdb",
-    ];
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
     let before = bytes.get(at.saturating_sub(16)..at)?;
     let word_start = |end: usize| {
@@ -823,7 +832,7 @@ fn db_scheme_before(bytes: &[u8], at: usize) -> Option<usize> {
         return None;
     }
     let scheme = before.get(start..)?;
-    SCHEMES
+    DB_SCHEMES
         .iter()
         .any(|s| s.as_bytes().eq_ignore_ascii_case(scheme))
         .then_some(at - (before.len() - start))
@@ -1297,6 +1306,11 @@ mod tests {
             "postgres",
             "MySQL",
             "mongodb+srv",
+            "PostgreSQL",
+            "rediss",
+            "amqps",
+            "sqlserver",
+            "cockroachdb",
             "x+srv",
             "user",
             ":",
@@ -1468,8 +1482,9 @@ mod tests {
         for text in crate::random_texts(&pieces, 4_000, 60, 0x7e57_c0de_5eed_0001) {
             let bytes = text.as_bytes();
             let mut marks = None;
-            let mut run =
-                crate::NextFound::new(|b: &[u8]| b.iter().position(|c| !JWT_RUN[usize::from(*c)]));
+            let mut run = crate::NextFound::new(|b: &[u8]| {
+                b.iter().position(|c| !BASE64URL[usize::from(*c)])
+            });
             for start in memchr::memmem::find_iter(bytes, b"sk-") {
                 let rest = text.get(start..).unwrap_or_default();
                 let ours = openai_key(&p.regex, bytes, rest, start, &mut marks, &mut run);

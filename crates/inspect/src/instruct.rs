@@ -382,6 +382,10 @@ const LITERAL_ANCHORS: &[(&str, bool)] = &[("<|", false), ("##", false), ("![", 
 
 /// The exfiltration lure's rule name.
 const EXFIL: &str = "exfil_lure";
+/// What the lure's `=` is followed by (its regex's last alternation, in order; a test checks).
+const EXFIL_MARKERS: &[&[u8]] = &[
+    b"{", b"[", b"<", b"$", b"%7b", b"%5b", b"%3c", b"%tb", b"%sb", b"%ec",
+];
 
 /// The longest match of any ASCII rule but the exfiltration lure.
 const NEAR: usize = 256;
@@ -427,9 +431,6 @@ fn push_window(windows: &mut Vec<(usize, usize)>, start: usize, end: usize) {
 /// first (each search remembered for the `![`s after it) keeps a text of `![` or of
 /// `![a](http://` from running the regex over hundreds of bytes at every one.
 fn exfil_candidates(exfil: &Regex, bytes: &[u8], out: &mut Vec<(usize, usize)>) {
-    const MARKERS: &[&[u8]] = &[
-        b"{", b"[", b"<", b"$", b"%7b", b"%5b", b"%3c", b"%tb", b"%sb", b"%ec",
-    ];
     let mut close = crate::NextFound::new(|b: &[u8]| memchr::memchr2(b']', b'\n', b));
     let mut link_end = crate::NextFound::new(|b: &[u8]| {
         b.iter().position(|c| *c == b')' || c.is_ascii_whitespace())
@@ -438,7 +439,7 @@ fn exfil_candidates(exfil: &Regex, bytes: &[u8], out: &mut Vec<(usize, usize)>) 
     let mut marker = crate::NextFound::new(|b: &[u8]| {
         memchr::memchr_iter(b'=', b).find(|&i| {
             let after = b.get(i + 1..).unwrap_or_default();
-            MARKERS.iter().any(|m| after.starts_with(m))
+            EXFIL_MARKERS.iter().any(|m| after.starts_with(m))
         })
     });
     for at in memchr::memmem::find_iter(bytes, b"![") {
@@ -1425,6 +1426,25 @@ mod tests {
             "![](http://e.example/",
             "?id=1&d=",
         ];
+        // The checks know the lure's markers: the same as the regex's last alternation.
+        let pattern = RULES
+            .iter()
+            .find(|(name, ..)| *name == EXFIL)
+            .map(|r| r.3)
+            .unwrap_or_default();
+        let alternation = pattern
+            .rsplit_once("=(")
+            .and_then(|(_, a)| a.strip_suffix(')'))
+            .unwrap_or_default();
+        let in_regex: Vec<String> = alternation
+            .split('|')
+            .map(|m| m.replace('\\', ""))
+            .collect();
+        let checked: Vec<String> = EXFIL_MARKERS
+            .iter()
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .collect();
+        assert_eq!(in_regex, checked);
         let mut found = 0;
         for text in crate::random_texts(&pieces, 5_000, 40, 0x0bad_5eed_1234_5678) {
             let bytes = text.as_bytes();
