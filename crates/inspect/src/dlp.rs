@@ -221,6 +221,71 @@ const DB_SCHEMES: &[&str] = &[
     "cockroachdb",
 ];
 
+/// What a JWT or `xoxa-` prefix found in its run of characters (they end where the run ends,
+/// so a prefix inside it matches the same bytes from its own start, or fails): a match that
+/// was reported (or, for JWTs, a failure) settles the prefixes inside the run, which could
+/// only add a tail of that match (dropped as an overlap) or fail. A match that was a
+/// placeholder leaves them to be judged by where they start: a tail is a placeholder only if
+/// it starts by `placeholder`'s second value ([`placeholder_suffixes`]), and the first one
+/// after that is reported, ending where the match did (its first value).
+struct OpenRun {
+    run_end: usize,
+    placeholder: Option<(usize, usize)>,
+}
+
+/// Whether the `prefix` format matched at `start`, inside the run of its characters that ends
+/// at `run_end`, given that a longer match of it ends where the run's match does: a JWT's
+/// first part still has 8 characters after `eyJ` (the run ends at its first `.`); an `xoxa-`
+/// token still has its one or two digits, `-` and 20 characters before the run's end.
+fn open_tail_matches(prefix: &str, bytes: &[u8], start: usize, run_end: usize) -> bool {
+    if prefix == "eyJ" {
+        return run_end >= start + 3 + 8;
+    }
+    let digits = bytes
+        .get(start + 5..)
+        .unwrap_or_default()
+        .iter()
+        .take(3)
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    (1..=2).contains(&digits)
+        && bytes.get(start + 5 + digits) == Some(&b'-')
+        && run_end >= start + 5 + digits + 1 + 20
+}
+
+/// For a value that [`is_placeholder`] rejects, how far into it a tail can start and still be
+/// rejected (a tail holds a placeholder marker if it starts by the marker's last occurrence;
+/// `None` for a value that is not a placeholder). Values of JWTs and `xoxa-` tokens hold no
+/// `<`, so the `<...>` form does not arise.
+fn placeholder_suffixes(v: &str) -> Option<usize> {
+    if !is_placeholder(v) {
+        return None;
+    }
+    let upper = v.to_ascii_uppercase();
+    let markers = [
+        "EXAMPLE",
+        "YOUR_",
+        "YOUR-",
+        "PLACEHOLDER",
+        "CHANGEME",
+        "REDACTED",
+        "XXXX",
+    ]
+    .iter()
+    .filter_map(|m| upper.rfind(m));
+    let literal = ["****", "${", "{{"].iter().filter_map(|m| v.rfind(m));
+    // Eight equal bytes at least four bytes into the tail.
+    let b = v.as_bytes();
+    let repeat = (0..b.len().saturating_sub(7))
+        .rev()
+        .find(|&w| {
+            b.get(w..w + 8)
+                .is_some_and(|r| r.iter().all(|x| Some(x) == r.first()))
+        })
+        .and_then(|w| w.checked_sub(4));
+    markers.chain(literal).chain(repeat).max()
+}
+
 /// The base64url alphabet, which a JWT's first part (its `eyJ` prefix too) and an OpenAI key
 /// run over.
 const BASE64URL: [bool; 256] =
@@ -267,7 +332,9 @@ impl Scanner {
                 })
                 .collect(),
             db: re(&format!(
-                r"(?i)\b({})://([^\s:@/'\x22]+):([^\s@'\x22]+)@([A-Za-z0-9.\-\[\]:]+)(/[A-Za-z0-9_.\-]*)?",
+                // (Schemes in ASCII case only, as `db_scheme_before` reads them: `(?i)` alone
+                // would also take `ſ` for `s` and the Kelvin sign for `k`.)
+                r"(?i-u:\b({}))://([^\s:@/'\x22]+):([^\s@'\x22]+)@([A-Za-z0-9.\-\[\]:]+)(/[A-Za-z0-9_.\-]*)?",
                 DB_SCHEMES
                     .iter()
                     .map(|s| regex::escape(s))
@@ -342,11 +409,14 @@ impl Scanner {
             if memchr::memchr(b'@', slice.as_bytes()).is_none() {
                 continue;
             }
+            // Only a string reported from this scheme settles the `://`s inside it (one
+            // that is a placeholder, or starts further on, leaves them to be tried).
             if let Some(c) = self.db.captures(slice)
                 && let Some(all) = c.get(0)
+                && self.connection_string(from, &c, found)
+                && from + all.start() == scheme_start
             {
                 last_db_end = from + all.end();
-                self.connection_string(from, &c, found);
             }
         }
         let mut last_email_end = 0;
@@ -376,10 +446,10 @@ impl Scanner {
         };
         let bytes = text.as_bytes();
         // JWTs and `xoxa-` tokens run to the end of a run of their characters, which their
-        // prefix is made of too: a prefix inside the run an earlier one of its kind started
-        // can only fail or match a tail of that match (dropped as an overlap), so it is not
-        // tried again (a text of `eyJ-` would otherwise run the regex to its end at each).
-        let mut open_run_end = [0usize; 2];
+        // prefix is made of too, so every prefix inside such a run would run the regex to its
+        // end (a text of `eyJ-` took seconds). What the first one found decides for the ones
+        // inside its run (see `OpenRun`).
+        let mut open_runs: [Option<OpenRun>; 2] = [None, None];
         // The first `-----END ` at or after a position, found once for all the BEGIN lines
         // before it (a search from each BEGIN to the text's end was quadratic).
         let mut pem_end: Option<(usize, Option<(usize, usize)>)> = None;
@@ -393,25 +463,6 @@ impl Scanner {
                 continue;
             };
             let start = m.start();
-            let open = match p.entity.name {
-                "JWT" => Some((0, BASE64URL)),
-                "SLACK_TOKEN" if p.prefix == "xoxa-" => Some((1, XOXA_RUN)),
-                _ => None,
-            };
-            if let Some((k, class)) = open {
-                if open_run_end.get(k).is_some_and(|end| start < *end) {
-                    continue;
-                }
-                let run = bytes
-                    .get(start..)
-                    .unwrap_or_default()
-                    .iter()
-                    .take_while(|b| class[usize::from(**b)])
-                    .count();
-                if let Some(end) = open_run_end.get_mut(k) {
-                    *end = start + run;
-                }
-            }
             // A format starts at a word boundary (not inside a longer token).
             if start > 0
                 && text
@@ -424,6 +475,57 @@ impl Scanner {
             let Some(rest) = text.get(start..) else {
                 continue;
             };
+            let open = match p.entity.name {
+                "JWT" => Some((0, BASE64URL)),
+                "SLACK_TOKEN" if p.prefix == "xoxa-" => Some((1, XOXA_RUN)),
+                _ => None,
+            };
+            if let Some((k, class)) = open {
+                let Some(slot) = open_runs.get_mut(k) else {
+                    continue;
+                };
+                if let Some(run) = slot.as_ref().filter(|r| start < r.run_end) {
+                    // Inside the run of an earlier prefix of this kind.
+                    if let Some((end, placeholder_to)) = run.placeholder
+                        && start > placeholder_to
+                        && open_tail_matches(p.prefix, bytes, start, run.run_end)
+                    {
+                        found.push((start, end, p.entity));
+                        *slot = Some(OpenRun {
+                            run_end: run.run_end,
+                            placeholder: None,
+                        });
+                    }
+                    continue;
+                }
+                let run_end = start
+                    + bytes
+                        .get(start..)
+                        .unwrap_or_default()
+                        .iter()
+                        .take_while(|b| class[usize::from(**b)])
+                        .count();
+                let Some(hit) = p.regex.find(rest) else {
+                    // A failed JWT fails from anywhere in its run; an `xoxa-` token can start
+                    // after a failed one (`xoxa-xoxa-12-...`), and fails within 20 bytes.
+                    *slot = (k == 0).then_some(OpenRun {
+                        run_end,
+                        placeholder: None,
+                    });
+                    continue;
+                };
+                let value = hit.as_str();
+                let placeholder =
+                    placeholder_suffixes(value).map(|to| (start + hit.end(), start + to));
+                *slot = Some(OpenRun {
+                    run_end,
+                    placeholder,
+                });
+                if placeholder.is_none() {
+                    found.push((start, start + hit.end(), p.entity));
+                }
+                continue;
+            }
             let hit_end = if p.prefix == "sk-" {
                 match openai_key(&p.regex, bytes, rest, start, &mut key_marks, &mut key_run) {
                     Some(end) => end,
@@ -494,19 +596,22 @@ impl Scanner {
         }
     }
 
+    /// Reports the connection string `c` (found in a slice starting at `from`) unless its
+    /// password is a placeholder or too short; returns whether it did.
     fn connection_string(
         &self,
         from: usize,
         c: &regex::Captures<'_>,
         found: &mut Vec<(usize, usize, Entity)>,
-    ) {
+    ) -> bool {
         let (Some(all), Some(password)) = (c.get(0), c.get(3)) else {
-            return;
+            return false;
         };
         if is_placeholder(password.as_str()) || password.as_str().len() < 3 {
-            return;
+            return false;
         }
         found.push((from + all.start(), from + all.end(), DB_CONNECTION_STRING));
+        true
     }
 
     /// Cards, SSNs and phone numbers in the slices around clusters of digits; IBANs where two
@@ -690,9 +795,6 @@ impl Scanner {
             {
                 j += 1;
             }
-            // A keyword inside this value is part of it ("key=key=key..." reads one value,
-            // not one per keyword).
-            done = done.max(j);
             let Some(v) = text.get(start..j) else {
                 continue;
             };
@@ -1328,23 +1430,34 @@ mod tests {
             "xpostgres://user:pw123@db _mysql://u:pass@h \u{3b1}redis://u:pass@h",
             "\u{e9}bob@example.com bob_@example.com \u{e9}@example.com b@\u{e9}xample.com",
             "mongodb+srv://u:secret@h x+srv://u:secret@h +srv://u:secret@h",
+            "postgres://someuser:CHANGEME-mysql://root:hunter2pass@10.0.0.5/prod",
+            "postgres://nothing here mysql://u:pw123@longhost.example.internal/db",
+            "po\u{17f}tgres://admin:hunter22@db.internal/app",
         ]
         .map(String::from);
         let random = crate::random_texts(&pieces, 4_000, 30, 0x51f1_5e7a_1b2c_3d4e);
         for text in fixed.into_iter().chain(random) {
             let mut ours = Vec::new();
             s.addresses(&text, &mut ours);
+            // Connection strings: the regex's match from every place one can start (a string
+            // whose password is a placeholder must not hide one inside it); e-mail addresses:
+            // the regex over the whole text. Compared after the overlap rule.
             let mut whole = Vec::new();
-            for c in s.db.captures_iter(&text) {
-                s.connection_string(0, &c, &mut whole);
+            for at in (0..text.len()).filter(|i| text.is_char_boundary(*i)) {
+                if let Some(c) = s.db.captures_at(&text, at)
+                    && c.get(0).is_some_and(|m| m.start() == at)
+                {
+                    s.connection_string(0, &c, &mut whole);
+                }
             }
             for m in s.email.find_iter(&text) {
                 whole.push((m.start(), m.end(), EMAIL));
             }
             let spans = |f: Vec<(usize, usize, Entity)>| -> Vec<(usize, usize, &str)> {
-                let mut v: Vec<_> = f.into_iter().map(|(a, b, e)| (a, b, e.name)).collect();
-                v.sort_unstable();
-                v
+                resolve(f)
+                    .into_iter()
+                    .map(|(a, b, e)| (a, b, e.name))
+                    .collect()
             };
             assert_eq!(spans(ours), spans(whole), "{text:?}");
         }
@@ -1451,6 +1564,117 @@ mod tests {
                 "{text}: {found:?}"
             );
         }
+    }
+
+    #[test]
+    fn prefixed_formats_are_found_as_trying_every_prefix_finds_them() {
+        // Every prefix tried with its regex from its start, as before the shortcuts for runs
+        // of JWT and `xoxa-` characters, OpenAI keys and PEM END lines, against the search
+        // with them, after the overlap rule (placeholders inside runs included).
+        let s = Scanner::new();
+        let reference = |text: &str| {
+            let mut found = Vec::new();
+            let Some(prefixes) = &s.prefixes else {
+                return found;
+            };
+            for m in prefixes.find_iter(text) {
+                let Some(p) = s.prefixed.get(m.pattern().as_usize()) else {
+                    continue;
+                };
+                let start = m.start();
+                let after_word = start
+                    .checked_sub(1)
+                    .and_then(|i| text.as_bytes().get(i))
+                    .is_some_and(u8::is_ascii_alphanumeric);
+                let Some(rest) = text.get(start..).filter(|_| !after_word) else {
+                    continue;
+                };
+                let Some(hit) = p.regex.find(rest) else {
+                    continue;
+                };
+                let value = hit.as_str();
+                let mut end = start + hit.end();
+                if is_placeholder(value) {
+                    continue;
+                }
+                match p.entity.name {
+                    "GITHUB_TOKEN"
+                        if !value.starts_with("github_pat_") && !github_checksum(value) =>
+                    {
+                        continue;
+                    }
+                    "PRIVATE_KEY" => {
+                        let Some(close) = rest.find("-----END ") else {
+                            continue;
+                        };
+                        let Some(d) = rest.get(close + 9..).and_then(|r| r.find("-----")) else {
+                            continue;
+                        };
+                        end = start + close + 9 + d + 5;
+                    }
+                    _ => {}
+                }
+                found.push((start, end, p.entity));
+            }
+            found
+        };
+        let pieces = [
+            "eyJ",
+            "eyJhbGciOiJIUzI1NiJ9",
+            ".",
+            "-",
+            "_",
+            "abcdefgh",
+            "EXAMPLE",
+            "XXXX",
+            "aaaaaaaa",
+            "xoxa-",
+            "12-",
+            "1-",
+            "ABCDEFGHIJKLMNOPQRST",
+            " ",
+            "sk-",
+            "sk-proj-",
+            "T3BlbkFJ",
+            "-----BEGIN PRIVATE KEY-----\n",
+            "-----END PRIVATE KEY-----",
+            "\n",
+            "MIIEvQ",
+            "${x}",
+            "{{",
+            "a",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.",
+            "dozjgNryP4J3jVmNHl0w5N_XgL0",
+            "xoxa-12-ABCDEFGHIJKLMNOPQRSTUV",
+            "eyJEXAMPLE",
+            "xoxa-xoxa-",
+            "eyJXXXXabc-",
+        ];
+        let key = |v: Vec<(usize, usize, Entity)>| -> Vec<(usize, usize, &str)> {
+            v.into_iter().map(|(a, b, e)| (a, b, e.name)).collect()
+        };
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        // A failed boundary, a failed `xoxa-` before a good one, placeholders before real
+        // tokens in one run, then random mixes.
+        let fixed = [
+            format!("aeyJ12345678-{jwt}"),
+            "xoxa-xoxa-12-ABCDEFGHIJKLMNOPQRSTUV".to_string(),
+            format!("eyJEXAMPLEabc-{jwt}"),
+            format!("eyJXXXXXXXXXXX-eyJXXXX-eyJabcdefghij-{jwt}"),
+            "xoxa-1-XXXXxoxa-12-ABCDEFGHIJKLMNOPQRSTUV".to_string(),
+            // Eight equal bytes three bytes into the inner token: not a placeholder there.
+            "eyJXXXXabc-eyJaaaaaaaa.eyJabcdefghij.abcdefghijklmnopqrst".to_string(),
+        ];
+        let random = crate::random_texts(&pieces, 4_000, 40, 0x00de_cade_0fba_5e64);
+        let mut any = 0;
+        for text in fixed.into_iter().chain(random) {
+            let mut ours = Vec::new();
+            s.prefixed(&text, &mut ours);
+            let theirs = reference(&text);
+            any += usize::from(!theirs.is_empty());
+            assert_eq!(key(resolve(ours)), key(resolve(theirs)), "{text:?}");
+        }
+        assert!(any > 400, "only {any} texts with a finding");
     }
 
     #[test]

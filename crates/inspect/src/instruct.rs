@@ -730,33 +730,48 @@ impl Judge {
     /// The matches of `any` in `bytes`: over the whole text, or searching only `places`
     /// (the same matches when they come from [`Judge::logits_and_places`]).
     fn candidates(&self, bytes: &[u8], places: Option<&[(usize, usize)]>) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
+        let mut lures = Vec::new();
         if let Some(exfil) = &self.exfil {
-            exfil_candidates(exfil, bytes, &mut out);
+            exfil_candidates(exfil, bytes, &mut lures);
         }
-        let Some(any) = &self.any else {
-            return out;
-        };
-        let Some(places) = places else {
-            out.extend(any.find_iter(bytes).map(|m| (m.start(), m.end())));
-            out.sort_unstable();
-            return out;
-        };
-        for &(start, end) in places {
+        let mut out = Vec::new();
+        let whole = [(0, bytes.len())];
+        for &(start, end) in places.unwrap_or(&whole) {
             // The window's end is the haystack's end; `find_at` reads the bytes before
             // `start` for `\b`.
             let hay = bytes.get(..end).unwrap_or(bytes);
-            let mut at = start;
-            while at <= hay.len() {
-                let Some(m) = any.find_at(hay, at) else {
-                    break;
-                };
-                out.push((m.start(), m.end()));
-                at = m.end().max(m.start() + 1);
-            }
+            self.chain(hay, start, &lures, &mut out);
         }
-        out.sort_unstable();
         out
+    }
+
+    /// The matches from `at` on in `hay` as one alternation of all the ASCII rules would give
+    /// them, one after another: the next match of `any`, or the next exfiltration lure (from
+    /// `lures`, in text order) where it starts first. (The lure is the alternation's last
+    /// rule, so `any` wins where both start at one place; no other rule starts with `![`.)
+    fn chain(
+        &self,
+        hay: &[u8],
+        mut at: usize,
+        lures: &[(usize, usize)],
+        out: &mut Vec<(usize, usize)>,
+    ) {
+        let mut next_lure = lures.partition_point(|l| l.0 < at);
+        while at <= hay.len() {
+            while lures.get(next_lure).is_some_and(|l| l.0 < at) {
+                next_lure += 1;
+            }
+            let lure = lures.get(next_lure).copied().filter(|l| l.1 <= hay.len());
+            let found = self.any.as_ref().and_then(|any| any.find_at(hay, at));
+            let m = match (found, lure) {
+                (Some(m), Some(l)) if l.0 < m.start() => l,
+                (Some(m), _) => (m.start(), m.end()),
+                (None, Some(l)) => l,
+                (None, None) => break,
+            };
+            out.push(m);
+            at = m.1.max(m.0 + 1);
+        }
     }
 
     /// Judges visible text and reports an injection finding for it, if any. For long texts
@@ -1276,12 +1291,34 @@ mod tests {
 
     /// Candidates found around the anchors against those of a search of the whole text.
     fn assert_same_candidates(j: &Judge, text: &str) -> usize {
+        // All the ASCII rules as one alternation, the lure included, as the candidates were
+        // found before the lure ran on its own: the chain of `any` and the lures must give
+        // the same matches.
+        static ONE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+        let one = ONE.get_or_init(|| {
+            let pattern = RULES
+                .iter()
+                .filter(|r| r.3.is_ascii())
+                .map(|(_, _, _, p)| format!("(?:{p})"))
+                .collect::<Vec<_>>()
+                .join("|");
+            regex::bytes::RegexBuilder::new(&format!("(?-u){pattern}"))
+                .size_limit(64 << 20)
+                .dfa_size_limit(64 << 20)
+                .build()
+                .unwrap()
+        });
         let normal = normalize(text);
         let spans = windows(&normal);
         let (_, places) = j.logits_and_places(&normal, &spans);
         let whole = j.candidates(normal.as_bytes(), None);
         let anchored = j.candidates(normal.as_bytes(), Some(&places));
         assert_eq!(anchored, whole, "{text:?}");
+        let alternation: Vec<(usize, usize)> = one
+            .find_iter(normal.as_bytes())
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        assert_eq!(whole, alternation, "{text:?}");
         whole.len()
     }
 
